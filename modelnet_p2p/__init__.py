@@ -1,0 +1,58 @@
+"""modelnet_p2p: connect AI models peer to peer over libp2p.
+
+Layers, from the bottom: identity and host (:mod:`.identity`, :mod:`.host`);
+wire codecs (:mod:`.wire`); services (:mod:`.services`); faces (:class:`Peer`,
+:mod:`.threaded`, :mod:`.cli`).
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .capability import Capability
+from .errors import (
+    BadRequestError,
+    CancelledError,
+    ConfigError,
+    DeadlineExceededError,
+    IdentityError,
+    InternalError,
+    ModelNetError,
+    NotFoundError,
+    OverloadedError,
+    ProtocolError,
+    UnauthorizedError,
+    UnavailableError,
+)
+from .identity import Identity
+from .log import set_verbose
+from .peer import InferenceStream, Peer, Response
+from .services.handlers import InferenceRequest
+
+try:
+    __version__ = version("modelnet_p2p")
+except PackageNotFoundError:  # running from a source tree without install
+    __version__ = "0.0.0"
+
+__all__ = [
+    "BadRequestError",
+    "CancelledError",
+    "Capability",
+    "ConfigError",
+    "DeadlineExceededError",
+    "Identity",
+    "IdentityError",
+    "InferenceRequest",
+    "InferenceStream",
+    "InternalError",
+    "ModelNetError",
+    "NotFoundError",
+    "OverloadedError",
+    "Peer",
+    "ProtocolError",
+    "Response",
+    "UnauthorizedError",
+    "UnavailableError",
+    "__version__",
+    "set_verbose",
+]

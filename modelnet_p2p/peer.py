@@ -1,0 +1,440 @@
+"""The :class:`Peer`: one libp2p host, one nursery, and the services composed on it."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+
+from .capability import Capability
+from .errors import (
+    BadRequestError,
+    ConfigError,
+    DeadlineExceededError,
+    ModelNetError,
+    UnavailableError,
+)
+from .host import build_host, parse_multiaddr, running_host
+from .identity import Identity
+from .log import quiet_libp2p
+from .services.handlers import Handler
+from .services.inference import (
+    DEFAULT_WINDOW,
+    InferenceServer,
+    Limits,
+    ResponseInfo,
+    new_request_id,
+    run_request,
+)
+from .wire.framing import DEFAULT_MAX_FRAME_SIZE
+from .wire.infer import PROTOCOL_ID as INFER_PROTOCOL_ID
+from .wire.infer import TraceContext
+
+__all__ = ["InferenceStream", "Peer", "Response"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
+#: Seconds allowed for dialing a peer, within the request's own deadline.
+DEFAULT_CONNECT_TIMEOUT = 10.0
+
+
+@dataclass
+class Response:
+    """A complete answer, as returned by :meth:`Peer.call`.
+
+    Attributes:
+        chunks: every chunk, in order.
+        peer: the peer id that answered.
+        finish_reason: from the end frame (``"stop"``, ``"length"``, ...).
+        usage: counters from the end frame.
+        latency: seconds from sending the request to the end frame.
+    """
+
+    chunks: list[Any]
+    peer: str
+    finish_reason: str | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+    latency: float = 0.0
+
+    @property
+    def text(self) -> str:
+        """The chunks joined as text (non-text chunks are converted with ``str``)."""
+        return "".join(c if isinstance(c, str) else str(c) for c in self.chunks)
+
+    @property
+    def value(self) -> Any:
+        """The single chunk if there is exactly one, else the list of chunks."""
+        return self.chunks[0] if len(self.chunks) == 1 else self.chunks
+
+
+class InferenceStream:
+    """The answer to :meth:`Peer.infer`, chunk by chunk.
+
+    Iterate it with ``async for``. Leaving the loop early cancels the remote
+    handler; use ``async with peer.infer(...) as stream:`` (or call
+    :meth:`aclose`) to make that happen at a known point rather than when the
+    stream is garbage-collected. After the loop, :attr:`info` holds who answered,
+    the finish reason and the usage counters.
+    """
+
+    def __init__(self, agen: AsyncIterator[Any], info: ResponseInfo) -> None:
+        self._agen = agen
+        self.info = info
+
+    def __aiter__(self) -> InferenceStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        return await self._agen.__anext__()
+
+    async def aclose(self) -> None:
+        """Stop the request (resetting the stream if it has not finished)."""
+        await self._agen.aclose()  # type: ignore[attr-defined]
+
+    async def __aenter__(self) -> InferenceStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class Peer:
+    """A modelnet peer: a libp2p host (TCP, Noise, yamux) plus the modelnet services.
+
+    Use it as an async context manager under trio::
+
+        async with Peer(identity="peer.key") as peer:
+            peer.serve(Capability(name="echo"), echo_handler)
+            async for chunk in peer.infer(other_addr, "echo", "hello"):
+                print(chunk)
+
+    Every background task runs in the peer's own nursery; leaving the ``async
+    with`` block cancels them, closes the listener and all connections.
+
+    Args:
+        identity: a key file path (created if missing), an :class:`Identity`, or
+            ``None`` for an ephemeral key (logged, since the peer id changes each run).
+        listen: multiaddrs to listen on.
+        bootstrap: multiaddrs (with ``/p2p/``) of peers to connect to at start.
+        passphrase: for an encrypted key file.
+        max_frame_size: largest frame accepted or sent, in bytes.
+        max_concurrency: requests served at once, over all callers.
+        max_concurrency_per_peer: requests served at once for one caller.
+        connect_timeout: seconds allowed to dial a peer.
+    """
+
+    def __init__(
+        self,
+        identity: str | os.PathLike[str] | Identity | None = None,
+        listen: Sequence[str] = DEFAULT_LISTEN,
+        bootstrap: Sequence[str] = (),
+        *,
+        passphrase: bytes | None = None,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_concurrency: int = 64,
+        max_concurrency_per_peer: int = 16,
+        max_request_time: float = 600.0,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        window: int = DEFAULT_WINDOW,
+    ) -> None:
+        quiet_libp2p()
+        if identity is None:
+            self.identity = Identity.generate(ephemeral=True)
+        elif isinstance(identity, Identity):
+            self.identity = identity
+        else:
+            self.identity = Identity.load_or_create(Path(identity), passphrase)
+        if max_frame_size < 1024:
+            raise ConfigError("max_frame_size must be at least 1024 bytes")
+        if max_concurrency < 1 or max_concurrency_per_peer < 1:
+            raise ConfigError("concurrency limits must be at least 1")
+        self._listen = [parse_multiaddr(a) for a in listen]
+        self._bootstrap = [parse_multiaddr(a) for a in bootstrap]
+        self.limits = Limits(
+            max_frame_size=max_frame_size,
+            max_concurrency=max_concurrency,
+            max_concurrency_per_peer=max_concurrency_per_peer,
+            max_request_time=max_request_time,
+        )
+        self.connect_timeout = connect_timeout
+        self.window = window
+        self._host: IHost | None = None
+        self._nursery: trio.Nursery | None = None
+        self._stack: AsyncExitStack | None = None
+        self.inference = InferenceServer(str(self.identity.peer_id), self.limits)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def __aenter__(self) -> Peer:
+        if self.identity.ephemeral:
+            log.info("no identity configured; using ephemeral peer id %s", self.identity.peer_id)
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            host = build_host(self.identity, dial_timeout=self.connect_timeout)
+            await stack.enter_async_context(running_host(host, self._listen))
+            self._host = host
+            self._nursery = await stack.enter_async_context(trio.open_nursery())
+            self.inference.bind(self._nursery)
+            host.set_stream_handler(TProtocol(INFER_PROTOCOL_ID), self.inference.handle_stream)
+            await self._connect_bootstrap()
+        except BaseException:
+            self._host = None
+            if self._nursery is not None:
+                self._nursery.cancel_scope.cancel()
+            await stack.__aexit__(None, None, None)
+            raise
+        self._stack = stack
+        log.info("peer %s listening on %s", self.peer_id, ", ".join(self.addrs))
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        # Shut down as if the body had ended normally, then let the body's own
+        # exception (if any) propagate as it is: passing it through the
+        # nurseries below would wrap it in an exception group, and callers
+        # could no longer write ``except NotFoundError``.
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        stack, self._stack = self._stack, None
+        self._host = None
+        self._nursery = None
+        if stack is not None:
+            await stack.__aexit__(None, None, None)
+
+    async def _connect_bootstrap(self) -> None:
+        if not self._bootstrap:
+            return
+        ok = 0
+        for addr in self._bootstrap:
+            try:
+                await self.connect(addr)
+                ok += 1
+            except ModelNetError as exc:
+                log.warning("bootstrap peer %s unreachable: %s", addr, exc.message)
+        if ok == 0:
+            log.warning("no bootstrap peer reachable; running alone")
+
+    # -- identity and addresses -------------------------------------------------
+
+    @property
+    def host(self) -> IHost:
+        """The underlying libp2p host (only while the peer runs)."""
+        if self._host is None:
+            raise RuntimeError("peer is not running; use 'async with Peer(...)'")
+        return self._host
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        """The peer's nursery: tasks started here stop when the peer stops."""
+        if self._nursery is None:
+            raise RuntimeError("peer is not running")
+        return self._nursery
+
+    @property
+    def peer_id(self) -> str:
+        """This peer's id, base58 text."""
+        return str(self.identity.peer_id)
+
+    @property
+    def addrs(self) -> list[str]:
+        """Listen addresses as multiaddr strings ending in ``/p2p/<peer id>``."""
+        if self._host is None:
+            return []
+        suffix = f"/p2p/{self.peer_id}"
+        out = []
+        for a in self._host.get_addrs():
+            s = str(a)
+            out.append(s if s.endswith(suffix) else s + suffix)
+        return out
+
+    # -- serving ---------------------------------------------------------------
+
+    def serve(self, capability: Capability | str, handler: Handler) -> Capability:
+        """Serve ``capability`` with ``handler`` (replacing any handler of the same name).
+
+        ``handler(request)`` gets an :class:`~modelnet_p2p.InferenceRequest` and may be
+        an async generator (a chunk per item), an async function (one chunk), a
+        sync generator or a sync function (run in a worker thread, so the event
+        loop never blocks). An exception becomes an ``internal`` error for that
+        request only; raise a :class:`ModelNetError` subclass to send another code.
+        """
+        cap = Capability(name=capability) if isinstance(capability, str) else capability
+        self.inference.add(cap, handler)
+        return cap
+
+    def unserve(self, name: str) -> None:
+        """Stop serving a capability; requests already running finish."""
+        self.inference.remove(name)
+
+    @property
+    def capabilities(self) -> list[Capability]:
+        return self.inference.capabilities()
+
+    # -- connecting --------------------------------------------------------------
+
+    async def connect(self, addr: str | multiaddr.Multiaddr) -> str:
+        """Dial a peer by multiaddr (with ``/p2p/``); returns its peer id."""
+        maddr = parse_multiaddr(addr)
+        try:
+            info = info_from_p2p_addr(maddr)
+        except Exception:
+            raise ConfigError(f"address {addr} has no /p2p/<peer id> part") from None
+        await self._dial(info, trio.current_time() + self.connect_timeout)
+        return str(info.peer_id)
+
+    async def _dial(self, info: PeerInfo, deadline: float) -> None:
+        host = self.host
+        if info.peer_id == self.identity.peer_id:
+            raise BadRequestError("cannot dial this peer itself")
+        with trio.move_on_at(min(deadline, trio.current_time() + self.connect_timeout)) as scope:
+            try:
+                await host.connect(info)
+            except (BaseLibp2pError, OSError, trio.BrokenResourceError) as exc:
+                raise UnavailableError(f"cannot reach peer {info.peer_id}: {_why(exc)}") from None
+        if scope.cancelled_caught:
+            if deadline <= trio.current_time():
+                raise DeadlineExceededError(f"deadline exceeded while dialing {info.peer_id}")
+            raise UnavailableError(f"timed out dialing peer {info.peer_id}")
+
+    def _resolve_target(self, target: str | multiaddr.Multiaddr | ID) -> PeerInfo:
+        if isinstance(target, ID):
+            return PeerInfo(target, [])
+        if isinstance(target, multiaddr.Multiaddr) or str(target).startswith("/"):
+            maddr = parse_multiaddr(target)
+            try:
+                return info_from_p2p_addr(maddr)
+            except Exception:
+                raise ConfigError(f"target {target} has no /p2p/<peer id> part") from None
+        try:
+            return PeerInfo(ID.from_base58(str(target)), [])
+        except Exception:
+            raise ConfigError(f"target {target!r} is neither a multiaddr nor a peer id") from None
+
+    async def _open_stream(self, info: PeerInfo, deadline: float) -> INetStream:
+        host = self.host
+        pid = info.peer_id
+        if not host.get_network().get_connections(pid):
+            if not info.addrs and not _known_addrs(host, pid):
+                raise UnavailableError(f"no known address for peer {pid}")
+            await self._dial(info, deadline)
+        with trio.move_on_at(deadline) as scope:
+            try:
+                return await host.new_stream(pid, [TProtocol(INFER_PROTOCOL_ID)])
+            except (BaseLibp2pError, OSError, trio.BrokenResourceError) as exc:
+                raise UnavailableError(
+                    f"peer {pid} does not accept {INFER_PROTOCOL_ID}: {_why(exc)}"
+                ) from None
+        assert scope.cancelled_caught
+        raise DeadlineExceededError(f"deadline exceeded opening a stream to {pid}")
+
+    # -- calling ---------------------------------------------------------------
+
+    def infer(
+        self,
+        target: str | multiaddr.Multiaddr | ID | None = None,
+        capability: str | None = None,
+        input: Any = None,
+        *,
+        timeout: float | None = None,
+        trace: TraceContext | None = None,
+        **params: Any,
+    ) -> InferenceStream:
+        """Stream the answer of ``target``'s ``capability`` to ``input``, chunk by chunk.
+
+        ``target`` is a multiaddr ending in ``/p2p/<id>``, or the id of a peer this
+        peer already knows. Keyword arguments other than ``timeout`` and ``trace``
+        are sent as request parameters. ``timeout`` (seconds) is the whole
+        request's deadline, sent to the provider so it stops too.
+
+        Raises (while iterating) a :class:`ModelNetError` subclass; never ends
+        silently before the provider's end frame.
+        """
+        if capability is None:
+            raise BadRequestError("capability is required")
+        if target is None:
+            raise BadRequestError("a target is required (routing by capability is not available yet)")
+        info = ResponseInfo()
+        return InferenceStream(self._infer(target, capability, input, params, timeout, trace, info), info)
+
+    async def _infer(
+        self,
+        target: str | multiaddr.Multiaddr | ID,
+        capability: str,
+        input: Any,
+        params: dict[str, Any],
+        timeout: float | None,
+        trace: TraceContext | None,
+        info: ResponseInfo,
+    ) -> AsyncIterator[Any]:
+        deadline = math.inf if timeout is None else trio.current_time() + timeout
+        pinfo = self._resolve_target(target)
+        info.peer = str(pinfo.peer_id)
+        stream = await self._open_stream(pinfo, deadline)
+        tc = trace or TraceContext(trace_id=new_request_id(), span_id=os.urandom(8))
+        agen = run_request(
+            stream,
+            capability=capability,
+            input=input,
+            params=params,
+            deadline=deadline,
+            trace=tc,
+            info=info,
+            max_frame_size=self.limits.max_frame_size,
+            window=self.window,
+        )
+        try:
+            async for chunk in agen:
+                yield chunk
+        finally:
+            await agen.aclose()  # type: ignore[attr-defined]
+
+    async def call(
+        self,
+        target: str | multiaddr.Multiaddr | ID | None = None,
+        capability: str | None = None,
+        input: Any = None,
+        *,
+        timeout: float | None = None,
+        trace: TraceContext | None = None,
+        **params: Any,
+    ) -> Response:
+        """Like :meth:`infer`, but collect the whole answer into a :class:`Response`."""
+        stream = self.infer(target, capability, input, timeout=timeout, trace=trace, **params)
+        chunks: list[Any] = []
+        async with stream:
+            async for chunk in stream:
+                chunks.append(chunk)
+        info = stream.info
+        return Response(
+            chunks=chunks,
+            peer=info.peer,
+            finish_reason=info.finish_reason,
+            usage=info.usage,
+            latency=(info.ended or info.started) - info.started,
+        )
+
+
+def _known_addrs(host: IHost, pid: ID) -> list[multiaddr.Multiaddr]:
+    try:
+        return list(host.get_peerstore().addrs(pid))
+    except Exception:  # PeerStoreError: never heard of it
+        return []
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__

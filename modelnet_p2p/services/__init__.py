@@ -1,0 +1,1 @@
+"""Services: one module per protocol, each composed by :class:`modelnet_p2p.Peer`."""

@@ -1,0 +1,174 @@
+"""The handler side of inference: the request object handlers see, and the adapters that run
+every kind of handler (async generator, coroutine, sync generator, plain function) the same way.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ..capability import Capability
+from ..wire.infer import TraceContext
+
+__all__ = ["Handler", "InferenceRequest", "handler_kind", "run_handler"]
+
+#: What ``Peer.serve`` accepts: see :func:`handler_kind`.
+Handler = Callable[..., Any]
+
+
+@dataclass
+class InferenceRequest:
+    """What a handler receives for one request.
+
+    Attributes:
+        request_id: the caller's id for this request (bytes).
+        capability: the :class:`Capability` being served.
+        input: the request input, any msgpack value.
+        params: the request parameters (a dict).
+        deadline: when the caller stops waiting, in :func:`trio.current_time` units
+            (``math.inf`` for none). Sync handlers should use :attr:`remaining`.
+        remote_peer: the caller's peer id (base58 text), authenticated by Noise.
+        cancel_scope: cancels the handler; it is cancelled when the caller
+            resets the stream, when the deadline passes, or when the peer stops.
+        trace: the caller's trace context (hops, visited peers).
+        usage: counters the handler may fill in (e.g. ``{"tokens": 12}``); sent in the end frame.
+        finish_reason: the handler may set ``"length"`` etc.; sent in the end frame.
+    """
+
+    request_id: bytes
+    capability: Capability
+    input: Any
+    params: dict[str, Any]
+    deadline: float
+    remote_peer: str
+    cancel_scope: trio.CancelScope
+    trace: TraceContext = field(default_factory=TraceContext)
+    usage: dict[str, Any] = field(default_factory=dict)
+    finish_reason: str = "stop"
+    _wall_deadline: float = math.inf
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def remaining(self) -> float:
+        """Seconds left before the deadline (``math.inf`` if none). Safe from any thread."""
+        import time
+
+        return max(0.0, self._wall_deadline - time.monotonic())
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the request was cancelled. Sync handlers should poll it between steps."""
+        return self._cancelled.is_set()
+
+
+def handler_kind(handler: Handler) -> str:
+    """Classify a handler: ``"asyncgen"``, ``"async"``, ``"syncgen"`` or ``"sync"``.
+
+    Callable objects are classified by their ``__call__``.
+    """
+    target: Any = handler
+    if not inspect.isfunction(handler) and not inspect.ismethod(handler):
+        call = getattr(handler, "__call__", None)  # noqa: B004
+        if call is not None and (inspect.isfunction(call) or inspect.ismethod(call)):
+            target = call
+    if inspect.isasyncgenfunction(target):
+        return "asyncgen"
+    if inspect.iscoroutinefunction(target):
+        return "async"
+    if inspect.isgeneratorfunction(target):
+        return "syncgen"
+    if callable(handler):
+        return "sync"
+    raise TypeError(f"handler {handler!r} is not callable")
+
+
+class _Stop:
+    """Sentinel the worker thread sends when a sync generator is exhausted."""
+
+
+async def _drive_sync_generator(
+    handler: Handler, request: InferenceRequest, emit: Callable[[Any], Any]
+) -> None:
+    """Run a sync generator in a worker thread and ``emit`` its items in the trio loop.
+
+    The worker hands items over through a zero-buffer channel, so it never runs
+    ahead of the consumer, and it stops at its next item once the request is
+    cancelled.
+    """
+    send, recv = trio.open_memory_channel[Any](0)
+    token = trio.lowlevel.current_trio_token()
+
+    def work() -> None:
+        try:
+            for item in handler(request):
+                if request.cancelled:
+                    return
+                trio.from_thread.run(send.send, item, trio_token=token)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.RunFinishedError):
+            return
+        except BaseException as exc:  # handed to the trio side, which raises it
+            try:
+                trio.from_thread.run(send.send, _Failure(exc), trio_token=token)
+            except Exception:
+                return
+            return
+        try:
+            trio.from_thread.run(send.send, _Stop(), trio_token=token)
+        except Exception:
+            return
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_run_in_thread, work)
+            async with recv:
+                while True:
+                    item = await recv.receive()
+                    if isinstance(item, _Stop):
+                        break
+                    if isinstance(item, _Failure):
+                        raise item.exc
+                    await emit(item)
+    finally:
+        request._cancelled.set()
+
+
+@dataclass
+class _Failure:
+    exc: BaseException
+
+
+async def _run_in_thread(fn: Callable[[], Any]) -> Any:
+    return await trio.to_thread.run_sync(fn, abandon_on_cancel=True)  # type: ignore[call-arg]
+
+
+async def run_handler(
+    handler: Handler, kind: str, request: InferenceRequest, emit: Callable[[Any], Any]
+) -> None:
+    """Run ``handler`` for ``request`` and pass each chunk to ``await emit(chunk)``.
+
+    A coroutine or plain function gives exactly one chunk (its return value);
+    generators give one chunk per item. Exceptions propagate to the caller.
+    """
+    try:
+        if kind == "asyncgen":
+            agen = handler(request)
+            try:
+                async for item in agen:
+                    await emit(item)
+            finally:
+                await agen.aclose()
+        elif kind == "async":
+            await emit(await handler(request))
+        elif kind == "syncgen":
+            await _drive_sync_generator(handler, request, emit)
+        else:
+            result = await trio.to_thread.run_sync(handler, request, abandon_on_cancel=True)  # type: ignore[call-arg]
+            await emit(result)
+    finally:
+        request._cancelled.set()

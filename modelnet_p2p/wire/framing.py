@@ -1,0 +1,173 @@
+"""Length-prefixed msgpack frames, shared by every modelnet_p2p stream protocol.
+
+A frame is an unsigned LEB128 varint length (the same varint libp2p uses
+everywhere), followed by that many bytes holding one msgpack map. See
+``specs/inference.md`` section "Framing".
+
+This module is pure: :func:`pack_frame` turns a map into bytes and
+:class:`FrameDecoder` turns bytes, fed in pieces of any size, back into maps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from ..errors import ProtocolError
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_SIZE",
+    "MAX_VARINT_LEN",
+    "FrameDecoder",
+    "decode_varint",
+    "encode_varint",
+    "pack_frame",
+    "unpack_body",
+]
+
+#: Default largest frame body, in bytes: 1 MiB.
+#:
+#: Large enough for a long prompt or a big embedding batch, small enough that a
+#: peer can hold one frame per stream for hundreds of streams. For comparison,
+#: the libp2p Kademlia spec caps messages at 16 KiB-4 MiB depending on the
+#: implementation, gRPC defaults to 4 MiB, and yamux's per-stream window (256 KiB
+#: initial, about 4 MiB measured before a reset in py-libp2p 0.8.1) bounds what can
+#: be in flight anyway.
+DEFAULT_MAX_FRAME_SIZE = 1 << 20
+
+#: A varint longer than this cannot describe a sane frame (10 bytes hold 2**64).
+MAX_VARINT_LEN = 10
+
+_packer_kwargs: dict[str, Any] = {"use_bin_type": True}
+
+
+def encode_varint(value: int) -> bytes:
+    """Encode a non-negative integer as an unsigned LEB128 varint."""
+    if value < 0:
+        raise ValueError("varint must be non-negative")
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def decode_varint(buf: bytes | bytearray | memoryview, pos: int = 0) -> tuple[int, int] | None:
+    """Decode a varint at ``buf[pos:]``.
+
+    Returns ``(value, next_pos)``, or ``None`` if the buffer ends inside the
+    varint. Raises :class:`ProtocolError` for a varint longer than
+    :data:`MAX_VARINT_LEN` bytes or a non-minimal encoding.
+    """
+    value = 0
+    shift = 0
+    end = len(buf)
+    i = pos
+    while i < end:
+        if i - pos >= MAX_VARINT_LEN:
+            raise ProtocolError("frame length varint too long")
+        byte = buf[i]
+        value |= (byte & 0x7F) << shift
+        i += 1
+        if not byte & 0x80:
+            if byte == 0 and i - pos > 1:
+                raise ProtocolError("frame length varint not minimally encoded")
+            return value, i
+        shift += 7
+    if i - pos >= MAX_VARINT_LEN:
+        raise ProtocolError("frame length varint too long")
+    return None
+
+
+def pack_frame(body: dict[str, Any], max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> bytes:
+    """Serialize one map as a frame.
+
+    Raises :class:`ProtocolError` if the encoded body is larger than
+    ``max_frame_size``, and :class:`TypeError` (from msgpack) for values msgpack
+    cannot encode.
+    """
+    payload = msgpack.packb(body, **_packer_kwargs)
+    if len(payload) > max_frame_size:
+        raise ProtocolError(f"frame of {len(payload)} bytes exceeds the limit of {max_frame_size} bytes")
+    return encode_varint(len(payload)) + payload
+
+
+def unpack_body(payload: bytes) -> dict[str, Any]:
+    """Decode a frame body into a map with string keys, or raise :class:`ProtocolError`."""
+    try:
+        obj = msgpack.unpackb(payload, raw=False, strict_map_key=False, use_list=True)
+    except Exception as exc:  # msgpack raises many types (ExtraData, ValueError, ...)
+        raise ProtocolError(f"malformed msgpack frame: {exc.__class__.__name__}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"frame is a {type(obj).__name__}, not a map")
+    for key in obj:
+        if not isinstance(key, str):
+            raise ProtocolError("frame map has a non-string key")
+    return obj
+
+
+class FrameDecoder:
+    """Incremental frame decoder: feed it bytes, get complete frame bodies.
+
+    >>> dec = FrameDecoder()
+    >>> data = pack_frame({"t": "chunk"})
+    >>> dec.feed(data[:2]); dec.feed(data[2:])
+    []
+    [{'t': 'chunk'}]
+
+    A frame whose announced length exceeds ``max_frame_size`` is rejected as
+    soon as its length prefix is read, before its body is buffered, so a peer
+    cannot make us buffer more than one frame's worth of bytes. After an error
+    the decoder is poisoned: every later call raises the same error.
+    """
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        self.max_frame_size = max_frame_size
+        self._buf = bytearray()
+        self._error: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as a frame."""
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[dict[str, Any]]:
+        """Add bytes; return every frame body that is now complete, in order."""
+        if self._error is not None:
+            raise self._error
+        self._buf += data
+        out: list[dict[str, Any]] = []
+        try:
+            pos = 0
+            while True:
+                head = decode_varint(self._buf, pos)
+                if head is None:
+                    break
+                length, start = head
+                if length > self.max_frame_size:
+                    raise ProtocolError(
+                        f"frame of {length} bytes exceeds the limit of {self.max_frame_size} bytes"
+                    )
+                if len(self._buf) - start < length:
+                    break
+                out.append(unpack_body(bytes(self._buf[start : start + length])))
+                pos = start + length
+            del self._buf[:pos]
+        except ProtocolError as exc:
+            self._error = exc
+            self._buf.clear()
+            raise
+        return out
+
+    def close(self) -> None:
+        """Declare end of input. Raises :class:`ProtocolError` if a frame was cut short."""
+        if self._error is not None:
+            raise self._error
+        if self._buf:
+            self._error = ProtocolError(f"stream ended inside a frame ({len(self._buf)} bytes left over)")
+            raise self._error

@@ -1,0 +1,297 @@
+"""Messages of ``/modelnet/infer/1.0.0`` (see ``specs/inference.md``).
+
+Each message is a frozen dataclass with ``to_wire()`` (a msgpack-ready map) and
+a strict parser, :func:`parse_message`, that turns a decoded map back into a
+message or raises :class:`~modelnet_p2p.errors.ProtocolError`. Unknown keys are
+ignored so that newer minor versions can add fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ERROR_CODES, ProtocolError
+
+__all__ = [
+    "FINISH_REASONS",
+    "MAX_CAPABILITY_LEN",
+    "MAX_ERROR_MESSAGE_LEN",
+    "MAX_HOPS",
+    "MAX_REQUEST_ID_LEN",
+    "MIN_WINDOW",
+    "PROTOCOL_ID",
+    "PROTOCOL_VERSION",
+    "Cancel",
+    "Chunk",
+    "Credit",
+    "End",
+    "ErrorFrame",
+    "Message",
+    "Request",
+    "TraceContext",
+    "parse_message",
+]
+
+#: The libp2p protocol id. The major version changes only with incompatible changes.
+PROTOCOL_ID = "/modelnet/infer/1.0.0"
+#: Value of the ``v`` field of a request.
+PROTOCOL_VERSION = 1
+#: Longest capability name, in UTF-8 bytes.
+MAX_CAPABILITY_LEN = 256
+#: Longest request id, in bytes (16 random bytes are recommended).
+MAX_REQUEST_ID_LEN = 64
+#: Longest error message kept; longer ones are cut by the sender.
+MAX_ERROR_MESSAGE_LEN = 4096
+#: Largest ``hop`` count a request may carry (loops between handlers stop here).
+MAX_HOPS = 32
+#: Smallest flow-control window a client may grant, in bytes.
+MIN_WINDOW = 1024
+#: Finish reasons an end frame may carry. Others are passed through as text.
+FINISH_REASONS = frozenset({"stop", "length", "cancelled"})
+
+
+def _need(cond: bool, what: str) -> None:
+    if not cond:
+        raise ProtocolError(what)
+
+
+def _uint(obj: dict[str, Any], key: str, *, optional: bool = False, default: int = 0) -> int:
+    value = obj.get(key)
+    if value is None and optional:
+        return default
+    _need(
+        isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63,
+        f"field {key!r} must be a non-negative integer",
+    )
+    return int(value)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class TraceContext:
+    """Who asked, through whom: carried by every request so that hops can be traced and loops stopped.
+
+    ``trace_id`` names the whole collaborative request; ``span_id`` names the
+    caller's step; ``hops`` counts how many peers the request has crossed and
+    ``visited`` lists their peer ids (base58 text) in order.
+    """
+
+    trace_id: bytes = b""
+    span_id: bytes = b""
+    hops: int = 0
+    visited: tuple[str, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "tid": self.trace_id,
+            "sid": self.span_id,
+            "hop": self.hops,
+            "via": list(self.visited),
+        }
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> TraceContext:
+        if obj is None:
+            return cls()
+        _need(isinstance(obj, dict), "field 'tc' must be a map")
+        tid = obj.get("tid", b"")
+        sid = obj.get("sid", b"")
+        _need(isinstance(tid, bytes) and len(tid) <= 32, "trace id must be at most 32 bytes")
+        _need(isinstance(sid, bytes) and len(sid) <= 32, "span id must be at most 32 bytes")
+        hops = _uint(obj, "hop", optional=True)
+        _need(hops <= MAX_HOPS, f"hop count {hops} exceeds {MAX_HOPS}")
+        via = obj.get("via", [])
+        _need(
+            isinstance(via, list)
+            and len(via) <= MAX_HOPS
+            and all(isinstance(v, str) and len(v) <= 128 for v in via),
+            "field 'via' must be a list of at most 32 peer ids",
+        )
+        return cls(tid, sid, hops, tuple(via))
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """The first frame on a stream, client to server."""
+
+    request_id: bytes
+    capability: str
+    input: Any = None
+    params: dict[str, Any] = field(default_factory=dict)
+    #: Milliseconds the client will wait, counted from when it sent the frame. 0 = no deadline.
+    timeout_ms: int = 0
+    trace: TraceContext = field(default_factory=TraceContext)
+    #: Initial flow-control credit in bytes of frames the server may send unacknowledged.
+    window: int = 1 << 20
+    version: int = PROTOCOL_VERSION
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "t": "req",
+            "v": self.version,
+            "id": self.request_id,
+            "cap": self.capability,
+            "in": self.input,
+            "par": self.params,
+            "ttl": self.timeout_ms,
+            "tc": self.trace.to_wire(),
+            "win": self.window,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One piece of the answer, server to client. ``seq`` counts from 0 with no gaps."""
+
+    seq: int
+    data: Any
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": "chunk", "seq": self.seq, "d": self.data}
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    """The successful last frame: how many chunks were sent, why it stopped, usage counters."""
+
+    chunks: int
+    finish_reason: str = "stop"
+    usage: dict[str, Any] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": "end", "n": self.chunks, "fin": self.finish_reason, "use": self.usage}
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorFrame:
+    """The failed last frame. ``code`` is one of :data:`~modelnet_p2p.errors.ERROR_CODES`."""
+
+    code: str
+    message: str
+    retryable: bool = False
+    #: Chunks sent before the error.
+    chunks: int = 0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "t": "err",
+            "code": self.code,
+            "msg": self.message[:MAX_ERROR_MESSAGE_LEN],
+            "rt": self.retryable,
+            "n": self.chunks,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Credit:
+    """Client to server: the client consumed ``nbytes`` more bytes of frames."""
+
+    nbytes: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": "credit", "b": self.nbytes}
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """Client to server: stop working on this request. (Resetting the stream has the same effect.)"""
+
+    reason: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": "cancel", "why": self.reason[:MAX_ERROR_MESSAGE_LEN]}
+
+
+Message = Request | Chunk | End | ErrorFrame | Credit | Cancel
+
+
+def _parse_request(obj: dict[str, Any]) -> Request:
+    version = _uint(obj, "v")
+    _need(version == PROTOCOL_VERSION, f"unsupported protocol version {version}")
+    rid = obj.get("id")
+    _need(
+        isinstance(rid, bytes) and 1 <= len(rid) <= MAX_REQUEST_ID_LEN,
+        f"request id must be 1-{MAX_REQUEST_ID_LEN} bytes",
+    )
+    cap = obj.get("cap")
+    _need(
+        isinstance(cap, str) and 0 < len(cap.encode()) <= MAX_CAPABILITY_LEN,
+        f"capability name must be 1-{MAX_CAPABILITY_LEN} bytes of text",
+    )
+    params = obj.get("par", {})
+    if params is None:
+        params = {}
+    _need(isinstance(params, dict), "field 'par' must be a map")
+    timeout_ms = _uint(obj, "ttl", optional=True)
+    window = _uint(obj, "win", optional=True, default=1 << 20)
+    _need(window >= MIN_WINDOW, f"window must be at least {MIN_WINDOW} bytes")
+    return Request(
+        request_id=rid,  # type: ignore[arg-type]
+        capability=cap,  # type: ignore[arg-type]
+        input=obj.get("in"),
+        params=params,
+        timeout_ms=timeout_ms,
+        trace=TraceContext.from_wire(obj.get("tc")),
+        window=window,
+        version=version,
+    )
+
+
+def _parse_chunk(obj: dict[str, Any]) -> Chunk:
+    _need("d" in obj, "chunk frame has no data")
+    return Chunk(_uint(obj, "seq"), obj["d"])
+
+
+def _parse_end(obj: dict[str, Any]) -> End:
+    fin = obj.get("fin", "stop")
+    _need(isinstance(fin, str) and len(fin) <= 64, "finish reason must be short text")
+    usage = obj.get("use", {})
+    if usage is None:
+        usage = {}
+    _need(isinstance(usage, dict), "field 'use' must be a map")
+    return End(_uint(obj, "n"), fin, usage)
+
+
+def _parse_error(obj: dict[str, Any]) -> ErrorFrame:
+    code = obj.get("code")
+    _need(isinstance(code, str) and len(code) <= 64, "error code must be short text")
+    msg = obj.get("msg", "")
+    _need(isinstance(msg, str), "error message must be text")
+    rt = obj.get("rt", False)
+    _need(isinstance(rt, bool), "field 'rt' must be a boolean")
+    return ErrorFrame(code, msg[:MAX_ERROR_MESSAGE_LEN], rt, _uint(obj, "n", optional=True))  # type: ignore[arg-type]
+
+
+def _parse_credit(obj: dict[str, Any]) -> Credit:
+    return Credit(_uint(obj, "b"))
+
+
+def _parse_cancel(obj: dict[str, Any]) -> Cancel:
+    why = obj.get("why", "")
+    _need(isinstance(why, str), "cancel reason must be text")
+    return Cancel(why)
+
+
+_PARSERS: dict[str, Callable[[dict[str, Any]], Message]] = {
+    "req": _parse_request,
+    "chunk": _parse_chunk,
+    "end": _parse_end,
+    "err": _parse_error,
+    "credit": _parse_credit,
+    "cancel": _parse_cancel,
+}
+
+
+def parse_message(obj: dict[str, Any]) -> Message:
+    """Turn a decoded frame body into a message, or raise :class:`ProtocolError`."""
+    kind = obj.get("t")
+    parser = _PARSERS.get(kind) if isinstance(kind, str) else None
+    if parser is None:
+        raise ProtocolError(f"unknown frame type {kind!r}")
+    return parser(obj)
+
+
+def is_known_error_code(code: str) -> bool:
+    """Whether ``code`` is one of the codes this version defines."""
+    return code in ERROR_CODES
