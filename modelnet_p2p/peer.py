@@ -30,6 +30,7 @@ from .errors import (
 from .host import build_host, parse_multiaddr, running_host
 from .identity import Identity
 from .log import quiet_libp2p
+from .network import get_network, protocol_id
 from .services.handlers import Handler
 from .services.inference import (
     DEFAULT_WINDOW,
@@ -135,6 +136,8 @@ class Peer:
         max_concurrency: requests served at once, over all callers.
         max_concurrency_per_peer: requests served at once for one caller.
         connect_timeout: seconds allowed to dial a peer.
+        network: the mesh to join (see :mod:`modelnet_p2p.network`); peers of
+            different networks do not understand each other's protocols.
     """
 
     def __init__(
@@ -145,13 +148,17 @@ class Peer:
         *,
         passphrase: bytes | None = None,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
-        max_concurrency: int = 64,
-        max_concurrency_per_peer: int = 16,
+        max_concurrency: int = 128,
+        max_concurrency_per_peer: int = 64,
         max_request_time: float = 600.0,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         window: int = DEFAULT_WINDOW,
+        network: str = "local",
     ) -> None:
         quiet_libp2p()
+        #: The mesh this peer belongs to; it is part of every protocol id (specs/network.md).
+        self.network = get_network(network).name
+        self.infer_protocol = TProtocol(protocol_id(INFER_PROTOCOL_ID, self.network))
         if identity is None:
             self.identity = Identity.generate(ephemeral=True)
         elif isinstance(identity, Identity):
@@ -190,7 +197,7 @@ class Peer:
             self._host = host
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             self.inference.bind(self._nursery)
-            host.set_stream_handler(TProtocol(INFER_PROTOCOL_ID), self.inference.handle_stream)
+            host.set_stream_handler(self.infer_protocol, self.inference.handle_stream)
             await self._connect_bootstrap()
         except BaseException:
             self._host = None
@@ -333,10 +340,10 @@ class Peer:
             await self._dial(info, deadline)
         with trio.move_on_at(deadline) as scope:
             try:
-                return await host.new_stream(pid, [TProtocol(INFER_PROTOCOL_ID)])
+                return await host.new_stream(pid, [self.infer_protocol])
             except (BaseLibp2pError, OSError, trio.BrokenResourceError) as exc:
                 raise UnavailableError(
-                    f"peer {pid} does not accept {INFER_PROTOCOL_ID}: {_why(exc)}"
+                    f"peer {pid} does not accept {self.infer_protocol}: {_why(exc)}"
                 ) from None
         assert scope.cancelled_caught
         raise DeadlineExceededError(f"deadline exceeded opening a stream to {pid}")

@@ -86,8 +86,8 @@ class Limits:
     """Server-side limits. Exceeding a concurrency limit answers ``overloaded``."""
 
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
-    max_concurrency: int = 64
-    max_concurrency_per_peer: int = 16
+    max_concurrency: int = 128
+    max_concurrency_per_peer: int = 64
     #: Upper bound on a request's run time, whatever deadline the client sent (seconds).
     max_request_time: float = 600.0
 
@@ -138,6 +138,9 @@ class InferenceServer:
         self._in_flight = 0
         self._per_peer: dict[str, int] = {}
         self._nursery: trio.Nursery | None = None
+        #: While draining, new requests are refused with ``unavailable`` (retryable)
+        #: and requests already running finish.
+        self.draining = False
         self.on_request_done: Callable[[str, str, float, int, str | None], None] | None = None
 
     # -- registry ------------------------------------------------------------
@@ -155,6 +158,11 @@ class InferenceServer:
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    async def wait_idle(self) -> None:
+        """Return once no request is running."""
+        while self._in_flight:
+            await trio.sleep(0.05)
 
     def bind(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -214,6 +222,8 @@ class InferenceServer:
         error: ModelNetError | None = None
         if served is None:
             error = NotFoundError(f"capability {msg.capability!r} is not served by this peer")
+        elif self.draining:
+            error = UnavailableError("peer is draining; try another provider")
         elif self._in_flight >= self.limits.max_concurrency:
             error = OverloadedError("peer is at its concurrency limit")
         elif self._per_peer.get(remote, 0) >= self.limits.max_concurrency_per_peer:
@@ -272,11 +282,21 @@ class InferenceServer:
         state = _ServeState()
         max_frame = self.limits.max_frame_size
 
+        async def emit(item: Any) -> None:
+            # Queue without yielding to the scheduler when there is room, so a
+            # fast handler's chunks pile up and the writer sends them in one
+            # write; a handler that awaits between chunks still has each one
+            # written at once (the writer runs while the handler waits).
+            try:
+                send.send_nowait(item)
+            except trio.WouldBlock:
+                await send.send(item)
+
         async def produce() -> None:
             async with send:
                 try:
                     with request.cancel_scope:
-                        await run_handler(served.handler, served.kind, request, send.send)
+                        await run_handler(served.handler, served.kind, request, emit)
                 except Exception as exc:
                     state.handler_error = exc
                     if not isinstance(exc, ModelNetError):

@@ -1,0 +1,807 @@
+"""Streaming benchmark: modelnet inference streams beside HTTP/SSE and raw TCP, in one run.
+
+Usage::
+
+    python benchmarks/bench_stream.py [--quick]
+
+Every figure is printed next to a baseline measured in the same run, with the
+ratio modelnet / baseline:
+
+1. A request answered with 256 short text chunks, sent one after another:
+   modelnet vs an SSE endpoint (starlette on uvicorn) read with httpx.
+2. Bulk throughput in 64 KiB chunks: modelnet vs a raw trio TCP stream.
+3. A one-chunk request on an already open connection: modelnet (a new stream per
+   request) vs a tiny GET on a keep-alive httpx connection.
+4. 64 concurrent requests of 256 chunks each: total chunks/s and chunks/s per
+   core, modelnet vs the SSE endpoint under the same load.
+
+Process layout: the modelnet server peer (with the raw TCP source beside it) runs
+in one child process, uvicorn in another, and the clients (the modelnet peer and
+httpx, both under trio) in this process. Everything listens on 127.0.0.1 only.
+Nothing here asserts on timings: it reports numbers and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import selectors
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from typing import IO, TYPE_CHECKING, Any
+
+import trio
+
+if TYPE_CHECKING:
+    import httpx
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse, StreamingResponse
+
+    from modelnet_p2p import InferenceRequest, Peer
+
+HOST = "127.0.0.1"
+STREAM_CHUNKS = 256
+BULK_CHUNK = 64 * 1024
+CONCURRENCY = 64
+#: Seconds one request may take before it counts as failed.
+REQUEST_LIMIT = 20.0
+#: Seconds a child process may take to print its address.
+STARTUP_LIMIT = 30.0
+#: A phase stops after this many failed requests.
+MAX_ERRORS = 10
+MB = 1_000_000
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much work each measurement does."""
+
+    stream_requests: int
+    bulk_bytes: int
+    bulk_reps: int
+    tiny_requests: int
+    load_per_stream: int
+    rounds: int
+    warmup: int
+
+    @classmethod
+    def make(cls, quick: bool) -> Settings:
+        if quick:
+            return cls(
+                stream_requests=50,
+                bulk_bytes=64 * 1024 * 1024,
+                bulk_reps=1,
+                tiny_requests=100,
+                load_per_stream=1,
+                rounds=1,
+                warmup=5,
+            )
+        return cls(
+            stream_requests=200,
+            bulk_bytes=64 * 1024 * 1024,
+            bulk_reps=5,
+            tiny_requests=1000,
+            load_per_stream=8,
+            rounds=4,
+            warmup=20,
+        )
+
+
+# -- child process: modelnet server peer and raw TCP source ----------------------------
+
+
+async def _tokens(request: InferenceRequest) -> AsyncIterator[str]:
+    for i in range(int(request.params.get("n", STREAM_CHUNKS))):
+        yield f"tok{i} "
+
+
+async def _bulk(request: InferenceRequest) -> AsyncIterator[bytes]:
+    size = int(request.params["size"])
+    total = int(request.params["total"])
+    block = bytes(size)
+    sent = 0
+    while sent < total:
+        part = block if total - sent >= size else block[: total - sent]
+        yield part
+        sent += len(part)
+
+
+async def _tiny(request: InferenceRequest) -> str:
+    return "ok"
+
+
+async def _receive_exactly(stream: trio.SocketStream, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        data = await stream.receive_some(n - len(buf))
+        if not data:
+            raise EOFError("connection closed before the header arrived")
+        buf += data
+    return bytes(buf)
+
+
+async def _tcp_source(stream: trio.SocketStream) -> None:
+    """Raw TCP baseline server: read (total, size), send ``total`` bytes in ``size`` writes."""
+    try:
+        total, size = struct.unpack("!QQ", await _receive_exactly(stream, 16))
+        block = bytes(size)
+        sent = 0
+        while sent < total:
+            part = block if total - sent >= size else block[: total - sent]
+            await stream.send_all(part)
+            sent += len(part)
+    except (trio.BrokenResourceError, EOFError, OSError):
+        pass
+    finally:
+        await stream.aclose()
+
+
+async def _wait_for_stdin_eof() -> None:
+    """Return when the parent closes our stdin (or dies)."""
+    pipe = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    async with pipe:
+        while await pipe.receive_some(4096):
+            pass
+
+
+async def _modelnet_server() -> None:
+    from modelnet_p2p import Capability, Peer
+
+    # The defaults (64 at once, 16 per caller) would answer "overloaded" to a
+    # 64-stream load from one client, so the limits are raised for the benchmark.
+    async with Peer(
+        listen=[f"/ip4/{HOST}/tcp/0"], max_concurrency=1024, max_concurrency_per_peer=1024
+    ) as peer:
+        peer.serve(Capability("tokens"), _tokens)
+        peer.serve(Capability("bulk"), _bulk)
+        peer.serve(Capability("tiny"), _tiny)
+        listeners = await trio.open_tcp_listeners(0, host=HOST)
+        tcp_port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, _tcp_source, listeners)
+            print(json.dumps({"addr": peer.addrs[0], "tcp_port": tcp_port}), flush=True)
+            await _wait_for_stdin_eof()
+            nursery.cancel_scope.cancel()
+
+
+# -- child process: SSE baseline on uvicorn ---------------------------------------------
+
+
+def _sse_server() -> None:
+    import asyncio
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse, StreamingResponse
+    from starlette.routing import Route
+
+    async def sse(request: Request) -> StreamingResponse:
+        n = int(request.query_params.get("n", str(STREAM_CHUNKS)))
+
+        async def events() -> AsyncIterator[bytes]:
+            for i in range(n):
+                yield f"data: tok{i} \n\n".encode()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def tiny(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/sse", sse), Route("/tiny", tiny)])
+    # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on sockets whose proto
+    # says TCP, and without it every small response waits out a 40 ms delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((HOST, 0))
+    sock.listen(1024)  # connections queue here until uvicorn starts accepting
+    config = uvicorn.Config(
+        app, loop="asyncio", http="h11", lifespan="off", log_level="warning", access_log=False
+    )
+    server = uvicorn.Server(config)
+
+    def watch_stdin() -> None:
+        sys.stdin.read()
+        server.should_exit = True
+
+    threading.Thread(target=watch_stdin, daemon=True).start()
+    print(json.dumps({"port": sock.getsockname()[1]}), flush=True)
+    asyncio.run(server.serve(sockets=[sock]))
+
+
+# -- parent: child processes ------------------------------------------------------------
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen[str]
+    stderr: IO[str]
+
+    def stderr_text(self) -> str:
+        self.stderr.flush()
+        self.stderr.seek(0)
+        return self.stderr.read()
+
+
+def _spawn(role: str) -> Child:
+    err = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--role", role],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=err,
+        text=True,
+        env=env,
+    )
+    return Child(role, proc, err)
+
+
+def _read_hello(child: Child, deadline: float) -> dict[str, Any]:
+    """The JSON line a child prints once it listens."""
+    assert child.proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(child.proc.stdout, selectors.EVENT_READ)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(left):
+                raise RuntimeError(f"{child.name} printed no address within {STARTUP_LIMIT:.0f} s")
+            line = child.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(
+                    f"{child.name} exited with {child.proc.wait()}:\n{child.stderr_text()[-2000:]}"
+                )
+            line = line.strip()
+            if line.startswith("{"):
+                hello: dict[str, Any] = json.loads(line)
+                return hello
+
+
+def _stop(child: Child) -> None:
+    proc = child.proc
+    try:
+        if proc.stdin is not None:
+            proc.stdin.close()  # asks the child to exit cleanly
+    except OSError:
+        pass
+    try:
+        proc.wait(timeout=3)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds used so far by process ``pid`` (all threads), Linux only."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- results ----------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    section: str
+    label: str
+    unit: str
+    higher_is_better: bool
+    modelnet: float | None = None
+    baseline: float | None = None
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    notes: list[str] = field(default_factory=list)
+
+    def row(self, section: str, label: str, unit: str, higher_is_better: bool = False) -> Row:
+        r = Row(section, label, unit, higher_is_better)
+        self.rows.append(r)
+        return r
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    """Linear-interpolated percentile, ``q`` in [0, 100]."""
+    s = sorted(samples)
+    if not s:
+        return math.nan
+    k = (len(s) - 1) * q / 100
+    lo = math.floor(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions)
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
+
+
+class PhaseFailedError(Exception):
+    pass
+
+
+async def _attempt(report: Report, where: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+    """Run one request; count a failure instead of raising, up to MAX_ERRORS per phase."""
+    try:
+        with trio.fail_after(REQUEST_LIMIT):
+            return await fn()
+    except trio.TooSlowError:
+        msg = f"{where}: request took longer than {REQUEST_LIMIT:.0f} s"
+    except Exception as exc:
+        msg = f"{where}: {_describe(exc)}"
+    report.errors[msg] += 1
+    if sum(n for m, n in report.errors.items() if m.startswith(where + ":")) >= MAX_ERRORS:
+        raise PhaseFailedError(f"{where}: stopped after {MAX_ERRORS} failed requests")
+    return None
+
+
+# -- client requests --------------------------------------------------------------------
+
+
+@dataclass
+class Timed:
+    total: float
+    first: float
+
+
+async def _mn_tokens(peer: Peer, addr: str, n: int = STREAM_CHUNKS) -> Timed:
+    t0 = time.perf_counter()
+    first = math.nan
+    count = 0
+    async with peer.infer(addr, "tokens", None, n=n) as stream:
+        async for _ in stream:
+            if not count:
+                first = time.perf_counter() - t0
+            count += 1
+    if count != n:
+        raise RuntimeError(f"got {count} chunks, expected {n}")
+    return Timed(time.perf_counter() - t0, first)
+
+
+async def _sse_tokens(http: httpx.AsyncClient, n: int = STREAM_CHUNKS) -> Timed:
+    t0 = time.perf_counter()
+    first = math.nan
+    count = 0
+    async with http.stream("GET", "/sse", params={"n": n}) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if line.startswith("data:"):
+                if not count:
+                    first = time.perf_counter() - t0
+                count += 1
+    if count != n:
+        raise RuntimeError(f"got {count} events, expected {n}")
+    return Timed(time.perf_counter() - t0, first)
+
+
+async def _mn_tiny(peer: Peer, addr: str) -> float:
+    t0 = time.perf_counter()
+    resp = await peer.call(addr, "tiny", None)
+    if resp.value != "ok":
+        raise RuntimeError(f"unexpected answer {resp.value!r}")
+    return time.perf_counter() - t0
+
+
+async def _http_tiny(http: httpx.AsyncClient) -> float:
+    t0 = time.perf_counter()
+    resp = await http.get("/tiny")
+    resp.raise_for_status()
+    if resp.text != "ok":
+        raise RuntimeError(f"unexpected answer {resp.text!r}")
+    return time.perf_counter() - t0
+
+
+async def _mn_bulk(peer: Peer, addr: str, total: int) -> float:
+    t0 = time.perf_counter()
+    got = 0
+    async with peer.infer(addr, "bulk", None, size=BULK_CHUNK, total=total) as stream:
+        async for chunk in stream:
+            got += len(chunk)
+    if got != total:
+        raise RuntimeError(f"got {got} bytes, expected {total}")
+    return time.perf_counter() - t0
+
+
+async def _tcp_bulk(port: int, total: int) -> float:
+    t0 = time.perf_counter()
+    stream = await trio.open_tcp_stream(HOST, port)
+    got = 0
+    async with stream:
+        await stream.send_all(struct.pack("!QQ", total, BULK_CHUNK))
+        while got < total:
+            data = await stream.receive_some(BULK_CHUNK)
+            if not data:
+                break
+            got += len(data)
+    if got != total:
+        raise RuntimeError(f"got {got} bytes, expected {total}")
+    return time.perf_counter() - t0
+
+
+# -- measurements -----------------------------------------------------------------------
+
+
+async def _sequential(report: Report, where: str, n: int, fn: Callable[[], Awaitable[Any]]) -> list[Any]:
+    out = []
+    for _ in range(n):
+        got = await _attempt(report, where, fn)
+        if got is not None:
+            out.append(got)
+    return out
+
+
+async def _concurrent(
+    report: Report, where: str, workers: int, per_worker: int, fn: Callable[[], Awaitable[Any]]
+) -> int:
+    """Run ``per_worker`` requests in each of ``workers`` tasks; returns how many succeeded."""
+    ok = 0
+
+    async def worker() -> None:
+        nonlocal ok
+        for _ in range(per_worker):
+            if await _attempt(report, where, fn) is not None:
+                ok += 1
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(workers):
+            nursery.start_soon(worker)
+    return ok
+
+
+async def bench_streaming(
+    report: Report, s: Settings, peer: Peer, addr: str, http: httpx.AsyncClient
+) -> None:
+    sec = f"1. {STREAM_CHUNKS} chunks/request, sequential"
+    p50 = report.row(sec, "request time p50", "ms")
+    p99 = report.row(sec, "request time p99", "ms")
+    ttfc = report.row(sec, "first chunk p50", "ms")
+    per_chunk = report.row(sec, "per chunk (mean)", "us")
+    await _sequential(report, "stream/modelnet", s.warmup, lambda: _mn_tokens(peer, addr))
+    await _sequential(report, "stream/sse", s.warmup, lambda: _sse_tokens(http))
+    mn: list[Timed] = []
+    sse: list[Timed] = []
+    per_round = max(1, s.stream_requests // s.rounds)
+    for _ in range(s.rounds):
+        mn += await _sequential(report, "stream/modelnet", per_round, lambda: _mn_tokens(peer, addr))
+        sse += await _sequential(report, "stream/sse", per_round, lambda: _sse_tokens(http))
+    for samples, attr in ((mn, "modelnet"), (sse, "baseline")):
+        if not samples:
+            continue
+        totals = [t.total for t in samples]
+        setattr(p50, attr, _percentile(totals, 50) * 1e3)
+        setattr(p99, attr, _percentile(totals, 99) * 1e3)
+        setattr(ttfc, attr, _percentile([t.first for t in samples], 50) * 1e3)
+        setattr(per_chunk, attr, sum(totals) / (len(totals) * STREAM_CHUNKS) * 1e6)
+
+
+async def bench_bulk(report: Report, s: Settings, peer: Peer, addr: str, tcp_port: int) -> None:
+    sec = f"2. bulk, {BULK_CHUNK // 1024} KiB chunks, {s.bulk_bytes // (1 << 20)} MiB"
+    row = report.row(sec, f"throughput (best of {s.bulk_reps})", "MB/s", higher_is_better=True)
+    await _attempt(report, "bulk/modelnet", lambda: _mn_bulk(peer, addr, 4 << 20))
+    await _attempt(report, "bulk/tcp", lambda: _tcp_bulk(tcp_port, 4 << 20))
+    mn: list[float] = []
+    tcp: list[float] = []
+    for _ in range(s.bulk_reps):
+        mn += await _sequential(report, "bulk/modelnet", 1, lambda: _mn_bulk(peer, addr, s.bulk_bytes))
+        tcp += await _sequential(report, "bulk/tcp", 1, lambda: _tcp_bulk(tcp_port, s.bulk_bytes))
+    if mn:
+        row.modelnet = s.bulk_bytes / min(mn) / MB
+    if tcp:
+        row.baseline = s.bulk_bytes / min(tcp) / MB
+
+
+async def bench_tiny(report: Report, s: Settings, peer: Peer, addr: str, http: httpx.AsyncClient) -> None:
+    sec = "3. 1-chunk request, connection already open"
+    p50 = report.row(sec, "latency p50", "ms")
+    p99 = report.row(sec, "latency p99", "ms")
+    await _sequential(report, "tiny/modelnet", s.warmup, lambda: _mn_tiny(peer, addr))
+    await _sequential(report, "tiny/http", s.warmup, lambda: _http_tiny(http))
+    mn: list[float] = []
+    web: list[float] = []
+    per_round = max(1, s.tiny_requests // s.rounds)
+    for _ in range(s.rounds):
+        mn += await _sequential(report, "tiny/modelnet", per_round, lambda: _mn_tiny(peer, addr))
+        web += await _sequential(report, "tiny/http", per_round, lambda: _http_tiny(http))
+    for samples, attr in ((mn, "modelnet"), (web, "baseline")):
+        if samples:
+            setattr(p50, attr, _percentile(samples, 50) * 1e3)
+            setattr(p99, attr, _percentile(samples, 99) * 1e3)
+
+
+@dataclass
+class LoadResult:
+    chunks: int = 0
+    wall: float = 0.0
+    #: CPU seconds used by the client and by the server process (None: cannot tell).
+    cpu_client: float | None = 0.0
+    cpu_server: float | None = 0.0
+
+
+def _add_cpu(total: float | None, before: float | None, after: float | None) -> float | None:
+    if total is None or before is None or after is None:
+        return None
+    return total + after - before
+
+
+async def _load_round(
+    report: Report,
+    where: str,
+    per_worker: int,
+    fn: Callable[[], Awaitable[Any]],
+    server_pid: int,
+    res: LoadResult,
+) -> None:
+    client0, server0 = _cpu_seconds(os.getpid()), _cpu_seconds(server_pid)
+    t0 = time.perf_counter()
+    ok = await _concurrent(report, where, CONCURRENCY, per_worker, fn)
+    res.wall += time.perf_counter() - t0
+    client1, server1 = _cpu_seconds(os.getpid()), _cpu_seconds(server_pid)
+    res.chunks += ok * STREAM_CHUNKS
+    res.cpu_client = _add_cpu(res.cpu_client, client0, client1)
+    res.cpu_server = _add_cpu(res.cpu_server, server0, server1)
+
+
+async def bench_load(
+    report: Report,
+    s: Settings,
+    peer: Peer,
+    addr: str,
+    http: httpx.AsyncClient,
+    mn_pid: int,
+    sse_pid: int,
+) -> None:
+    per_worker = max(1, s.load_per_stream // s.rounds)
+    total = CONCURRENCY * per_worker * s.rounds
+    sec = f"4. {CONCURRENCY} concurrent x {STREAM_CHUNKS} chunks, {total} requests"
+    rate = report.row(sec, "total chunks/s", "chunks/s", higher_is_better=True)
+    cores = report.row(sec, "cores used: client+server CPU s / wall s", "cores")
+    client_cores = report.row(sec, "  of which client process", "cores")
+    server_cores = report.row(sec, "  of which server process", "cores")
+    per_core = report.row(sec, "chunks/s per core used", "chunks/s", higher_is_better=True)
+    # Warm up: open the connections (httpx needs one per concurrent SSE stream).
+    await _concurrent(report, "load/modelnet", CONCURRENCY, 1, lambda: _mn_tokens(peer, addr, 4))
+    await _concurrent(report, "load/sse", CONCURRENCY, 1, lambda: _sse_tokens(http, 4))
+    mn = LoadResult()
+    sse = LoadResult()
+    for _ in range(s.rounds):
+        await _load_round(report, "load/modelnet", per_worker, lambda: _mn_tokens(peer, addr), mn_pid, mn)
+        await _load_round(report, "load/sse", per_worker, lambda: _sse_tokens(http), sse_pid, sse)
+    for res, attr in ((mn, "modelnet"), (sse, "baseline")):
+        if not res.chunks or res.wall <= 0:
+            continue
+        setattr(rate, attr, res.chunks / res.wall)
+        if res.cpu_client is not None and res.cpu_server is not None:
+            cpu = res.cpu_client + res.cpu_server
+            setattr(client_cores, attr, res.cpu_client / res.wall)
+            setattr(server_cores, attr, res.cpu_server / res.wall)
+            if cpu > 0:
+                setattr(cores, attr, cpu / res.wall)
+                setattr(per_core, attr, res.chunks / cpu)
+
+
+async def _phase(report: Report, name: str, fn: Callable[[], Awaitable[None]]) -> None:
+    try:
+        await fn()
+    except PhaseFailedError as exc:
+        report.errors[str(exc)] += 1
+    except Exception as exc:
+        report.errors[f"{name}: {_describe(exc)}"] += 1
+
+
+async def run_client(
+    s: Settings,
+    report: Report,
+    mn_addr: str,
+    tcp_port: int,
+    sse_port: int,
+    mn_pid: int,
+    sse_pid: int,
+) -> None:
+    import httpx
+
+    from modelnet_p2p import Peer
+
+    limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
+    async with (
+        Peer(listen=[f"/ip4/{HOST}/tcp/0"]) as peer,
+        httpx.AsyncClient(base_url=f"http://{HOST}:{sse_port}", limits=limits, timeout=REQUEST_LIMIT) as http,
+    ):
+        t0 = time.perf_counter()
+        await peer.connect(mn_addr)
+        report.notes.append(
+            f"modelnet connect (dial + Noise + yamux): {(time.perf_counter() - t0) * 1e3:.1f} ms"
+        )
+        await _phase(report, "stream", lambda: bench_streaming(report, s, peer, mn_addr, http))
+        await _phase(report, "bulk", lambda: bench_bulk(report, s, peer, mn_addr, tcp_port))
+        await _phase(report, "tiny", lambda: bench_tiny(report, s, peer, mn_addr, http))
+        await _phase(
+            report,
+            "load",
+            lambda: bench_load(report, s, peer, mn_addr, http, mn_pid, sse_pid),
+        )
+
+
+# -- output -----------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None or math.isnan(value):
+        return "n/a"
+    if unit == "chunks/s":
+        return f"{value:,.0f}"
+    if unit == "cores":
+        return f"{value:.2f}"
+    if unit == "MB/s":
+        return f"{value:,.1f}"
+    if unit == "us":
+        return f"{value:,.1f}"
+    return f"{value:,.2f}"
+
+
+def _verdict(row: Row) -> tuple[str, str]:
+    if row.modelnet is None or row.baseline is None or not row.baseline or not row.modelnet:
+        return "n/a", ""
+    ratio = row.modelnet / row.baseline
+    if row.unit == "cores":
+        return f"{ratio:.2f}", ""
+    better = ratio if row.higher_is_better else 1 / ratio
+    return f"{ratio:.2f}", (f"{better:.2f}x better" if better >= 1 else f"{1 / better:.2f}x worse")
+
+
+def _version(dist: str) -> str:
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "?"
+
+
+def print_report(report: Report, s: Settings, quick: bool, elapsed: float) -> None:
+    baselines = {
+        "1": "SSE: starlette StreamingResponse on uvicorn, httpx stream",
+        "2": "raw TCP, trio SocketStream",
+        "3": "GET on a keep-alive httpx connection to uvicorn",
+        "4": "the same SSE endpoint, 64 httpx connections",
+    }
+    print()
+    print(f"modelnet_p2p stream benchmark{' (--quick)' if quick else ''}")
+    print(
+        f"  python {platform.python_version()}, trio {_version('trio')}, "
+        f"libp2p {_version('libp2p')}, httpx {_version('httpx')}, "
+        f"uvicorn {_version('uvicorn')} (asyncio loop, h11), starlette {_version('starlette')}"
+    )
+    print(
+        f"  {os.cpu_count()} CPUs; 3 processes: client (modelnet peer + httpx, both under trio), "
+        "modelnet server peer (+ raw TCP source), uvicorn"
+    )
+    print("  ratio = modelnet / baseline; the last column says which way is better")
+    print(
+        "  each modelnet request opens a new stream on the one open connection; httpx reuses "
+        "keep-alive connections; per chunk = mean request time / 256; per core = chunks / "
+        "(client + server process CPU seconds, from /proc)"
+    )
+    for note in report.notes:
+        print(f"  {note}")
+    header = ("measurement", "unit", "modelnet", "baseline", "ratio", "modelnet is")
+    widths = (44, 9, 12, 12, 7, 14)
+    line = "  ".join(
+        h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True))
+    )
+    print()
+    print(line)
+    print("-" * len(line))
+    section = ""
+    for row in report.rows:
+        if row.section != section:
+            section = row.section
+            print(f"{section}  [baseline: {baselines[section[0]]}]")
+        ratio, verdict = _verdict(row)
+        cells = (
+            "  " + row.label,
+            row.unit,
+            _fmt(row.modelnet, row.unit),
+            _fmt(row.baseline, row.unit),
+            ratio,
+            verdict,
+        )
+        print(
+            "  ".join(
+                c.ljust(w) if i < 2 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            )
+        )
+    print("-" * len(line))
+    print(
+        f"requests: {s.stream_requests} streamed, {s.tiny_requests} tiny, {s.bulk_reps} bulk "
+        f"per side, after {s.warmup} warm-up requests; measurements alternate between modelnet "
+        f"and baseline in {s.rounds} round(s). Run took {elapsed:.1f} s."
+    )
+    if report.errors:
+        print("\nerrors (count x message):")
+        for msg, n in report.errors.most_common():
+            print(f"  {n} x {msg}")
+    else:
+        print("no request failed.")
+
+
+def _print_child_stderr(children: list[Child]) -> None:
+    for child in children:
+        text = child.stderr_text().strip()
+        if text:
+            lines = text.splitlines()
+            print(f"\nstderr of {child.name} ({len(lines)} lines, last 40):")
+            for ln in lines[-40:]:
+                print(f"  | {ln}")
+
+
+# -- entry point ------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="less work, about 20 s")
+    parser.add_argument("--role", choices=["modelnet-server", "sse-server"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role == "modelnet-server":
+        trio.run(_modelnet_server)
+        return 0
+    if args.role == "sse-server":
+        _sse_server()
+        return 0
+
+    settings = Settings.make(args.quick)
+    report = Report()
+    children: list[Child] = []
+    started = time.perf_counter()
+    try:
+        children = [_spawn("modelnet-server"), _spawn("sse-server")]
+        deadline = time.monotonic() + STARTUP_LIMIT
+        mn_hello = _read_hello(children[0], deadline)
+        sse_hello = _read_hello(children[1], deadline)
+        trio.run(
+            run_client,
+            settings,
+            report,
+            mn_hello["addr"],
+            int(mn_hello["tcp_port"]),
+            int(sse_hello["port"]),
+            children[0].proc.pid,
+            children[1].proc.pid,
+        )
+    except Exception as exc:
+        report.errors[f"setup: {_describe(exc)}"] += 1
+    finally:
+        for child in children:
+            _stop(child)
+    print_report(report, settings, args.quick, time.perf_counter() - started)
+    _print_child_stderr(children)
+    for child in children:
+        child.stderr.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
