@@ -419,3 +419,58 @@ async def test_errors_escape_the_peer_unwrapped():
     with pytest.raises(NotFoundError):
         async with open_peers(2) as (a, b):
             await a.call(b.addrs[0], "missing", None)
+
+
+async def test_large_chunk_after_small_one_does_not_stall():
+    async def mixed(request):
+        yield "x" * 1000
+        await trio.sleep(0.1)
+        yield b"y" * 1_048_000
+
+    async with open_peers(2) as (a, b):
+        b.serve("mixed", mixed)
+        resp = await a.call(b.addrs[0], "mixed", None, timeout=10)
+        assert [len(c) for c in resp.chunks] == [1000, 1_048_000]
+
+
+async def test_abandoning_cancels_a_handler_that_is_not_writing():
+    stopped = trio.Event()
+
+    async def compute(request):
+        yield "started"
+        try:
+            await trio.sleep(60)  # long computation, nothing written meanwhile
+        finally:
+            stopped.set()
+
+    async with open_peers(2) as (a, b):
+        b.serve("compute", compute)
+        async with a.infer(b.addrs[0], "compute", None) as stream:
+            async for _ in stream:
+                break
+        with trio.fail_after(5):
+            await stopped.wait()
+            while b.inference.in_flight:
+                await trio.sleep(0.01)
+
+
+async def test_cancel_sent_in_the_same_write_as_the_request():
+    from modelnet_p2p.wire.infer import Cancel, Request
+
+    stopped = trio.Event()
+
+    async def slow(request):
+        try:
+            await trio.sleep(60)
+        finally:
+            stopped.set()
+        yield "never"
+
+    async with open_peers(2) as (a, b):
+        b.serve("slow", slow)
+        req = Request(request_id=b"r1", capability="slow")
+        payload = pack_frame(req.to_wire()) + pack_frame(Cancel("changed my mind").to_wire())
+        reply = await _raw_request(a, b, payload)
+        assert reply == b""  # cancelled: nothing is sent back
+        with trio.fail_after(5):
+            await stopped.wait()

@@ -74,6 +74,8 @@ READ_SIZE = 1 << 16
 REQUEST_READ_TIMEOUT = 10.0
 #: Largest batch of frames the server joins into one write.
 MAX_WRITE_BATCH = 256 * 1024
+#: The client returns credit once this fraction (1/4) of the window is read.
+CREDIT_FRACTION = 4
 #: Chunks a handler may run ahead of the writer.
 HANDLER_BUFFER = 64
 #: How long past its deadline a request may take to report the deadline before
@@ -117,10 +119,16 @@ class _Credit:
         self._changed.set()
         self._changed = trio.Event()
 
+    def has_room(self, nbytes: int) -> bool:
+        # A frame may go if it fits in the window, or if less than a quarter of
+        # the window is unacknowledged: the client only returns credit in
+        # quarter-window steps, so below that it may already have read
+        # everything and be waiting for this very frame.
+        outstanding = self.outstanding()
+        return outstanding + nbytes <= self.window or outstanding < self.window // CREDIT_FRACTION
+
     async def wait_room(self, nbytes: int) -> None:
-        # A frame may always go when nothing is outstanding, so frames larger
-        # than the window still make progress.
-        while self.outstanding() and self.outstanding() + nbytes > self.window:
+        while not self.has_room(nbytes):
             await self._changed.wait()
 
 
@@ -208,14 +216,6 @@ class InferenceServer:
         except (StreamEOF, StreamReset, BaseLibp2pError, OSError, trio.BrokenResourceError):
             await _reset(stream)
             return
-        if pending:
-            await _send_error_and_close(
-                stream,
-                ProtocolError("frames sent before the request was answered"),
-                0,
-                self.limits.max_frame_size,
-            )
-            return
 
         # 2. Admission: capability, hop limit, concurrency.
         served = self._served.get(msg.capability)
@@ -245,7 +245,7 @@ class InferenceServer:
         outcome: str | None = "internal"
         chunks = 0
         try:
-            chunks, outcome = await self._run(stream, msg, served, remote)
+            chunks, outcome = await self._run(stream, msg, served, remote, decoder, pending)
         finally:
             self._in_flight -= 1
             served.in_flight -= 1
@@ -260,7 +260,13 @@ class InferenceServer:
                 )
 
     async def _run(
-        self, stream: INetStream, req: Request, served: _Served, remote: str
+        self,
+        stream: INetStream,
+        req: Request,
+        served: _Served,
+        remote: str,
+        decoder: FrameDecoder,
+        leftover: list[dict[str, Any]],
     ) -> tuple[int, str | None]:
         """Run the handler and stream its answer. Returns (chunks sent, error code or None)."""
         max_time = self.limits.max_request_time
@@ -360,9 +366,8 @@ class InferenceServer:
                         break
                     # Send as many frames as the client's window has room for.
                     await credit.wait_room(len(frames[0]))
-                    room = credit.window - credit.outstanding()
                     take, nbytes = 1, len(frames[0])
-                    while take < len(frames) and nbytes + len(frames[take]) <= room:
+                    while take < len(frames) and credit.has_room(nbytes + len(frames[take])):
                         nbytes += len(frames[take])
                         take += 1
                     payload = b"".join(frames[:take]) if take > 1 else frames[0]
@@ -375,25 +380,28 @@ class InferenceServer:
             await stream.close()
 
         async def read_client() -> None:
-            # Credits and cancels from the client; EOF or reset means the client went away.
-            decoder = FrameDecoder(max_frame)
+            # Credits and cancels from the client. The client never half-closes
+            # before the end frame (it needs its write side for credit), and
+            # py-libp2p's yamux reports a remote reset to a reader as EOF, so
+            # EOF here means the client has gone.
             try:
+                for obj in leftover:
+                    client_frame(obj)
                 while True:
                     data = await stream.read(READ_SIZE)
                     for obj in decoder.feed(data):
-                        msg = parse_message(obj)
-                        if isinstance(msg, Credit):
-                            credit.grant(msg.nbytes)
-                        elif isinstance(msg, Cancel):
-                            raise _ClientGone()
-                        else:
-                            raise ProtocolError(f"unexpected {type(msg).__name__} frame from client")
-            except StreamEOF:
-                # The client half-closed: it sends no more credit, but may still
-                # read. Keep serving; the deadline bounds a client that never reads.
-                return
-            except (StreamReset, BaseLibp2pError, OSError, trio.BrokenResourceError):
+                        client_frame(obj)
+            except (StreamEOF, StreamReset, BaseLibp2pError, OSError, trio.BrokenResourceError):
                 raise _ClientGone() from None
+
+        def client_frame(obj: dict[str, Any]) -> None:
+            msg = parse_message(obj)
+            if isinstance(msg, Credit):
+                credit.grant(msg.nbytes)
+            elif isinstance(msg, Cancel):
+                raise _ClientGone()
+            else:
+                raise ProtocolError(f"unexpected {type(msg).__name__} frame from client")
 
         outcome: BaseException | None = None
         with trio.move_on_at(deadline + DEADLINE_GRACE) as overall:
@@ -405,7 +413,10 @@ class InferenceServer:
                     # The reader never finishes by itself; stop it once the answer is out.
                     nursery.cancel_scope.cancel()
             except BaseExceptionGroup as group:
-                outcome = _most_telling(group)
+                _, rest = group.split(trio.Cancelled)
+                if rest is None:
+                    raise  # the peer is stopping: let cancellation propagate
+                outcome = _most_telling(rest)
             except Exception as exc:
                 outcome = exc
         if overall.cancelled_caught:
@@ -611,10 +622,14 @@ async def run_request(
                         raise ProtocolError(
                             f"answer truncated after {expected} chunks: {exc.message}",
                             chunks_delivered=expected,
+                            retryable=True,
                         ) from None
+                    # Usually the provider died (its connection closed): another
+                    # provider may well succeed, so this one is retryable.
                     raise ProtocolError(
                         f"stream ended after {expected} chunks without an end frame",
                         chunks_delivered=expected,
+                        retryable=True,
                     ) from None
             if scope.cancelled_caught:
                 raise DeadlineExceededError(
@@ -626,7 +641,7 @@ async def run_request(
             except ProtocolError as exc:
                 exc.chunks_delivered = expected
                 raise
-            if unacked >= window // 4:
+            if unacked >= window // CREDIT_FRACTION:
                 # Return credit before handing chunks out: the bytes are off the stream.
                 with trio.move_on_at(deadline):
                     await stream.write(pack_frame(Credit(unacked).to_wire(), max_frame_size))
@@ -680,4 +695,11 @@ async def run_request(
                 except Exception:
                     await _reset(stream)
         else:
+            # Say why before resetting: py-libp2p's yamux shows a reset to the
+            # remote reader as a plain end of stream.
+            with trio.CancelScope(shield=True), trio.move_on_after(0.5):
+                try:
+                    await stream.write(pack_frame(Cancel("client stopped").to_wire(), max_frame_size))
+                except Exception:
+                    pass
             await _reset(stream)
