@@ -632,7 +632,7 @@ async def _ask(
     timeout: float,
     as_json: bool,
 ) -> None:
-    async with _make_peer(cfg) as peer:
+    async with _make_peer(cfg, require_bootstrap=bool(cfg.bootstrap)) as peer:
         started = time.monotonic()
         chunks: list[Any] = []
         stream = peer.infer(target, capability, prompt, timeout=timeout, **params)

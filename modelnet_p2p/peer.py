@@ -31,6 +31,14 @@ from .host import build_host, parse_multiaddr, running_host
 from .identity import Identity
 from .log import quiet_libp2p
 from .network import get_network, protocol_id
+from .services.discovery import (
+    DEFAULT_ANNOUNCE_INTERVAL,
+    DEFAULT_CARD_TTL,
+    DHT_PROTOCOL_ID,
+    DhtModeName,
+    Discovery,
+    Query,
+)
 from .services.handlers import Handler
 from .services.inference import (
     DEFAULT_WINDOW,
@@ -40,6 +48,7 @@ from .services.inference import (
     new_request_id,
     run_request,
 )
+from .wire.card import CapabilityCard
 from .wire.framing import DEFAULT_MAX_FRAME_SIZE
 from .wire.infer import PROTOCOL_ID as INFER_PROTOCOL_ID
 from .wire.infer import TraceContext
@@ -138,6 +147,11 @@ class Peer:
         connect_timeout: seconds allowed to dial a peer.
         network: the mesh to join (see :mod:`modelnet_p2p.network`); peers of
             different networks do not understand each other's protocols.
+        dht_mode: ``"server"`` (answer DHT requests and store records),
+            ``"client"`` (only ask), or ``"auto"``: server if the peer listens on
+            an address, client if it has none (see ``specs/capability.md``).
+        announce_interval: seconds between re-announces of the capability card.
+        card_ttl: seconds a capability card stays valid after each announce.
     """
 
     def __init__(
@@ -151,9 +165,14 @@ class Peer:
         max_concurrency: int = 128,
         max_concurrency_per_peer: int = 64,
         max_request_time: float = 600.0,
+        max_hops: int = 8,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         window: int = DEFAULT_WINDOW,
         network: str = "local",
+        require_bootstrap: bool = False,
+        dht_mode: DhtModeName = "auto",
+        announce_interval: float = DEFAULT_ANNOUNCE_INTERVAL,
+        card_ttl: float = DEFAULT_CARD_TTL,
     ) -> None:
         quiet_libp2p()
         #: The mesh this peer belongs to; it is part of every protocol id (specs/network.md).
@@ -176,13 +195,29 @@ class Peer:
             max_concurrency=max_concurrency,
             max_concurrency_per_peer=max_concurrency_per_peer,
             max_request_time=max_request_time,
+            max_hops=max_hops,
         )
         self.connect_timeout = connect_timeout
+        #: Fail at start (``UnavailableError``) if no bootstrap peer can be reached.
+        self.require_bootstrap = require_bootstrap
         self.window = window
         self._host: IHost | None = None
         self._nursery: trio.Nursery | None = None
         self._stack: AsyncExitStack | None = None
         self.inference = InferenceServer(str(self.identity.peer_id), self.limits)
+        self.inference.mesh_factory = self._mesh_context
+        try:
+            #: Capability discovery: the DHT, this peer's card, lookups (specs/capability.md).
+            self.discovery = Discovery(
+                self.identity,
+                self.inference.capabilities,
+                protocol=protocol_id(DHT_PROTOCOL_ID, self.network),
+                mode=dht_mode,
+                card_ttl=card_ttl,
+                announce_interval=announce_interval,
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -198,7 +233,12 @@ class Peer:
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             self.inference.bind(self._nursery)
             host.set_stream_handler(self.infer_protocol, self.inference.handle_stream)
+            # The DHT handler must be registered before the first connection: identify
+            # tells each contact then whether this peer serves the DHT.
+            await self.discovery.start(host, self._nursery)
+            stack.callback(self.discovery.stop)  # before the nursery and the host close
             await self._connect_bootstrap()
+            await self.discovery.bootstrap(self._connected_bootstrap_peers())
         except BaseException:
             self._host = None
             if self._nursery is not None:
@@ -231,9 +271,26 @@ class Peer:
                 await self.connect(addr)
                 ok += 1
             except ModelNetError as exc:
-                log.warning("bootstrap peer %s unreachable: %s", addr, exc.message)
+                # With require_bootstrap the failure is raised below; do not say it twice.
+                level = logging.INFO if self.require_bootstrap else logging.WARNING
+                log.log(level, "bootstrap peer %s unreachable: %s", addr, exc.message)
         if ok == 0:
+            if self.require_bootstrap:
+                raise UnavailableError(
+                    "no bootstrap peer reachable: " + ", ".join(str(a) for a in self._bootstrap)
+                )
             log.warning("no bootstrap peer reachable; running alone")
+
+    def _connected_bootstrap_peers(self) -> list[ID]:
+        out = []
+        for addr in self._bootstrap:
+            try:
+                pid = info_from_p2p_addr(addr).peer_id
+            except Exception:
+                continue
+            if self.host.get_network().get_connections(pid):
+                out.append(pid)
+        return out
 
     # -- identity and addresses -------------------------------------------------
 
@@ -268,6 +325,11 @@ class Peer:
             out.append(s if s.endswith(suffix) else s + suffix)
         return out
 
+    def _mesh_context(self, request: Any) -> Any:
+        from .collab import MeshContext
+
+        return MeshContext(self, request)
+
     # -- serving ---------------------------------------------------------------
 
     def serve(self, capability: Capability | str, handler: Handler) -> Capability:
@@ -280,16 +342,100 @@ class Peer:
         request only; raise a :class:`ModelNetError` subclass to send another code.
         """
         cap = Capability(name=capability) if isinstance(capability, str) else capability
+        others = [c for c in self.inference.capabilities() if c.name != cap.name]
+        self.discovery.check_capabilities([*others, cap])
         self.inference.add(cap, handler)
+        self.discovery.changed()  # announce the new card soon
         return cap
 
     def unserve(self, name: str) -> None:
         """Stop serving a capability; requests already running finish."""
         self.inference.remove(name)
+        self.discovery.changed()
 
     @property
     def capabilities(self) -> list[Capability]:
         return self.inference.capabilities()
+
+    # -- discovering -------------------------------------------------------------
+
+    async def announce(self) -> CapabilityCard | None:
+        """Announce this peer's capability card now and return it.
+
+        :meth:`serve` and :meth:`unserve` announce on their own, soon after each
+        change, and the card is re-announced every ``announce_interval``. Returns
+        ``None`` if the peer has no address others could dial.
+        """
+        result = await self.discovery.announce()
+        return None if result is None else result.card
+
+    async def discover(
+        self,
+        task: str | None = None,
+        *,
+        model: str | None = None,
+        version: str | None = None,
+        tags: Sequence[str] | str = (),
+        limit: int | None = None,
+        timeout: float = 10.0,
+    ) -> list[CapabilityCard]:
+        """The verified capability cards of every peer serving what is asked.
+
+        Every criterion given must hold for one capability of a card: ``task``
+        among its tasks, ``model`` its name, ``version`` its version (with
+        ``model``), every one of ``tags`` among its tags. Names, tasks and tags
+        compare case-insensitively. The lookup goes to the network (not to
+        records this peer happens to hold), each card is checked (signature,
+        expiry, limits) and each peer appears once. Returns what was found when
+        ``limit`` cards are found or ``timeout`` seconds have passed.
+        """
+        return [
+            card
+            async for card in self.discover_iter(
+                task, model=model, version=version, tags=tags, limit=limit, timeout=timeout
+            )
+        ]
+
+    async def discover_iter(
+        self,
+        task: str | None = None,
+        *,
+        model: str | None = None,
+        version: str | None = None,
+        tags: Sequence[str] | str = (),
+        limit: int | None = None,
+        timeout: float = 10.0,
+    ) -> AsyncIterator[CapabilityCard]:
+        """Like :meth:`discover`, but yields each card as soon as it is verified.
+
+        Leaving the loop early stops the search.
+        """
+        tag_list = (tags,) if isinstance(tags, str) else tuple(tags)
+        if version is not None and model is None:
+            raise BadRequestError("version needs model")
+        if task is None and model is None and not tag_list:
+            raise BadRequestError("give at least one of task, model or tags")
+        if limit is not None and limit < 1:
+            raise BadRequestError("limit must be at least 1")
+        query = Query(task=task, model=model, version=version, tags=tag_list)
+        send, recv = trio.open_memory_channel[CapabilityCard](math.inf)
+        scope = trio.CancelScope()
+
+        async def search() -> None:
+            async with send:
+                with scope, trio.move_on_after(timeout):
+                    try:
+                        await self.discovery.find(query, send, limit=limit)
+                    except Exception as exc:  # never let a lookup take the peer down
+                        log.warning("discovery of %s failed: %r", query, exc)
+
+        self.nursery.start_soon(search)
+        try:
+            async with recv:
+                async for card in recv:
+                    yield card
+        finally:
+            scope.cancel()
 
     # -- connecting --------------------------------------------------------------
 
@@ -326,10 +472,10 @@ class Peer:
                 return info_from_p2p_addr(maddr)
             except Exception:
                 raise ConfigError(f"target {target} has no /p2p/<peer id> part") from None
-        try:
-            return PeerInfo(ID.from_base58(str(target)), [])
-        except Exception:
-            raise ConfigError(f"target {target!r} is neither a multiaddr nor a peer id") from None
+        pid = parse_peer_id(str(target))
+        if pid is None:
+            raise ConfigError(f"target {target!r} is neither a multiaddr nor a peer id")
+        return PeerInfo(pid, [])
 
     async def _open_stream(self, info: PeerInfo, deadline: float) -> INetStream:
         host = self.host
@@ -433,6 +579,22 @@ class Peer:
             usage=info.usage,
             latency=(info.ended or info.started) - info.started,
         )
+
+
+def parse_peer_id(text: str) -> ID | None:
+    """A base58 peer id, or ``None`` if ``text`` is not one.
+
+    Any base58 text decodes to bytes; a peer id must also be a well-formed
+    multihash: identity (0x00) or sha2-256 (0x12), with a matching length.
+    """
+    try:
+        pid = ID.from_base58(text)
+    except Exception:
+        return None
+    raw = pid.to_bytes()
+    if len(raw) < 2 or raw[0] not in (0x00, 0x12) or raw[1] != len(raw) - 2:
+        return None
+    return pid
 
 
 def _known_addrs(host: IHost, pid: ID) -> list[multiaddr.Multiaddr]:

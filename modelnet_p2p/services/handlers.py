@@ -39,6 +39,10 @@ class InferenceRequest:
         trace: the caller's trace context (hops, visited peers).
         usage: counters the handler may fill in (e.g. ``{"tokens": 12}``); sent in the end frame.
         finish_reason: the handler may set ``"length"`` etc.; sent in the end frame.
+        mesh: calls to other capabilities on the mesh from inside the handler
+            (``await request.mesh.call(capability=..., input=...)``); they inherit
+            this request's deadline, cancellation and trace, so loops and hop
+            limits are enforced across the whole pathway.
     """
 
     request_id: bytes
@@ -51,6 +55,7 @@ class InferenceRequest:
     trace: TraceContext = field(default_factory=TraceContext)
     usage: dict[str, Any] = field(default_factory=dict)
     finish_reason: str = "stop"
+    mesh: Any = None
     _wall_deadline: float = math.inf
     _cancelled: threading.Event = field(default_factory=threading.Event)
 

@@ -54,6 +54,7 @@ from ..wire.infer import (
 from .handlers import Handler, InferenceRequest, handler_kind, run_handler
 
 __all__ = [
+    "via_entry",
     "DEFAULT_WINDOW",
     "READ_SIZE",
     "REQUEST_READ_TIMEOUT",
@@ -92,6 +93,8 @@ class Limits:
     max_concurrency_per_peer: int = 64
     #: Upper bound on a request's run time, whatever deadline the client sent (seconds).
     max_request_time: float = 600.0
+    #: Requests that crossed more peers than this are refused (loops between handlers).
+    max_hops: int = 8
 
 
 @dataclass
@@ -149,6 +152,8 @@ class InferenceServer:
         #: While draining, new requests are refused with ``unavailable`` (retryable)
         #: and requests already running finish.
         self.draining = False
+        #: Builds the ``request.mesh`` context for handlers (set by the Peer).
+        self.mesh_factory: Callable[[InferenceRequest], Any] | None = None
         self.on_request_done: Callable[[str, str, float, int, str | None], None] | None = None
 
     # -- registry ------------------------------------------------------------
@@ -222,6 +227,15 @@ class InferenceServer:
         error: ModelNetError | None = None
         if served is None:
             error = NotFoundError(f"capability {msg.capability!r} is not served by this peer")
+        elif msg.trace.hops > self.limits.max_hops:
+            error = BadRequestError(
+                f"hop limit exceeded: the request crossed {msg.trace.hops} peers "
+                f"(limit {self.limits.max_hops}); is there a loop between handlers?"
+            )
+        elif via_entry(self.local_peer, msg.capability) in msg.trace.visited:
+            error = BadRequestError(
+                f"loop detected: {msg.capability!r} on this peer is already on the request's path"
+            )
         elif self.draining:
             error = UnavailableError("peer is draining; try another provider")
         elif self._in_flight >= self.limits.max_concurrency:
@@ -283,6 +297,8 @@ class InferenceServer:
             trace=req.trace,
             _wall_deadline=time.monotonic() + timeout,
         )
+        if self.mesh_factory is not None:
+            request.mesh = self.mesh_factory(request)
         credit = _Credit(req.window)
         send, recv = trio.open_memory_channel[Any](HANDLER_BUFFER)
         state = _ServeState()
@@ -460,6 +476,11 @@ class InferenceServer:
         else:
             frame = ErrorFrame("internal", f"handler raised {type(err).__name__}: {err}", False, state.chunks)
         return pack_frame(frame.to_wire(), max_frame)
+
+
+def via_entry(peer_id: str, capability: str) -> str:
+    """The ``tc.via`` entry for a hop: ``<peer id>/<capability>``, at most 128 characters."""
+    return f"{peer_id}/{capability}"[:128]
 
 
 class _ClientGone(Exception):
