@@ -25,6 +25,7 @@ from .errors import (
     ConfigError,
     DeadlineExceededError,
     ModelNetError,
+    ProtocolError,
     UnavailableError,
 )
 from .host import build_host, parse_multiaddr, running_host
@@ -48,6 +49,7 @@ from .services.inference import (
     new_request_id,
     run_request,
 )
+from .services.pool import StreamPool
 from .wire.card import CapabilityCard
 from .wire.framing import DEFAULT_MAX_FRAME_SIZE
 from .wire.infer import PROTOCOL_ID as INFER_PROTOCOL_ID
@@ -204,6 +206,7 @@ class Peer:
         self._host: IHost | None = None
         self._nursery: trio.Nursery | None = None
         self._stack: AsyncExitStack | None = None
+        self._streams = StreamPool()
         self.inference = InferenceServer(str(self.identity.peer_id), self.limits)
         self.inference.mesh_factory = self._mesh_context
         try:
@@ -232,6 +235,7 @@ class Peer:
             self._host = host
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             self.inference.bind(self._nursery)
+            self._nursery.start_soon(self._streams.sweep_forever)
             host.set_stream_handler(self.infer_protocol, self.inference.handle_stream)
             # The DHT handler must be registered before the first connection: identify
             # tells each contact then whether this peer serves the DHT.
@@ -259,6 +263,7 @@ class Peer:
         stack, self._stack = self._stack, None
         self._host = None
         self._nursery = None
+        await self._streams.close_all()
         if stack is not None:
             await stack.__aexit__(None, None, None)
 
@@ -536,24 +541,36 @@ class Peer:
         deadline = math.inf if timeout is None else trio.current_time() + timeout
         pinfo = self._resolve_target(target)
         info.peer = str(pinfo.peer_id)
-        stream = await self._open_stream(pinfo, deadline)
         tc = trace or TraceContext(trace_id=new_request_id(), span_id=os.urandom(8))
-        agen = run_request(
-            stream,
-            capability=capability,
-            input=input,
-            params=params,
-            deadline=deadline,
-            trace=tc,
-            info=info,
-            max_frame_size=self.limits.max_frame_size,
-            window=self.window,
-        )
-        try:
-            async for chunk in agen:
-                yield chunk
-        finally:
-            await agen.aclose()  # type: ignore[attr-defined]
+        for fresh in (False, True):
+            stream = self._streams.acquire(info.peer) if not fresh else None
+            reused = stream is not None
+            if stream is None:
+                stream = await self._open_stream(pinfo, deadline)
+            agen = run_request(
+                stream,
+                capability=capability,
+                input=input,
+                params=params,
+                deadline=deadline,
+                trace=tc,
+                info=info,
+                max_frame_size=self.limits.max_frame_size,
+                window=self.window,
+                release=self._streams.release_to(info.peer),
+            )
+            try:
+                async for chunk in agen:
+                    yield chunk
+                return
+            except (ProtocolError, UnavailableError):
+                # A kept stream the provider had just closed: nothing was received,
+                # so the request never ran there. Try once more on a new stream.
+                if not reused or info.received:
+                    raise
+                log.debug("kept stream to %s was stale; retrying on a new one", info.peer)
+            finally:
+                await agen.aclose()  # type: ignore[attr-defined]
 
     async def call(
         self,

@@ -73,6 +73,9 @@ DEFAULT_WINDOW = 1 << 20
 READ_SIZE = 1 << 16
 #: How long a server waits for the request frame after a stream opens.
 REQUEST_READ_TIMEOUT = 10.0
+#: How long a server keeps an idle stream open for a next request (``keep``).
+#: Longer than the client's pool idle time, so that normally the client closes.
+IDLE_STREAM_TIMEOUT = 60.0
 #: Largest batch of frames the server joins into one write.
 MAX_WRITE_BATCH = 256 * 1024
 #: The client returns credit once this fraction (1/4) of the window is read.
@@ -198,31 +201,42 @@ class InferenceServer:
             await _reset(stream)
 
     async def _serve(self, stream: INetStream) -> None:
+        """Serve one stream: one request, or several in turn if the client keeps it open."""
         remote = str(stream.muxed_conn.peer_id)
-        decoder = FrameDecoder(self.limits.max_frame_size)
-        pending: list[dict[str, Any]] = []
-        # 1. Read the request frame.
-        try:
-            with trio.fail_after(REQUEST_READ_TIMEOUT):
-                while not pending:
-                    data = await stream.read(READ_SIZE)
-                    pending.extend(decoder.feed(data))
-            msg = parse_message(pending.pop(0))
-            if not isinstance(msg, Request):
-                raise ProtocolError(f"expected a request frame, got {type(msg).__name__}")
-        except ProtocolError as exc:
-            log.info("bad request stream from %s: %s", remote, exc.message)
-            await _send_error_and_close(stream, exc, 0, self.limits.max_frame_size)
-            return
-        except trio.TooSlowError:
-            log.info("no request frame from %s within %.0f s", remote, REQUEST_READ_TIMEOUT)
-            await _reset(stream)
-            return
-        except (StreamEOF, StreamReset, BaseLibp2pError, OSError, trio.BrokenResourceError):
-            await _reset(stream)
-            return
+        max_frame = self.limits.max_frame_size
+        # One reader for the stream's whole life feeds its frames through a
+        # channel. Cancelling a read in py-libp2p's yamux can lose bytes already
+        # taken from its buffer, so reads are never cancelled mid-stream.
+        inbox_send, inbox = trio.open_memory_channel[Any](32)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_read_frames, stream, FrameDecoder(max_frame), inbox_send)
+            timeout = REQUEST_READ_TIMEOUT
+            while True:
+                try:
+                    msg = await _next_request(inbox, timeout)
+                except ProtocolError as exc:
+                    log.info("bad request stream from %s: %s", remote, exc.message)
+                    await _send_error_and_close(stream, exc, 0, max_frame)
+                    break
+                except _ClientGone:
+                    await _close_quietly(stream)
+                    break
+                except trio.TooSlowError:
+                    if timeout == REQUEST_READ_TIMEOUT:
+                        log.info("no request frame from %s within %.0f s", remote, timeout)
+                        await _reset(stream)
+                    else:
+                        await _close_quietly(stream)  # an idle kept stream
+                    break
+                if not await self._admit_and_run(stream, msg, remote, inbox):
+                    break
+                timeout = IDLE_STREAM_TIMEOUT
+            nursery.cancel_scope.cancel()
 
-        # 2. Admission: capability, hop limit, concurrency.
+    async def _admit_and_run(
+        self, stream: INetStream, msg: Request, remote: str, inbox: trio.MemoryReceiveChannel[Any]
+    ) -> bool:
+        """Admit and serve one request. Returns True if the stream stays open for another."""
         served = self._served.get(msg.capability)
         error: ModelNetError | None = None
         if served is None:
@@ -249,7 +263,7 @@ class InferenceServer:
             error = OverloadedError(f"capability {msg.capability!r} is at its concurrency limit")
         if error is not None:
             await _send_error_and_close(stream, error, 0, self.limits.max_frame_size)
-            return
+            return False
         assert served is not None
 
         self._in_flight += 1
@@ -258,8 +272,9 @@ class InferenceServer:
         started = time.monotonic()
         outcome: str | None = "internal"
         chunks = 0
+        keep = False
         try:
-            chunks, outcome = await self._run(stream, msg, served, remote, decoder, pending)
+            chunks, outcome, keep = await self._run(stream, msg, served, remote, inbox)
         finally:
             self._in_flight -= 1
             served.in_flight -= 1
@@ -272,6 +287,7 @@ class InferenceServer:
                 self.on_request_done(
                     served.capability.name, remote, time.monotonic() - started, chunks, outcome
                 )
+        return keep
 
     async def _run(
         self,
@@ -279,10 +295,12 @@ class InferenceServer:
         req: Request,
         served: _Served,
         remote: str,
-        decoder: FrameDecoder,
-        leftover: list[dict[str, Any]],
-    ) -> tuple[int, str | None]:
-        """Run the handler and stream its answer. Returns (chunks sent, error code or None)."""
+        inbox: trio.MemoryReceiveChannel[Any],
+    ) -> tuple[int, str | None, bool]:
+        """Run the handler and stream its answer.
+
+        Returns (chunks sent, error code or None, whether the stream stays open).
+        """
         max_time = self.limits.max_request_time
         timeout = min(req.timeout_ms / 1000.0, max_time) if req.timeout_ms else max_time
         deadline = trio.current_time() + timeout
@@ -301,7 +319,7 @@ class InferenceServer:
             request.mesh = self.mesh_factory(request)
         credit = _Credit(req.window)
         send, recv = trio.open_memory_channel[Any](HANDLER_BUFFER)
-        state = _ServeState()
+        state = _ServeState(keep_requested=req.keep)
         max_frame = self.limits.max_frame_size
 
         async def emit(item: Any) -> None:
@@ -393,38 +411,31 @@ class InferenceServer:
                     await stream.write(payload)
                     if done and not frames:
                         break
-            await stream.close()
+            if not state.keep:
+                await stream.close()
 
-        async def read_client() -> None:
-            # Credits and cancels from the client. The client never half-closes
-            # before the end frame (it needs its write side for credit), and
-            # py-libp2p's yamux reports a remote reset to a reader as EOF, so
-            # EOF here means the client has gone.
-            try:
-                for obj in leftover:
-                    client_frame(obj)
-                while True:
-                    data = await stream.read(READ_SIZE)
-                    for obj in decoder.feed(data):
-                        client_frame(obj)
-            except (StreamEOF, StreamReset, BaseLibp2pError, OSError, trio.BrokenResourceError):
-                raise _ClientGone() from None
-
-        def client_frame(obj: dict[str, Any]) -> None:
-            msg = parse_message(obj)
-            if isinstance(msg, Credit):
-                credit.grant(msg.nbytes)
-            elif isinstance(msg, Cancel):
-                raise _ClientGone()
-            else:
-                raise ProtocolError(f"unexpected {type(msg).__name__} frame from client")
+        async def control() -> None:
+            # Credits and cancels from the client, via the stream's reader.
+            while True:
+                item = await inbox.receive()
+                if item is _GONE:
+                    raise _ClientGone()
+                if isinstance(item, ProtocolError):
+                    raise item
+                msg = parse_message(item)
+                if isinstance(msg, Credit):
+                    credit.grant(msg.nbytes)
+                elif isinstance(msg, Cancel):
+                    raise _ClientGone()
+                else:
+                    raise ProtocolError(f"unexpected {type(msg).__name__} frame from client")
 
         outcome: BaseException | None = None
         with trio.move_on_at(deadline + DEADLINE_GRACE) as overall:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(produce)
-                    nursery.start_soon(read_client)
+                    nursery.start_soon(control)
                     await write()
                     # The reader never finishes by itself; stop it once the answer is out.
                     nursery.cancel_scope.cancel()
@@ -444,38 +455,88 @@ class InferenceServer:
                 state.chunks,
                 max_frame,
             )
-            return state.chunks, "deadline_exceeded"
+            return state.chunks, "deadline_exceeded", False
         if outcome is None:
             err = state.handler_error
             if err is None:
-                return state.chunks, None
-            return state.chunks, err.code if isinstance(err, ModelNetError) else "internal"
+                return state.chunks, None, state.keep
+            return state.chunks, err.code if isinstance(err, ModelNetError) else "internal", False
         request._cancelled.set()
         if isinstance(outcome, _ClientGone):
             state.client_gone = True
             await _reset(stream)
-            return state.chunks, "cancelled"
+            return state.chunks, "cancelled", False
         if isinstance(outcome, ProtocolError):
             await _send_error_and_close(stream, outcome, state.chunks, max_frame)
-            return state.chunks, outcome.code
+            return state.chunks, outcome.code, False
         if not isinstance(outcome, _NETWORK_ERRORS):
             log.error("inference stream from %s failed: %r", remote, outcome)
         await _reset(stream)
-        return state.chunks, "unavailable"
+        return state.chunks, "unavailable", False
 
     @staticmethod
     def _final_frame(state: _ServeState, request: InferenceRequest, max_frame: int) -> bytes:
         err = state.handler_error
         if err is None:
-            return pack_frame(
-                End(state.chunks, request.finish_reason, _plain_usage(request.usage)).to_wire(),
-                max_frame,
-            )
+            state.keep = state.keep_requested
+            end = End(state.chunks, request.finish_reason, _plain_usage(request.usage), keep=state.keep)
+            return pack_frame(end.to_wire(), max_frame)
         if isinstance(err, ModelNetError):
             frame = ErrorFrame(err.code, err.message, err.retryable, state.chunks)
         else:
             frame = ErrorFrame("internal", f"handler raised {type(err).__name__}: {err}", False, state.chunks)
         return pack_frame(frame.to_wire(), max_frame)
+
+
+_GONE = object()
+
+
+async def _read_frames(
+    stream: INetStream, decoder: FrameDecoder, out: trio.MemorySendChannel[Any]
+) -> None:
+    """Read a stream until it ends, sending each frame body (a dict) to ``out``.
+
+    Ends with ``_GONE`` (EOF, reset or a broken connection) or a
+    :class:`ProtocolError` object (malformed or oversized frame).
+    """
+    async with out:
+        try:
+            while True:
+                data = await stream.read(READ_SIZE)
+                for body in decoder.feed(data):
+                    await out.send(body)
+        except ProtocolError as exc:
+            await out.send(exc)
+        except (StreamEOF, StreamReset, BaseLibp2pError, OSError, trio.BrokenResourceError):
+            await out.send(_GONE)
+
+
+async def _next_request(inbox: trio.MemoryReceiveChannel[Any], timeout: float) -> Request:
+    """The next request on a stream. Credits and cancels left over from the previous one are skipped.
+
+    Raises ``trio.TooSlowError`` after ``timeout``, :class:`_ClientGone` if the
+    stream ended, :class:`ProtocolError` for anything else.
+    """
+    with trio.fail_after(timeout):
+        while True:
+            item = await inbox.receive()
+            if item is _GONE:
+                raise _ClientGone()
+            if isinstance(item, ProtocolError):
+                raise item
+            msg = parse_message(item)
+            if isinstance(msg, Request):
+                return msg
+            if not isinstance(msg, (Credit, Cancel)):
+                raise ProtocolError(f"expected a request frame, got {type(msg).__name__}")
+
+
+async def _close_quietly(stream: INetStream) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(2):
+        try:
+            await stream.close()
+        except Exception:
+            await _reset(stream)
 
 
 def via_entry(peer_id: str, capability: str) -> str:
@@ -530,6 +591,8 @@ _END = object()
 class _ServeState:
     chunks: int = 0
     handler_error: BaseException | None = None
+    keep_requested: bool = False
+    keep: bool = False
     client_gone: bool = False
 
 
@@ -573,6 +636,8 @@ class ResponseInfo:
     started: float = 0.0
     first_chunk_at: float | None = None
     ended: float | None = None
+    #: Bytes read from the provider so far.
+    received: int = 0
 
 
 def new_request_id() -> bytes:
@@ -591,6 +656,7 @@ async def run_request(
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     window: int = DEFAULT_WINDOW,
     request_id: bytes | None = None,
+    release: Callable[[INetStream], None] | None = None,
 ) -> AsyncIterator[Any]:
     """Send a request on ``stream`` and yield the answer's chunks.
 
@@ -601,6 +667,10 @@ async def run_request(
     :class:`UnavailableError` if the stream breaks. The stream is always closed
     (after a complete answer) or reset (otherwise), even if the consumer stops
     iterating early, which cancels the remote handler.
+
+    With ``release``, the client offers to keep the stream for another request;
+    if the server agrees (``end.keep``), the stream is handed to ``release``
+    instead of being closed.
     """
     timeout_ms = 0 if math.isinf(deadline) else max(1, int((deadline - trio.current_time()) * 1000))
     req = Request(
@@ -611,6 +681,7 @@ async def run_request(
         timeout_ms=timeout_ms,
         trace=trace,
         window=window,
+        keep=release is not None,
     )
     try:
         frame = pack_frame(req.to_wire(), max_frame_size)
@@ -625,6 +696,7 @@ async def run_request(
     expected = 0
     unacked = 0
     complete = False
+    kept = False
     info.started = time.monotonic()
     try:
         with trio.move_on_at(deadline) as scope:
@@ -657,6 +729,7 @@ async def run_request(
                     f"deadline exceeded after {expected} chunks", chunks_delivered=expected
                 )
             unacked += len(data)
+            info.received += len(data)
             try:
                 bodies = decoder.feed(data)
             except ProtocolError as exc:
@@ -690,6 +763,7 @@ async def run_request(
                     info.usage = msg.usage
                     info.ended = time.monotonic()
                     complete = True
+                    kept = msg.keep and release is not None and not decoder.buffered
                     return
                 elif isinstance(msg, ErrorFrame):
                     raise error_from_code(
@@ -709,7 +783,10 @@ async def run_request(
             f"stream to provider failed after {expected} chunks: {exc}", chunks_delivered=expected
         ) from None
     finally:
-        if complete:
+        if kept:
+            assert release is not None
+            release(stream)
+        elif complete:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 try:
                     await stream.close()

@@ -68,6 +68,12 @@ def _uint(obj: dict[str, Any], key: str, *, optional: bool = False, default: int
     return int(value)  # type: ignore[arg-type]
 
 
+def _bool(obj: dict[str, Any], key: str) -> bool:
+    value = obj.get(key, False)
+    _need(isinstance(value, bool), f"field {key!r} must be a boolean")
+    return bool(value)
+
+
 @dataclass(frozen=True, slots=True)
 class TraceContext:
     """Who asked, through whom: carried by every request so that hops can be traced and loops stopped.
@@ -125,9 +131,11 @@ class Request:
     #: Initial flow-control credit in bytes of frames the server may send unacknowledged.
     window: int = 1 << 20
     version: int = PROTOCOL_VERSION
+    #: The client offers to send further requests on this stream after the end frame.
+    keep: bool = False
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        out = {
             "t": "req",
             "v": self.version,
             "id": self.request_id,
@@ -138,6 +146,9 @@ class Request:
             "tc": self.trace.to_wire(),
             "win": self.window,
         }
+        if self.keep:
+            out["keep"] = True
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,9 +169,14 @@ class End:
     chunks: int
     finish_reason: str = "stop"
     usage: dict[str, Any] = field(default_factory=dict)
+    #: The server keeps the stream open for another request (only if the request asked).
+    keep: bool = False
 
     def to_wire(self) -> dict[str, Any]:
-        return {"t": "end", "n": self.chunks, "fin": self.finish_reason, "use": self.usage}
+        out: dict[str, Any] = {"t": "end", "n": self.chunks, "fin": self.finish_reason, "use": self.usage}
+        if self.keep:
+            out["keep"] = True
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +242,7 @@ def _parse_request(obj: dict[str, Any]) -> Request:
     timeout_ms = _uint(obj, "ttl", optional=True)
     window = _uint(obj, "win", optional=True, default=1 << 20)
     _need(window >= MIN_WINDOW, f"window must be at least {MIN_WINDOW} bytes")
+    keep = _bool(obj, "keep")
     return Request(
         request_id=rid,  # type: ignore[arg-type]
         capability=cap,  # type: ignore[arg-type]
@@ -235,6 +252,7 @@ def _parse_request(obj: dict[str, Any]) -> Request:
         trace=TraceContext.from_wire(obj.get("tc")),
         window=window,
         version=version,
+        keep=keep,
     )
 
 
@@ -250,7 +268,7 @@ def _parse_end(obj: dict[str, Any]) -> End:
     if usage is None:
         usage = {}
     _need(isinstance(usage, dict), "field 'use' must be a map")
-    return End(_uint(obj, "n"), fin, usage)
+    return End(_uint(obj, "n"), fin, usage, keep=_bool(obj, "keep"))
 
 
 def _parse_error(obj: dict[str, Any]) -> ErrorFrame:
