@@ -488,7 +488,7 @@ async def test_sequential_requests_reuse_one_stream():
         assert a._streams.idle_count(b.peer_id) == 0
         # concurrent requests use several streams, all kept afterwards
         async with trio.open_nursery() as n:
-            for i in range(3):
+            for _ in range(3):
                 n.start_soon(a.call, b.addrs[0], "echo", "x")
         assert 1 <= a._streams.idle_count(b.peer_id) <= 3
 
