@@ -675,6 +675,56 @@ async def _ask(
             )
 
 
+# -- collaborative requests -------------------------------------------------------
+
+
+@cli.command("run")
+@click.argument("workflow_file", type=click.Path(dir_okay=False))
+@click.option("--input", "input_text", help="Input for the workflow (default: the file's input).")
+@click.option("--timeout", type=float, help="Deadline for the whole workflow (default: the file's, or 60 s).")
+@click.option("--json", "as_json", is_flag=True, help="Print the answer and the trace tree as JSON.")
+@_peer_options
+@pass_state
+def run_command(
+    state: State,
+    workflow_file: str,
+    input_text: str | None,
+    timeout: float | None,
+    as_json: bool,
+    identity: str | None,
+    listen: tuple[str, ...],
+    bootstrap: tuple[str, ...],
+) -> None:
+    """Run a workflow file (pipelines, ensembles, routers, draft-and-verify; see specs/workflow.md)."""
+    from .collab import load_workflow
+
+    try:
+        text = Path(workflow_file).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read workflow {workflow_file}: {exc.strerror}") from None
+    workflow = load_workflow(text)
+    cfg, _ = state.config(**_peer_flags(identity, listen, bootstrap))
+    if not cfg.bootstrap:
+        raise click.UsageError(
+            "give --bootstrap ADDR (or MODELNET_BOOTSTRAP) so the workflow can find models"
+        )
+    run_async(_run_workflow, cfg, workflow, input_text, timeout, as_json)
+
+
+async def _run_workflow(
+    cfg: Config, workflow: dict[str, Any], input_text: str | None, timeout: float | None, as_json: bool
+) -> None:
+    from .collab import run_workflow
+
+    async with _make_peer(cfg, require_bootstrap=True) as peer:
+        result = await run_workflow(peer, workflow, input_text, timeout=timeout)
+    if as_json:
+        click.echo(json.dumps({"output": result.output, "trace": result.trace.to_json()}, default=repr))
+        return
+    click.echo(result.text)
+    click.echo(click.style(result.trace.render(), dim=True), err=True)
+
+
 # -- entry point -------------------------------------------------------------------
 
 
