@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .capability import Capability
+from .capability import Capability, CostHint
 from .errors import (
     BadRequestError,
     CancelledError,
@@ -28,6 +28,7 @@ from .identity import Identity
 from .log import set_verbose
 from .peer import InferenceStream, Peer, Response
 from .services.handlers import InferenceRequest
+from .wire.card import CapabilityCard
 
 try:
     __version__ = version("modelnet_p2p")
@@ -38,7 +39,9 @@ __all__ = [
     "BadRequestError",
     "CancelledError",
     "Capability",
+    "CapabilityCard",
     "ConfigError",
+    "CostHint",
     "DeadlineExceededError",
     "Identity",
     "IdentityError",

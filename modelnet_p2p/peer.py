@@ -401,6 +401,23 @@ class Peer:
             )
         ]
 
+    async def find_providers(
+        self, capability: str, *, timeout: float = 10.0, limit: int | None = None
+    ) -> list[str]:
+        """Where to call the capability named ``capability``: one target per other peer serving it.
+
+        Each target is a multiaddr ending in ``/p2p/<id>`` (a direct address if
+        the card has one), ready for :meth:`infer` and :meth:`call`. This peer is
+        left out. Found with ``discover(model=capability)``.
+        """
+        targets = []
+        for card in await self.discover(model=capability, limit=limit, timeout=timeout):
+            if card.peer_id == self.peer_id:
+                continue
+            addrs = sorted(card.dial_addrs, key=lambda a: "/p2p-circuit" in a)
+            targets.append(addrs[0] if addrs else card.peer_id)
+        return targets
+
     async def discover_iter(
         self,
         task: str | None = None,

@@ -21,11 +21,21 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def modelnet(*args: str, cwd: Any = None, env: dict[str, str] | None = None, timeout: float = 60,
-             input: str | None = None) -> subprocess.CompletedProcess[str]:
+def modelnet(
+    *args: str,
+    cwd: Any = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*MODELNET, *args], cwd=cwd, env=env or clean_env(), capture_output=True, text=True,
-        timeout=timeout, input=input,
+        [*MODELNET, *args],
+        cwd=cwd,
+        env=env or clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
     )
 
 
@@ -43,11 +53,18 @@ def read_event(proc: subprocess.Popen[str], timeout: float = 30) -> dict[str, An
 
 
 @contextmanager
-def background(*args: str, cwd: Any = None, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[str]]:
+def background(
+    *args: str, cwd: Any = None, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[str]]:
     """Run `modelnet ARGS` in the background; SIGINT it (then kill) on exit."""
     proc = subprocess.Popen(
-        [*MODELNET, *args], cwd=cwd, env=env or clean_env(), stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [*MODELNET, *args],
+        cwd=cwd,
+        env=env or clean_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         yield proc

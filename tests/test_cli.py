@@ -35,7 +35,9 @@ def test_serve_and_ask_streams(tmp_path):
         assert out.stdout.strip() == "one two three"
         assert "answered by " + ready["peer_id"] in out.stderr
         assert "3 tokens" in out.stderr
-        js = modelnet("ask", "translate", "hello world", "--peer", addr, "-p", "to=es", "--json", cwd=tmp_path)
+        js = modelnet(
+            "ask", "translate", "hello world", "--peer", addr, "-p", "to=es", "--json", cwd=tmp_path
+        )
         assert js.returncode == 0, js.stderr
         data = json.loads(js.stdout)
         assert data["text"].strip() == "hola mundo"
@@ -58,15 +60,21 @@ def test_serve_capability_fields_from_flags_and_card_file(tmp_path):
     )
     with background("serve", str(card), "--json", cwd=tmp_path) as server:
         assert read_event(server)["capabilities"] == ["parrot"]
-    with background("serve", "modelnet_p2p.demo_models:echo", "-c", "copycat", "--json", cwd=tmp_path) as server:
+    with background(
+        "serve", "modelnet_p2p.demo_models:echo", "-c", "copycat", "--json", cwd=tmp_path
+    ) as server:
         assert read_event(server)["capabilities"] == ["copycat"]
 
 
 def test_config_precedence(tmp_path):
     cfg = tmp_path / "modelnet.toml"
-    cfg.write_text('listen = ["/ip4/127.0.0.1/tcp/4100"]\n[limits]\nmax_concurrency = 5\nmax_concurrency_per_peer = 2\n')
+    cfg.write_text(
+        'listen = ["/ip4/127.0.0.1/tcp/4100"]\n[limits]\nmax_concurrency = 5\nmax_concurrency_per_peer = 2\n'
+    )
     env = clean_env(MODELNET_MAX_CONCURRENCY="7")
-    out = modelnet("--config", str(cfg), "config", "show", "--json", "--listen", "/ip4/127.0.0.1/tcp/4200", env=env)
+    out = modelnet(
+        "--config", str(cfg), "config", "show", "--json", "--listen", "/ip4/127.0.0.1/tcp/4200", env=env
+    )
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["config"]["listen"] == ["/ip4/127.0.0.1/tcp/4200"]
@@ -105,7 +113,9 @@ def test_bad_inputs_are_one_line(tmp_path):
     out = modelnet("ask", "echo", "hi", "--bootstrap", dead, timeout=60)
     assert "no bootstrap peer reachable" in one_line_error(out)
     # malformed multiaddr
-    assert "neither a multiaddr nor a peer id" in one_line_error(modelnet("ask", "echo", "hi", "--peer", "nowhere"))
+    assert "neither a multiaddr nor a peer id" in one_line_error(
+        modelnet("ask", "echo", "hi", "--peer", "nowhere")
+    )
     assert "invalid multiaddr" in one_line_error(modelnet("ask", "echo", "hi", "--peer", "/ip4/999"))
     # bad serve target
     assert "cannot import" in one_line_error(modelnet("serve", "no_such_module:handler"))
@@ -116,7 +126,11 @@ def test_bad_inputs_are_one_line(tmp_path):
 def test_mesh_up_and_clean_stop(tmp_path):
     proc = subprocess.Popen(
         [*MODELNET, "mesh", "up", "-n", "3", "--json"],
-        cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         start_new_session=True,
     )
     try:

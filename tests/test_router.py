@@ -68,7 +68,10 @@ def test_bans_double_and_clear_on_success():
 
 def test_exclude_and_unknown_state_ranked_after_ready():
     router = Router("least-loaded")
-    pool = [Candidate("new", state=None, max_concurrency=8), Candidate("known", state="ready", max_concurrency=8)]
+    pool = [
+        Candidate("new", state=None, max_concurrency=8),
+        Candidate("known", state="ready", max_concurrency=8),
+    ]
     assert router.choose(pool, exclude={"known"}).peer_id == "new"
     # p2c with two choices prefers the peer whose gossip says ready
     p2c = Router("p2c", rng=random.Random(0))
