@@ -25,6 +25,8 @@ from .errors import (
     ConfigError,
     DeadlineExceededError,
     ModelNetError,
+    NotFoundError,
+    OverloadedError,
     ProtocolError,
     UnavailableError,
 )
@@ -32,6 +34,7 @@ from .host import build_host, parse_multiaddr, running_host
 from .identity import Identity
 from .log import quiet_libp2p
 from .network import get_network, protocol_id
+from .routing import Candidate, Policy, Router
 from .services.discovery import (
     DEFAULT_ANNOUNCE_INTERVAL,
     DEFAULT_CARD_TTL,
@@ -60,6 +63,10 @@ __all__ = ["InferenceStream", "Peer", "Response"]
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
+#: Seconds a capability's provider list (from the DHT) is reused before looking again.
+PROVIDER_CACHE_TTL = 10.0
+#: Providers tried for one routed request before giving up.
+MAX_ROUTING_ATTEMPTS = 4
 #: Seconds allowed for dialing a peer, within the request's own deadline.
 DEFAULT_CONNECT_TIMEOUT = 10.0
 
@@ -81,6 +88,8 @@ class Response:
     finish_reason: str | None = None
     usage: dict[str, Any] = field(default_factory=dict)
     latency: float = 0.0
+    #: With routing (no target): every provider tried, in order, and what happened.
+    attempts: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -175,6 +184,7 @@ class Peer:
         dht_mode: DhtModeName = "auto",
         announce_interval: float = DEFAULT_ANNOUNCE_INTERVAL,
         card_ttl: float = DEFAULT_CARD_TTL,
+        routing_policy: str | Policy = "p2c",
     ) -> None:
         quiet_libp2p()
         #: The mesh this peer belongs to; it is part of every protocol id (specs/network.md).
@@ -207,6 +217,9 @@ class Peer:
         self._nursery: trio.Nursery | None = None
         self._stack: AsyncExitStack | None = None
         self._streams = StreamPool()
+        #: Picks providers for requests without a target (see :mod:`modelnet_p2p.routing`).
+        self.router = Router(routing_policy)
+        self._provider_cache: dict[str, tuple[float, list[CapabilityCard]]] = {}
         self.inference = InferenceServer(str(self.identity.peer_id), self.limits)
         self.inference.mesh_factory = self._mesh_context
         try:
@@ -526,23 +539,35 @@ class Peer:
         *,
         timeout: float | None = None,
         trace: TraceContext | None = None,
+        replay: bool | None = None,
         **params: Any,
     ) -> InferenceStream:
         """Stream the answer of ``target``'s ``capability`` to ``input``, chunk by chunk.
 
         ``target`` is a multiaddr ending in ``/p2p/<id>``, or the id of a peer this
-        peer already knows. Keyword arguments other than ``timeout`` and ``trace``
-        are sent as request parameters. ``timeout`` (seconds) is the whole
-        request's deadline, sent to the provider so it stops too.
+        peer already knows, or ``None``: then the mesh picks a provider of
+        ``capability`` (discovery plus availability gossip, load-aware routing)
+        and fails over to another one if it fails. A provider that fails
+        mid-stream is replaced only if the capability is idempotent (or
+        ``replay=True``): the request is replayed elsewhere and the chunks already
+        delivered are skipped, so the caller sees each chunk once, in order.
+        Otherwise the error says how many chunks were delivered.
+        ``stream.info.attempts`` records every provider tried.
+
+        Keyword arguments other than ``timeout``, ``trace`` and ``replay`` are
+        sent as request parameters. ``timeout`` (seconds) is the whole
+        request's deadline (retries included), sent to the provider so it stops too.
 
         Raises (while iterating) a :class:`ModelNetError` subclass; never ends
         silently before the provider's end frame.
         """
         if capability is None:
             raise BadRequestError("capability is required")
-        if target is None:
-            raise BadRequestError("a target is required (routing by capability is not available yet)")
         info = ResponseInfo()
+        if target is None:
+            return InferenceStream(
+                self._routed(capability, input, params, timeout, trace, replay, info), info
+            )
         return InferenceStream(self._infer(target, capability, input, params, timeout, trace, info), info)
 
     async def _infer(
@@ -589,6 +614,162 @@ class Peer:
             finally:
                 await agen.aclose()  # type: ignore[attr-defined]
 
+    # -- routing ---------------------------------------------------------------
+
+    async def providers(
+        self, capability: str, *, timeout: float = 5.0, refresh: bool = False
+    ) -> list[Candidate]:
+        """Every known provider of ``capability`` (other than this peer), as routing candidates.
+
+        Joins discovery (verified capability cards, cached for
+        :data:`PROVIDER_CACHE_TTL` seconds) with availability gossip (state
+        and load, fresher than any card).
+        """
+        now = trio.current_time()
+        cached = self._provider_cache.get(capability)
+        if cached is None or refresh or now - cached[0] > PROVIDER_CACHE_TTL:
+            cards = await self.discover(model=capability, timeout=timeout)
+            self._provider_cache[capability] = (trio.current_time(), cards)
+        else:
+            cards = cached[1]
+        found: dict[str, Candidate] = {}
+        for card in cards:
+            if card.peer_id == self.peer_id:
+                continue
+            cap = next((c for c in card.capabilities if c.name.lower() == capability.lower()), None)
+            addrs = sorted(card.dial_addrs, key=lambda a: "/p2p-circuit" in a)
+            found[card.peer_id] = Candidate(
+                peer_id=card.peer_id,
+                addrs=addrs,
+                idempotent=bool(cap and cap.idempotent),
+                max_concurrency=(cap.max_concurrency or 0) if cap else 0,
+                card=card,
+            )
+        self._join_availability(capability, found)
+        return list(found.values())
+
+    def _join_availability(self, capability: str, found: dict[str, Candidate]) -> None:
+        """Fill in state and load from availability gossip; add gossiping providers the DHT missed."""
+        service = getattr(self, "availability", None)
+        if service is None:
+            return
+        for pid, entry in service.table().items():
+            if pid == self.peer_id:
+                continue
+            serves = any(name.lower() == capability.lower() for name, _ in entry.capabilities)
+            cand = found.get(pid)
+            if cand is None:
+                if not serves:
+                    continue
+                cand = found[pid] = Candidate(peer_id=pid)
+            cand.state = str(entry.state)
+            cand.in_flight = entry.record.in_flight
+            cand.queue = entry.record.queue
+            if entry.record.max_concurrency:
+                cand.max_concurrency = entry.record.max_concurrency
+            if not serves and cand.state == "ready":
+                cand.state = "not-serving"  # gossip is fresher than the card
+
+    async def _routed(
+        self,
+        capability: str,
+        input: Any,
+        params: dict[str, Any],
+        timeout: float | None,
+        trace: TraceContext | None,
+        replay: bool | None,
+        info: ResponseInfo,
+    ) -> AsyncIterator[Any]:
+        deadline = math.inf if timeout is None else trio.current_time() + timeout
+        tc = trace or TraceContext(trace_id=new_request_id(), span_id=os.urandom(8))
+        tried: set[str] = set()
+        delivered = 0
+        refreshed = False
+        last_error: ModelNetError | None = None
+        while True:
+            lookup = max(0.05, min(5.0, deadline - trio.current_time()))
+            with trio.move_on_at(deadline):
+                cands = await self.providers(capability, timeout=lookup, refresh=refreshed and not tried)
+            if trio.current_time() >= deadline:
+                raise DeadlineExceededError(
+                    f"deadline exceeded routing {capability!r} after {len(info.attempts)} attempts",
+                    chunks_delivered=delivered,
+                )
+            chosen = self.router.choose(cands, exclude=tried)
+            if chosen is None and not refreshed:
+                refreshed = True  # the cache may be stale: look again once
+                cands = await self.providers(capability, timeout=lookup, refresh=True)
+                chosen = self.router.choose(cands, exclude=tried)
+            if chosen is None:
+                if last_error is not None:
+                    last_error.chunks_delivered = delivered
+                    raise last_error
+                if not cands:
+                    raise NotFoundError(f"no provider of {capability!r} found in the mesh")
+                raise OverloadedError(
+                    f"all {len(cands)} providers of {capability!r} are busy, draining or banned",
+                    chunks_delivered=delivered,
+                )
+            pid = chosen.peer_id
+            tried.add(pid)
+            target = chosen.addrs[0] if chosen.addrs else pid
+            attempt: dict[str, Any] = {"peer": pid, "status": "running", "chunks": 0}
+            info.attempts.append(attempt)
+            sub = ResponseInfo()
+            skip = delivered
+            started = trio.current_time()
+            self.router.started(pid)
+            try:
+                async for chunk in self._infer(
+                    target, capability, input, params, _remaining(deadline), tc, sub
+                ):
+                    attempt["chunks"] += 1
+                    if attempt["chunks"] == 1:
+                        self.router.observe_rtt(pid, (trio.current_time() - started) * 1000)
+                    if skip:
+                        skip -= 1  # delivered by an earlier provider
+                        continue
+                    delivered += 1
+                    info.peer, info.chunks = pid, delivered
+                    yield chunk
+                if skip:
+                    raise ProtocolError(
+                        f"replay on {pid} gave {attempt['chunks']} chunks, fewer than the "
+                        f"{delivered} already delivered",
+                        chunks_delivered=delivered,
+                    )
+            except ModelNetError as exc:
+                attempt.update(
+                    status="error", error=str(exc), ms=round((trio.current_time() - started) * 1000, 1)
+                )
+                if isinstance(exc, OverloadedError):
+                    self.router.overloaded(pid)
+                elif exc.retryable:
+                    self.router.failure(pid)
+                exc.chunks_delivered = delivered
+                if not exc.retryable or isinstance(exc, DeadlineExceededError):
+                    raise
+                if delivered and not (replay if replay is not None else chosen.idempotent):
+                    raise UnavailableError(
+                        f"provider {pid} failed after {delivered} chunks and {capability!r} is not "
+                        f"idempotent, so the request was not replayed elsewhere: {exc.message}",
+                        chunks_delivered=delivered,
+                    ) from None
+                if len(info.attempts) >= MAX_ROUTING_ATTEMPTS:
+                    raise
+                last_error = exc
+                log.info("provider %s of %r failed (%s); trying another", pid, capability, exc.message)
+                continue
+            finally:
+                self.router.finished(pid)
+            attempt.update(status="ok", ms=round((trio.current_time() - started) * 1000, 1))
+            self.router.success(pid)
+            info.peer = pid
+            info.finish_reason, info.usage = sub.finish_reason, sub.usage
+            info.started, info.first_chunk_at, info.ended = sub.started, sub.first_chunk_at, sub.ended
+            info.received += sub.received
+            return
+
     async def call(
         self,
         target: str | multiaddr.Multiaddr | ID | None = None,
@@ -597,10 +778,11 @@ class Peer:
         *,
         timeout: float | None = None,
         trace: TraceContext | None = None,
+        replay: bool | None = None,
         **params: Any,
     ) -> Response:
         """Like :meth:`infer`, but collect the whole answer into a :class:`Response`."""
-        stream = self.infer(target, capability, input, timeout=timeout, trace=trace, **params)
+        stream = self.infer(target, capability, input, timeout=timeout, trace=trace, replay=replay, **params)
         chunks: list[Any] = []
         async with stream:
             async for chunk in stream:
@@ -612,7 +794,12 @@ class Peer:
             finish_reason=info.finish_reason,
             usage=info.usage,
             latency=(info.ended or info.started) - info.started,
+            attempts=list(info.attempts),
         )
+
+
+def _remaining(deadline: float) -> float | None:
+    return None if math.isinf(deadline) else max(0.001, deadline - trio.current_time())
 
 
 def parse_peer_id(text: str) -> ID | None:

@@ -638,6 +638,8 @@ class ResponseInfo:
     ended: float | None = None
     #: Bytes read from the provider so far.
     received: int = 0
+    #: With routing: each provider tried, ``{"peer", "status", "chunks", "ms", "error"}``.
+    attempts: list[dict[str, Any]] = field(default_factory=list)
 
 
 def new_request_id() -> bytes:

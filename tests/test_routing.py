@@ -1,0 +1,192 @@
+"""Requests without a target: the mesh picks the provider, spreads load and fails over."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+from collections import Counter
+
+import pytest
+import trio
+
+from cli_util import background, read_event
+from modelnet_p2p import Capability, InternalError, NotFoundError, Peer, UnavailableError
+from modelnet_p2p.testing import open_peers
+
+
+def counting(name: str, counts: Counter[str], delay: float = 0.0):
+    async def handler(request):
+        counts[name] += 1
+        if delay:
+            await trio.sleep(delay)
+        return f"{request.input} from {name}"
+
+    return handler
+
+
+async def test_routed_call_without_target():
+    counts: Counter[str] = Counter()
+    async with open_peers(3) as (client, p1, p2):
+        p1.serve(Capability(name="greet", task="chat"), counting("p1", counts))
+        p2.serve(Capability(name="greet", task="chat"), counting("p2", counts))
+        await p1.announce()
+        await p2.announce()
+        resp = await client.call(capability="greet", input="hi", timeout=20)
+        assert resp.text in ("hi from p1", "hi from p2")
+        assert resp.peer in (p1.peer_id, p2.peer_id)
+        assert [a["status"] for a in resp.attempts] == ["ok"]
+        with pytest.raises(NotFoundError, match="no provider"):
+            await client.call(capability="nobody-serves-this", input="x", timeout=20)
+
+
+async def test_sixty_concurrent_requests_spread_over_three_providers():
+    counts: Counter[str] = Counter()
+    async with open_peers(4) as (client, *providers):
+        for i, p in enumerate(providers):
+            p.serve(Capability(name="work", task="tool"), counting(f"p{i}", counts, delay=0.2))
+            await p.announce()
+        await client.providers("work", refresh=True)
+        async with trio.open_nursery() as nursery:
+            for i in range(60):
+                nursery.start_soon(client.call, None, "work", i)
+        assert sum(counts.values()) == 60
+        assert max(counts.values()) <= 30, counts
+        assert len(counts) == 3
+
+
+async def test_peer_at_capacity_gets_no_new_requests():
+    release = trio.Event()
+    counts: Counter[str] = Counter()
+
+    async def hold(request):
+        counts["busy"] += 1
+        await release.wait()
+        return "busy done"
+
+    async with open_peers(3) as (client, busy, free):
+        busy.serve(Capability(name="job", max_concurrency=1), hold)
+        free.serve(Capability(name="job", max_concurrency=8), counting("free", counts))
+        await busy.announce()
+        await free.announce()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.call, busy.addrs[0], "job", "first")
+            while not counts["busy"]:
+                await trio.sleep(0.01)
+            for i in range(10):
+                resp = await client.call(capability="job", input=i, timeout=20)
+                assert resp.peer == free.peer_id
+            release.set()
+        assert counts == {"busy": 1, "free": 10}
+
+
+async def test_failover_before_first_chunk_and_trace():
+    async def broken(request):
+        raise UnavailableError("model weights not loaded")
+
+    async def good(request):
+        return "fine"
+
+    async with open_peers(3) as (client, bad, ok):
+        bad.serve(Capability(name="flaky"), broken)
+        ok.serve(Capability(name="flaky"), good)
+        await bad.announce()
+        await ok.announce()
+        client.router.rng = random.Random(7)
+        client.router.observe_rtt(bad.peer_id, 0.1)  # make the broken one look best
+        client.router.observe_rtt(ok.peer_id, 50.0)
+        attempts = []
+        for _ in range(10):
+            resp = await client.call(capability="flaky", input=None, timeout=20)
+            assert resp.value == "fine"  # every call succeeds
+            attempts.extend(resp.attempts)
+        # the broken provider was tried once, failed over, then banned
+        tried_bad = [a for a in attempts if a["peer"] == bad.peer_id]
+        assert len(tried_bad) == 1
+        assert tried_bad[0]["status"] == "error" and "weights not loaded" in tried_bad[0]["error"]
+        assert client.router.banned(bad.peer_id)
+
+
+async def test_non_retryable_error_is_not_retried():
+    async def failing(request):
+        raise ValueError("bug in the model")
+
+    async with open_peers(3) as (client, p1, p2):
+        for p in (p1, p2):
+            p.serve(Capability(name="buggy"), failing)
+            await p.announce()
+        stream = client.infer(capability="buggy", input=None, timeout=20)
+        with pytest.raises(InternalError):
+            async for _ in stream:
+                pass
+        assert len(stream.info.attempts) == 1
+
+
+WORDS = [f"w{i}" for i in range(40)]
+
+
+async def test_provider_killed_mid_stream_fails_over_with_identical_chunks(tmp_path):
+    """Two provider processes; the one answering is SIGKILLed mid-stream."""
+    async with open_peers(1) as (client,):
+        boot = client.addrs[0]
+        with (
+            background("serve", "modelnet_p2p.demo_models:echo", "--json", "--bootstrap", boot, cwd=tmp_path) as a,
+            background("serve", "modelnet_p2p.demo_models:echo", "--json", "--bootstrap", boot, cwd=tmp_path) as b,
+        ):
+            procs = {}
+            for proc in (a, b):
+                ready = await trio.to_thread.run_sync(read_event, proc)
+                procs[ready["peer_id"]] = proc
+            # a clean run first
+            clean = await client.call(capability="echo", input=" ".join(WORDS), timeout=30, delay=0.0)
+            assert clean.chunks == [w + " " for w in WORDS]
+            got = []
+            killed = None
+            stream = client.infer(capability="echo", input=" ".join(WORDS), timeout=60, delay=0.05)
+            async with stream:
+                async for chunk in stream:
+                    got.append(chunk)
+                    if len(got) == 10 and killed is None:
+                        killed = stream.info.peer
+                        os.kill(procs[killed].pid, signal.SIGKILL)
+            assert got == clean.chunks
+            peers = [att["peer"] for att in stream.info.attempts]
+            assert peers[0] == killed and peers[-1] != killed
+            assert stream.info.attempts[0]["status"] == "error"
+            assert stream.info.attempts[-1]["status"] == "ok"
+
+
+async def test_not_idempotent_mid_stream_failure_reports_delivered_chunks():
+    async def stream_then_die(request):
+        for i in range(5):
+            yield i
+        raise UnavailableError("GPU fell off the bus")
+
+    async with open_peers(3) as (client, p1, p2):
+        for p in (p1, p2):
+            p.serve(Capability(name="gen", idempotent=False), stream_then_die)
+            await p.announce()
+        got = []
+        with pytest.raises(UnavailableError) as info:
+            async for chunk in client.infer(capability="gen", input=None, timeout=20):
+                got.append(chunk)
+        assert got == [0, 1, 2, 3, 4]
+        assert info.value.chunks_delivered == 5
+        assert "not idempotent" in info.value.message
+
+
+async def test_unreachable_providers_everywhere_is_a_typed_error():
+    async with open_peers(2) as (client, provider):
+        provider.serve(Capability(name="solo"), counting("solo", Counter()))
+        await provider.announce()
+        await client.providers("solo", refresh=True)
+        await provider.__aexit__(None, None, None)  # the provider vanishes
+        with pytest.raises((UnavailableError, NotFoundError)):
+            await client.call(capability="solo", input=None, timeout=15)
+
+
+def test_peer_signature_keeps_target_first():
+    import inspect
+
+    params = list(inspect.signature(Peer.infer).parameters)
+    assert params[:4] == ["self", "target", "capability", "input"]
