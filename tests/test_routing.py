@@ -9,8 +9,8 @@ from collections import Counter
 
 import pytest
 import trio
-
 from cli_util import background, read_event
+
 from modelnet_p2p import Capability, InternalError, NotFoundError, Peer, UnavailableError
 from modelnet_p2p.testing import open_peers
 
@@ -130,8 +130,12 @@ async def test_provider_killed_mid_stream_fails_over_with_identical_chunks(tmp_p
     async with open_peers(1) as (client,):
         boot = client.addrs[0]
         with (
-            background("serve", "modelnet_p2p.demo_models:echo", "--json", "--bootstrap", boot, cwd=tmp_path) as a,
-            background("serve", "modelnet_p2p.demo_models:echo", "--json", "--bootstrap", boot, cwd=tmp_path) as b,
+            background(
+                "serve", "modelnet_p2p.demo_models:echo", "--json", "--bootstrap", boot, cwd=tmp_path
+            ) as a,
+            background(
+                "serve", "modelnet_p2p.demo_models:echo", "--json", "--bootstrap", boot, cwd=tmp_path
+            ) as b,
         ):
             procs = {}
             for proc in (a, b):
