@@ -675,6 +675,28 @@ async def _ask(
             )
 
 
+# -- demo -------------------------------------------------------------------------
+
+
+@cli.command("demo")
+def demo_command() -> None:
+    """Start a local mesh in this process and show discovery, streaming, failover and collaboration.
+
+    Exits 0 and leaves nothing running.
+    """
+    from .demo import run_demo
+
+    color = sys.stdout.isatty()
+
+    def style(text: str, **kw: Any) -> str:
+        return click.style(text, **kw) if color else text
+
+    def say(text: str) -> None:
+        click.echo(text)
+
+    run_async(run_demo, say, style)
+
+
 # -- collaborative requests -------------------------------------------------------
 
 

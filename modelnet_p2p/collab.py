@@ -190,11 +190,13 @@ async def _call(
     deadline: float,
     target: str | None = None,
     trace: TraceContext | None = None,
+    avoid: set[str] | frozenset[str] = frozenset(),
 ) -> Any:
     """Call one capability, recording peer, chunks and attempts in ``node``."""
     node.capability = capability
     timeout = None if math.isinf(deadline) else max(0.001, deadline - trio.current_time())
-    stream = peer.infer(target, capability, input, timeout=timeout, trace=trace, **dict(params))
+    extra: dict[str, Any] = {"avoid": avoid} if avoid and target is None else {}
+    stream = peer.infer(target, capability, input, timeout=timeout, trace=trace, **extra, **dict(params))
     chunks: list[Any] = []
     try:
         async with stream:
@@ -519,15 +521,19 @@ async def draft_verify(
 
     The verifier answers ``{"ok": bool, "feedback": str}``. On rejection the
     drafter is asked again with params ``feedback`` and ``previous`` (and
-    ``attempt``), up to ``rounds`` drafts. If no draft is accepted the result
-    is the last draft, and the trace's status is ``"error"`` with the verdict.
+    ``attempt``), up to ``rounds`` drafts; when the mesh chooses the drafter's
+    provider, providers whose drafts were rejected are avoided. If no draft is
+    accepted the result is the last draft, and the trace's status is
+    ``"error"`` with the verdict.
     """
     root = trace or Trace("draft-verify")
     deadline = _deadline(timeout)
     extra: dict[str, Any] = dict(params or {})
     draft: Any = None
+    rejected: set[str] = set()
     for attempt in range(1, rounds + 1):
-        draft = await _call(peer, root.child("draft", round=attempt), drafter, input, extra, deadline)
+        node = root.child("draft", round=attempt)
+        draft = await _call(peer, node, drafter, input, extra, deadline, avoid=rejected)
         verdict = await _call(
             peer,
             root.child("verify", round=attempt),
@@ -543,6 +549,8 @@ async def draft_verify(
         )
         feedback = verdict.get("feedback", "") if isinstance(verdict, dict) else _as_text(verdict)
         root.children[-1].detail["verdict"] = "accept" if ok else "reject"
+        if not ok and node.peer:
+            rejected.add(node.peer)
         if ok:
             root.detail["round"] = attempt
             root.finish("ok")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -540,6 +540,7 @@ class Peer:
         timeout: float | None = None,
         trace: TraceContext | None = None,
         replay: bool | None = None,
+        avoid: Collection[str] = (),
         **params: Any,
     ) -> InferenceStream:
         """Stream the answer of ``target``'s ``capability`` to ``input``, chunk by chunk.
@@ -554,8 +555,10 @@ class Peer:
         Otherwise the error says how many chunks were delivered.
         ``stream.info.attempts`` records every provider tried.
 
-        Keyword arguments other than ``timeout``, ``trace`` and ``replay`` are
-        sent as request parameters. ``timeout`` (seconds) is the whole
+        ``avoid`` lists peer ids routing must not choose (e.g. a provider whose
+        last answer a verifier rejected). Keyword arguments other than
+        ``timeout``, ``trace``, ``replay`` and ``avoid`` are sent as request
+        parameters. ``timeout`` (seconds) is the whole
         request's deadline (retries included), sent to the provider so it stops too.
 
         Raises (while iterating) a :class:`ModelNetError` subclass; never ends
@@ -566,7 +569,7 @@ class Peer:
         info = ResponseInfo()
         if target is None:
             return InferenceStream(
-                self._routed(capability, input, params, timeout, trace, replay, info), info
+                self._routed(capability, input, params, timeout, trace, replay, set(avoid), info), info
             )
         return InferenceStream(self._infer(target, capability, input, params, timeout, trace, info), info)
 
@@ -678,18 +681,19 @@ class Peer:
         timeout: float | None,
         trace: TraceContext | None,
         replay: bool | None,
+        avoid: set[str],
         info: ResponseInfo,
     ) -> AsyncIterator[Any]:
         deadline = math.inf if timeout is None else trio.current_time() + timeout
         tc = trace or TraceContext(trace_id=new_request_id(), span_id=os.urandom(8))
-        tried: set[str] = set()
+        tried: set[str] = set(avoid)
         delivered = 0
         refreshed = False
         last_error: ModelNetError | None = None
         while True:
             lookup = max(0.05, min(5.0, deadline - trio.current_time()))
             with trio.move_on_at(deadline):
-                cands = await self.providers(capability, timeout=lookup, refresh=refreshed and not tried)
+                cands = await self.providers(capability, timeout=lookup)
             if trio.current_time() >= deadline:
                 raise DeadlineExceededError(
                     f"deadline exceeded routing {capability!r} after {len(info.attempts)} attempts",
@@ -779,10 +783,13 @@ class Peer:
         timeout: float | None = None,
         trace: TraceContext | None = None,
         replay: bool | None = None,
+        avoid: Collection[str] = (),
         **params: Any,
     ) -> Response:
         """Like :meth:`infer`, but collect the whole answer into a :class:`Response`."""
-        stream = self.infer(target, capability, input, timeout=timeout, trace=trace, replay=replay, **params)
+        stream = self.infer(
+            target, capability, input, timeout=timeout, trace=trace, replay=replay, avoid=avoid, **params
+        )
         chunks: list[Any] = []
         async with stream:
             async for chunk in stream:

@@ -1,0 +1,20 @@
+"""`modelnet demo`, the README's main command, run as a user would."""
+
+from __future__ import annotations
+
+from cli_util import modelnet
+
+
+def test_demo_runs_and_exits_zero():
+    out = modelnet("demo", timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "2. Discovery over the DHT" in text
+    assert "task=text-generation: 4 peers" in text
+    assert "answered by" in text
+    assert "label 'math' -> arithmetic answered" in text
+    assert "draft and verify: 87 after" in text
+    assert "majority vote 3/4: 87" in text
+    assert "each once and in order: True" in text
+    assert "every peer has stopped" in text
+    assert "Traceback" not in out.stderr
