@@ -53,6 +53,15 @@ from .services.inference import (
     run_request,
 )
 from .services.pool import StreamPool
+from .services.relay import (
+    Reachability,
+    RelayService,
+    dial_via_relay,
+    is_circuit_addr,
+    keep_reservation,
+    needs_relay,
+    parse_circuit_addr,
+)
 from .wire.card import CapabilityCard
 from .wire.framing import DEFAULT_MAX_FRAME_SIZE
 from .wire.infer import PROTOCOL_ID as INFER_PROTOCOL_ID
@@ -163,6 +172,14 @@ class Peer:
             an address, client if it has none (see ``specs/capability.md``).
         announce_interval: seconds between re-announces of the capability card.
         card_ttl: seconds a capability card stays valid after each announce.
+        routing_policy: how requests without a target pick a provider:
+            ``"p2c"`` (default), ``"least-loaded"``, ``"lowest-latency"`` or a
+            function (see :mod:`modelnet_p2p.routing`).
+        reachability: ``"auto"``, ``"public"`` or ``"private"``: whether others
+            can dial this peer. A private peer runs the DHT as a client,
+            reserves a circuit relay slot on its bootstrap peers and announces
+            the relayed address (``specs/network.md``).
+        relay_hop: relay circuits for private peers (bootstrap nodes do).
     """
 
     def __init__(
@@ -185,6 +202,8 @@ class Peer:
         announce_interval: float = DEFAULT_ANNOUNCE_INTERVAL,
         card_ttl: float = DEFAULT_CARD_TTL,
         routing_policy: str | Policy = "p2c",
+        reachability: Reachability = "auto",
+        relay_hop: bool = False,
     ) -> None:
         quiet_libp2p()
         #: The mesh this peer belongs to; it is part of every protocol id (specs/network.md).
@@ -202,6 +221,15 @@ class Peer:
             raise ConfigError("concurrency limits must be at least 1")
         self._listen = [parse_multiaddr(a) for a in listen]
         self._bootstrap = [parse_multiaddr(a) for a in bootstrap]
+        #: Relay circuits for peers that cannot be dialed (bootstrap nodes do).
+        self.relay_hop = relay_hop
+        #: Reserve slots on the bootstrap peers' relays and announce relayed
+        #: addresses (a peer that others cannot dial; see ``specs/network.md``).
+        self.needs_relay = needs_relay(reachability, self._listen, self._bootstrap)
+        if self.needs_relay and dht_mode == "auto":
+            dht_mode = "client"  # nobody can dial us to ask
+        self.relay: RelayService | None = None
+        self._circuit_addrs: dict[str, str] = {}
         self.limits = Limits(
             max_frame_size=max_frame_size,
             max_concurrency=max_concurrency,
@@ -254,8 +282,13 @@ class Peer:
             # tells each contact then whether this peer serves the DHT.
             await self.discovery.start(host, self._nursery)
             stack.callback(self.discovery.stop)  # before the nursery and the host close
+            self.relay = RelayService(host, hop=self.relay_hop)
+            await self.relay.start(self._nursery)
+            stack.callback(self.relay.stop)
             await self._connect_bootstrap()
             await self.discovery.bootstrap(self._connected_bootstrap_peers())
+            if self.needs_relay:
+                await self._reserve_relays()
         except BaseException:
             self._host = None
             if self._nursery is not None:
@@ -299,6 +332,29 @@ class Peer:
                 )
             log.warning("no bootstrap peer reachable; running alone")
 
+    async def _reserve_relays(self) -> None:
+        """Hold a relay slot on every reachable bootstrap peer; announce the relayed addresses."""
+        reservations = []
+        for addr in self._bootstrap:
+            relay_addr = str(addr)
+
+            def changed(circuit: str | None, relay_addr: str = relay_addr) -> None:
+                if circuit is None:
+                    self._circuit_addrs.pop(relay_addr, None)
+                else:
+                    self._circuit_addrs[relay_addr] = circuit
+                self.discovery.set_extra_addrs(list(self._circuit_addrs.values()))
+
+            reservations.append(keep_reservation(self.host, relay_addr, self.nursery, changed))
+        with trio.move_on_after(self.connect_timeout):
+            for reservation in reservations:
+                try:
+                    await reservation.wait(self.connect_timeout)
+                except ModelNetError as exc:
+                    log.warning("no relay slot on %s: %s", reservation.relay_addr, exc.message)
+        if not self._circuit_addrs:
+            log.warning("this peer cannot be dialed and holds no relay slot; others cannot reach it")
+
     def _connected_bootstrap_peers(self) -> list[ID]:
         out = []
         for addr in self._bootstrap:
@@ -341,7 +397,7 @@ class Peer:
         for a in self._host.get_addrs():
             s = str(a)
             out.append(s if s.endswith(suffix) else s + suffix)
-        return out
+        return out + list(self._circuit_addrs.values())
 
     def _mesh_context(self, request: Any) -> Any:
         from .collab import MeshContext
@@ -475,14 +531,26 @@ class Peer:
     # -- connecting --------------------------------------------------------------
 
     async def connect(self, addr: str | multiaddr.Multiaddr) -> str:
-        """Dial a peer by multiaddr (with ``/p2p/``); returns its peer id."""
+        """Dial a peer by multiaddr (with ``/p2p/``, possibly relayed); returns its peer id."""
         maddr = parse_multiaddr(addr)
+        if is_circuit_addr(maddr):
+            await self._dial_circuit(str(maddr), trio.current_time() + self.connect_timeout)
+            return parse_circuit_addr(maddr)[1]
         try:
             info = info_from_p2p_addr(maddr)
         except Exception:
             raise ConfigError(f"address {addr} has no /p2p/<peer id> part") from None
         await self._dial(info, trio.current_time() + self.connect_timeout)
         return str(info.peer_id)
+
+    async def _dial_circuit(self, addr: str, deadline: float) -> None:
+        """Connect through a relay (``.../p2p/<relay>/p2p-circuit/p2p/<target>``) unless connected."""
+        _, target = parse_circuit_addr(addr)
+        pid = parse_peer_id(target)
+        if pid is not None and self.host.get_network().get_connections(pid):
+            return
+        timeout = max(0.05, min(self.connect_timeout, deadline - trio.current_time()))
+        await dial_via_relay(self.host, addr, timeout=timeout)
 
     async def _dial(self, info: PeerInfo, deadline: float) -> None:
         host = self.host
@@ -584,6 +652,8 @@ class Peer:
         info: ResponseInfo,
     ) -> AsyncIterator[Any]:
         deadline = math.inf if timeout is None else trio.current_time() + timeout
+        if not isinstance(target, ID) and is_circuit_addr(target):
+            await self._dial_circuit(str(target), deadline)
         pinfo = self._resolve_target(target)
         info.peer = str(pinfo.peer_id)
         tc = trace or TraceContext(trace_id=new_request_id(), span_id=os.urandom(8))
