@@ -100,6 +100,11 @@ pass_state = click.pass_obj
 
 
 def _peer_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option(
+        "--reachability",
+        type=click.Choice(["auto", "public", "private"]),
+        help="Can others dial this peer? private: reserve a relay slot on the bootstrap peers.",
+    )(fn)
     fn = click.option("--bootstrap", "-b", multiple=True, help="Bootstrap multiaddr (repeatable).")(fn)
     fn = click.option("--listen", "-l", multiple=True, help="Listen multiaddr (repeatable).")(fn)
     fn = click.option(
@@ -108,8 +113,18 @@ def _peer_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _peer_flags(identity: str | None, listen: tuple[str, ...], bootstrap: tuple[str, ...]) -> dict[str, Any]:
-    return {"identity": identity, "listen": list(listen), "bootstrap": list(bootstrap)}
+def _peer_flags(
+    identity: str | None,
+    listen: tuple[str, ...],
+    bootstrap: tuple[str, ...],
+    reachability: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "identity": identity,
+        "listen": list(listen),
+        "bootstrap": list(bootstrap),
+        "reachability": reachability,
+    }
 
 
 def _make_peer(cfg: Config, **overrides: Any) -> Any:
@@ -151,10 +166,15 @@ def config_group() -> None:
 @_peer_options
 @pass_state
 def config_show(
-    state: State, as_json: bool, identity: str | None, listen: tuple[str, ...], bootstrap: tuple[str, ...]
+    state: State,
+    as_json: bool,
+    identity: str | None,
+    listen: tuple[str, ...],
+    bootstrap: tuple[str, ...],
+    reachability: str | None,
 ) -> None:
     """Print the configuration after merging file, environment and flags, with each value's source."""
-    cfg, sources = state.config(**_peer_flags(identity, listen, bootstrap))
+    cfg, sources = state.config(**_peer_flags(identity, listen, bootstrap, reachability))
     values = cfg.as_dict()
     if as_json:
         click.echo(json.dumps({"config": values, "sources": sources}, indent=2))
@@ -314,13 +334,14 @@ def serve_command(
     identity: str | None,
     listen: tuple[str, ...],
     bootstrap: tuple[str, ...],
+    reachability: str | None,
 ) -> None:
     """Serve a model on the mesh until Ctrl-C, then drain gracefully.
 
     TARGET is module:attr or file.py:attr (a handler, or a dict of handlers), or a
     card file (TOML with capability fields and handler = "module:attr").
     """
-    cfg, _ = state.config(**_peer_flags(identity, listen, bootstrap))
+    cfg, _ = state.config(**_peer_flags(identity, listen, bootstrap, reachability))
     flags = {"name": cap_name, "task": task, "version": cap_version, "description": description, "tags": tags}
     served = resolve_serve_target(target, flags, state.config_file)
     if only:
@@ -376,9 +397,10 @@ async def _serve(
     drain_timeout: float,
     as_json: bool,
     watch_stdin: bool = False,
+    overrides: dict[str, Any] | None = None,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with _make_peer(cfg) as peer:
+        async with _make_peer(cfg, **(overrides or {})) as peer:
             for cap, handler in served:
                 peer.serve(cap, handler)
             _emit(
@@ -421,11 +443,12 @@ def bootstrap_command(
     identity: str | None,
     listen: tuple[str, ...],
     bootstrap: tuple[str, ...],
+    reachability: str | None,
 ) -> None:
     """Run a bootstrap node: a DHT server and relay that serves no model. Quiet until stopped."""
-    cfg, _ = state.config(**_peer_flags(identity, listen, bootstrap))
+    cfg, _ = state.config(**_peer_flags(identity, listen, bootstrap, reachability))
     try:
-        run_async(_serve, cfg, [], 0.1, as_json, watch_stdin)
+        run_async(_serve, cfg, [], 0.1, as_json, watch_stdin, {"relay_hop": True, "dht_mode": "server"})
     except KeyboardInterrupt:
         pass
 
@@ -615,9 +638,10 @@ def ask_command(
     identity: str | None,
     listen: tuple[str, ...],
     bootstrap: tuple[str, ...],
+    reachability: str | None,
 ) -> None:
     """Ask CAPABILITY about PROMPT; stream the answer as it arrives."""
-    cfg, _ = state.config(**_peer_flags(identity, listen, bootstrap))
+    cfg, _ = state.config(**_peer_flags(identity, listen, bootstrap, reachability))
     if not target and not cfg.bootstrap:
         raise click.UsageError("give --peer ADDR, or --bootstrap ADDR to let the mesh choose")
     run_async(_ask, cfg, capability, prompt, parse_params(params), target, timeout, as_json)
@@ -675,6 +699,117 @@ async def _ask(
             )
 
 
+# -- discover and status -----------------------------------------------------------
+
+
+def _card_rows(cards: list[Any], availability: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for card in sorted(cards, key=lambda c: c.peer_id):
+        entry = availability.get(card.peer_id)
+        for cap in card.capabilities:
+            rows.append(
+                {
+                    "peer_id": card.peer_id,
+                    "capability": cap.name,
+                    "version": cap.version,
+                    "tasks": list(cap.tasks) if getattr(cap, "tasks", None) else [cap.task],
+                    "tags": list(cap.tags),
+                    "description": cap.description,
+                    "addrs": card.dial_addrs,
+                    "expires_at_ms": card.expires_at,
+                    "state": entry.to_dict()["state"] if entry is not None else None,
+                    "in_flight": entry.to_dict().get("in_flight") if entry is not None else None,
+                }
+            )
+    return rows
+
+
+@cli.command("discover")
+@click.option("--task", help="Only capabilities with this task.")
+@click.option("--model", help="Only capabilities with this name.")
+@click.option("--version", "model_version", help="With --model: only this version.")
+@click.option(
+    "--tag", "tags", multiple=True, help="Only capabilities with this tag (repeatable: all must match)."
+)
+@click.option("--limit", type=click.IntRange(1), help="Stop after this many peers.")
+@click.option("--timeout", default=10.0, show_default=True, help="Seconds to search.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_peer_options
+@pass_state
+def discover_command(
+    state: State,
+    task: str | None,
+    model: str | None,
+    model_version: str | None,
+    tags: tuple[str, ...],
+    limit: int | None,
+    timeout: float,
+    as_json: bool,
+    identity: str | None,
+    listen: tuple[str, ...],
+    bootstrap: tuple[str, ...],
+    reachability: str | None,
+) -> None:
+    """Find models in the mesh: a table of verified capability cards, with their availability."""
+    if not (task or model or tags):
+        raise click.UsageError("give at least one of --task, --model or --tag")
+    cfg, _ = state.config(**_peer_flags(identity, listen, bootstrap, reachability))
+    if not cfg.bootstrap:
+        raise click.UsageError("give --bootstrap ADDR (or MODELNET_BOOTSTRAP) to reach the mesh")
+    run_async(_discover, cfg, task, model, model_version, tags, limit, timeout, as_json)
+
+
+async def _discover(
+    cfg: Config,
+    task: str | None,
+    model: str | None,
+    version: str | None,
+    tags: tuple[str, ...],
+    limit: int | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    async with _make_peer(cfg, require_bootstrap=True) as peer:
+        if as_json:
+            cards = await peer.discover(
+                task, model=model, version=version, tags=tags, limit=limit, timeout=timeout
+            )
+        else:
+            from rich.console import Console
+
+            console = Console(stderr=True)
+            with console.status("looking up the DHT..."):
+                cards = await peer.discover(
+                    task, model=model, version=version, tags=tags, limit=limit, timeout=timeout
+                )
+        availability = peer.availability_table() if hasattr(peer, "availability_table") else {}
+    rows = _card_rows(cards, availability)
+    if as_json:
+        click.echo(json.dumps({"peers": len(cards), "capabilities": rows}, indent=2))
+        return
+    if not rows:
+        click.echo("no matching capability found")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(cards)} peers, {len(rows)} capabilities")
+    for col in ("peer", "capability", "version", "tasks", "tags", "state"):
+        table.add_column(col, no_wrap=col in ("peer", "capability"))
+    table.add_column("description", max_width=40, overflow="ellipsis", no_wrap=True)
+    for r in rows:
+        table.add_row(
+            "…" + r["peer_id"][-8:],
+            r["capability"],
+            r["version"],
+            ", ".join(r["tasks"]),
+            ", ".join(r["tags"]),
+            r["state"] or "-",
+            r["description"],
+        )
+    Console().print(table)
+
+
 # -- demo -------------------------------------------------------------------------
 
 
@@ -716,6 +851,7 @@ def run_command(
     identity: str | None,
     listen: tuple[str, ...],
     bootstrap: tuple[str, ...],
+    reachability: str | None,
 ) -> None:
     """Run a workflow file (pipelines, ensembles, routers, draft-and-verify; see specs/workflow.md)."""
     from .collab import load_workflow
@@ -725,7 +861,7 @@ def run_command(
     except OSError as exc:
         raise ConfigError(f"cannot read workflow {workflow_file}: {exc.strerror}") from None
     workflow = load_workflow(text)
-    cfg, _ = state.config(**_peer_flags(identity, listen, bootstrap))
+    cfg, _ = state.config(**_peer_flags(identity, listen, bootstrap, reachability))
     if not cfg.bootstrap:
         raise click.UsageError(
             "give --bootstrap ADDR (or MODELNET_BOOTSTRAP) so the workflow can find models"

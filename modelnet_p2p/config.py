@@ -31,7 +31,7 @@ ENV_PREFIX = "MODELNET_"
 #: Fields that hold lists; in the environment they are comma-separated.
 _LIST_FIELDS = {"listen", "bootstrap"}
 #: TOML tables whose keys are flattened into the config (``[limits] max_concurrency = 8``).
-_TABLES = {"limits", "logging", "discovery", "availability"}
+_TABLES = {"limits", "logging", "discovery", "availability", "routing"}
 
 
 @dataclass
@@ -50,6 +50,9 @@ class Config:
     announce_interval: float = 60.0
     card_ttl: float = 300.0
     publish_interval: float = 2.0
+    dht_mode: str = "auto"
+    reachability: str = "auto"
+    routing_policy: str = "p2c"
     log_level: str = "warning"
 
     def peer_kwargs(self) -> dict[str, Any]:
@@ -64,6 +67,11 @@ class Config:
             "max_request_time": self.max_request_time,
             "connect_timeout": self.connect_timeout,
             "network": self.network,
+            "announce_interval": self.announce_interval,
+            "card_ttl": self.card_ttl,
+            "dht_mode": self.dht_mode,
+            "reachability": self.reachability,
+            "routing_policy": self.routing_policy,
         }
 
     def as_dict(self) -> dict[str, Any]:
@@ -183,5 +191,12 @@ def _validate(cfg: Config) -> None:
     for name in ("connect_timeout", "announce_interval", "card_ttl", "publish_interval"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name} must be positive")
+    for name, allowed in (
+        ("dht_mode", ("auto", "server", "client")),
+        ("reachability", ("auto", "public", "private")),
+        ("routing_policy", ("p2c", "least-loaded", "lowest-latency")),
+    ):
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"{name} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}")
     if cfg.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level must be debug, info, warning or error, not {cfg.log_level!r}")
