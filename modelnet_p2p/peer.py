@@ -33,8 +33,15 @@ from .errors import (
 from .host import build_host, parse_multiaddr, running_host
 from .identity import Identity
 from .log import quiet_libp2p
-from .network import get_network, protocol_id
+from .network import get_network, protocol_id, topic
 from .routing import Candidate, Policy, Router
+from .services.availability import (
+    AvailabilityConfig,
+    AvailabilityService,
+    InferenceLoad,
+    mesh_view,
+    start_availability,
+)
 from .services.discovery import (
     DEFAULT_ANNOUNCE_INTERVAL,
     DEFAULT_CARD_TTL,
@@ -62,6 +69,7 @@ from .services.relay import (
     needs_relay,
     parse_circuit_addr,
 )
+from .wire.availability import TOPIC as AVAILABILITY_TOPIC
 from .wire.card import CapabilityCard
 from .wire.framing import DEFAULT_MAX_FRAME_SIZE
 from .wire.infer import PROTOCOL_ID as INFER_PROTOCOL_ID
@@ -204,6 +212,8 @@ class Peer:
         routing_policy: str | Policy = "p2c",
         reachability: Reachability = "auto",
         relay_hop: bool = False,
+        publish_interval: float = 2.0,
+        gossip: bool = True,
     ) -> None:
         quiet_libp2p()
         #: The mesh this peer belongs to; it is part of every protocol id (specs/network.md).
@@ -230,6 +240,17 @@ class Peer:
             dht_mode = "client"  # nobody can dial us to ask
         self.relay: RelayService | None = None
         self._circuit_addrs: dict[str, str] = {}
+        #: Availability gossip (``specs/availability.md``); ``None`` while stopped or if disabled.
+        self.availability: AvailabilityService | None = None
+        self._gossip = gossip
+        try:
+            self._availability_config = AvailabilityConfig(
+                publish_interval=publish_interval, topic=topic(AVAILABILITY_TOPIC, self.network)
+            )
+        except ConfigError:
+            raise
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self.limits = Limits(
             max_frame_size=max_frame_size,
             max_concurrency=max_concurrency,
@@ -250,6 +271,8 @@ class Peer:
         self._provider_cache: dict[str, tuple[float, list[CapabilityCard]]] = {}
         self.inference = InferenceServer(str(self.identity.peer_id), self.limits)
         self.inference.mesh_factory = self._mesh_context
+        self._load = InferenceLoad(self.inference, max_concurrency)
+        self.inference.on_request_done = self._load.on_request_done
         try:
             #: Capability discovery: the DHT, this peer's card, lookups (specs/capability.md).
             self.discovery = Discovery(
@@ -285,6 +308,16 @@ class Peer:
             self.relay = RelayService(host, hop=self.relay_hop)
             await self.relay.start(self._nursery)
             stack.callback(self.relay.stop)
+            if self._gossip:
+                # Started before the bootstrap connections, so that pubsub sees them.
+                self.availability = await start_availability(
+                    host,
+                    self.identity,
+                    self._nursery,
+                    self._availability_config,
+                    load_provider=self._load.snapshot,
+                    capabilities=self.inference.capabilities(),
+                )
             await self._connect_bootstrap()
             await self.discovery.bootstrap(self._connected_bootstrap_peers())
             if self.needs_relay:
@@ -304,6 +337,15 @@ class Peer:
         # exception (if any) propagate as it is: passing it through the
         # nurseries below would wrap it in an exception group, and callers
         # could no longer write ``except NotFoundError``.
+        if self.availability is not None and self.inference.capabilities():
+            # Say goodbye first, so that routers stop choosing this peer at once
+            # rather than after the availability TTL.
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                try:
+                    await self.availability.leave()
+                except Exception as exc:
+                    log.debug("could not publish 'leaving': %r", exc)
+        self.availability = None
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
         stack, self._stack = self._stack, None
@@ -418,6 +460,8 @@ class Peer:
         cap = Capability(name=capability) if isinstance(capability, str) else capability
         others = [c for c in self.inference.capabilities() if c.name != cap.name]
         self.discovery.check_capabilities([*others, cap])
+        if self.availability is not None:
+            self.availability.set_capabilities([*others, cap])
         self.inference.add(cap, handler)
         self.discovery.changed()  # announce the new card soon
         return cap
@@ -426,6 +470,8 @@ class Peer:
         """Stop serving a capability; requests already running finish."""
         self.inference.remove(name)
         self.discovery.changed()
+        if self.availability is not None:
+            self.availability.set_capabilities(self.inference.capabilities())
 
     @property
     def capabilities(self) -> list[Capability]:
@@ -687,6 +733,49 @@ class Peer:
             finally:
                 await agen.aclose()  # type: ignore[attr-defined]
 
+    # -- availability ----------------------------------------------------------
+
+    def availability_table(self) -> dict[str, Any]:
+        """Live availability entries by peer id (this peer's own included), from gossip."""
+        return self.availability.table() if self.availability is not None else {}
+
+    async def mesh_view(self, *, timeout: float = 5.0, discover_task: str | None = None) -> list[Any]:
+        """The mesh as this peer sees it: availability gossip joined with capability cards.
+
+        Each row (a :class:`~modelnet_p2p.services.availability.MeshViewRow`) is a
+        peer: its state and load from gossip (if it is alive), and its
+        capabilities with their verified cards (from discovery: every
+        capability name seen in gossip is looked up, plus ``discover_task``).
+        """
+        table = self.availability_table()
+        names = {name for entry in table.values() for name, _ in entry.capabilities}
+        cards: dict[str, list[Any]] = {}
+        found: list[CapabilityCard] = []
+        with trio.move_on_after(timeout):
+            for name in sorted(names):
+                found.extend(await self.discover(model=name, timeout=timeout))
+            if discover_task:
+                found.extend(await self.discover(discover_task, timeout=timeout))
+        for card in found:
+            cards.setdefault(card.peer_id, [])
+            for cap in card.capabilities:
+                if all(c.name != cap.name for c in cards[card.peer_id]):
+                    cards[card.peer_id].append(cap)
+        return mesh_view(table, cards)
+
+    async def drain(self, timeout: float | None = 30.0) -> bool:
+        """Stop taking new requests, announce ``draining``, and wait for in-flight ones to finish.
+
+        Returns ``True`` if every request finished within ``timeout``.
+        """
+        self.inference.draining = True
+        if self.availability is not None:
+            self.availability.set_state("draining")
+        with trio.move_on_after(math.inf if timeout is None else timeout):
+            await self.inference.wait_idle()
+            return True
+        return False
+
     # -- routing ---------------------------------------------------------------
 
     async def providers(
@@ -740,8 +829,6 @@ class Peer:
             cand.queue = entry.record.queue
             if entry.record.max_concurrency:
                 cand.max_concurrency = entry.record.max_concurrency
-            if not serves and cand.state == "ready":
-                cand.state = "not-serving"  # gossip is fresher than the card
 
     async def _routed(
         self,
@@ -780,8 +867,21 @@ class Peer:
                     raise last_error
                 if not cands:
                     raise NotFoundError(f"no provider of {capability!r} found in the mesh")
-                raise OverloadedError(
-                    f"all {len(cands)} providers of {capability!r} are busy, draining or banned",
+                busy = [
+                    c
+                    for c in cands
+                    if c.peer_id not in tried
+                    and not self.router.banned(c.peer_id)
+                    and c.state in (None, "ready", "draining", "joining")
+                ]
+                if busy:
+                    raise OverloadedError(
+                        f"all {len(busy)} live providers of {capability!r} are at capacity or draining",
+                        chunks_delivered=delivered,
+                    )
+                raise UnavailableError(
+                    f"none of the {len(cands)} known providers of {capability!r} is available "
+                    "(left, failing or banned)",
                     chunks_delivered=delivered,
                 )
             pid = chosen.peer_id

@@ -1,0 +1,422 @@
+"""Signed availability records of ``/modelnet/availability/1`` (see ``specs/availability.md``).
+
+Sans-I/O: this module turns an :class:`AvailabilityRecord` into the bytes a
+peer publishes on the gossip topic, and those bytes back into a verified
+record. Nothing here touches the network or a clock.
+
+The published bytes are an *envelope*, a canonical msgpack map
+``{"rec": <record body>, "sig": <Ed25519 signature>}``. The record body is
+itself a canonical msgpack map, and the signature covers
+``SIGNING_DOMAIN + body``, made with the key of the peer the record names.
+The gossip layer signs every message as well, but that signature belongs to
+the gossip message: the record's own signature lets a record be stored,
+relayed or handed to a router and still be checked on its own, and binds the
+record's peer id to the key that vouches for it.
+
+Canonical msgpack here means: map keys sorted by their UTF-8 bytes, no
+duplicate keys, every integer in its shortest form, every float as float64,
+text as ``str`` and bytes as ``bin``. That is exactly what
+``msgpack.packb(obj, use_bin_type=True)`` produces for a map whose keys are
+inserted in sorted order. A parser re-encodes what it decoded and rejects
+any input that differs, so each record has exactly one encoding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol
+
+import msgpack
+from libp2p.peer.id import ID
+
+from ..errors import ProtocolError
+from ..identity import verify_signature
+from .infer import MAX_CAPABILITY_LEN
+
+__all__ = [
+    "MAX_CAPABILITIES",
+    "MAX_COUNT",
+    "MAX_LATENCY_MS",
+    "MAX_MESSAGE_SIZE",
+    "MAX_PEER_ID_LEN",
+    "MAX_SEQ",
+    "MAX_TOKENS_PER_S",
+    "MAX_TTL_MS",
+    "MAX_VERSION_LEN",
+    "MIN_TTL_MS",
+    "RECORD_VERSION",
+    "SIGNATURE_LEN",
+    "SIGNING_DOMAIN",
+    "TOPIC",
+    "AvailabilityRecord",
+    "Signer",
+    "SignedRecord",
+    "State",
+    "canonical_packb",
+    "capabilities_of",
+    "encode_envelope",
+    "encode_record",
+    "open_envelope",
+    "parse_record",
+    "seal",
+    "signing_input",
+]
+
+#: The GossipSub topic. The trailing number is the major version: a record
+#: layout that old peers cannot read gets a new topic, so that old and new
+#: peers never reject each other's records as malformed.
+TOPIC = "/modelnet/availability/1"
+#: Value of the record's ``v`` field.
+RECORD_VERSION = 1
+#: Prepended to the record body before signing. It names this record type, so
+#: that a signature made here can never be replayed as one of the other
+#: signatures the same identity key makes (libp2p pubsub messages sign under
+#: ``libp2p-pubsub:``, Noise handshakes under ``noise-libp2p-static-key:``).
+SIGNING_DOMAIN = b"modelnet-availability-record/1:"
+#: Ed25519 signatures are 64 bytes.
+SIGNATURE_LEN = 64
+
+#: Largest envelope accepted or produced, in bytes. A typical record with a
+#: handful of capabilities is 150-300 bytes. Every peer re-publishes its record
+#: every few seconds and every other peer receives it, so each byte here is
+#: paid N times per period; 4 KiB still allows a few dozen capabilities while
+#: bounding what one peer can make the mesh carry.
+MAX_MESSAGE_SIZE = 4096
+#: Most capabilities one record may list (the size limit usually binds first).
+MAX_CAPABILITIES = 64
+#: Longest capability version, in UTF-8 bytes (names follow the inference
+#: protocol's limit, :data:`~modelnet_p2p.wire.infer.MAX_CAPABILITY_LEN`).
+MAX_VERSION_LEN = 64
+#: Longest peer id, in bytes. An Ed25519 peer id is 38 bytes; 64 leaves room
+#: for other identity multihashes without accepting arbitrary blobs.
+MAX_PEER_ID_LEN = 64
+#: Sequence numbers are unsigned 64-bit integers.
+MAX_SEQ = 2**64 - 1
+#: Upper bound of the request counters (``inf``, ``q``, ``max``): uint32.
+MAX_COUNT = 2**32 - 1
+#: Upper bound of the latency figure, in milliseconds (about 49 days: uint32).
+MAX_LATENCY_MS = 2**32 - 1
+#: Upper bound of the tokens-per-second figure.
+MAX_TOKENS_PER_S = 1e12
+#: Shortest TTL a record may announce, in milliseconds: below one second, a
+#: record would expire before GossipSub (1 s heartbeat) can deliver it reliably.
+MIN_TTL_MS = 1_000
+#: Longest TTL a record may announce, in milliseconds: soft state must not
+#: outlive its publisher by more than a few minutes.
+MAX_TTL_MS = 300_000
+
+
+class State(StrEnum):
+    """What a peer says about itself."""
+
+    #: Up, but not accepting requests yet (for example still loading a model).
+    JOINING = "joining"
+    #: Accepting requests.
+    READY = "ready"
+    #: Finishing the requests it has; refusing new ones.
+    DRAINING = "draining"
+    #: About to go away; forget it.
+    LEAVING = "leaving"
+
+
+class Signer(Protocol):
+    """What :func:`seal` needs of an identity (a :class:`~modelnet_p2p.Identity` fits)."""
+
+    @property
+    def peer_id(self) -> ID: ...
+
+    def sign(self, data: bytes) -> bytes: ...
+
+
+def _need(cond: bool, what: str) -> None:
+    if not cond:
+        raise ProtocolError(what)
+
+
+def _is_uint(value: object, limit: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit
+
+
+@dataclass(frozen=True, slots=True)
+class AvailabilityRecord:
+    """One peer's availability, as published on :data:`TOPIC`.
+
+    Attributes:
+        peer_id: the publishing peer, base58 text.
+        seq: strictly increasing per peer, across restarts too (publishers use
+            microseconds of wall-clock time, or the previous value plus one if
+            that is larger).
+        state: see :class:`State`.
+        capabilities: ``(name, version)`` pairs served, sorted by name, names unique.
+        in_flight: requests being served now.
+        queue: requests waiting for a slot.
+        max_concurrency: requests the peer serves at once (``0``: not stated).
+        latency_ms: recent request latency, milliseconds.
+        tokens_per_s: recent generation throughput.
+        ttl_ms: how long receivers keep the record without a newer one, milliseconds.
+    """
+
+    peer_id: str
+    seq: int
+    state: State = State.READY
+    capabilities: tuple[tuple[str, str], ...] = ()
+    in_flight: int = 0
+    queue: int = 0
+    max_concurrency: int = 0
+    latency_ms: int = 0
+    tokens_per_s: float = 0.0
+    ttl_ms: int = 6_000
+
+    def __post_init__(self) -> None:
+        # Accept plain strings and lists from callers; store the canonical forms.
+        object.__setattr__(self, "state", State(self.state))
+        caps = tuple((str(n), str(v)) for n, v in self.capabilities)
+        object.__setattr__(self, "capabilities", tuple(sorted(caps, key=lambda c: c[0].encode())))
+        object.__setattr__(self, "tokens_per_s", float(self.tokens_per_s))
+
+    def capability_names(self) -> frozenset[str]:
+        return frozenset(name for name, _ in self.capabilities)
+
+    def serves(self, name: str, version: str | None = None) -> bool:
+        """Whether the record lists capability ``name`` (at ``version``, if given)."""
+        return any(n == name and (version is None or v == version) for n, v in self.capabilities)
+
+
+@dataclass(frozen=True, slots=True)
+class SignedRecord:
+    """A parsed envelope: the record, the exact bytes signed, and the signature."""
+
+    record: AvailabilityRecord
+    body: bytes
+    signature: bytes
+    peer_id_bytes: bytes
+    size: int
+
+    def verify(self) -> bool:
+        """Whether :attr:`signature` is the named peer's signature over :attr:`body`."""
+        return verify_signature(ID(self.peer_id_bytes), signing_input(self.body), self.signature)
+
+
+# -- canonical encoding --------------------------------------------------------
+
+
+def _canonical(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        items = sorted(obj.items(), key=lambda kv: _key_bytes(kv[0]))
+        return {k: _canonical(v) for k, v in items}
+    if isinstance(obj, list | tuple):
+        return [_canonical(v) for v in obj]
+    return obj
+
+
+def _key_bytes(key: Any) -> bytes:
+    if not isinstance(key, str):
+        raise ProtocolError("map keys must be text")
+    return key.encode()
+
+
+def canonical_packb(obj: Any) -> bytes:
+    """Canonical msgpack: maps with keys sorted by UTF-8 bytes, shortest ints, float64, bin for bytes."""
+    return msgpack.packb(_canonical(obj), use_bin_type=True)
+
+
+def _unpack_canonical(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises ExtraData, ValueError, UnicodeDecodeError, ...
+        raise ProtocolError(f"{what} is not valid msgpack ({type(exc).__name__})") from None
+    _need(isinstance(obj, dict), f"{what} is not a map")
+    try:
+        again = canonical_packb(obj)
+    except ProtocolError:
+        raise
+    except Exception:
+        raise ProtocolError(f"{what} holds values that cannot be re-encoded") from None
+    _need(again == data, f"{what} is not canonically encoded")
+    return obj
+
+
+# -- records ---------------------------------------------------------------------
+
+
+def _peer_id_bytes(peer_id: str) -> bytes:
+    try:
+        raw = ID.from_base58(peer_id).to_bytes()
+    except Exception:
+        raise ProtocolError(f"invalid peer id {peer_id!r}") from None
+    _need(0 < len(raw) <= MAX_PEER_ID_LEN, "peer id too long")
+    return raw
+
+
+def _record_map(record: AvailabilityRecord) -> dict[str, Any]:
+    return {
+        "caps": [[n, v] for n, v in record.capabilities],
+        "id": _peer_id_bytes(record.peer_id),
+        "inf": record.in_flight,
+        "lat": record.latency_ms,
+        "max": record.max_concurrency,
+        "q": record.queue,
+        "seq": record.seq,
+        "st": str(record.state),
+        "tps": float(record.tokens_per_s),
+        "ttl": record.ttl_ms,
+        "v": RECORD_VERSION,
+    }
+
+
+def encode_record(record: AvailabilityRecord) -> bytes:
+    """The canonical record body (the bytes that get signed).
+
+    Raises :class:`ProtocolError` if a field is out of range, so that a peer
+    never publishes what its peers would reject.
+    """
+    body = canonical_packb(_record_map(record))
+    # Round-trip through the strict parser: one set of rules for both directions.
+    parse_record(body)
+    return body
+
+
+def _parse_caps(value: Any) -> tuple[tuple[str, str], ...]:
+    _need(isinstance(value, list), "field 'caps' must be an array")
+    _need(len(value) <= MAX_CAPABILITIES, f"more than {MAX_CAPABILITIES} capabilities")
+    caps: list[tuple[str, str]] = []
+    for item in value:
+        _need(
+            isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item),
+            "each capability must be a [name, version] pair of text",
+        )
+        name, version = item
+        _need(0 < len(name.encode()) <= MAX_CAPABILITY_LEN, "capability name empty or too long")
+        _need(len(version.encode()) <= MAX_VERSION_LEN, "capability version too long")
+        caps.append((name, version))
+    names = [n.encode() for n, _ in caps]
+    _need(names == sorted(names), "capabilities must be sorted by name")
+    _need(len(set(names)) == len(names), "capability names must be unique")
+    return tuple(caps)
+
+
+def parse_record(body: bytes) -> tuple[AvailabilityRecord, bytes]:
+    """Strictly parse a record body; returns the record and the raw peer id bytes.
+
+    Unknown keys are allowed (and covered by the signature), so a later minor
+    revision can add fields; every known field must be present and in range.
+    """
+    _need(
+        len(body) <= MAX_MESSAGE_SIZE,
+        f"availability record body of {len(body)} bytes exceeds {MAX_MESSAGE_SIZE} bytes",
+    )
+    obj = _unpack_canonical(body, "record")
+    version = obj.get("v")
+    _need(_is_uint(version, MAX_COUNT), "field 'v' must be an unsigned integer")
+    _need(version == RECORD_VERSION, f"unsupported record version {version}")
+    pid: Any = obj.get("id")
+    _need(isinstance(pid, bytes) and 0 < len(pid) <= MAX_PEER_ID_LEN, "field 'id' must be a peer id (bytes)")
+    try:
+        peer_id = ID(pid).to_base58()
+    except Exception:
+        raise ProtocolError("field 'id' is not a peer id") from None
+    seq = obj.get("seq")
+    _need(_is_uint(seq, MAX_SEQ), "field 'seq' must be an unsigned 64-bit integer")
+    state = obj.get("st")
+    _need(isinstance(state, str) and state in State._value2member_map_, f"unknown state {state!r}")
+    for key in ("inf", "q", "max"):
+        _need(_is_uint(obj.get(key), MAX_COUNT), f"field {key!r} must be an unsigned 32-bit integer")
+    _need(_is_uint(obj.get("lat"), MAX_LATENCY_MS), "field 'lat' must be an unsigned 32-bit integer")
+    tps = obj.get("tps")
+    _need(
+        isinstance(tps, float) and math.isfinite(tps) and 0.0 <= tps <= MAX_TOKENS_PER_S,
+        "field 'tps' must be a finite non-negative float64",
+    )
+    ttl: Any = obj.get("ttl")
+    _need(
+        _is_uint(ttl, MAX_TTL_MS) and ttl >= MIN_TTL_MS,
+        f"field 'ttl' must be between {MIN_TTL_MS} and {MAX_TTL_MS} ms",
+    )
+    record = AvailabilityRecord(
+        peer_id=peer_id,
+        seq=obj["seq"],
+        state=State(obj["st"]),
+        capabilities=_parse_caps(obj.get("caps")),
+        in_flight=obj["inf"],
+        queue=obj["q"],
+        max_concurrency=obj["max"],
+        latency_ms=obj["lat"],
+        tokens_per_s=obj["tps"],
+        ttl_ms=obj["ttl"],
+    )
+    return record, obj["id"]
+
+
+# -- envelopes -----------------------------------------------------------------
+
+
+def signing_input(body: bytes) -> bytes:
+    """Exactly what the signature covers: :data:`SIGNING_DOMAIN` followed by the body."""
+    return SIGNING_DOMAIN + body
+
+
+def encode_envelope(body: bytes, signature: bytes) -> bytes:
+    """Assemble an envelope from a body and a signature (no checks: for tools and tests)."""
+    return canonical_packb({"rec": body, "sig": signature})
+
+
+def seal(record: AvailabilityRecord, signer: Signer) -> bytes:
+    """Encode ``record``, sign it with ``signer`` and return the envelope to publish.
+
+    Raises :class:`ValueError` if the record names another peer than the
+    signer, and :class:`ProtocolError` if a field is out of range or the
+    envelope would exceed :data:`MAX_MESSAGE_SIZE`.
+    """
+    if record.peer_id != str(signer.peer_id):
+        raise ValueError("a record can only be sealed by the peer it names")
+    body = encode_record(record)
+    data = encode_envelope(body, signer.sign(signing_input(body)))
+    _need(
+        len(data) <= MAX_MESSAGE_SIZE,
+        f"availability record of {len(data)} bytes exceeds {MAX_MESSAGE_SIZE} bytes",
+    )
+    return data
+
+
+def open_envelope(data: bytes, *, verify: bool = True) -> SignedRecord:
+    """Parse an envelope and (by default) check its signature.
+
+    Raises :class:`ProtocolError` naming the first rule broken: oversized,
+    malformed or non-canonical envelope or record, or a bad signature.
+    """
+    _need(
+        len(data) <= MAX_MESSAGE_SIZE,
+        f"availability message of {len(data)} bytes exceeds {MAX_MESSAGE_SIZE} bytes",
+    )
+    env = _unpack_canonical(bytes(data), "envelope")
+    _need(set(env) == {"rec", "sig"}, "envelope must have exactly the keys 'rec' and 'sig'")
+    body, sig = env["rec"], env["sig"]
+    _need(isinstance(body, bytes), "envelope field 'rec' must be bytes")
+    _need(isinstance(sig, bytes) and len(sig) == SIGNATURE_LEN, "envelope field 'sig' must be 64 bytes")
+    record, pid = parse_record(body)
+    signed = SignedRecord(record=record, body=body, signature=sig, peer_id_bytes=pid, size=len(data))
+    if verify:
+        _need(signed.verify(), "signature does not match the record's peer id")
+    return signed
+
+
+def capabilities_of(items: Iterable[Any]) -> tuple[tuple[str, str], ...]:
+    """Normalize capabilities given as ``(name, version)`` pairs or objects with ``.name``/``.version``.
+
+    Raises :class:`ValueError` for a duplicate name.
+    """
+    out: dict[str, str] = {}
+    for item in items:
+        if isinstance(item, tuple | list) and len(item) == 2:
+            name, version = str(item[0]), str(item[1])
+        elif isinstance(item, str):
+            name, version = item, ""
+        else:
+            name, version = str(item.name), str(getattr(item, "version", ""))
+        if name in out:
+            raise ValueError(f"capability {name!r} listed twice")
+        out[name] = version
+    return tuple(sorted(out.items(), key=lambda c: c[0].encode()))
