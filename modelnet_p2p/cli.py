@@ -414,7 +414,6 @@ async def _serve(
             )
             await _wait_for_stop(signals, watch_stdin)
             _emit(as_json, "draining", f"draining ({peer.inference.in_flight} requests in flight)")
-            peer.inference.draining = True
             with trio.move_on_after(drain_timeout) as drain_scope:
                 async with trio.open_nursery() as nursery:
 
@@ -423,7 +422,7 @@ async def _serve(
                             drain_scope.cancel()
 
                     nursery.start_soon(second_signal)
-                    await peer.inference.wait_idle()
+                    await peer.drain(timeout=None)  # refuse new requests, announce "draining"
                     nursery.cancel_scope.cancel()
             _emit(as_json, "stopped", "stopped")
 
@@ -702,11 +701,13 @@ async def _ask(
 # -- discover and status -----------------------------------------------------------
 
 
-def _card_rows(cards: list[Any], availability: dict[str, Any]) -> list[dict[str, Any]]:
+def _card_rows(
+    cards: list[Any], availability: dict[str, Any], query: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     rows = []
     for card in sorted(cards, key=lambda c: c.peer_id):
         entry = availability.get(card.peer_id)
-        for cap in card.capabilities:
+        for cap in card.matching(**query) if query else card.capabilities:
             rows.append(
                 {
                     "peer_id": card.peer_id,
@@ -783,7 +784,7 @@ async def _discover(
                     task, model=model, version=version, tags=tags, limit=limit, timeout=timeout
                 )
         availability = peer.availability_table() if hasattr(peer, "availability_table") else {}
-    rows = _card_rows(cards, availability)
+    rows = _card_rows(cards, availability, {"task": task, "model": model, "version": version, "tags": tags})
     if as_json:
         click.echo(json.dumps({"peers": len(cards), "capabilities": rows}, indent=2))
         return
@@ -808,6 +809,118 @@ async def _discover(
             r["description"],
         )
     Console().print(table)
+
+
+async def _status_rows(peer: Any, ping: bool) -> list[dict[str, Any]]:
+    rows = []
+    for row in await peer.mesh_view(timeout=5.0):
+        if row.peer_id == peer.peer_id:
+            continue
+        d = row.to_dict()
+        a = d.get("availability") or {}
+        d.update(
+            {
+                "in_flight": a.get("in_flight"),
+                "max_concurrency": a.get("max_concurrency"),
+                "latency_ms": a.get("latency_ms"),
+                "tokens_per_s": a.get("tokens_per_s"),
+                "age_s": a.get("age_s"),
+                "rtt_ms": (await peer.ping(row.peer_id, timeout=2.0)) if ping else None,
+            }
+        )
+        rows.append(d)
+    return rows
+
+
+def _status_table(rows: list[dict[str, Any]], me: str) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"mesh seen from …{me[-8:]}: {len(rows)} peers")
+    for col in ("peer", "state", "capabilities", "load", "latency", "tok/s", "rtt", "age"):
+        table.add_column(col, no_wrap=col != "capabilities")
+    for r in rows:
+        load = f"{r['in_flight']}/{r['max_concurrency']}" if r["in_flight"] is not None else "-"
+        table.add_row(
+            "…" + r["peer_id"][-8:],
+            r["state"],
+            ", ".join(c["name"] for c in r["capabilities"]) or "-",
+            load,
+            f"{r['latency_ms']:.0f} ms" if r["latency_ms"] else "-",
+            f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-",
+            f"{r['rtt_ms']:.1f} ms" if r["rtt_ms"] is not None else "-",
+            f"{r['age_s']:.1f} s" if r["age_s"] is not None else "-",
+        )
+    return table
+
+
+@cli.command("status")
+@click.option("--watch", is_flag=True, help="Refresh live until Ctrl-C.")
+@click.option("--interval", default=2.0, show_default=True, help="Seconds between refreshes with --watch.")
+@click.option(
+    "--wait", default=3.0, show_default=True, help="Seconds to listen to gossip before the first view."
+)
+@click.option("--no-ping", is_flag=True, help="Do not measure round-trip times.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (a JSON line per view).")
+@_peer_options
+@pass_state
+def status_command(
+    state: State,
+    watch: bool,
+    interval: float,
+    wait: float,
+    no_ping: bool,
+    as_json: bool,
+    identity: str | None,
+    listen: tuple[str, ...],
+    bootstrap: tuple[str, ...],
+    reachability: str | None,
+) -> None:
+    """The mesh as this peer sees it: peers, capabilities, state, load and round-trip time."""
+    cfg, _ = state.config(**_peer_flags(identity, listen, bootstrap, reachability))
+    if not cfg.bootstrap:
+        raise click.UsageError("give --bootstrap ADDR (or MODELNET_BOOTSTRAP) to reach the mesh")
+    try:
+        run_async(_status, cfg, watch, interval, wait, not no_ping, as_json)
+    except KeyboardInterrupt:
+        pass
+
+
+async def _status(cfg: Config, watch: bool, interval: float, wait: float, ping: bool, as_json: bool) -> None:
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with _make_peer(cfg, require_bootstrap=True) as peer, trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    return
+
+            nursery.start_soon(stop_on_signal)
+            if as_json:
+                await trio.sleep(wait)
+                while True:
+                    rows = await _status_rows(peer, ping)
+                    click.echo(json.dumps({"peer_id": peer.peer_id, "time": time.time(), "peers": rows}))
+                    sys.stdout.flush()
+                    if not watch:
+                        break
+                    await trio.sleep(interval)
+            else:
+                with console.status("listening to the mesh..."):
+                    await trio.sleep(wait)
+                    rows = await _status_rows(peer, ping)
+                if not watch:
+                    console.print(_status_table(rows, peer.peer_id))
+                else:
+                    with Live(_status_table(rows, peer.peer_id), console=console, auto_refresh=False) as live:
+                        while True:
+                            await trio.sleep(interval)
+                            rows = await _status_rows(peer, ping)
+                            live.update(_status_table(rows, peer.peer_id), refresh=True)
+            nursery.cancel_scope.cancel()
 
 
 # -- demo -------------------------------------------------------------------------

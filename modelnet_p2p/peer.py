@@ -763,6 +763,26 @@ class Peer:
                     cards[card.peer_id].append(cap)
         return mesh_view(table, cards)
 
+    async def ping(self, peer_id: str, *, timeout: float = 5.0) -> float | None:
+        """Round-trip time to a connected or known peer in milliseconds (libp2p ping), or ``None``."""
+        from libp2p.host.ping import PingService
+
+        pid = parse_peer_id(peer_id)
+        if pid is None or pid == self.identity.peer_id:
+            return None
+        with trio.move_on_after(timeout):
+            try:
+                if not self.host.get_network().get_connections(pid):
+                    await self._dial(
+                        PeerInfo(pid, _known_addrs(self.host, pid)), trio.current_time() + timeout
+                    )
+                started = trio.current_time()
+                await PingService(self.host).ping(pid, 1)
+                return (trio.current_time() - started) * 1000
+            except Exception as exc:
+                log.debug("ping %s failed: %r", peer_id, exc)
+        return None
+
     async def drain(self, timeout: float | None = 30.0) -> bool:
         """Stop taking new requests, announce ``draining``, and wait for in-flight ones to finish.
 

@@ -176,3 +176,55 @@ def _alive(pid: int) -> bool:
         return state != "Z"
     except OSError:
         return False
+
+
+def test_discover_and_status_json(tmp_path):
+    import json as _json
+
+    with background("bootstrap", "--json", cwd=tmp_path) as boot:
+        baddr = read_event(boot)["addrs"][0]
+        with (
+            background(
+                "serve",
+                "modelnet_p2p.demo_models:ALL",
+                "--only",
+                "echo",
+                "--only",
+                "arithmetic",
+                "--json",
+                "--bootstrap",
+                baddr,
+                cwd=tmp_path,
+            ) as p1,
+            background(
+                "serve",
+                "modelnet_p2p.demo_models:ALL",
+                "--only",
+                "echo",
+                "--json",
+                "--bootstrap",
+                baddr,
+                cwd=tmp_path,
+            ) as p2,
+        ):
+            ids = {read_event(p1)["peer_id"], read_event(p2)["peer_id"]}
+            out = modelnet("discover", "--model", "echo", "--bootstrap", baddr, "--json", cwd=tmp_path)
+            assert out.returncode == 0, out.stderr
+            data = _json.loads(out.stdout)
+            assert {r["peer_id"] for r in data["capabilities"]} == ids
+            out = modelnet("discover", "--tag", "math", "--bootstrap", baddr, "--json", cwd=tmp_path)
+            rows = _json.loads(out.stdout)["capabilities"]
+            assert {r["capability"] for r in rows} == {"arithmetic"}
+            st = modelnet("status", "--bootstrap", baddr, "--json", "--wait", "4", cwd=tmp_path)
+            assert st.returncode == 0, st.stderr
+            view = _json.loads(st.stdout.splitlines()[0])
+            by_id = {p["peer_id"]: p for p in view["peers"]}
+            assert ids <= set(by_id)
+            for pid in ids:
+                assert by_id[pid]["state"] == "ready"
+                assert "echo" in {c["name"] for c in by_id[pid]["capabilities"]}
+                assert by_id[pid]["rtt_ms"] is not None
+            # routed ask through the mesh
+            ask = modelnet("ask", "echo", "routed by the mesh", "--bootstrap", baddr, "--json", cwd=tmp_path)
+            assert ask.returncode == 0, ask.stderr
+            assert _json.loads(ask.stdout)["peer"] in ids
