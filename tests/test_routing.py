@@ -194,3 +194,53 @@ def test_peer_signature_keeps_target_first():
 
     params = list(inspect.signature(Peer.infer).parameters)
     assert params[:4] == ["self", "target", "capability", "input"]
+
+
+async def test_draining_peer_finishes_in_flight_and_takes_no_new_requests():
+    release = trio.Event()
+    counts: Counter[str] = Counter()
+
+    async def slow(request):
+        counts["draining"] += 1
+        await release.wait()
+        return "finished while draining"
+
+    async with open_peers(3, publish_interval=1.0) as (client, leaving, staying):
+        leaving.serve(Capability(name="task"), slow)
+        staying.serve(Capability(name="task"), counting("staying", counts))
+        await leaving.announce()
+        await staying.announce()
+        results: list[str] = []
+
+        async def in_flight() -> None:
+            results.append((await client.call(leaving.addrs[0], "task", None, timeout=30)).value)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(in_flight)
+            while not counts["draining"]:
+                await trio.sleep(0.01)
+            drained = trio.Event()
+
+            async def drain() -> None:
+                assert await leaving.drain(timeout=30)
+                drained.set()
+
+            nursery.start_soon(drain)
+            # the client hears "draining" through gossip
+            with trio.fail_after(10):
+                while client.availability_table().get(leaving.peer_id) is None or str(
+                    client.availability_table()[leaving.peer_id].state
+                ) != "draining":
+                    await trio.sleep(0.05)
+            for i in range(5):
+                resp = await client.call(capability="task", input=i, timeout=20)
+                assert resp.peer == staying.peer_id
+            # a request sent to it directly is refused, retryably
+            with pytest.raises(UnavailableError, match="draining"):
+                await client.call(leaving.addrs[0], "task", None, timeout=10)
+            assert not drained.is_set()
+            release.set()
+            with trio.fail_after(10):
+                await drained.wait()
+        assert results == ["finished while draining"]
+        assert counts == {"draining": 1, "staying": 5}
