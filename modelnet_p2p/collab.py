@@ -35,7 +35,13 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .errors import BadRequestError, DeadlineExceededError, ModelNetError, UnavailableError
+from .errors import (
+    BadRequestError,
+    DeadlineExceededError,
+    ModelNetError,
+    OverloadedError,
+    UnavailableError,
+)
 from .services.inference import via_entry
 from .wire.infer import TraceContext
 
@@ -258,6 +264,13 @@ def _as_step(step: Step | str | Mapping[str, Any]) -> Step:
         return step
     if isinstance(step, str):
         return Step(step)
+    if not isinstance(step, Mapping):
+        raise BadRequestError(f"a step must be a capability name or a table, not {step!r}")
+    unknown = set(step) - {"capability", "params", "target", "stream", "group"}
+    if unknown or "capability" not in step:
+        raise BadRequestError(
+            f"a step needs 'capability' and may have params, target, stream, group; got {sorted(step)}"
+        )
     return Step(**dict(step))
 
 
@@ -353,11 +366,14 @@ async def _streamed_pair(
             )
 
     limiter = trio.CapacityLimiter(4)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(feed)
-        async with recv:
-            async for index, piece in recv:
-                nursery.start_soon(work, index, piece, limiter)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(feed)
+            async with recv:
+                async for index, piece in recv:
+                    nursery.start_soon(work, index, piece, limiter)
+    except BaseExceptionGroup as group:
+        raise _first_error(group) from None
     down.finish("ok")
     down.chunks = len(results)
     outputs = [results[i] for i in sorted(results)]
@@ -367,6 +383,25 @@ async def _streamed_pair(
 
 
 # -- ensemble ----------------------------------------------------------------------
+
+
+def _first_error(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The exception to show for a failed fan-out: a deadline first, then any modelnet error."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for kind in (DeadlineExceededError, ModelNetError):
+        for exc in leaves:
+            if isinstance(exc, kind):
+                return exc
+    return leaves[0]
 
 
 def _normalise(value: Any) -> str:
@@ -430,8 +465,11 @@ async def ensemble(
     for node in root.children:
         if node.status == "running":
             node.finish("timeout", "cut off at the deadline")
-        elif node.status == "cancelled" and aggregate == "first":
-            node.status = "skipped"
+        elif node.status == "cancelled":
+            if aggregate == "first":
+                node.status = "skipped"  # another member answered first
+            else:
+                node.status, node.error = "timeout", "cut off at the deadline"
     took_part = sorted(answers)
     root.detail["members"] = f"{len(took_part)}/{len(members)}"
     if not answers:
@@ -533,7 +571,15 @@ async def draft_verify(
     rejected: set[str] = set()
     for attempt in range(1, rounds + 1):
         node = root.child("draft", round=attempt)
-        draft = await _call(peer, node, drafter, input, extra, deadline, avoid=rejected)
+        try:
+            draft = await _call(peer, node, drafter, input, extra, deadline, avoid=rejected)
+        except (OverloadedError, UnavailableError):
+            if not rejected:
+                raise
+            # Every other provider is unavailable: ask a rejected one again, with the feedback.
+            node.attempts.append({"note": "no other provider; asking a rejected one again"})
+            node.status = "running"
+            draft = await _call(peer, node, drafter, input, extra, deadline)
         verdict = await _call(
             peer,
             root.child("verify", round=attempt),
@@ -712,16 +758,39 @@ async def run_node(peer: Peer, node: Mapping[str, Any], input: Any, trace: Trace
     if kind == "router":
         _check_keys(spec, "router")
         spec = dict(spec)
-        result = await route(
-            peer,
-            _need_str(spec, "capability"),
-            input,
-            dict(spec.get("routes", {})),
-            default=spec.get("default"),
-            timeout=timeout,
-            trace=trace.child("router"),
+        routes = dict(spec.get("routes", {}))
+        default = spec.get("default")
+        for candidate in (*routes.values(), default):  # fail on a bad route before any call
+            if candidate is not None and not (
+                isinstance(candidate, Mapping) and any(p in candidate for p in _PATTERNS)
+            ):
+                _as_step(candidate)
+        node_trace = trace.child("router")
+        label = _label_of(
+            await _call(
+                peer, node_trace.child("classify"), _need_str(spec, "capability"), input, {}, deadline
+            )
         )
-        return result.output
+        node_trace.detail["label"] = label
+        chosen = routes.get(label, default)
+        if chosen is None:
+            node_trace.finish("error", f"no route for label {label!r}")
+            raise BadRequestError(f"router chose {label!r}, which has no route and there is no default")
+        if isinstance(chosen, Mapping) and any(p in chosen for p in _PATTERNS):
+            output = await run_node(peer, chosen, input, node_trace, deadline)  # a nested pattern
+        else:
+            step = _as_step(chosen)
+            output = await _call(
+                peer,
+                node_trace.child("specialist"),
+                step.capability,
+                input,
+                step.params,
+                deadline,
+                step.target,
+            )
+        node_trace.finish("ok")
+        return output
     _check_keys(spec, "draft_verify")
     spec = dict(spec)
     result = await draft_verify(
