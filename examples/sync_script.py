@@ -13,8 +13,7 @@ from modelnet_p2p.threaded import ThreadedPeer
 
 def reverse_words(request: InferenceRequest):
     """A sync generator handler: each yielded item is streamed as a chunk."""
-    for word in reversed(str(request.input).split()):
-        yield word
+    yield from reversed(str(request.input).split())
 
 
 def main() -> None:

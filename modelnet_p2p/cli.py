@@ -16,7 +16,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +133,18 @@ def _make_peer(cfg: Config, **overrides: Any) -> Any:
     kwargs = cfg.peer_kwargs()
     kwargs.update(overrides)
     return Peer(**kwargs)
+
+
+def _env_secret(var: str | None, flag: str) -> str | None:
+    """The value of the environment variable named by ``flag`` (secrets never go on the command line)."""
+    if not var:
+        return None
+    import os
+
+    value = os.environ.get(var, "")
+    if not value:
+        raise click.UsageError(f"{flag} {var}: that environment variable is not set or is empty")
+    return value
 
 
 # -- id / config -------------------------------------------------------------------
@@ -317,6 +329,15 @@ def resolve_serve_target(
 )
 @click.option("--json", "as_json", is_flag=True, help="Print events as JSON lines.")
 @click.option("--exit-on-stdin-eof", "watch_stdin", is_flag=True, hidden=True)
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    help="With openai+http(s)://: serve only this upstream model, NAME or NAME=TASK (repeatable).",
+)
+@click.option(
+    "--api-key-env", help="With openai+http(s)://: environment variable holding the upstream's API key."
+)
 @_peer_options
 @pass_state
 def serve_command(
@@ -331,6 +352,8 @@ def serve_command(
     drain_timeout: float,
     as_json: bool,
     watch_stdin: bool,
+    models: tuple[str, ...],
+    api_key_env: str | None,
     identity: str | None,
     listen: tuple[str, ...],
     bootstrap: tuple[str, ...],
@@ -339,9 +362,35 @@ def serve_command(
     """Serve a model on the mesh until Ctrl-C, then drain gracefully.
 
     TARGET is module:attr or file.py:attr (a handler, or a dict of handlers), or a
-    card file (TOML with capability fields and handler = "module:attr").
+    card file (TOML with capability fields and handler = "module:attr"), or an
+    OpenAI-compatible server, openai+http://127.0.0.1:11434/v1 (one capability per
+    model it lists; --model chooses).
     """
     cfg, _ = state.config(**_peer_flags(identity, listen, bootstrap, reachability))
+    if target.startswith("openai+"):
+        try:
+            from .adapters.openai_upstream import parse_upstream_target, serve_upstream
+        except ImportError as exc:
+            raise ConfigError(
+                f"openai+ targets need: pip install 'modelnet_p2p[gateway]' ({exc.name} is missing)"
+            ) from None
+
+        if cap_name or task or cap_version or description or only:
+            raise click.UsageError("with openai+http(s):// the models come from the server; use --model")
+        base_url = parse_upstream_target(target)
+        api_key = _env_secret(api_key_env, "--api-key-env")
+
+        async def setup(peer: Any) -> list[Capability]:
+            upstream = await serve_upstream(peer, base_url, models=models, api_key=api_key, tags=tags)
+            return upstream.capabilities
+
+        try:
+            run_async(_serve, cfg, [], drain_timeout, as_json, watch_stdin, None, setup)
+        except KeyboardInterrupt:
+            pass
+        return
+    if models or api_key_env:
+        raise click.UsageError("--model and --api-key-env go with an openai+http(s):// target")
     flags = {"name": cap_name, "task": task, "version": cap_version, "description": description, "tags": tags}
     served = resolve_serve_target(target, flags, state.config_file)
     if only:
@@ -398,19 +447,23 @@ async def _serve(
     as_json: bool,
     watch_stdin: bool = False,
     overrides: dict[str, Any] | None = None,
+    setup: Callable[[Any], Awaitable[list[Capability]]] | None = None,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with _make_peer(cfg, **(overrides or {})) as peer:
             for cap, handler in served:
                 peer.serve(cap, handler)
+            names = [c.name for c, _ in served]
+            if setup is not None:  # e.g. an OpenAI-compatible upstream, served once it answers
+                names += [c.name for c in await setup(peer)]
             _emit(
                 as_json,
                 "ready",
-                f"serving {', '.join(c.name for c, _ in served) or 'nothing'} as {peer.peer_id}\n"
+                f"serving {', '.join(names) or 'nothing'} as {peer.peer_id}\n"
                 + "\n".join(f"  {a}" for a in peer.addrs),
                 peer_id=peer.peer_id,
                 addrs=peer.addrs,
-                capabilities=[c.name for c, _ in served],
+                capabilities=names,
             )
             await _wait_for_stop(signals, watch_stdin)
             _emit(as_json, "draining", f"draining ({peer.inference.in_flight} requests in flight)")
@@ -592,6 +645,113 @@ async def _mesh_up(state: State, count: int, as_json: bool, port: int) -> None:
             if not as_json and children:
                 click.echo("stopping the mesh...", err=True)
             await _stop_children(children)
+
+
+# -- gateway -------------------------------------------------------------------------
+
+
+@cli.command("gateway")
+@click.option(
+    "--listen",
+    "http_listen",
+    default="127.0.0.1:8080",
+    show_default=True,
+    help="HOST:PORT of the OpenAI-compatible HTTP API.",
+)
+@click.option(
+    "--api-key-env",
+    help="Environment variable holding the bearer token clients must send (required off loopback).",
+)
+@click.option("--no-auth", is_flag=True, help="Allow a non-loopback --listen without a bearer token.")
+@click.option(
+    "--timeout", "request_timeout", default=600.0, show_default=True, help="Seconds one request may take."
+)
+@click.option(
+    "--routing",
+    type=click.Choice(["mesh", "local"]),
+    default="mesh",
+    show_default=True,
+    help="Who picks providers: the peer's routing, or the gateway's over discovered providers.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print events as JSON lines.")
+@click.option("--exit-on-stdin-eof", "watch_stdin", is_flag=True, hidden=True)
+@click.option("--p2p-listen", "listen", multiple=True, help="The peer's listen multiaddr (repeatable).")
+@click.option("--bootstrap", "-b", multiple=True, help="Bootstrap multiaddr (repeatable).")
+@click.option("--identity", "-i", type=click.Path(dir_okay=False), help="Key file (created if missing).")
+@pass_state
+def gateway_command(
+    state: State,
+    http_listen: str,
+    api_key_env: str | None,
+    no_auth: bool,
+    request_timeout: float,
+    routing: str,
+    as_json: bool,
+    watch_stdin: bool,
+    listen: tuple[str, ...],
+    bootstrap: tuple[str, ...],
+    identity: str | None,
+) -> None:
+    """Serve the OpenAI API (models, chat, completions, embeddings) backed by the mesh, until Ctrl-C.
+
+    \b
+    Also: GET /.well-known/agent-card.json, /healthz, /metrics (Prometheus).
+    """
+    cfg, _ = state.config(**_peer_flags(identity, listen, bootstrap))
+    if not cfg.bootstrap:
+        raise click.UsageError("give --bootstrap ADDR (or MODELNET_BOOTSTRAP) so the gateway can find models")
+    api_key = _env_secret(api_key_env, "--api-key-env")
+    try:
+        run_async(
+            _gateway, cfg, http_listen, api_key, no_auth, request_timeout, routing, as_json, watch_stdin
+        )
+    except KeyboardInterrupt:
+        pass
+
+
+async def _gateway(
+    cfg: Config,
+    http_listen: str,
+    api_key: str | None,
+    no_auth: bool,
+    request_timeout: float,
+    routing: str,
+    as_json: bool,
+    watch_stdin: bool,
+) -> None:
+    from functools import partial
+
+    try:
+        from .gateway import serve_gateway
+    except ImportError as exc:
+        raise ConfigError(
+            f"the gateway needs: pip install 'modelnet_p2p[gateway]' ({exc.name} is missing)"
+        ) from None
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with _make_peer(cfg, require_bootstrap=True) as peer:
+            binds = await peer.nursery.start(
+                partial(
+                    serve_gateway,
+                    peer,
+                    http_listen,
+                    api_key,
+                    allow_no_auth=no_auth,
+                    request_timeout=request_timeout,
+                    routing=routing,
+                )
+            )
+            url = binds[0] if binds else f"http://{http_listen}"
+            _emit(
+                as_json,
+                "ready",
+                f"OpenAI-compatible gateway on {url}/v1 (peer {peer.peer_id})",
+                url=url,
+                peer_id=peer.peer_id,
+                addrs=peer.addrs,
+            )
+            await _wait_for_stop(signals, watch_stdin)
+            _emit(as_json, "stopped", "stopped")
 
 
 # -- ask ---------------------------------------------------------------------------

@@ -376,6 +376,7 @@ class Peer:
 
     async def _reserve_relays(self) -> None:
         """Hold a relay slot on every reachable bootstrap peer; announce the relayed addresses."""
+        self.discovery.relayed_only = True
         reservations = []
         for addr in self._bootstrap:
             relay_addr = str(addr)
@@ -529,7 +530,7 @@ class Peer:
         for card in await self.discover(model=capability, limit=limit, timeout=timeout):
             if card.peer_id == self.peer_id:
                 continue
-            addrs = sorted(card.dial_addrs, key=lambda a: "/p2p-circuit" in a)
+            addrs = sorted(card.dial_addrs, key=lambda a: "/p2p-circuit" not in a)
             targets.append(addrs[0] if addrs else card.peer_id)
         return targets
 
@@ -761,7 +762,8 @@ class Peer:
             for cap in card.capabilities:
                 if all(c.name != cap.name for c in cards[card.peer_id]):
                     cards[card.peer_id].append(cap)
-        return mesh_view(table, cards)
+        # Read the table again: the lookups took time, and entries may have expired.
+        return mesh_view(self.availability_table(), cards)
 
     async def ping(self, peer_id: str, *, timeout: float = 5.0) -> float | None:
         """Round-trip time to a connected or known peer in milliseconds (libp2p ping), or ``None``."""
@@ -819,7 +821,7 @@ class Peer:
             if card.peer_id == self.peer_id:
                 continue
             cap = next((c for c in card.capabilities if c.name.lower() == capability.lower()), None)
-            addrs = sorted(card.dial_addrs, key=lambda a: "/p2p-circuit" in a)
+            addrs = sorted(card.dial_addrs, key=lambda a: "/p2p-circuit" not in a)
             found[card.peer_id] = Candidate(
                 peer_id=card.peer_id,
                 addrs=addrs,
@@ -868,7 +870,8 @@ class Peer:
         refreshed = False
         last_error: ModelNetError | None = None
         while True:
-            lookup = max(0.05, min(5.0, deadline - trio.current_time()))
+            # A provider's card can take one RPC timeout (5 s) plus a DHT query to arrive.
+            lookup = max(0.05, min(10.0, deadline - trio.current_time()))
             with trio.move_on_at(deadline):
                 cands = await self.providers(capability, timeout=lookup)
             if trio.current_time() >= deadline:

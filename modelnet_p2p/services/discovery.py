@@ -406,6 +406,8 @@ class Discovery:
         self._capabilities = capabilities
         self.protocol = protocol
         self.requested_mode: DhtModeName = mode
+        #: Announce only the extra (relayed) addresses once there are any (private peers).
+        self.relayed_only = False
         self.card_ttl = card_ttl
         self.announce_interval = announce_interval
         self.rpc_timeout = rpc_timeout
@@ -586,6 +588,10 @@ class Discovery:
         assert self._host is not None
         suffix = f"/p2p/{self.identity.peer_id}"
         listen = [str(a).removesuffix(suffix) for a in self._host.get_addrs()]
+        if self.relayed_only and self._extra_addrs:
+            # A peer others cannot dial announces only its relayed addresses:
+            # its direct ones would make callers wait on dials that cannot succeed.
+            listen = []
         return list(dict.fromkeys([*listen, *self._extra_addrs]))
 
     def check_capabilities(self, capabilities: Sequence[Capability]) -> None:
