@@ -815,47 +815,72 @@ async def _ask(
     timeout: float,
     as_json: bool,
 ) -> None:
-    async with _make_peer(cfg, require_bootstrap=bool(cfg.bootstrap)) as peer:
-        started = time.monotonic()
-        chunks: list[Any] = []
-        stream = peer.infer(target, capability, prompt, timeout=timeout, **params)
-        async with stream:
-            async for chunk in stream:
-                chunks.append(chunk)
-                if not as_json:
-                    click.echo(
-                        chunk if isinstance(chunk, str) else json.dumps(chunk), nl=not isinstance(chunk, str)
-                    )
-        elapsed = time.monotonic() - started
-        info = stream.info
-        if as_json:
-            text = "".join(c for c in chunks if isinstance(c, str))
-            click.echo(
-                json.dumps(
-                    {
-                        "capability": capability,
-                        "peer": info.peer,
-                        "chunks": chunks,
-                        "text": text,
-                        "finish_reason": info.finish_reason,
-                        "usage": info.usage,
-                        "latency_s": round(elapsed, 4),
-                        "trace": getattr(info, "trace_json", lambda: None)(),
-                    }
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    with console.status("joining the mesh..."):  # shown only on a terminal
+        peer = await _make_peer(cfg, require_bootstrap=bool(cfg.bootstrap)).__aenter__()
+    try:
+        await _ask_with(peer, capability, prompt, params, target, timeout, as_json)
+    finally:
+        await peer.__aexit__(None, None, None)
+
+
+async def _ask_with(
+    peer: Any,
+    capability: str,
+    prompt: str,
+    params: dict[str, Any],
+    target: str | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    started = time.monotonic()
+    chunks: list[Any] = []
+    stream = peer.infer(target, capability, prompt, timeout=timeout, **params)
+    async with stream:
+        async for chunk in stream:
+            chunks.append(chunk)
+            if not as_json:
+                click.echo(
+                    chunk if isinstance(chunk, str) else json.dumps(chunk), nl=not isinstance(chunk, str)
                 )
+    elapsed = time.monotonic() - started
+    info = stream.info
+    if as_json:
+        text = "".join(c for c in chunks if isinstance(c, str))
+        click.echo(
+            json.dumps(
+                {
+                    "capability": capability,
+                    "peer": info.peer,
+                    "chunks": chunks,
+                    "text": text,
+                    "finish_reason": info.finish_reason,
+                    "usage": info.usage,
+                    "latency_s": round(elapsed, 4),
+                    "trace": {"attempts": info.attempts},
+                }
             )
-        else:
-            if chunks and isinstance(chunks[-1], str):
-                click.echo()
-            tokens = info.usage.get("tokens", len(chunks))
-            click.echo(
-                click.style(
-                    f"— answered by {info.peer} in {elapsed * 1000:.0f} ms, {tokens} tokens, "
-                    f"finish: {info.finish_reason}",
-                    dim=True,
-                ),
-                err=True,
-            )
+        )
+    else:
+        if chunks and isinstance(chunks[-1], str):
+            click.echo()
+        if len(info.attempts) > 1:
+            for attempt in info.attempts:
+                line = f"  tried …{attempt['peer'][-8:]}: {attempt['status']}"
+                if attempt.get("error"):
+                    line += f" ({attempt['error']})"
+                click.echo(click.style(line, dim=True), err=True)
+        tokens = info.usage.get("tokens", len(chunks))
+        click.echo(
+            click.style(
+                f"— answered by {info.peer} in {elapsed * 1000:.0f} ms, {tokens} tokens, "
+                f"finish: {info.finish_reason}",
+                dim=True,
+            ),
+            err=True,
+        )
 
 
 # -- discover and status -----------------------------------------------------------
