@@ -221,6 +221,7 @@ def _import_target(target: str) -> Any:
             if spec is None or spec.loader is None:
                 raise ConfigError(f"cannot load {path}")
             module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # dataclasses and pickling look modules up here
             spec.loader.exec_module(module)
         else:
             module = importlib.import_module(module_name)

@@ -446,13 +446,18 @@ async def ensemble(
     answers: dict[int, Any] = {}
     first_done = trio.Event()
 
+    finished = 0
+
     async def member(i: int, cap: str, target: str | None) -> None:
+        nonlocal finished
         node = root.child("member", cap, member=i)
         try:
             answers[i] = await _call(peer, node, cap, input, params, member_deadline, target)
         except ModelNetError:
-            return  # recorded in the node; the others still count
-        if aggregate == "first":
+            pass  # recorded in the node; the others still count
+        finally:
+            finished += 1
+        if aggregate == "first" and (i in answers or finished == len(members)):
             first_done.set()
 
     with trio.move_on_at(member_deadline):
@@ -679,6 +684,19 @@ _KEYS = {
 }
 
 
+def _as_node(step: Any) -> Mapping[str, Any]:
+    """A pipeline step as a workflow node: a nested pattern as it is, a capability as a call.
+
+    In a pipeline that mixes nested patterns and plain steps, a plain step's
+    ``stream`` hand-over is not used: the step runs on the previous output, whole.
+    """
+    if isinstance(step, Mapping) and any(p in step for p in _PATTERNS):
+        return step
+    if isinstance(step, str):
+        return {"call": step}
+    return {"call": {k: v for k, v in step.items() if k in ("capability", "params", "target")}}
+
+
 def _check_keys(spec: Any, kind: str) -> None:
     if not isinstance(spec, Mapping):
         raise BadRequestError(f"workflow: {kind} must be a table")
@@ -726,15 +744,15 @@ async def run_node(peer: Peer, node: Mapping[str, Any], input: Any, trace: Trace
         node_trace = trace.child("pipeline")
         value = input
         plain = all(
-            isinstance(s, str) or ("capability" in s and not any(p in s for p in _PATTERNS)) for s in steps
+            isinstance(s, str) or ("capability" in s and not any(p in s for p in _PATTERNS))
+            for s in steps
+            if isinstance(s, (str, Mapping))
         )
         if plain:
             result = await pipeline(peer, steps, input, timeout=timeout, trace=node_trace)
             return result.output
         for s in steps:
-            value = await run_node(
-                peer, s if any(p in s for p in _PATTERNS) else {"call": s}, value, node_trace, deadline
-            )
+            value = await run_node(peer, _as_node(s), value, node_trace, deadline)
         node_trace.finish("ok")
         return value
     if kind == "ensemble":

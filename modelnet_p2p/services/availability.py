@@ -346,11 +346,12 @@ class _GuardedPubsub(Pubsub):
     * Bytes written are counted for :class:`AvailabilityStats`.
     """
 
-    def __init__(self, host: IHost, router: GossipSub, stream_setup_timeout: float) -> None:
+    def __init__(
+        self, host: IHost, router: GossipSub, stream_setup_timeout: float, stats: AvailabilityStats
+    ) -> None:
         super().__init__(host, router)
         self.stream_setup_timeout = stream_setup_timeout
-        self.bytes_sent = 0
-        self.rpcs_sent = 0
+        self.stats = stats
         self.inbound: set[INetStream] = set()
         self._ensuring: set[ID] = set()
         self._registering: dict[ID, trio.Lock] = {}
@@ -440,8 +441,8 @@ class _GuardedPubsub(Pubsub):
         ok = await super().write_msg(stream, rpc_msg)
         if ok:
             size = rpc_msg.ByteSize()
-            self.bytes_sent += size + len(encode_varint(size))
-            self.rpcs_sent += 1
+            self.stats.bytes_sent += size + len(encode_varint(size))
+            self.stats.rpcs_sent += 1
         return ok
 
 
@@ -579,17 +580,10 @@ class AvailabilityService:
             adaptive_gossip_enabled=False,
             max_messages_per_topic_per_second=cfg.max_messages_per_topic_per_second,
         )
-        taken = [p for p in router.get_protocols() if p in self._host.get_mux().get_protocols()]
-        if taken:
-            # Two Pubsubs on one host would fight over the stream handlers and
-            # each see half of the streams.
-            raise ConfigError(
-                f"another pubsub service already handles {taken[0]} on this host; "
-                "run one AvailabilityService per host (a Peer starts its own unless gossip=False)"
-            )
+        self.check_host_free()
         network = self._host.get_network()
         before: list[INotifee] = list(getattr(network, "notifees", []))
-        pubsub = _GuardedPubsub(self._host, router, cfg.stream_setup_timeout)
+        pubsub = _GuardedPubsub(self._host, router, cfg.stream_setup_timeout, self.stats)
         notifees = [n for n in getattr(network, "notifees", []) if n not in before]
         # Message ids are (origin, seqno) and py-libp2p starts seqno at
         # int(time.time()): a peer restarted within a minute or two could reuse
@@ -612,8 +606,6 @@ class AvailabilityService:
                     self._ready_once = True
                     task_status.started()
         finally:
-            self.stats.bytes_sent += pubsub.bytes_sent
-            self.stats.rpcs_sent += pubsub.rpcs_sent
             self._pubsub = self._router = None
             # Unregister first, so that neighbours that react to the resets below
             # cannot open new streams into a stopped pubsub.
@@ -634,6 +626,21 @@ class AvailabilityService:
             except Exception:
                 pass
 
+    def check_host_free(self) -> None:
+        """Raise :class:`ConfigError` if a pubsub service already runs on the host.
+
+        Two Pubsubs on one host would fight over the stream handlers, each
+        seeing some of the streams.
+        """
+        mux = self._host.get_mux()
+        registered = set(mux.get_protocols())
+        for proto in (PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID):
+            if proto in registered:
+                raise ConfigError(
+                    f"another pubsub service already handles {proto} on this host; run one "
+                    "AvailabilityService per host (a Peer starts its own unless gossip=False)"
+                )
+
     @property
     def running(self) -> bool:
         """Whether the service is subscribed and publishing."""
@@ -652,8 +659,7 @@ class AvailabilityService:
     @property
     def bytes_sent(self) -> int:
         """Pubsub bytes written since the service was created (all topics, control included)."""
-        live = self._pubsub.bytes_sent if self._pubsub is not None else 0
-        return self.stats.bytes_sent + live
+        return self.stats.bytes_sent
 
     async def _attach_existing_connections(self, nursery: trio.Nursery) -> None:
         # Pubsub only notices connections made after it started.
@@ -1092,6 +1098,7 @@ async def start_availability(
     service = AvailabilityService(
         host, identity, config, load_provider=load_provider, capabilities=capabilities
     )
+    service.check_host_free()  # here, so that the error is not wrapped by the nursery
     await nursery.start(service.run)
     return service
 

@@ -408,7 +408,7 @@ class InferenceServer:
                     del frames[:take]
                     queued -= nbytes
                     credit.sent += nbytes
-                    await stream.write(payload)
+                    await write_whole(stream, payload)
                     if done and not frames:
                         break
             if not state.keep:
@@ -490,10 +490,28 @@ class InferenceServer:
 
 _GONE = object()
 
+#: Longest a single stream write may take before the stream is given up.
+WRITE_TIMEOUT = 30.0
 
-async def _read_frames(
-    stream: INetStream, decoder: FrameDecoder, out: trio.MemorySendChannel[Any]
-) -> None:
+
+async def write_whole(stream: INetStream, data: bytes, timeout: float = WRITE_TIMEOUT) -> None:
+    """Write ``data`` without letting a cancellation cut it in half.
+
+    py-libp2p 0.8.1's Noise transport is not cancel-safe: a write cancelled
+    part-way leaves a partial Noise message on the connection, and every
+    stream on it breaks. So writes are shielded from the caller's
+    cancellation; a write that cannot finish within ``timeout`` (the peer
+    stopped reading for that long) resets the stream instead.
+    """
+    with trio.CancelScope(shield=True):
+        with trio.move_on_after(timeout) as scope:
+            await stream.write(data)
+        if scope.cancelled_caught:
+            await _reset(stream)
+            raise UnavailableError(f"stream write blocked for {timeout:.0f} s")
+
+
+async def _read_frames(stream: INetStream, decoder: FrameDecoder, out: trio.MemorySendChannel[Any]) -> None:
     """Read a stream until it ends, sending each frame body (a dict) to ``out``.
 
     Ends with ``_GONE`` (EOF, reset or a broken connection) or a
@@ -701,10 +719,9 @@ async def run_request(
     kept = False
     info.started = time.monotonic()
     try:
-        with trio.move_on_at(deadline) as scope:
-            await stream.write(frame)
-        if scope.cancelled_caught:
-            raise DeadlineExceededError("deadline exceeded while sending the request")
+        if trio.current_time() >= deadline:
+            raise DeadlineExceededError("deadline exceeded before the request was sent")
+        await write_whole(stream, frame)
         while True:
             data = b""
             with trio.move_on_at(deadline) as scope:
@@ -739,8 +756,7 @@ async def run_request(
                 raise
             if unacked >= window // CREDIT_FRACTION:
                 # Return credit before handing chunks out: the bytes are off the stream.
-                with trio.move_on_at(deadline):
-                    await stream.write(pack_frame(Credit(unacked).to_wire(), max_frame_size))
+                await write_whole(stream, pack_frame(Credit(unacked).to_wire(), max_frame_size))
                 unacked = 0
             for body in bodies:
                 msg = parse_message(body)
