@@ -273,7 +273,52 @@ def main() -> int:
         print(f"  {n} peers @ {interval:g} s measured in {time.monotonic() - started:.0f} s", flush=True)
         results.append(result)
     print_table(results)
+    routing_overhead(20 if args.quick else 200)
     return 0
+
+
+def routing_overhead(calls: int) -> None:
+    """3. The cost of routing: a capability call (no target) against a call to an explicit target.
+
+    Three providers and a client in this process; both kinds of call run the
+    same one-chunk handler, alternating, after warm-up (the provider list is
+    cached, as it is in steady state).
+    """
+
+    async def run() -> tuple[list[float], list[float]]:
+        from modelnet_p2p import Capability
+        from modelnet_p2p.testing import open_peers
+
+        async def tiny(request: Any) -> str:
+            return "ok"
+
+        async with open_peers(4) as (client, *providers):
+            for p in providers:
+                p.serve(Capability(name="tiny", task="tool"), tiny)
+                await p.announce()
+            target = providers[0].addrs[0]
+            for _ in range(10):
+                await client.call(capability="tiny", input=None, timeout=10)
+                await client.call(target, "tiny", None, timeout=10)
+            routed: list[float] = []
+            direct: list[float] = []
+            for _ in range(calls):
+                t = time.perf_counter()
+                await client.call(capability="tiny", input=None, timeout=10)
+                routed.append((time.perf_counter() - t) * 1000)
+                t = time.perf_counter()
+                await client.call(target, "tiny", None, timeout=10)
+                direct.append((time.perf_counter() - t) * 1000)
+            return routed, direct
+
+    routed, direct = trio.run(run)
+    r50, d50 = statistics.median(routed), statistics.median(direct)
+    print("\n3. routing overhead (one-chunk call, 3 providers, all peers in this process)")
+    print(f"   {'':28}{'routed':>10}{'explicit':>10}{'ratio':>8}")
+    print(f"   {'p50 ms':28}{r50:10.2f}{d50:10.2f}{r50 / d50:8.2f}")
+    r99 = sorted(routed)[int(len(routed) * 0.99) - 1]
+    d99 = sorted(direct)[int(len(direct) * 0.99) - 1]
+    print(f"   {'p99 ms':28}{r99:10.2f}{d99:10.2f}{r99 / d99:8.2f}")
 
 
 if __name__ == "__main__":
