@@ -235,7 +235,11 @@ class Peer:
         self.relay_hop = relay_hop
         #: Reserve slots on the bootstrap peers' relays and announce relayed
         #: addresses (a peer that others cannot dial; see ``specs/network.md``).
-        self.needs_relay = needs_relay(reachability, self._listen, self._bootstrap)
+        # A peer with no listen address is a pure client in "auto": it only
+        # calls out, so nobody needs to reach it and it reserves no slot.
+        self.needs_relay = (reachability != "auto" or bool(self._listen)) and needs_relay(
+            reachability, self._listen, self._bootstrap
+        )
         if self.needs_relay and dht_mode == "auto":
             dht_mode = "client"  # nobody can dial us to ask
         self.relay: RelayService | None = None
