@@ -26,7 +26,7 @@ import trio
 from . import __version__
 from .capability import Capability
 from .config import Config, load_config
-from .errors import ConfigError, ModelNetError
+from .errors import ConfigError, ModelNetError, exception_leaves
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -1215,16 +1215,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _single_modelnet_error(group: BaseExceptionGroup[Any]) -> ModelNetError | None:
-    found: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for e in exc.exceptions:
-                walk(e)
-        else:
-            found.append(exc)
-
-    walk(group)
+    found = exception_leaves(group)
     errors = [e for e in found if isinstance(e, ModelNetError)]
     return errors[0] if errors else None
 

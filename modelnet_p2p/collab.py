@@ -41,6 +41,7 @@ from .errors import (
     ModelNetError,
     OverloadedError,
     UnavailableError,
+    exception_leaves,
 )
 from .services.inference import via_entry
 from .wire.infer import TraceContext
@@ -387,16 +388,7 @@ async def _streamed_pair(
 
 def _first_error(group: BaseExceptionGroup[Any]) -> BaseException:
     """The exception to show for a failed fan-out: a deadline first, then any modelnet error."""
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
+    leaves = exception_leaves(group)
     for kind in (DeadlineExceededError, ModelNetError):
         for exc in leaves:
             if isinstance(exc, kind):

@@ -35,6 +35,7 @@ __all__ = [
     "UnauthorizedError",
     "UnavailableError",
     "error_from_code",
+    "exception_leaves",
 ]
 
 
@@ -167,3 +168,10 @@ def error_from_code(
     if cls is None:
         return ProtocolError(f"unknown error code {code!r}: {message}", chunks_delivered=chunks_delivered)
     return cls(message, retryable=retryable, chunks_delivered=chunks_delivered)
+
+
+def exception_leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside a (possibly nested) exception group, in order; ``[exc]`` for a plain one."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in exception_leaves(inner)]
+    return [exc]

@@ -39,6 +39,7 @@ from ..errors import (
     ProtocolError,
     UnavailableError,
     error_from_code,
+    exception_leaves,
 )
 from ..wire.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, pack_frame
 from ..wire.infer import (
@@ -582,16 +583,7 @@ def _most_telling(group: BaseExceptionGroup[Any]) -> BaseException:
     The client leaving explains everything else (the writer's reset, say);
     then a protocol breach; then whatever came first.
     """
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
+    leaves = exception_leaves(group)
     for kind in (_ClientGone, ProtocolError):
         for exc in leaves:
             if isinstance(exc, kind):
