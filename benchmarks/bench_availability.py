@@ -61,7 +61,7 @@ from availability_worker import NO_GOSSIP, Worker, open_worker, random_links
 
 from modelnet_p2p import Peer
 from modelnet_p2p.log import quiet_libp2p
-from modelnet_p2p.services.availability import AvailabilityConfig, start_availability
+from modelnet_p2p.services.availability.service import AvailabilityConfig, start_availability
 
 #: Peers per worker process.
 PEERS_PER_WORKER = 10

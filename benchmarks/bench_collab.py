@@ -217,7 +217,7 @@ def _ratio(a: float, b: float) -> str:
 
 async def run(settings: Settings, quick: bool) -> None:
     from modelnet_p2p import Peer
-    from modelnet_p2p.collab import Trace, ensemble, pipeline
+    from modelnet_p2p.mesh.collab import Trace, ensemble, pipeline
 
     started = time.monotonic()
     providers: list[Provider] = []

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from modelnet_p2p import Peer  # noqa: E402
-from modelnet_p2p.wire.card import task_key  # noqa: E402
+from modelnet_p2p.proto.card import task_key  # noqa: E402
 
 WORKER = ROOT / "tests" / "mesh_worker.py"
 PROVIDERS = 3

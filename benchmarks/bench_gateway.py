@@ -75,7 +75,7 @@ def _capability(name: str) -> Any:
 
 
 def _routes(provider: str) -> list[Any]:
-    from modelnet_p2p.gateway import ModelRoute
+    from modelnet_p2p.openai.app import ModelRoute
 
     return [ModelRoute(name=name, tasks=("chat",), providers=(provider,)) for name in MODELS]
 
@@ -106,7 +106,7 @@ async def _provider() -> None:
 
 async def _gateway(provider: str) -> None:
     from modelnet_p2p import Peer
-    from modelnet_p2p.gateway import Gateway
+    from modelnet_p2p.openai.app import Gateway
 
     async with Peer(listen=[f"/ip4/{HOST}/tcp/0"]) as peer:
         await peer.connect(provider)
@@ -120,7 +120,7 @@ class _LocalStream:
     """What ``Peer.infer`` returns, for a handler called in this process."""
 
     def __init__(self, capability: str, input: Any, params: dict[str, Any], timeout: float | None) -> None:
-        from modelnet_p2p.services.inference import ResponseInfo
+        from modelnet_p2p.services.inference.server import ResponseInfo
 
         self.info = ResponseInfo(peer="local")
         self._agen = self._run(capability, input, params, timeout)
@@ -187,7 +187,7 @@ class _LocalPeer:
 
 
 async def _direct() -> None:
-    from modelnet_p2p.gateway import Gateway
+    from modelnet_p2p.openai.app import Gateway
 
     async with trio.open_nursery() as nursery:
         peer: Any = _LocalPeer(nursery)

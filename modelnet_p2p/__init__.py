@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .capability import Capability, CostHint
 from .errors import (
     BadRequestError,
     CancelledError,
@@ -24,11 +23,12 @@ from .errors import (
     UnauthorizedError,
     UnavailableError,
 )
-from .identity import Identity
 from .log import set_verbose
+from .p2p.identity import Identity
 from .peer import InferenceStream, Peer, Response
-from .services.handlers import InferenceRequest
-from .wire.card import CapabilityCard
+from .proto.capability import Capability, CostHint
+from .proto.card import CapabilityCard
+from .services.inference.handlers import InferenceRequest
 
 try:
     __version__ = version("modelnet_p2p")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .network import NETWORKS, get_network
+from .p2p.network import NETWORKS, get_network
 
 __all__ = ["ENV_PREFIX", "Config", "load_config"]
 

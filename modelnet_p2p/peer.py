@@ -19,7 +19,6 @@ from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 
-from .capability import Capability
 from .errors import (
     BadRequestError,
     ConfigError,
@@ -30,19 +29,26 @@ from .errors import (
     ProtocolError,
     UnavailableError,
 )
-from .host import build_host, parse_multiaddr, running_host
-from .identity import Identity
 from .log import quiet_libp2p
-from .network import get_network, protocol_id, topic
-from .routing import Candidate, Policy, Router
-from .services.availability import (
+from .mesh.routing import Candidate, Policy, Router
+from .p2p.host import build_host, parse_multiaddr, running_host
+from .p2p.identity import Identity
+from .p2p.network import get_network, protocol_id, topic
+from .p2p.pool import StreamPool
+from .proto.availability import TOPIC as AVAILABILITY_TOPIC
+from .proto.capability import Capability
+from .proto.card import CapabilityCard
+from .proto.framing import DEFAULT_MAX_FRAME_SIZE
+from .proto.infer import PROTOCOL_ID as INFER_PROTOCOL_ID
+from .proto.infer import TraceContext
+from .services.availability.service import (
     AvailabilityConfig,
     AvailabilityService,
     InferenceLoad,
     mesh_view,
     start_availability,
 )
-from .services.discovery import (
+from .services.discovery.service import (
     DEFAULT_ANNOUNCE_INTERVAL,
     DEFAULT_CARD_TTL,
     DHT_PROTOCOL_ID,
@@ -50,8 +56,8 @@ from .services.discovery import (
     Discovery,
     Query,
 )
-from .services.handlers import Handler
-from .services.inference import (
+from .services.inference.handlers import Handler
+from .services.inference.server import (
     DEFAULT_WINDOW,
     InferenceServer,
     Limits,
@@ -59,7 +65,6 @@ from .services.inference import (
     new_request_id,
     run_request,
 )
-from .services.pool import StreamPool
 from .services.relay import (
     Reachability,
     RelayService,
@@ -69,11 +74,6 @@ from .services.relay import (
     needs_relay,
     parse_circuit_addr,
 )
-from .wire.availability import TOPIC as AVAILABILITY_TOPIC
-from .wire.card import CapabilityCard
-from .wire.framing import DEFAULT_MAX_FRAME_SIZE
-from .wire.infer import PROTOCOL_ID as INFER_PROTOCOL_ID
-from .wire.infer import TraceContext
 
 __all__ = ["InferenceStream", "Peer", "Response"]
 
@@ -173,7 +173,7 @@ class Peer:
         max_concurrency: requests served at once, over all callers.
         max_concurrency_per_peer: requests served at once for one caller.
         connect_timeout: seconds allowed to dial a peer.
-        network: the mesh to join (see :mod:`modelnet_p2p.network`); peers of
+        network: the mesh to join (see :mod:`modelnet_p2p.p2p.network`); peers of
             different networks do not understand each other's protocols.
         dht_mode: ``"server"`` (answer DHT requests and store records),
             ``"client"`` (only ask), or ``"auto"``: server if the peer listens on
@@ -182,7 +182,7 @@ class Peer:
         card_ttl: seconds a capability card stays valid after each announce.
         routing_policy: how requests without a target pick a provider:
             ``"p2c"`` (default), ``"least-loaded"``, ``"lowest-latency"`` or a
-            function (see :mod:`modelnet_p2p.routing`).
+            function (see :mod:`modelnet_p2p.mesh.routing`).
         reachability: ``"auto"``, ``"public"`` or ``"private"``: whether others
             can dial this peer. A private peer runs the DHT as a client,
             reserves a circuit relay slot on its bootstrap peers and announces
@@ -270,7 +270,7 @@ class Peer:
         self._nursery: trio.Nursery | None = None
         self._stack: AsyncExitStack | None = None
         self._streams = StreamPool()
-        #: Picks providers for requests without a target (see :mod:`modelnet_p2p.routing`).
+        #: Picks providers for requests without a target (see :mod:`modelnet_p2p.mesh.routing`).
         self.router = Router(routing_policy)
         self._provider_cache: dict[str, tuple[float, list[CapabilityCard]]] = {}
         self.inference = InferenceServer(str(self.identity.peer_id), self.limits)
@@ -447,7 +447,7 @@ class Peer:
         return out + list(self._circuit_addrs.values())
 
     def _mesh_context(self, request: Any) -> Any:
-        from .collab import MeshContext
+        from .mesh.collab import MeshContext
 
         return MeshContext(self, request)
 
@@ -747,7 +747,7 @@ class Peer:
     async def mesh_view(self, *, timeout: float = 5.0, discover_task: str | None = None) -> list[Any]:
         """The mesh as this peer sees it: availability gossip joined with capability cards.
 
-        Each row (a :class:`~modelnet_p2p.services.availability.MeshViewRow`) is a
+        Each row (a :class:`~modelnet_p2p.services.availability.service.MeshViewRow`) is a
         peer: its state and load from gossip (if it is alive), and its
         capabilities with their verified cards (from discovery: every
         capability name seen in gossip is looked up, plus ``discover_task``).

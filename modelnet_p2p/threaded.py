@@ -25,10 +25,10 @@ from typing import Any
 
 import trio
 
-from .capability import Capability
 from .errors import ModelNetError
 from .peer import Peer, Response
-from .services.handlers import Handler, InferenceRequest
+from .proto.capability import Capability
+from .services.inference.handlers import Handler, InferenceRequest
 
 __all__ = ["AsyncioPeer", "ThreadedPeer"]
 

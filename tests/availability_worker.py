@@ -47,7 +47,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modelnet_p2p import Peer
-from modelnet_p2p.services.availability import (
+from modelnet_p2p.services.availability.service import (
     AvailabilityConfig,
     AvailabilityService,
     LoadSnapshot,

@@ -30,7 +30,15 @@ from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX
 
 from modelnet_p2p import ConfigError, Peer, UnavailableError
-from modelnet_p2p.services.availability import (
+from modelnet_p2p.proto.availability import (
+    TOPIC,
+    AvailabilityRecord,
+    encode_envelope,
+    encode_record,
+    seal,
+    signing_input,
+)
+from modelnet_p2p.services.availability.service import (
     AvailabilityConfig,
     AvailabilityEntry,
     AvailabilityService,
@@ -39,14 +47,6 @@ from modelnet_p2p.services.availability import (
     State,
     mesh_view,
     start_availability,
-)
-from modelnet_p2p.wire.availability import (
-    TOPIC,
-    AvailabilityRecord,
-    encode_envelope,
-    encode_record,
-    seal,
-    signing_input,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modelnet_p2p import Identity, ProtocolError
-from modelnet_p2p.wire.availability import (
+from modelnet_p2p.proto.availability import (
     MAX_CAPABILITIES,
     MAX_MESSAGE_SIZE,
     MAX_TTL_MS,

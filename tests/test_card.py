@@ -1,4 +1,4 @@
-"""The capability card codec (``modelnet_p2p.wire.card``) against ``specs/vectors/capability.json``,
+"""The capability card codec (``modelnet_p2p.proto.card``) against ``specs/vectors/capability.json``,
 plus property tests: round trips, one encoding per card, and rejection of
 forged, tampered, expired and oversized cards. No network here.
 """
@@ -15,9 +15,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from modelnet_p2p.proto import card as C
 
 from modelnet_p2p import Capability, CapabilityCard, ConfigError, CostHint, Identity, ProtocolError
-from modelnet_p2p.wire import card as C
 
 VECTORS_PATH = Path(__file__).resolve().parent.parent / "specs" / "vectors" / "capability.json"
 VECTORS: dict[str, Any] = json.loads(VECTORS_PATH.read_text(encoding="utf-8"))

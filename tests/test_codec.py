@@ -24,7 +24,7 @@ from modelnet_p2p.errors import (
     UnavailableError,
     error_from_code,
 )
-from modelnet_p2p.wire.framing import (
+from modelnet_p2p.proto.framing import (
     DEFAULT_MAX_FRAME_SIZE,
     MAX_VARINT_LEN,
     FrameDecoder,
@@ -33,7 +33,7 @@ from modelnet_p2p.wire.framing import (
     pack_frame,
     unpack_body,
 )
-from modelnet_p2p.wire.infer import (
+from modelnet_p2p.proto.infer import (
     MAX_CAPABILITY_LEN,
     MAX_ERROR_MESSAGE_LEN,
     MAX_HOPS,

@@ -26,7 +26,8 @@ from modelnet_p2p import (
     UnavailableError,
 )
 from modelnet_p2p.cli import mesh_assignment
-from modelnet_p2p.collab import (
+from modelnet_p2p.demo.models import ALL, _evaluate, verify_arithmetic
+from modelnet_p2p.mesh.collab import (
     Step,
     Trace,
     draft_verify,
@@ -36,7 +37,6 @@ from modelnet_p2p.collab import (
     route,
     run_workflow,
 )
-from modelnet_p2p.demo_models import ALL, _evaluate, verify_arithmetic
 from modelnet_p2p.testing import open_peers
 
 ROOT = Path(__file__).resolve().parent.parent

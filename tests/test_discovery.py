@@ -27,10 +27,8 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
 from modelnet_p2p import BadRequestError, Capability, CapabilityCard, ConfigError, Peer
-from modelnet_p2p.identity import Identity
-from modelnet_p2p.services.discovery import DHT_PROTOCOL_ID
-from modelnet_p2p.testing import open_peers
-from modelnet_p2p.wire.card import (
+from modelnet_p2p.p2p.identity import Identity
+from modelnet_p2p.proto.card import (
     encode_card,
     encode_envelope,
     open_card,
@@ -39,6 +37,8 @@ from modelnet_p2p.wire.card import (
     task_key,
     value_key,
 )
+from modelnet_p2p.services.discovery.service import DHT_PROTOCOL_ID
+from modelnet_p2p.testing import open_peers
 
 WORKER = Path(__file__).resolve().parent / "mesh_worker.py"
 T = TypeVar("T")
@@ -225,7 +225,7 @@ def put_message(key: str, value: bytes) -> Message:
 async def test_forged_expired_and_oversized_cards_are_rejected_by_remote_servers(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="modelnet_p2p.services.discovery")
+    caplog.set_level(logging.INFO, logger="modelnet_p2p.services.discovery.service")
     with trio.fail_after(30):
         async with open_peers(3) as (server, attacker, victim):
             now = int(time.time() * 1000)
@@ -268,7 +268,7 @@ async def test_forged_expired_and_oversized_cards_are_rejected_by_remote_servers
 
 
 async def test_discovery_skips_a_provider_whose_card_is_forged(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="modelnet_p2p.services.discovery")
+    caplog.set_level(logging.INFO, logger="modelnet_p2p.services.discovery.service")
     with trio.fail_after(30):
         async with open_peers(4) as peers:
             honest, liar = peers[1], peers[2]

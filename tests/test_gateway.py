@@ -30,9 +30,9 @@ from modelnet_p2p import (
     OverloadedError,
     Peer,
 )
-from modelnet_p2p.adapters import EMBEDDING_BATCH, param_error
-from modelnet_p2p.adapters.openai_upstream import serve_upstream
-from modelnet_p2p.gateway import Gateway, ModelRoute
+from modelnet_p2p.openai.app import Gateway, ModelRoute
+from modelnet_p2p.openai.conventions import EMBEDDING_BATCH, param_error
+from modelnet_p2p.openai.upstream import serve_upstream
 from modelnet_p2p.testing import open_peers
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from modelnet_p2p import Identity, IdentityError, Peer
-from modelnet_p2p.identity import verify_signature
+from modelnet_p2p.p2p.identity import verify_signature
 
 
 def test_save_load_roundtrip(tmp_path):

@@ -19,9 +19,9 @@ from modelnet_p2p import (
     ProtocolError,
     UnavailableError,
 )
+from modelnet_p2p.proto.framing import encode_varint, pack_frame
+from modelnet_p2p.proto.infer import PROTOCOL_ID, Chunk, End
 from modelnet_p2p.testing import open_peers
-from modelnet_p2p.wire.framing import encode_varint, pack_frame
-from modelnet_p2p.wire.infer import PROTOCOL_ID, Chunk, End
 
 WORDS = "the quick brown fox jumps over the lazy dog".split()
 
@@ -331,7 +331,7 @@ async def _raw_request(a: Peer, b: Peer, payload: bytes) -> bytes:
 
 
 def _decode_all(data: bytes) -> list[dict]:
-    from modelnet_p2p.wire.framing import FrameDecoder
+    from modelnet_p2p.proto.framing import FrameDecoder
 
     return FrameDecoder().feed(data)
 
@@ -455,7 +455,7 @@ async def test_abandoning_cancels_a_handler_that_is_not_writing():
 
 
 async def test_cancel_sent_in_the_same_write_as_the_request():
-    from modelnet_p2p.wire.infer import Cancel, Request
+    from modelnet_p2p.proto.infer import Cancel, Request
 
     stopped = trio.Event()
 
@@ -494,7 +494,7 @@ async def test_sequential_requests_reuse_one_stream():
 
 
 async def test_stale_kept_stream_is_retried_on_a_new_one(monkeypatch):
-    import modelnet_p2p.services.inference as inference
+    import modelnet_p2p.services.inference.server as inference
 
     monkeypatch.setattr(inference, "IDLE_STREAM_TIMEOUT", 0.2)
     async with open_peers(2) as (a, b):

@@ -24,8 +24,8 @@ from modelnet_p2p import (
     Peer,
     UnavailableError,
 )
-from modelnet_p2p.adapters import error_param
-from modelnet_p2p.adapters.openai_upstream import (
+from modelnet_p2p.openai.conventions import error_param
+from modelnet_p2p.openai.upstream import (
     OpenAIUpstream,
     guess_task,
     is_upstream_target,
@@ -34,7 +34,7 @@ from modelnet_p2p.adapters.openai_upstream import (
     serve_upstream,
     status_error,
 )
-from modelnet_p2p.services.availability import State
+from modelnet_p2p.services.availability.service import State
 from modelnet_p2p.testing import open_peers
 
 MESSAGES = [

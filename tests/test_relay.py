@@ -24,8 +24,8 @@ from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 
 from modelnet_p2p.errors import ConfigError, UnavailableError
-from modelnet_p2p.host import build_host, running_host
-from modelnet_p2p.identity import Identity
+from modelnet_p2p.p2p.host import build_host, running_host
+from modelnet_p2p.p2p.identity import Identity
 from modelnet_p2p.services.relay import (
     HOP_PROTOCOL_ID,
     RelayReservation,

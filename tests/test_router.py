@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from modelnet_p2p.routing import BAN_BASE, BAN_MAX, Candidate, Router
+from modelnet_p2p.mesh.routing import BAN_BASE, BAN_MAX, Candidate, Router
 
 
 class Clock:

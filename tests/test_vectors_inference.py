@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from modelnet_p2p.errors import ERROR_CODES, ProtocolError
-from modelnet_p2p.wire.framing import FrameDecoder, pack_frame
-from modelnet_p2p.wire.infer import (
+from modelnet_p2p.proto.framing import FrameDecoder, pack_frame
+from modelnet_p2p.proto.infer import (
     PROTOCOL_ID,
     Cancel,
     Chunk,

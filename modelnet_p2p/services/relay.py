@@ -27,7 +27,7 @@ Built on py-libp2p 0.8.1's ``libp2p.relay.circuit_v2``, with these corrections
   connected) but the stock code keeps them, slot and all, until they expire;
 - stopping the service leaves a handler that resets new relay streams instead
   of removing the handlers (removing one races with multistream-select and can
-  stop the host, see :meth:`Discovery.stop <modelnet_p2p.services.discovery.Discovery.stop>`).
+  stop the host, see :meth:`Discovery.stop <modelnet_p2p.services.discovery.service.Discovery.stop>`).
 
 The client side (RESERVE, CONNECT) is written here directly on the hop
 protocol rather than through py-libp2p's ``CircuitV2Transport``, which reserves
@@ -65,7 +65,7 @@ from libp2p.utils.address_validation import expand_wildcard_address
 from multiaddr.protocols import P_P2P
 
 from ..errors import ConfigError, UnavailableError
-from ..host import parse_multiaddr
+from ..p2p.host import parse_multiaddr
 
 __all__ = [
     "DEFAULT_MAX_CIRCUITS_PER_PEER",

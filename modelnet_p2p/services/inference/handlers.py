@@ -13,8 +13,8 @@ from typing import Any
 
 import trio
 
-from ..capability import Capability
-from ..wire.infer import TraceContext
+from ...proto.capability import Capability
+from ...proto.infer import TraceContext
 
 __all__ = ["Handler", "InferenceRequest", "handler_kind", "run_handler"]
 

@@ -27,7 +27,7 @@ Endpoints:
                                           time to first chunk, failovers, peers seen
 ========================================  ======================================================
 
-Requests travel by the conventions of :mod:`modelnet_p2p.adapters`, routed by
+Requests travel by the conventions of :mod:`modelnet_p2p.openai.conventions`, routed by
 the ``model`` field to a capability of that name:
 
 * Models found by discovery go to the mesh's own routing
@@ -35,7 +35,7 @@ the ``model`` field to a capability of that name:
   availability gossip, failover, mid-stream replay for idempotent
   capabilities). Models listed with explicit ``providers`` (or all, with
   ``routing="local"``) are routed by the gateway itself with the same
-  :class:`~modelnet_p2p.routing.Router` (power of two choices over in-flight
+  :class:`~modelnet_p2p.mesh.routing.Router` (power of two choices over in-flight
   counts, measured time to first chunk and gossiped load, bans that back off).
 * Failover: a retryable failure (``unavailable``, ``overloaded``, a provider
   that no longer serves the model) before the first chunk is retried on
@@ -91,18 +91,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from .adapters import (
-    CHAT,
-    EMBEDDING,
-    EMBEDDING_BATCH,
-    GENERATION_PARAMS,
-    OPENAI_TASKS,
-    TEXT_GENERATION,
-    error_param,
-    messages_to_prompt,
-    vectors_of,
-)
-from .errors import (
+from ..errors import (
     BadRequestError,
     CancelledError,
     ConfigError,
@@ -114,13 +103,24 @@ from .errors import (
     UnauthorizedError,
     UnavailableError,
 )
-from .routing import Candidate, Router
-from .wire.card import CapabilityCard, normalize
+from ..mesh.routing import Candidate, Router
+from ..proto.card import CapabilityCard, normalize
+from .conventions import (
+    CHAT,
+    EMBEDDING,
+    EMBEDDING_BATCH,
+    GENERATION_PARAMS,
+    OPENAI_TASKS,
+    TEXT_GENERATION,
+    error_param,
+    messages_to_prompt,
+    vectors_of,
+)
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
-    from .peer import InferenceStream, Peer
+    from ..peer import InferenceStream, Peer
 
 __all__ = ["Gateway", "GatewayError", "Metrics", "ModelRoute", "routes_from_cards", "serve_gateway"]
 
@@ -149,7 +149,7 @@ class ModelRoute:
 
     Attributes:
         name: the capability name, which is the OpenAI ``model``.
-        tasks: its tasks (:data:`modelnet_p2p.adapters.OPENAI_TASKS` and others).
+        tasks: its tasks (:data:`modelnet_p2p.openai.conventions.OPENAI_TASKS` and others).
         providers: targets (multiaddrs ending in ``/p2p/<id>``, or peer ids)
             serving it. Empty: leave the choice to the mesh's routing.
         idempotent: a broken stream may be replayed on another provider.
@@ -737,7 +737,7 @@ class Gateway:
             routing, ``peer.infer(None, ...)``) or ``"local"`` (the gateway's,
             over the providers discovery found). Models with explicit
             ``providers`` are always routed by the gateway.
-        policy: the local routing policy (:data:`modelnet_p2p.routing.POLICIES`).
+        policy: the local routing policy (:data:`modelnet_p2p.mesh.routing.POLICIES`).
     """
 
     def __init__(
@@ -1427,7 +1427,7 @@ class Gateway:
             skill["inputModes"] = ["text/plain"]
             skill["outputModes"] = outputs
             skills.append(skill)
-        from . import __version__
+        from .. import __version__
 
         providers = {_peer_of(p) for r in routes for p in r.providers}
         card: dict[str, Any] = {

@@ -1,7 +1,7 @@
 """Availability gossip: who is up, what it serves, how busy it is (``specs/availability.md``).
 
 Every peer running an :class:`AvailabilityService` joins the GossipSub topic
-:data:`~modelnet_p2p.wire.availability.TOPIC`, publishes its own signed
+:data:`~modelnet_p2p.proto.availability.TOPIC`, publishes its own signed
 availability record, and keeps a soft-state table of everyone else's:
 
 * a record is published when the service starts, at once on a significant
@@ -43,9 +43,9 @@ from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
-from ..errors import ConfigError, ProtocolError
-from ..identity import Identity
-from ..wire.availability import (
+from ...errors import ConfigError, ProtocolError
+from ...p2p.identity import Identity
+from ...proto.availability import (
     MAX_MESSAGE_SIZE,
     MAX_TTL_MS,
     MIN_TTL_MS,
@@ -57,7 +57,7 @@ from ..wire.availability import (
     open_envelope,
     seal,
 )
-from ..wire.framing import encode_varint
+from ...proto.framing import encode_varint
 
 if TYPE_CHECKING:
     # trio-typing's stubs (installed with py-libp2p) shadow trio's own annotations.
@@ -731,7 +731,7 @@ class AvailabilityService:
         """Set the served capabilities: ``(name, version)`` pairs or objects with ``.name``/``.version``.
 
         Raises :class:`ConfigError` if a name repeats or the record would exceed
-        :data:`~modelnet_p2p.wire.availability.MAX_MESSAGE_SIZE`.
+        :data:`~modelnet_p2p.proto.availability.MAX_MESSAGE_SIZE`.
         """
         try:
             caps = capabilities_of(capabilities)
@@ -1104,7 +1104,7 @@ async def start_availability(
 
 
 class InferenceLoad:
-    """A load provider fed by an :class:`~modelnet_p2p.services.inference.InferenceServer`.
+    """A load provider fed by an :class:`~modelnet_p2p.services.inference.server.InferenceServer`.
 
     ::
 

@@ -33,7 +33,7 @@ import msgpack
 from libp2p.peer.id import ID
 
 from ..errors import ProtocolError
-from ..identity import verify_signature
+from ..p2p.identity import verify_signature
 from .infer import MAX_CAPABILITY_LEN
 
 __all__ = [
@@ -88,7 +88,7 @@ MAX_MESSAGE_SIZE = 4096
 #: Most capabilities one record may list (the size limit usually binds first).
 MAX_CAPABILITIES = 64
 #: Longest capability version, in UTF-8 bytes (names follow the inference
-#: protocol's limit, :data:`~modelnet_p2p.wire.infer.MAX_CAPABILITY_LEN`).
+#: protocol's limit, :data:`~modelnet_p2p.proto.infer.MAX_CAPABILITY_LEN`).
 MAX_VERSION_LEN = 64
 #: Longest peer id, in bytes. An Ed25519 peer id is 38 bytes; 64 leaves room
 #: for other identity multihashes without accepting arbitrary blobs.

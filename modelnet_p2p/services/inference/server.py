@@ -28,8 +28,7 @@ from libp2p.abc import INetStream
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 
-from ..capability import Capability
-from ..errors import (
+from ...errors import (
     BadRequestError,
     DeadlineExceededError,
     InternalError,
@@ -41,8 +40,9 @@ from ..errors import (
     error_from_code,
     exception_leaves,
 )
-from ..wire.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, pack_frame
-from ..wire.infer import (
+from ...proto.capability import Capability
+from ...proto.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, pack_frame
+from ...proto.infer import (
     Cancel,
     Chunk,
     Credit,

@@ -23,10 +23,10 @@ from typing import Any
 import click
 import trio
 
-from . import __version__
-from .capability import Capability
-from .config import Config, load_config
-from .errors import ConfigError, ModelNetError, exception_leaves
+from .. import __version__
+from ..config import Config, load_config
+from ..errors import ConfigError, ModelNetError, exception_leaves
+from ..proto.capability import Capability
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -88,7 +88,7 @@ def cli(ctx: click.Context, verbose: bool, config_file: str | None, network: str
     """
     ctx.obj = State(verbose, config_file, network)
     if verbose:
-        from .log import set_verbose
+        from ..log import set_verbose
 
         logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         set_verbose(True)
@@ -128,7 +128,7 @@ def _peer_flags(
 
 
 def _make_peer(cfg: Config, **overrides: Any) -> Any:
-    from .peer import Peer
+    from ..peer import Peer
 
     kwargs = cfg.peer_kwargs()
     kwargs.update(overrides)
@@ -161,7 +161,7 @@ def _env_secret(var: str | None, flag: str) -> str | None:
 @pass_state
 def id_command(state: State, identity_path: str | None) -> None:
     """Print this node's peer id, creating the identity file if needed."""
-    from .identity import Identity
+    from ..p2p.identity import Identity
 
     cfg, _ = state.config(identity=identity_path)
     ident = Identity.load_or_create(cfg.identity or "modelnet.key")
@@ -370,7 +370,7 @@ def serve_command(
     cfg, _ = state.config(**_peer_flags(identity, listen, bootstrap, reachability))
     if target.startswith("openai+"):
         try:
-            from .adapters.openai_upstream import parse_upstream_target, serve_upstream
+            from ..openai.upstream import parse_upstream_target, serve_upstream
         except ImportError as exc:
             raise ConfigError(
                 f"openai+ targets need: pip install 'modelnet_p2p[gateway]' ({exc.name} is missing)"
@@ -509,7 +509,7 @@ def bootstrap_command(
 #: Which example models each peer of `modelnet mesh up` serves: every peer serves
 #: "echo" (so requests can be routed and fail over), plus one of the others in turn.
 def mesh_assignment(n: int) -> list[list[str]]:
-    from .demo_models import ALL
+    from ..demo.models import ALL
 
     others = [name for name in ALL if name != "echo"]
     return [["echo", others[i % len(others)]] for i in range(n)]
@@ -723,7 +723,7 @@ async def _gateway(
     from functools import partial
 
     try:
-        from .gateway import serve_gateway
+        from ..openai.app import serve_gateway
     except ImportError as exc:
         raise ConfigError(
             f"the gateway needs: pip install 'modelnet_p2p[gateway]' ({exc.name} is missing)"
@@ -1118,7 +1118,7 @@ def demo_command() -> None:
 
     Exits 0 and leaves nothing running.
     """
-    from .demo import run_demo
+    from ..demo.narrated import run_demo
 
     color = sys.stdout.isatty()
 
@@ -1153,7 +1153,7 @@ def run_command(
     reachability: str | None,
 ) -> None:
     """Run a workflow file (pipelines, ensembles, routers, draft-and-verify; see specs/workflow.md)."""
-    from .collab import load_workflow
+    from ..mesh.collab import load_workflow
 
     try:
         text = Path(workflow_file).read_text()
@@ -1171,7 +1171,7 @@ def run_command(
 async def _run_workflow(
     cfg: Config, workflow: dict[str, Any], input_text: str | None, timeout: float | None, as_json: bool
 ) -> None:
-    from .collab import run_workflow
+    from ..mesh.collab import run_workflow
 
     async with _make_peer(cfg, require_bootstrap=True) as peer:
         result = await run_workflow(peer, workflow, input_text, timeout=timeout)

@@ -20,7 +20,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
 
-from .errors import IdentityError
+from ..errors import IdentityError
 
 __all__ = ["Identity", "verify_signature"]
 

@@ -31,9 +31,9 @@ import msgpack
 import multiaddr
 from libp2p.peer.id import ID
 
-from ..capability import Capability, CostHint
 from ..errors import ProtocolError
-from ..identity import verify_signature
+from ..p2p.identity import verify_signature
+from .capability import Capability, CostHint
 from .framing import encode_varint
 from .infer import MAX_CAPABILITY_LEN
 

@@ -24,7 +24,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .identity import Identity
 
 __all__ = ["build_host", "parse_multiaddr", "running_host"]

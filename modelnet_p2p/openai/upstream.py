@@ -15,7 +15,7 @@ say which models embed; names that look like embedding models
 (``nomic-embed-text``, ``all-minilm``, ``bge-m3``, ``text-embedding-3-small``,
 ...) are served as ``embedding``, the rest as ``chat``; ``NAME=TASK`` in
 ``models`` says it explicitly. The request and answer formats follow the mesh
-conventions of :mod:`modelnet_p2p.adapters`.
+conventions of :mod:`modelnet_p2p.openai.conventions`.
 
 * Chat and text generation are always requested with ``stream: true`` and
   ``stream_options.include_usage``; each SSE delta goes out as a mesh chunk as
@@ -52,7 +52,6 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import trio
 
-from ..capability import Capability
 from ..errors import (
     BadRequestError,
     ConfigError,
@@ -62,8 +61,9 @@ from ..errors import (
     OverloadedError,
     UnavailableError,
 )
-from ..services.handlers import Handler, InferenceRequest
-from . import (
+from ..proto.capability import Capability
+from ..services.inference.handlers import Handler, InferenceRequest
+from .conventions import (
     CHAT,
     EMBEDDING,
     EMBEDDING_PARAMS,

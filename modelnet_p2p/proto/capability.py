@@ -2,7 +2,7 @@
 
 A capability is also what a peer announces in its signed capability card
 (``specs/capability.md``); the card fields are all optional here, and the
-limits they must respect on the wire live in :mod:`modelnet_p2p.wire.card`.
+limits they must respect on the wire live in :mod:`modelnet_p2p.proto.card`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from .errors import ConfigError
-from .wire.infer import MAX_CAPABILITY_LEN
+from ..errors import ConfigError
+from .infer import MAX_CAPABILITY_LEN
 
 __all__ = ["KNOWN_MODALITIES", "KNOWN_TASKS", "Capability", "CostHint"]
 

@@ -23,9 +23,9 @@ from typing import Any
 
 import trio
 
-from .collab import Step, draft_verify, ensemble, pipeline, route
-from .demo_models import ALL, arithmetic
-from .peer import Peer
+from ..mesh.collab import Step, draft_verify, ensemble, pipeline, route
+from ..peer import Peer
+from .models import ALL, arithmetic
 
 __all__ = ["run_demo"]
 

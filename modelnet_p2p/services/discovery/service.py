@@ -1,6 +1,6 @@
 """Capability discovery over a Kademlia DHT of our own (see ``specs/capability.md``).
 
-A peer announces a signed :class:`~modelnet_p2p.wire.card.CapabilityCard`:
+A peer announces a signed :class:`~modelnet_p2p.proto.card.CapabilityCard`:
 the card itself is stored as a DHT value under ``/modelnet-card/<peer id>``,
 and provider records point from a key per task, model, model+version and tag
 to the peer. Another peer finds the providers of a key with an iterative
@@ -49,10 +49,10 @@ from libp2p.records.validator import Validator
 from libp2p.tools.anyio_service.trio_manager import TrioManager
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
-from ..capability import Capability
-from ..errors import ConfigError, ProtocolError
-from ..identity import Identity
-from ..wire.card import (
+from ...errors import ConfigError, ProtocolError
+from ...p2p.identity import Identity
+from ...proto.capability import Capability
+from ...proto.card import (
     MIN_TTL_MS,
     VALUE_NAMESPACE,
     CapabilityCard,
@@ -67,7 +67,7 @@ from ..wire.card import (
     task_key,
     value_key,
 )
-from ..wire.framing import encode_varint
+from ...proto.framing import encode_varint
 
 __all__ = [
     "DEFAULT_ANNOUNCE_INTERVAL",
@@ -309,7 +309,7 @@ class CardValidator(Validator):
 
     ``validate`` accepts only a card that is well formed, signed by the peer
     its key names, within the size limits, and not expired. ``select`` returns
-    the index of the best card by :func:`~modelnet_p2p.wire.card.select_card`
+    the index of the best card by :func:`~modelnet_p2p.proto.card.select_card`
     (highest ``seq``). py-libp2p calls ``select(key, [new, old])`` on a local
     put and ``select(key, [existing, new])`` on a remote PUT, so only a choice
     that depends on the values and not on their positions is right on both paths.

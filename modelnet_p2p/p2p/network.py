@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["NETWORKS", "NetworkInfo", "get_network", "protocol_id", "topic"]
 
