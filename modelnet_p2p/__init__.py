@@ -7,8 +7,7 @@ wire codecs (:mod:`.wire`); services (:mod:`.services`); faces (:class:`Peer`,
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
+from .config import VERSION as __version__
 from .errors import (
     BadRequestError,
     CancelledError,
@@ -29,11 +28,6 @@ from .peer import InferenceStream, Peer, Response
 from .proto.capability import Capability, CostHint
 from .proto.card import CapabilityCard
 from .services.inference.handlers import InferenceRequest
-
-try:
-    __version__ = version("modelnet_p2p")
-except PackageNotFoundError:  # running from a source tree without install
-    __version__ = "0.0.0"
 
 __all__ = [
     "BadRequestError",

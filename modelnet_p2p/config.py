@@ -18,13 +18,20 @@ import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 from .p2p.network import NETWORKS, get_network
 
-__all__ = ["ENV_PREFIX", "Config", "load_config"]
+__all__ = ["ENV_PREFIX", "VERSION", "Config", "load_config"]
+
+try:
+    #: This package's version.
+    VERSION: str = version("modelnet_p2p")
+except PackageNotFoundError:  # running from a source tree without install
+    VERSION = "0.0.0"
 
 ENV_PREFIX = "MODELNET_"
 
@@ -47,7 +54,7 @@ class Config:
     max_frame_size: int = 1 << 20
     max_request_time: float = 600.0
     connect_timeout: float = 10.0
-    announce_interval: float = 60.0
+    announce_interval: float = 120.0
     card_ttl: float = 300.0
     publish_interval: float = 2.0
     dht_mode: str = "auto"

@@ -23,8 +23,7 @@ from typing import Any
 import click
 import trio
 
-from .. import __version__
-from ..config import Config, load_config
+from ..config import VERSION, Config, load_config
 from ..errors import ConfigError, ModelNetError, exception_leaves
 from ..proto.capability import Capability
 
@@ -61,7 +60,7 @@ def run_async(fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Any:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="modelnet")
+@click.version_option(VERSION, prog_name="modelnet")
 @click.option("-v", "--verbose", is_flag=True, help="Show details and the networking stack's logs.")
 @click.option(
     "--config",

@@ -1427,7 +1427,7 @@ class Gateway:
             skill["inputModes"] = ["text/plain"]
             skill["outputModes"] = outputs
             skills.append(skill)
-        from .. import __version__
+        from ..config import VERSION
 
         providers = {_peer_of(p) for r in routes for p in r.providers}
         card: dict[str, Any] = {
@@ -1438,7 +1438,7 @@ class Gateway:
                 f"{len(routes)} models served by {len(providers)} peers."
             ),
             "url": base + "/v1",
-            "version": __version__,
+            "version": VERSION,
             "capabilities": {"streaming": True, "pushNotifications": False},
             "defaultInputModes": ["text/plain"],
             "defaultOutputModes": ["text/plain"],

@@ -45,7 +45,7 @@ NETWORKS: dict[str, NetworkInfo] = {
         "testnet",
         "the shared test mesh; bootstrap peers come from --bootstrap, MODELNET_BOOTSTRAP "
         "or a config file (see specs/network.md for running one)",
-        settings={"listen": ["/ip4/0.0.0.0/tcp/0"], "announce_interval": 60.0, "card_ttl": 300.0},
+        settings={"listen": ["/ip4/0.0.0.0/tcp/0"], "announce_interval": 120.0, "card_ttl": 300.0},
     ),
 }
 

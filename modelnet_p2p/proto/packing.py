@@ -1,0 +1,177 @@
+"""The one msgpack codec of modelnet_p2p: bounded decoding and canonical encoding.
+
+Every byte a remote sends is decoded here, so the limits live here:
+
+* :data:`MAX_DEPTH`: how deeply maps and arrays may nest. The root map is at
+  depth 1, a value inside it at depth 2, and so on. msgpack-python's C decoder
+  stops at 1024 on its own, which is deeper than any Python code that walks the
+  result can safely recurse; JSON parsers pick similar bounds (Go's
+  ``encoding/json`` 10,000, Rust's serde_json 128, Python's ``json`` the
+  interpreter's recursion limit of about 1,000). 32 is far more than any
+  message in ``specs/`` needs (the deepest is 4) and leaves room for request
+  ``params``.
+* :data:`MAX_CONTAINERS`: how many maps and arrays one decoded object may hold.
+  A frame limit counts bytes, not objects, and an empty array is one byte on the
+  wire but about 56 bytes decoded; capping containers bounds that
+  amplification (65,536 containers cost at most about 4 MiB).
+
+Canonical msgpack (cards, availability records, receipts, tokens) means: map
+keys are text, sorted by their UTF-8 bytes, without duplicates; integers,
+text, bytes and arrays in their shortest forms; no nil, no extension types;
+and floats only where the caller allows them (as float64). A canonical
+decoder re-encodes what it decoded and rejects input that differs, so every
+value has exactly one encoding.
+
+Pure code: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack as _msgpack
+
+from ..errors import ProtocolError
+
+__all__ = [
+    "MAX_CONTAINERS",
+    "MAX_DEPTH",
+    "canonical_packb",
+    "check_depth",
+    "packb",
+    "unpack_canonical",
+    "unpackb",
+]
+
+#: Deepest nesting of maps and arrays in one decoded value (the root counts as 1).
+MAX_DEPTH = 32
+#: Most maps plus arrays in one decoded value.
+MAX_CONTAINERS = 65_536
+
+
+class _TooMany(Exception):
+    pass
+
+
+class _ExtType(Exception):
+    pass
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise _ExtType(code)
+
+
+def packb(obj: Any) -> bytes:
+    """Encode with ``bin`` for bytes and ``str`` for text (the form every spec here uses)."""
+    return _msgpack.packb(obj, use_bin_type=True)
+
+
+def check_depth(obj: Any, max_depth: int = MAX_DEPTH) -> None:
+    """Raise :class:`ProtocolError` if maps and arrays in ``obj`` nest deeper than ``max_depth``."""
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > max_depth:
+            raise ProtocolError(f"msgpack nesting deeper than {max_depth}")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values() if isinstance(v, dict | list))
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value if isinstance(v, dict | list))
+
+
+def unpackb(
+    data: bytes | bytearray | memoryview,
+    *,
+    max_depth: int = MAX_DEPTH,
+    max_containers: int = MAX_CONTAINERS,
+    allow_ext: bool = False,
+    what: str = "msgpack value",
+) -> Any:
+    """Decode one msgpack value within the limits, or raise :class:`ProtocolError`.
+
+    Text is decoded as UTF-8 (invalid UTF-8 is an error), bytes as ``bytes``,
+    arrays as lists. Map keys may be of any hashable type here; callers that
+    need text keys check them. Extension types are refused unless
+    ``allow_ext``. Trailing bytes after the value are an error.
+    """
+    count = 0
+
+    def counted(value: Any) -> Any:
+        nonlocal count
+        count += 1
+        if count > max_containers:
+            raise _TooMany
+        return value
+
+    try:
+        obj = _msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=False,
+            use_list=True,
+            list_hook=counted,
+            object_hook=counted,
+            ext_hook=_msgpack.ExtType if allow_ext else _no_ext,
+        )
+    except _TooMany:
+        raise ProtocolError(f"{what} holds more than {max_containers} maps and arrays") from None
+    except _ExtType as exc:
+        raise ProtocolError(f"{what} holds a msgpack extension type ({exc.args[0]})") from None
+    except Exception as exc:  # msgpack raises ExtraData, ValueError, UnicodeDecodeError, ...
+        raise ProtocolError(f"{what} is not valid msgpack ({type(exc).__name__})") from None
+    if count > max_depth:  # fewer containers than the limit cannot nest deeper than it
+        check_depth(obj, max_depth)
+    return obj
+
+
+def _canonical(obj: Any, allow_float: bool) -> Any:
+    if isinstance(obj, dict):
+        for key in obj:
+            if not isinstance(key, str):
+                raise ProtocolError("map keys must be text")
+        return {k: _canonical(obj[k], allow_float) for k in sorted(obj, key=lambda k: k.encode())}
+    if isinstance(obj, list | tuple):
+        return [_canonical(v, allow_float) for v in obj]
+    if isinstance(obj, bool | str | bytes):
+        return obj
+    if isinstance(obj, int):
+        if not -(2**63) <= obj < 2**64:
+            raise ProtocolError("integer out of the msgpack range")
+        return obj
+    if isinstance(obj, float) and allow_float:
+        return obj
+    raise ProtocolError(f"a {type(obj).__name__} cannot appear in a canonical value")
+
+
+def canonical_packb(obj: Any, *, allow_float: bool = False) -> bytes:
+    """Canonical msgpack of ``obj``: sorted text keys, shortest forms, no nil or extension types.
+
+    Floats are refused unless ``allow_float`` (then they are encoded as float64).
+    """
+    return _msgpack.packb(_canonical(obj, allow_float), use_bin_type=True)
+
+
+def unpack_canonical(
+    data: bytes,
+    what: str,
+    *,
+    allow_float: bool = False,
+    max_depth: int = MAX_DEPTH,
+) -> dict[str, Any]:
+    """Decode a canonical msgpack map, or raise :class:`ProtocolError` naming ``what``.
+
+    Rejects anything but a map, non-text keys, nil, extension types, floats
+    (unless ``allow_float``), nesting deeper than ``max_depth``, and any
+    encoding other than the canonical one (duplicate keys, unsorted keys,
+    non-shortest forms, ``str`` used for bytes).
+    """
+    obj = unpackb(data, max_depth=max_depth, what=what)
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{what} is not a map")
+    try:
+        again = canonical_packb(obj, allow_float=allow_float)
+    except ProtocolError as exc:
+        raise ProtocolError(f"{what}: {exc.message}") from None
+    if again != data:
+        raise ProtocolError(f"{what} is not canonically encoded")
+    return obj
