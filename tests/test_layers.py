@@ -173,7 +173,9 @@ def _libp2p_names(tree: ast.Module) -> set[str]:
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("libp2p"):
             names.update(a.asname or a.name for a in node.names)
         elif isinstance(node, ast.Import):
-            names.update((a.asname or a.name).split(".")[0] for a in node.names if a.name.startswith("libp2p"))
+            names.update(
+                (a.asname or a.name).split(".")[0] for a in node.names if a.name.startswith("libp2p")
+            )
     return names
 
 
