@@ -15,9 +15,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from modelnet_p2p.proto import card as C
 
 from modelnet_p2p import Capability, CapabilityCard, ConfigError, CostHint, Identity, ProtocolError
+from modelnet_p2p.proto import card as C
 
 VECTORS_PATH = Path(__file__).resolve().parent.parent / "specs" / "vectors" / "capability.json"
 VECTORS: dict[str, Any] = json.loads(VECTORS_PATH.read_text(encoding="utf-8"))
