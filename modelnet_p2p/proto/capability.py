@@ -15,7 +15,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from ..errors import ConfigError
-from .infer import MAX_CAPABILITY_LEN
+from .limits import MAX_CAPABILITY_LEN
 
 __all__ = ["KNOWN_MODALITIES", "KNOWN_TASKS", "Capability", "CostHint"]
 

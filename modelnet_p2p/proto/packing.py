@@ -32,6 +32,7 @@ from typing import Any
 import msgpack as _msgpack
 
 from ..errors import ProtocolError
+from .limits import MAX_CONTAINERS, MAX_DEPTH
 
 __all__ = [
     "MAX_CONTAINERS",
@@ -42,11 +43,6 @@ __all__ = [
     "unpack_canonical",
     "unpackb",
 ]
-
-#: Deepest nesting of maps and arrays in one decoded value (the root counts as 1).
-MAX_DEPTH = 32
-#: Most maps plus arrays in one decoded value.
-MAX_CONTAINERS = 65_536
 
 
 class _TooMany(Exception):
