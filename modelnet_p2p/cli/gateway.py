@@ -1,0 +1,124 @@
+"""``modelnet gateway``: the OpenAI API, backed by the mesh."""
+
+from __future__ import annotations
+
+import signal
+from functools import partial
+
+import click
+import trio
+
+from ..config import Config
+from ..errors import ConfigError
+from .common import emit, env_secret, make_peer, run_async, wait_for_stop
+from .options import PeerOptions, State, pass_state, peer_options, require_bootstrap
+
+__all__ = ["gateway_command"]
+
+#: Where the HTTP API listens unless --listen says otherwise (loopback: no key needed).
+HTTP_LISTEN = "127.0.0.1:8080"
+#: Seconds one HTTP request may take, as long as a peer lets a request run.
+REQUEST_TIMEOUT = Config.max_request_time
+
+
+@click.command("gateway")
+@click.option(
+    "--listen",
+    "http_listen",
+    default=HTTP_LISTEN,
+    show_default=True,
+    help="HOST:PORT of the OpenAI-compatible HTTP API.",
+)
+@click.option(
+    "--api-key-env",
+    help="Environment variable holding the bearer token clients must send (required off loopback).",
+)
+@click.option("--no-auth", is_flag=True, help="Allow a non-loopback --listen without a bearer token.")
+@click.option(
+    "--timeout",
+    "request_timeout",
+    default=REQUEST_TIMEOUT,
+    show_default=True,
+    help="Seconds one request may take.",
+)
+@click.option(
+    "--routing",
+    type=click.Choice(["mesh", "local"]),
+    default="mesh",
+    show_default=True,
+    help="Who picks providers: the peer's routing, or the gateway's over discovered providers.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print events as JSON lines.")
+@click.option("--exit-on-stdin-eof", "watch_stdin", is_flag=True, hidden=True)
+@peer_options(
+    listen=("--p2p-listen",), listen_help="The peer's listen multiaddr (repeatable).", reachability=False
+)
+@pass_state
+def gateway_command(
+    state: State,
+    http_listen: str,
+    api_key_env: str | None,
+    no_auth: bool,
+    request_timeout: float,
+    routing: str,
+    as_json: bool,
+    watch_stdin: bool,
+    peer: PeerOptions,
+) -> None:
+    """Serve the OpenAI API (models, chat, completions, embeddings) backed by the mesh, until Ctrl-C.
+
+    \b
+    Also: GET /.well-known/agent-card.json, /healthz, /metrics (Prometheus).
+    """
+    cfg, _ = state.config(peer)
+    require_bootstrap(cfg, "so the gateway can find models")
+    api_key = env_secret(api_key_env, "--api-key-env")
+    try:
+        run_async(
+            _gateway, cfg, http_listen, api_key, no_auth, request_timeout, routing, as_json, watch_stdin
+        )
+    except KeyboardInterrupt:
+        pass
+
+
+async def _gateway(
+    cfg: Config,
+    http_listen: str,
+    api_key: str | None,
+    no_auth: bool,
+    request_timeout: float,
+    routing: str,
+    as_json: bool,
+    watch_stdin: bool,
+) -> None:
+    try:
+        from ..openai.app import serve_gateway
+    except ImportError as exc:
+        raise ConfigError(
+            f"the gateway needs: pip install 'modelnet_p2p[gateway]' ({exc.name} is missing)"
+        ) from None
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with make_peer(cfg, require_bootstrap=True) as peer:
+            binds = await peer.nursery.start(
+                partial(
+                    serve_gateway,
+                    peer,
+                    http_listen,
+                    api_key,
+                    allow_no_auth=no_auth,
+                    request_timeout=request_timeout,
+                    routing=routing,
+                )
+            )
+            url = binds[0] if binds else f"http://{http_listen}"
+            emit(
+                as_json,
+                "ready",
+                f"OpenAI-compatible gateway on {url}/v1 (peer {peer.peer_id})",
+                url=url,
+                peer_id=peer.peer_id,
+                addrs=peer.addrs,
+            )
+            await wait_for_stop(signals, watch_stdin)
+            emit(as_json, "stopped", "stopped")
