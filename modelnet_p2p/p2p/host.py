@@ -10,34 +10,31 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeAlias
 
 import multiaddr
 import trio
-from libp2p import new_host
+from libp2p import new_swarm
 from libp2p.abc import IHost
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.host.basic_host import BasicHost
 from libp2p.network.config import ConnectionConfig, RetryConfig
+from libp2p.rcmgr import new_resource_manager
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from ..errors import ConfigError
+from ._compat.host import check_port_free, close_connections, disable_auto_connector
+from .addresses import parse_multiaddr
 from .identity import Identity
 
-__all__ = ["build_host", "parse_multiaddr", "running_host"]
+__all__ = ["Host", "build_host", "listen_addrs", "parse_multiaddr", "running_host"]
 
-
-def parse_multiaddr(addr: str | multiaddr.Multiaddr) -> multiaddr.Multiaddr:
-    """Parse a multiaddr, raising :class:`ConfigError` with the offending text on failure."""
-    if isinstance(addr, multiaddr.Multiaddr):
-        return addr
-    try:
-        return multiaddr.Multiaddr(addr)
-    except Exception as exc:
-        raise ConfigError(f"invalid multiaddr {addr!r}: {exc}") from None
+#: The host type the layers above see (they never import libp2p themselves).
+Host: TypeAlias = IHost
 
 
 def build_host(identity: Identity, *, dial_timeout: float = 10.0) -> IHost:
@@ -45,6 +42,12 @@ def build_host(identity: Identity, *, dial_timeout: float = 10.0) -> IHost:
 
     ``max_connections_per_peer=1`` avoids py-libp2p's 250 ms "happy eyeballs"
     wait on every dial (measured: 5-10 ms per connect instead of 250 ms).
+
+    A failed dial fails at once (``RetryConfig(max_retries=0)``) instead of being
+    retried after 0.1, 0.2 and 0.4 s: every dial to a peer that has left would cost
+    0.7 s per address, and DHT lookups meet departed peers all the time (routing tables
+    keep them until a query fails). Callers that want another attempt make it
+    themselves, within their own deadline.
     """
     noise = NoiseTransport(identity.key_pair, noise_privkey=new_x25519_key_pair().private_key)
     config = ConnectionConfig(
@@ -53,120 +56,27 @@ def build_host(identity: Identity, *, dial_timeout: float = 10.0) -> IHost:
         min_connections=0,
         low_watermark=0,
     )
-    host = new_host(
+    # What new_host() would do, but new_host() does not pass retry_config on to the swarm.
+    resource_manager = new_resource_manager()
+    swarm = new_swarm(
         key_pair=identity.key_pair,
         sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
         connection_config=config,
+        retry_config=RetryConfig(max_retries=0),
+        resource_manager=resource_manager,
         enable_tcp=True,
     )
-    _disable_auto_connector(host)
-    _no_dial_retries(host)
+    host = BasicHost(network=swarm, resource_manager=resource_manager)
+    disable_auto_connector(host)
     return host
 
 
-def _no_dial_retries(host: IHost) -> None:
-    """Fail a dial at once instead of retrying it three times.
-
-    py-libp2p retries a failed dial after 0.1, 0.2 and 0.4 s, so every dial to
-    a peer that has left costs 0.7 s per address; DHT lookups meet departed
-    peers all the time (routing tables keep them until a query fails). A
-    refused connection is not worth retrying; callers that want another
-    attempt make it themselves, within their own deadline.
-    """
-    network = host.get_network()
-    if hasattr(network, "retry_config"):
-        network.retry_config = RetryConfig(max_retries=0)
-
-
-async def _no_auto_connect(*_args: Any, **_kwargs: Any) -> None:
-    return None
-
-
-def _disable_auto_connector(host: IHost) -> None:
-    """Stop py-libp2p's auto-connector from dialing every peer in the peerstore.
-
-    It aims at (low + high watermark) / 2 connections (150 by default) and dials
-    peers learned from the DHT, every 30 s and after each disconnect, whatever
-    the watermarks are set to. A modelnet peer connects on purpose: to
-    bootstrap peers, DHT contacts and the providers it calls.
-    """
-    connector = getattr(host.get_network(), "auto_connector", None)
-    if connector is not None and hasattr(connector, "maybe_connect"):
-        connector.maybe_connect = _no_auto_connect
-
-
-def _listen_addrs(host: IHost) -> list[multiaddr.Multiaddr]:
+def listen_addrs(host: IHost) -> list[multiaddr.Multiaddr]:
     """The transport addresses the host is actually listening on (without /p2p/)."""
     get = getattr(host, "get_transport_addrs", None)
     addrs: list[Any] = list(get()) if get is not None else list(host.get_addrs())
     return addrs
-
-
-def check_port_free(addr: multiaddr.Multiaddr) -> None:
-    """Raise :class:`ConfigError` if a fixed TCP port in ``addr`` is already taken.
-
-    py-libp2p 0.8.1 listens with SO_REUSEPORT (for hole punching), so a second
-    peer on a taken port binds "successfully" and the kernel then splits the
-    incoming connections between the two. A plain bind without SO_REUSEPORT
-    finds the conflict first.
-    """
-    import os
-    import socket
-
-    try:
-        port = int(addr.value_for_protocol("tcp") or 0)
-    except Exception:
-        return
-    if port == 0:
-        return
-    for proto, family in (("ip4", socket.AF_INET), ("ip6", socket.AF_INET6)):
-        try:
-            ip = addr.value_for_protocol(proto)
-        except Exception:
-            ip = None
-        if not ip:
-            continue
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            if os.name == "posix":
-                # Else the connections of a previous run, in TIME_WAIT for a minute after
-                # a restart, make the port look taken. A live listener is still found
-                # (on POSIX, unlike Windows, SO_REUSEADDR does not let a bind steal a port).
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((str(ip), port))
-            except OSError as exc:
-                raise ConfigError(f"cannot listen on {addr}: {exc.strerror}") from None
-
-
-async def _close_connections(host: IHost, timeout: float = 5.0) -> None:
-    """Close every connection at once, while the swarm still runs.
-
-    py-libp2p 0.8.1 has two problems here. When ``host.run()`` exits, the
-    swarm's service closes each connection while being cancelled, without a
-    shield: ``SwarmConn.close()`` marks the connection closed, is cancelled
-    before it closes the muxer, and the socket leaks (and the other side keeps
-    a dead connection). And ``host.close()`` closes connections one after
-    another, each close sleeping 0.2 s (0.1 s in ``Yamux.close``, 0.1 s in
-    ``SwarmConn._cleanup``): a peer with 20 DHT contacts took 4 s to stop.
-    """
-    try:
-        conns = list(host.get_network().get_connections())
-    except Exception:
-        return
-    if not conns:
-        return
-
-    async def close(conn: Any) -> None:
-        try:
-            await conn.close()
-        except Exception:
-            pass
-
-    with trio.move_on_after(timeout):
-        async with trio.open_nursery() as nursery:
-            for conn in conns:
-                nursery.start_soon(close, conn)
 
 
 @asynccontextmanager
@@ -183,7 +93,7 @@ async def running_host(host: IHost, listen: Sequence[multiaddr.Multiaddr]) -> As
     failure: ConfigError | None = None
     try:
         async with host.run(listen_addrs=list(listen)):
-            bound = _listen_addrs(host)
+            bound = listen_addrs(host)
             if listen and len(bound) < len(listen):
                 wanted = ", ".join(str(a) for a in listen)
                 failure = ConfigError(
@@ -196,8 +106,7 @@ async def running_host(host: IHost, listen: Sequence[multiaddr.Multiaddr]) -> As
                 finally:
                     # Before leaving host.run(): its swarm would close the
                     # connections itself, unshielded, and leak their sockets.
-                    with trio.CancelScope(shield=True):
-                        await _close_connections(host)
+                    await close_connections(host)
     finally:
         with trio.CancelScope(shield=True):
             await host.close()

@@ -1,0 +1,145 @@
+"""Workarounds for py-libp2p 0.8.1's host and swarm.
+
+Each function corrects one upstream behaviour (the canaries in ``tests/test_compat_host.py``
+fail once upstream changes it):
+
+- :func:`check_port_free`: the TCP listener binds with ``SO_REUSEPORT``, so a second host on a
+  taken port binds "successfully" and the kernel splits the incoming connections between them.
+- :func:`close_connections`: leaving ``host.run()`` closes each connection while being cancelled,
+  unshielded (``SwarmConn.close()`` is cancelled before it closes the muxer and the socket leaks),
+  and ``host.close()`` closes connections one after another, 0.2 s each.
+- :func:`disable_auto_connector`: the swarm's auto-connector dials peers from the peerstore
+  (aiming at the midpoint of the watermarks, 150 by default) whatever the watermarks say;
+  setting them to 0 would make the pruner close every connection instead.
+- :func:`guard_handler`: an exception escaping a stream handler stops ``host.run()`` and with
+  it the whole host.
+- :func:`retire_stream_handler`: removing a handler races with multistream-select, which checks
+  that a handler exists, awaits a write, then looks it up again: the ``KeyError`` stops the host.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+
+from ...errors import ConfigError
+
+__all__ = [
+    "check_port_free",
+    "close_connections",
+    "disable_auto_connector",
+    "guard_handler",
+    "retire_stream_handler",
+]
+
+log = logging.getLogger(__name__)
+
+StreamHandler = Callable[[INetStream], Awaitable[None]]
+
+
+def check_port_free(addr: multiaddr.Multiaddr) -> None:
+    """Raise :class:`ConfigError` if a fixed TCP port in ``addr`` is already taken.
+
+    A plain bind without ``SO_REUSEPORT`` finds the conflict that py-libp2p's own listener
+    (which sets ``SO_REUSEPORT``, for hole punching) would not.
+    """
+    try:
+        port = int(addr.value_for_protocol("tcp") or 0)
+    except Exception:
+        return
+    if port == 0:
+        return
+    for proto, family in (("ip4", socket.AF_INET), ("ip6", socket.AF_INET6)):
+        try:
+            ip = addr.value_for_protocol(proto)
+        except Exception:
+            ip = None
+        if not ip:
+            continue
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            if os.name == "posix":
+                # Else the connections of a previous run, in TIME_WAIT for a minute after
+                # a restart, make the port look taken. A live listener is still found
+                # (on POSIX, unlike Windows, SO_REUSEADDR does not let a bind steal a port).
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((str(ip), port))
+            except OSError as exc:
+                raise ConfigError(f"cannot listen on {addr}: {exc.strerror}") from None
+
+
+async def close_connections(host: IHost, timeout: float = 5.0) -> None:
+    """Close every connection of ``host`` at once, while its swarm still runs; shielded.
+
+    Call it before leaving ``host.run()``: the swarm would otherwise close them itself,
+    unshielded, and leak their sockets (the other side keeps a dead connection). Closing
+    them concurrently also avoids ``host.close()``'s 0.2 s per connection (a peer with 20
+    DHT contacts took 4 s to stop).
+    """
+    with trio.CancelScope(shield=True):
+        try:
+            conns = list(host.get_network().get_connections())
+        except Exception:
+            return
+        if not conns:
+            return
+
+        async def close(conn: Any) -> None:
+            try:
+                await conn.close()
+            except Exception:
+                pass
+
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as nursery:
+                for conn in conns:
+                    nursery.start_soon(close, conn)
+
+
+async def _no_auto_connect(*_args: Any, **_kwargs: Any) -> None:
+    return None
+
+
+def disable_auto_connector(host: IHost) -> None:
+    """Stop the swarm's auto-connector from dialing every peer in the peerstore.
+
+    It dials peers learned from the DHT every 30 s and after each disconnect. A modelnet peer
+    connects on purpose: to bootstrap peers, DHT contacts and the providers it calls.
+    """
+    connector = getattr(host.get_network(), "auto_connector", None)
+    if connector is not None and hasattr(connector, "maybe_connect"):
+        connector.maybe_connect = _no_auto_connect
+
+
+async def _reset(stream: INetStream) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(1):
+        try:
+            await stream.reset()
+        except Exception:
+            pass
+
+
+def guard_handler(handler: StreamHandler, name: str = "stream handler") -> StreamHandler:
+    """``handler`` with a catch-all: an exception resets the stream instead of stopping the host."""
+
+    async def guarded(stream: INetStream) -> None:
+        try:
+            await handler(stream)
+        except Exception as exc:
+            log.debug("%s failed: %r", name, exc)
+            await _reset(stream)
+
+    return guarded
+
+
+def retire_stream_handler(host: IHost, protocol: TProtocol) -> None:
+    """Stop serving ``protocol``: new streams are reset; ``host.close()`` drops the handler."""
+    host.set_stream_handler(protocol, _reset)

@@ -1,0 +1,195 @@
+"""Corrections to py-libp2p 0.8.1's circuit relay v2 (``libp2p.relay.circuit_v2``), the relay side.
+
+:class:`CircuitRelay` subclasses ``CircuitV2Protocol``; :func:`relay_limits` builds its limits.
+Each correction names the upstream behaviour; the canaries in ``tests/test_compat_relay.py``
+fail once upstream changes it:
+
+- **Concurrent circuits to one peer close each other.** The stock code files each circuit's
+  streams under the peer id of one end (``protocol.py`` 672, 722, 925-932), so when one of two
+  circuits to a target ends, its clean-up closes the other. Here each direction of each
+  circuit has a key of its own.
+- **The per-peer circuit limit is checked before an await and counted after it.** The stock
+  CONNECT handler checks ``active_connections < max_circuit_conns``, then opens the STOP stream
+  to the target and waits for its answer, and only then counts the circuit: concurrent
+  CONNECTs all get past the check (80 accepted against a limit of 64). Here a slot is taken
+  from a :class:`CircuitLimiter` in one step, before the first await, and given back when the
+  circuit ends.
+- **RESERVE trusts the peer id named in the message.** Anyone could fill the relay's slots in
+  other peers' names (and make circuits to a peer that never reserved). Here a reservation is
+  always for the peer that asks.
+- **Reservations of disconnected peers keep their slots until they expire.** They are void
+  (a reservation holds only while its peer is connected), but still count against
+  ``max_reservations``. Here they are dropped before a new one is counted.
+- **A data limit of 0 means "nothing may pass"**, not "no limit" (the stock code falls back to
+  a per-reservation budget of 0 bytes). :func:`relay_limits` passes a practically infinite one.
+- **Stopping the service removes its stream handlers**, which races with multistream-select
+  (see :func:`~modelnet_p2p.p2p._compat.host.retire_stream_handler`). Here the handlers are
+  retired, and the open circuits are reset (the stock code closes them one by one, unshielded).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.peer.id import ID
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
+from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
+from libp2p.relay.circuit_v2.protocol import STOP_PROTOCOL_ID, CircuitV2Protocol
+from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
+from libp2p.relay.circuit_v2.resources import RelayLimits
+
+from .host import guard_handler, retire_stream_handler
+
+__all__ = ["NO_DATA_LIMIT", "CircuitLimiter", "CircuitRelay", "relay_limits"]
+
+#: What "no data limit" has to be written as (py-libp2p reads 0 as "nothing may pass").
+NO_DATA_LIMIT = 2**62
+
+
+class CircuitLimiter(Protocol):
+    """Counts the circuits open to each reserving peer (see ``services/relay.py``)."""
+
+    def acquire(self, peer: str) -> bool:
+        """Take a circuit slot for ``peer`` if one is free (checked and counted at once)."""
+        ...
+
+    def release(self, peer: str) -> None:
+        """Give back a slot taken by :meth:`acquire`."""
+        ...
+
+
+def relay_limits(
+    *,
+    max_reservations: int,
+    max_circuits_per_peer: int,
+    reservation_ttl: int,
+    max_circuit_duration: int | None,
+    max_circuit_bytes: int | None,
+) -> RelayLimits:
+    """py-libp2p's limits for these settings (``None``: no limit)."""
+    return RelayLimits(
+        duration=max_circuit_duration or 0,  # 0: no deadline (that one py-libp2p reads right)
+        data=max_circuit_bytes or NO_DATA_LIMIT,
+        max_circuit_conns=max_circuits_per_peer,
+        max_reservations=max_reservations,
+        reservation_ttl=reservation_ttl,
+    )
+
+
+@dataclass(frozen=True)
+class _Circuit:
+    """Key of one direction of one circuit in ``CircuitV2Protocol._active_relays``."""
+
+    peer: ID
+    number: int
+
+    def __str__(self) -> str:
+        return f"{self.peer}#{self.number}"
+
+
+def _connected(host: IHost, peer: ID) -> bool:
+    return any(not conn.is_closed for conn in host.get_network().get_connections(peer))
+
+
+class CircuitRelay(CircuitV2Protocol):
+    """py-libp2p's circuit relay v2 protocol with the corrections listed in the module docstring.
+
+    Run it with ``background_trio_service``; ``event_started`` is set once its handlers are in
+    place.
+    """
+
+    _numbers = itertools.count()
+
+    def __init__(self, host: IHost, limits: RelayLimits, *, hop: bool, limiter: CircuitLimiter) -> None:
+        super().__init__(host, limits=limits, allow_hop=hop)
+        self.limiter = limiter
+
+    # -- what the adapter reads --------------------------------------------------------
+
+    def held_reservations(self) -> int:
+        """Reservations that are unexpired and whose peer is connected."""
+        return sum(
+            1
+            for peer, r in list(self.resource_manager._reservations.items())
+            if not r.is_expired() and _connected(self.host, peer)
+        )
+
+    def open_circuits(self) -> int:
+        """Circuits being forwarded now (each has two directions)."""
+        return sum(1 for key in list(self._active_relays) if isinstance(key, _Circuit)) // 2
+
+    # -- the corrections ----------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        if self.allow_hop:
+            self.host.set_stream_handler(HOP_PROTOCOL_ID, guard_handler(self._handle_hop_stream, "hop"))
+        self.host.set_stream_handler(STOP_PROTOCOL_ID, guard_handler(self._handle_stop_stream, "stop"))
+        self.event_started.set()
+        task_status.started()
+        try:
+            await self.manager.wait_finished()
+        finally:
+            if self.allow_hop:
+                retire_stream_handler(self.host, HOP_PROTOCOL_ID)
+            retire_stream_handler(self.host, STOP_PROTOCOL_ID)
+            streams = {s for pair in self._active_relays.values() for s in pair if s is not None}
+            self._active_relays.clear()
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                for stream in streams:
+                    try:
+                        await stream.reset()
+                    except Exception:
+                        pass
+
+    async def _handle_reserve(self, stream: INetStream, msg: HopMessage) -> None:
+        msg.peer.id = stream.muxed_conn.peer_id.to_bytes()
+        reservations = self.resource_manager._reservations
+        for peer in [p for p in reservations if not _connected(self.host, p)]:
+            del reservations[peer]
+        await super()._handle_reserve(stream, msg)
+
+    async def _handle_connect(self, stream: INetStream, msg: HopMessage) -> None:
+        slot: str | None = None
+        try:
+            target = ID(msg.peer.id)
+        except Exception:
+            target = None
+        if target is not None and self.resource_manager.get_reservation(target) is not None:
+            # Checked and counted in one step, before anything awaits.
+            if not self.limiter.acquire(str(target)):
+                await self._send_status(
+                    stream, StatusCode.RESOURCE_LIMIT_EXCEEDED, "too many circuits to this peer"
+                )
+                await self._close_stream(stream)
+                return
+            slot = str(target)
+        try:
+            await super()._handle_connect(stream, msg)
+        finally:
+            if slot is not None:
+                self.limiter.release(slot)
+            # The stock code's own entries for this circuit (keyed by peer id) are left behind.
+            for key, (src, _dst) in list(self._active_relays.items()):
+                if src is stream:
+                    del self._active_relays[key]
+
+    async def _relay_data(
+        self,
+        src_stream: INetStream,
+        dst_stream: INetStream,
+        peer_id: ID,
+        deadline: float | None = None,
+        circuit_data_limit: list[int] | None = None,
+    ) -> None:
+        # One key per direction of each circuit: the stock clean-up then closes this circuit's
+        # two streams, not whichever circuit to ``peer_id`` happened to be filed last.
+        key = cast(ID, _Circuit(peer_id, next(self._numbers)))
+        self._active_relays[key] = (src_stream, dst_stream)
+        try:
+            await super()._relay_data(src_stream, dst_stream, key, deadline, circuit_data_limit)
+        finally:
+            self._active_relays.pop(key, None)
