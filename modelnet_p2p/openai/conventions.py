@@ -2,7 +2,7 @@
 
 Two adapters live here:
 
-* :mod:`.openai_upstream` serves an existing OpenAI-compatible model server
+* :mod:`.upstream` serves an existing OpenAI-compatible model server
   (OpenAI, Ollama, vLLM, llama.cpp, LM Studio, ...) on the mesh:
   ``modelnet serve openai+http://127.0.0.1:11434/v1``.
 * :mod:`modelnet_p2p.openai.app` serves the OpenAI HTTP API, backed by the mesh:
