@@ -18,16 +18,15 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-import multiaddr
 import pytest
 import trio
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo
 
 from modelnet_p2p import BadRequestError, Capability, CapabilityCard, ConfigError, Peer
 from modelnet_p2p.p2p.identity import Identity
+from modelnet_p2p.p2p.kad import KadKind, KadPeer, KadRequest, peer_id_bytes
 from modelnet_p2p.proto.card import (
     encode_card,
     encode_envelope,
@@ -37,6 +36,7 @@ from modelnet_p2p.proto.card import (
     task_key,
     value_key,
 )
+from modelnet_p2p.proto.framing import encode_varint
 from modelnet_p2p.services.discovery.service import DHT_PROTOCOL_ID
 from modelnet_p2p.testing import open_peers
 
@@ -64,9 +64,9 @@ async def answer(request: Any) -> str:
 
 def stores_are_empty(peer: Peer) -> bool:
     """True if the peer holds no provider record and no card of anyone else."""
-    dht = peer.discovery.dht
+    kad = peer.discovery.kad
     own = value_key(peer.peer_id).encode()
-    return not dht.provider_store.providers and all(k == own for k in dht.value_store.store)
+    return not kad.provider_keys() and all(k == own for k, _ in kad.local_values())
 
 
 # -- a worker process ---------------------------------------------------------------
@@ -151,7 +151,7 @@ async def test_fresh_peer_finds_every_provider_set_in_a_mesh_of_two_processes() 
 
                     async with Peer(listen=[], bootstrap=[boot[7]]) as fresh:
                         assert fresh.discovery.mode == "client"  # auto: no listen address
-                        assert fresh.discovery.dht.get_routing_table_size() <= 1
+                        assert fresh.discovery.kad.routing_table_size() <= 1
                         expected = {
                             ("chat", None, None, ()): {p1, p2, p3},
                             ("summarization", None, None, ()): {p3},
@@ -192,8 +192,7 @@ async def test_fresh_peer_finds_every_provider_set_in_a_mesh_of_two_processes() 
 
                     # A member of the mesh with its stores cleared also finds the full set.
                     member = local[6]
-                    member.discovery.dht.provider_store.providers.clear()
-                    member.discovery.dht.value_store.store.clear()
+                    member.discovery.kad.clear_local_stores()
 
                     async def member_finds() -> bool:
                         return ids(await member.discover("chat")) == {p1, p2, p3}
@@ -202,9 +201,8 @@ async def test_fresh_peer_finds_every_provider_set_in_a_mesh_of_two_processes() 
                     # The client peer took part without breaking anything, and was
                     # kept out of the servers' routing tables.
                     assert ids(await client.discover(tags=["fast"])) == {p1, p3}
-                    client_id = ID.from_base58(client.peer_id)
                     for p in local:
-                        assert not p.discovery.dht.routing_table.peer_in_table(client_id)
+                        assert not p.discovery.kad.in_routing_table(client.peer_id)
 
 
 # -- bad and changed cards ------------------------------------------------------------
@@ -215,21 +213,41 @@ def forged_envelope(card: CapabilityCard, signer: Identity) -> bytes:
     return encode_envelope(body, signer.sign(signing_input(body)))
 
 
-def put_message(key: str, value: bytes) -> Message:
+def put_message(key: str, value: bytes) -> KadRequest:
+    return KadRequest(KadKind.PUT_VALUE, key.encode(), value=value)
+
+
+def put_pb(key: str, value: bytes) -> Message:
     msg = Message(type=Message.MessageType.PUT_VALUE, key=key.encode())
     msg.record.key = key.encode()
     msg.record.value = value
     return msg
 
 
+async def raw_request(sender: Peer, receiver: Peer, msg: Message) -> None:
+    """Send one hand-made protobuf DHT message, and read whatever comes back."""
+    stream = await sender.host.new_stream(ID.from_base58(receiver.peer_id), [TProtocol(DHT_PROTOCOL_ID)])
+    data = msg.SerializeToString()
+    try:
+        with trio.move_on_after(5):
+            await stream.write(encode_varint(len(data)) + data)
+            await stream.close()
+            while await stream.read(65536):
+                pass
+    except Exception:
+        pass
+    finally:
+        with trio.move_on_after(1):
+            await stream.reset()
+
+
 async def test_forged_expired_and_oversized_cards_are_rejected_by_remote_servers(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="modelnet_p2p.services.discovery.service")
+    caplog.set_level(logging.INFO, logger="modelnet_p2p.services.discovery")
     with trio.fail_after(30):
         async with open_peers(3) as (server, attacker, victim):
             now = int(time.time() * 1000)
-            server_id = ID.from_base58(server.peer_id)
             vkey = value_key(victim.peer_id)
             victim_card = CapabilityCard(victim.peer_id, (), 1, now, now + 60_000, (Capability("x"),))
             expired = seal(
@@ -255,20 +273,20 @@ async def test_forged_expired_and_oversized_cards_are_rejected_by_remote_servers
                 "garbage": (vkey, b"\x81\xa4card\xc4\x00"),
             }
             for name, (key, value) in attempts.items():
-                reply = await attacker.discovery._request(server_id, put_message(key, value))
+                reply = await attacker.discovery.request(server.peer_id, put_message(key, value))
                 assert reply is None, f"{name} card was accepted"
-                assert server.discovery.dht.value_store.get(key.encode()) is None, name
+                assert server.discovery.kad.local_value(key.encode()) is None, name
             reasons = [r.getMessage() for r in caplog.records if "rejected card" in r.getMessage()]
             for reason in ("does not match", "expired", "exceeds", "stored under the key of"):
                 assert any(reason in r for r in reasons), (reason, reasons)
             # The server survived all of it and still stores a good card.
             good = (value_key(attacker.peer_id), own_card.envelope)
-            assert await attacker.discovery._request(server_id, put_message(*good)) is not None
-            assert server.discovery.dht.value_store.get(good[0].encode()) is not None
+            assert await attacker.discovery.request(server.peer_id, put_message(*good)) is not None
+            assert server.discovery.kad.local_value(good[0].encode()) is not None
 
 
 async def test_discovery_skips_a_provider_whose_card_is_forged(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="modelnet_p2p.services.discovery.service")
+    caplog.set_level(logging.INFO, logger="modelnet_p2p.services.discovery")
     with trio.fail_after(30):
         async with open_peers(4) as peers:
             honest, liar = peers[1], peers[2]
@@ -279,12 +297,10 @@ async def test_discovery_skips_a_provider_whose_card_is_forged(caplog: pytest.Lo
             now = int(time.time() * 1000)
             fake = CapabilityCard(liar.peer_id, (), 1, now, now + 60_000, (Capability("evil", task="chat"),))
             envelope = forged_envelope(fake, Identity.generate())
-            liar_info = PeerInfo(
-                ID.from_base58(liar.peer_id), [multiaddr.Multiaddr(a) for a in liar.discovery._own_addrs()]
-            )
+            liar_info = KadPeer(liar.peer_id, tuple(liar.discovery.own_addrs()))
             for p in peers:
-                p.discovery.dht.provider_store.add_provider(task_key("chat"), liar_info)
-                p.discovery.dht.value_store.put(value_key(liar.peer_id).encode(), envelope)
+                p.discovery.kad.add_local_provider(task_key("chat"), liar_info)
+                p.discovery.kad.store_value(value_key(liar.peer_id).encode(), envelope, time.time() + 3600)
             async with Peer(listen=[], bootstrap=[peers[0].addrs[0]]) as fresh:
                 cards = await fresh.discover("chat")
                 assert ids(cards) == {honest.peer_id}
@@ -304,8 +320,8 @@ async def test_an_updated_card_replaces_the_old_one_everywhere() -> None:
             def holders(card: CapabilityCard) -> list[Peer]:
                 out = []
                 for q in peers:
-                    record = q.discovery.dht.value_store.get(key)
-                    if q is not p and record is not None and open_card(record.value).seq >= card.seq:
+                    record = q.discovery.kad.local_value(key)
+                    if q is not p and record is not None and open_card(record).seq >= card.seq:
                         out.append(q)
                 return out
 
@@ -322,11 +338,10 @@ async def test_an_updated_card_replaces_the_old_one_everywhere() -> None:
             # Replaying the old card changes nothing, on the remote PUT path
             # (select(key, [existing, new])) and on the local put path (select(key, [new, old])).
             holder = old_holders[0]
-            holder_id = ID.from_base58(holder.peer_id)
-            assert await p.discovery._request(holder_id, put_message(key.decode(), first.envelope)) is None
+            assert await p.discovery.request(holder.peer_id, put_message(key.decode(), first.envelope)) is None
             assert holder in holders(second)
             with pytest.raises(ValueError):
-                await holder.discovery.dht.put_value(key.decode(), first.envelope)
+                await holder.discovery.kad.put_value(key.decode(), first.envelope)
             assert holder in holders(second)
             async with Peer(listen=[], bootstrap=[peers[0].addrs[0]]) as fresh:
                 cards = await fresh.discover(model="alpha")
@@ -371,8 +386,8 @@ async def test_a_provider_that_leaves_disappears_after_its_ttl() -> None:
 
                 await eventually(gone, timeout=20)
             for q in peers:
-                record = q.discovery.dht.value_store.get(value_key(pid).encode())
-                assert record is None or open_card(record.value).expired(int(time.time() * 1000))
+                record = q.discovery.kad.local_value(value_key(pid).encode())
+                assert record is None or open_card(record).expired(int(time.time() * 1000))
 
 
 async def _found(peer: Peer, pid: str) -> bool:
@@ -393,12 +408,12 @@ async def test_the_dht_speaks_its_own_protocol_id() -> None:
             with pytest.raises(Exception, match="stream"):
                 await a.host.new_stream(b_id, [TProtocol("/ipfs/kad/1.0.0")])
             # Peers of another network are not DHT peers of ours.
-            assert not a.discovery.dht.routing_table.peer_in_table(ID.from_base58(t.peer_id))
+            assert not a.discovery.kad.in_routing_table(t.peer_id)
             # A stopped DHT answers nothing (py-libp2p would leave its handler serving).
-            req = Message(type=Message.MessageType.FIND_NODE, key=b_id.to_bytes())
-            assert await a.discovery._request(b_id, req) is not None
+            req = KadRequest(KadKind.FIND_NODE, peer_id_bytes(b.peer_id))
+            assert await a.discovery.request(b.peer_id, req) is not None
             b.discovery.stop()
-            assert await a.discovery._request(b_id, req) is None
+            assert await a.discovery.request(b.peer_id, req) is None
 
 
 async def test_dht_mode_is_automatic_and_can_be_overridden() -> None:
@@ -449,7 +464,7 @@ async def test_discover_iter_limit_and_bad_queries() -> None:
             assert peers[1].peer_id in ids(await peers[1].discover(model="m1"))
             # find_providers: call targets for a capability name, this peer left out.
             targets = await peers[0].find_providers("m2")
-            assert targets == [f"{peers[2].discovery._own_addrs()[0]}/p2p/{peers[2].peer_id}"]
+            assert targets == [f"{peers[2].discovery.own_addrs()[0]}/p2p/{peers[2].peer_id}"]
             assert (await peers[0].call(targets[0], "m2", "hi", timeout=10)).text == "ok"
             assert await peers[1].find_providers("m1") == []
 
@@ -480,11 +495,11 @@ async def test_garbage_on_the_dht_protocol_never_crashes_a_peer() -> None:
                 Message(type=Message.MessageType.GET_PROVIDERS, key=b""),
                 Message(type=Message.MessageType.GET_VALUE, key=b"x" * 500),
                 Message(type=Message.MessageType.ADD_PROVIDER, key=b"k" * 100),
-                put_message("/modelnet-card/not-a-peer", b"\x00"),
+                put_pb("/modelnet-card/not-a-peer", b"\x00"),
                 Message(type=Message.MessageType.PUT_VALUE, key=b"\xff\xfe"),
             ]
             for msg in bad:
-                await a.discovery._request(b_id, msg)
+                await raw_request(a, b, msg)
             # b still serves and answers.
             b.serve(Capability("still-here", task="chat"), answer)
             await b.announce()

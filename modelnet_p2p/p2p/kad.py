@@ -1,0 +1,415 @@
+"""The Kademlia DHT as the discovery service sees it: our own protocol id, our own types.
+
+py-libp2p 0.8.1's ``KadDHT`` serves the protocol here: the routing table, the value and
+provider stores, and the inbound handler. Everything else the discovery service needs is
+in :class:`KadNode`, in terms of peer ids as base58 text, addresses as text, and the
+messages :class:`KadRequest` / :class:`KadResponse`, so that no libp2p type leaves
+``p2p/``. The workarounds of py-libp2p's Kademlia bugs (the protocol-id proxy first of
+all) live in :mod:`._compat.kad`.
+
+If the proxy ever stopped working, our records would silently go to the public IPFS DHT.
+:meth:`KadNode.start` therefore checks, before anyone is dialed, that the host serves our
+protocol id (in server mode) and not ``/ipfs/kad/1.0.0``, and raises
+:class:`PrivateProtocolError` otherwise; every request this module sends names our id.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, cast
+
+import multiaddr
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.kad_dht.pb.kademlia_pb2 import Message
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.records.validator import Validator
+from libp2p.tools.anyio_service import background_trio_service
+from libp2p.tools.anyio_service.api import ManagerAPI
+from libp2p.utils.varint import read_varint_prefixed_bytes_limited
+
+from ..proto.framing import encode_varint
+from ._compat.kad import IPFS_KAD_PROTOCOL_ID, KadHostView, MeshKadDHT, refuse_streams, store_value
+from .stream import close_quietly, reset_quietly
+
+if TYPE_CHECKING:
+    # trio-typing's stubs (installed with py-libp2p) shadow trio's own annotations.
+    from trio_typing import TaskStatus
+
+__all__ = [
+    "IPFS_KAD_PROTOCOL_ID",
+    "Host",
+    "KadKind",
+    "KadNode",
+    "KadPeer",
+    "KadRequest",
+    "KadResponse",
+    "PrivateProtocolError",
+    "RecordPolicy",
+    "peer_id_bytes",
+]
+
+log = logging.getLogger(__name__)
+
+#: The host type :class:`KadNode` runs on (services pass it through without looking inside).
+Host = IHost
+
+
+class PrivateProtocolError(RuntimeError):
+    """The DHT would speak the public ``/ipfs/kad/1.0.0`` instead of our own protocol id."""
+
+
+class KadKind(enum.IntEnum):
+    """Kademlia message types (the values are the wire's)."""
+
+    PUT_VALUE = 0
+    GET_VALUE = 1
+    ADD_PROVIDER = 2
+    GET_PROVIDERS = 3
+    FIND_NODE = 4
+
+
+@dataclass(frozen=True)
+class KadPeer:
+    """A peer as a DHT message lists it: base58 peer id and addresses as text."""
+
+    peer_id: str
+    addrs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class KadRequest:
+    """One DHT request: ``value`` for PUT_VALUE, ``provider`` for ADD_PROVIDER."""
+
+    kind: KadKind
+    key: bytes
+    value: bytes | None = None
+    provider: KadPeer | None = None
+
+
+@dataclass(frozen=True)
+class KadResponse:
+    """The parts of a DHT answer discovery reads (peers that do not parse are left out)."""
+
+    closer: tuple[KadPeer, ...] = ()
+    providers: tuple[KadPeer, ...] = ()
+    value: bytes | None = None
+
+
+class RecordPolicy(Protocol):
+    """Validates and selects the values of one namespace (a DHT validator).
+
+    ``validate`` raises :class:`ValueError` for a value the server must not store.
+    ``select`` returns the index of the best of ``values``; py-libp2p passes
+    ``[new, old]`` on a local put and ``[existing, new]`` on a remote PUT, so the choice
+    must depend on the values, not their positions.
+    """
+
+    def validate(self, key: str, value: bytes) -> None: ...
+
+    def select(self, key: str, values: list[bytes]) -> int: ...
+
+
+def peer_id_bytes(peer_id: str) -> bytes:
+    """The binary form of a base58 peer id (``ValueError`` if it is not one)."""
+    try:
+        return ID.from_base58(peer_id).to_bytes()
+    except Exception as exc:
+        raise ValueError(f"not a peer id: {peer_id[:80]!r}") from exc
+
+
+def _peer(peer: Message.Peer) -> KadPeer | None:
+    try:
+        return KadPeer(str(ID(peer.id)), tuple(str(multiaddr.Multiaddr(a)) for a in peer.addrs))
+    except Exception:
+        return None
+
+
+def _peers(items: Sequence[Message.Peer], limit: int) -> tuple[KadPeer, ...]:
+    return tuple(p for raw in items[:limit] if (p := _peer(raw)) is not None)
+
+
+def encode_request(req: KadRequest) -> bytes:
+    """The protobuf bytes of ``req`` (without the length prefix)."""
+    msg = Message(type=cast(Message.MessageType, int(req.kind)), key=req.key)
+    if req.kind is KadKind.PUT_VALUE:
+        msg.record.key = req.key
+        msg.record.value = req.value or b""
+    if req.provider is not None:
+        peer = msg.providerPeers.add()
+        peer.id = peer_id_bytes(req.provider.peer_id)
+        peer.addrs.extend(multiaddr.Multiaddr(a).to_bytes() for a in req.provider.addrs)
+    return bytes(msg.SerializeToString())
+
+
+def decode_response(data: bytes, *, max_closer: int, max_providers: int) -> KadResponse:
+    """Parse an answer; only the first ``max_closer`` / ``max_providers`` peers are read."""
+    msg = Message()
+    msg.ParseFromString(data)
+    value = msg.record.value if msg.HasField("record") and msg.record.value else None
+    return KadResponse(_peers(msg.closerPeers, max_closer), _peers(msg.providerPeers, max_providers), value)
+
+
+class KadNode:
+    """One peer's DHT on its own protocol id: local stores, routing table, requests.
+
+    Args:
+        host: the libp2p host (before anyone is dialed).
+        protocol: our DHT protocol id, e.g. ``/modelnet/kad/1.0.0``.
+        server: answer DHT requests and store records (else only ask).
+        provider_ttl: seconds a provider record stays in this server's store.
+        max_providers_per_key: providers kept per key.
+        add_provider_rate: ADD_PROVIDER messages accepted per sender per 10 s.
+        max_inbound_streams: inbound DHT streams handled at once (the rest are reset).
+        identify_wait: seconds an inbound sender may take to complete identify before we
+            decide whether it serves the DHT (and belongs in the routing table).
+        max_response_size: largest answer read, in bytes.
+        max_closer: closer peers read from one answer (Kademlia's k).
+        max_providers: providers read from one answer.
+        wall_clock: seconds since the epoch (provider record timestamps).
+    """
+
+    def __init__(
+        self,
+        host: Host,
+        protocol: str,
+        *,
+        server: bool,
+        provider_ttl: float,
+        max_providers_per_key: int,
+        add_provider_rate: int,
+        max_inbound_streams: int,
+        identify_wait: float,
+        max_response_size: int,
+        max_closer: int,
+        max_providers: int,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if protocol == IPFS_KAD_PROTOCOL_ID:
+            raise PrivateProtocolError(f"refusing to run our DHT on {IPFS_KAD_PROTOCOL_ID}")
+        self._host = host
+        self.protocol = protocol
+        self.server = server
+        self._settings = (provider_ttl, max_providers_per_key, add_provider_rate, max_inbound_streams)
+        self._identify_wait = identify_wait
+        self._max_response_size = max_response_size
+        self._max_closer = max_closer
+        self._max_providers = max_providers
+        self._wall_clock = wall_clock
+        self._view = KadHostView(host, protocol)
+        self._dht: MeshKadDHT | None = None
+        self._manager: ManagerAPI | None = None
+        self.peer_id = str(host.get_id())
+
+    # -- lifecycle -----------------------------------------------------------
+
+    @property
+    def dht(self) -> MeshKadDHT:
+        if self._dht is None:
+            raise RuntimeError("the DHT is not running")
+        return self._dht
+
+    @property
+    def requests(self) -> int:
+        """Outbound DHT streams opened so far (one per request)."""
+        return self._view.requests
+
+    async def start(self, nursery: trio.Nursery, refresher: Callable[[], Awaitable[None]]) -> None:
+        """Create the DHT, check its protocol id, and run it in ``nursery``.
+
+        ``refresher`` replaces py-libp2p's periodic routing-table refresh.
+        Raises :class:`PrivateProtocolError` if the host would serve ``/ipfs/kad/1.0.0``.
+        """
+        ttl, per_key, rate, inbound = self._settings
+        dht = MeshKadDHT(
+            self._view,
+            self.server,
+            deferred=nursery,
+            provider_ttl=ttl,
+            max_providers_per_key=per_key,
+            add_provider_rate=rate,
+            max_inbound_streams=inbound,
+            identify_wait=self._identify_wait,
+            wall_clock=self._wall_clock,
+        )
+        dht.refresher = refresher
+        self._dht = dht
+        self.check_protocols()
+        self._manager = await nursery.start(self._run, dht)
+
+    async def _run(self, dht: MeshKadDHT, task_status: TaskStatus[ManagerAPI]) -> None:
+        try:
+            async with background_trio_service(dht) as manager:
+                task_status.started(manager)
+                await manager.wait_finished()
+        except Exception as exc:  # the DHT failing must not take the peer down
+            log.warning("the DHT service stopped: %r", exc)
+
+    def check_protocols(self) -> None:
+        """Raise :class:`PrivateProtocolError` unless the host serves our DHT id, and only it.
+
+        A server must have a handler for our protocol id; no peer may have one for
+        ``/ipfs/kad/1.0.0`` (which would mean py-libp2p bypassed the view).
+        """
+        served = {str(p) for p in self._host.get_mux().get_protocols() if p}
+        if IPFS_KAD_PROTOCOL_ID in served:
+            raise PrivateProtocolError(
+                f"the DHT registered a handler for {IPFS_KAD_PROTOCOL_ID}: the protocol-id view failed"
+            )
+        if self.server and self.protocol not in served:
+            raise PrivateProtocolError(f"the DHT serves no handler for {self.protocol}")
+
+    def stop(self) -> None:
+        """Stop answering DHT requests and stop py-libp2p's service; never raises."""
+        if self._dht is not None and self.server:
+            refuse_streams(self._view)
+        if self._manager is not None and self._manager.is_running:
+            self._manager.cancel()
+
+    def register_validator(self, namespace: str, policy: RecordPolicy) -> None:
+        """Validate and select the values of ``/<namespace>/...`` keys with ``policy``."""
+        self.dht.register_validator(namespace, cast(Validator, policy))
+
+    # -- the routing table and the peerstore ------------------------------------
+
+    def closest_known(self, key: bytes, count: int) -> list[str]:
+        """The ``count`` peers of the routing table closest to ``key``."""
+        return [str(p) for p in self.dht.routing_table.find_local_closest_peers(key, count)]
+
+    def connected_peers(self) -> list[str]:
+        return [str(p) for p in self._host.get_connected_peers()]
+
+    def routing_table_size(self) -> int:
+        return self.dht.get_routing_table_size()
+
+    def in_routing_table(self, peer_id: str) -> bool:
+        return self.dht.routing_table.peer_in_table(ID.from_base58(peer_id))
+
+    async def add_to_routing_table(self, peer_id: str) -> bool:
+        """Add a peer that serves the DHT (identify is checked, as py-libp2p does)."""
+        return await self.dht.add_peer(ID.from_base58(peer_id))
+
+    def forget(self, peer_id: str) -> None:
+        """Drop an unreachable peer from the routing table."""
+        self.dht.routing_table.remove_peer(ID.from_base58(peer_id))
+
+    def remember_addrs(self, peer: KadPeer, ttl: int) -> None:
+        """Put ``peer``'s addresses into the peerstore for ``ttl`` seconds."""
+        if peer.addrs:
+            addrs = [multiaddr.Multiaddr(a) for a in peer.addrs]
+            self._view.get_peerstore().add_addrs(ID.from_base58(peer.peer_id), addrs, ttl)
+
+    # -- the local stores ---------------------------------------------------------
+
+    def store_value(self, key: bytes, value: bytes, expires_at: float) -> None:
+        """Store a value locally until ``expires_at`` (seconds since the epoch); not republished."""
+        store_value(self.dht, key, value, expires_at)
+
+    def local_value(self, key: bytes) -> bytes | None:
+        """The value stored here under ``key``, if it has not expired."""
+        record = self.dht.value_store.get(key)
+        return None if record is None else bytes(record.value)
+
+    def local_values(self, prefix: bytes = b"") -> list[tuple[bytes, bytes]]:
+        """Every ``(key, value)`` stored here whose key starts with ``prefix``."""
+        return [
+            (k, bytes(record.value))
+            for k, (record, _validity) in list(self.dht.value_store.store.items())
+            if k.startswith(prefix)
+        ]
+
+    def drop_value(self, key: bytes) -> None:
+        self.dht.value_store.remove(key)
+
+    async def put_value(self, key: str, value: bytes) -> None:
+        """py-libp2p's own validated local put (raises ``ValueError`` for a worse value)."""
+        await self.dht.put_value(key, value)
+
+    def add_local_provider(self, key: bytes, peer: KadPeer) -> None:
+        info = PeerInfo(ID.from_base58(peer.peer_id), [multiaddr.Multiaddr(a) for a in peer.addrs])
+        self.dht.provider_store.add_provider(key, info)
+
+    def local_providers(self, key: bytes) -> list[KadPeer]:
+        return [
+            KadPeer(str(i.peer_id), tuple(str(a) for a in i.addrs))
+            for i in self.dht.provider_store.get_providers(key)
+        ]
+
+    def provider_keys(self) -> int:
+        """Keys this peer holds provider records for."""
+        return len(self.dht.provider_store.providers)
+
+    def drop_expired_providers(self) -> None:
+        self.dht.provider_store.cleanup_expired()
+
+    def clear_local_stores(self) -> None:
+        """Forget every provider record and value stored here."""
+        self.dht.provider_store.providers.clear()
+        self.dht.value_store.store.clear()
+
+    async def library_find_providers(self, key: bytes, count: int = 20) -> list[str]:
+        """py-libp2p's own provider lookup (on our protocol id), for comparison in benchmarks.
+
+        It answers from the local store when that holds any record, and may stop early.
+        """
+        return [str(i.peer_id) for i in await self.dht.provider_store.find_providers(key, count)]
+
+    # -- requests ------------------------------------------------------------------
+
+    async def request(self, peer_id: str, req: KadRequest, timeout: float) -> tuple[KadResponse | None, bool]:
+        """Send ``req`` and read one answer within ``timeout``.
+
+        Returns ``(answer, True)``, or ``(None, opened)`` on any failure, where ``opened``
+        tells whether a stream was opened at all (a busy server resets excess streams).
+        """
+        data = encode_request(req)
+        stream: INetStream | None = None
+        ok = False
+        try:
+            with trio.move_on_after(timeout):
+                stream = await self._open(peer_id)
+                await stream.write(encode_varint(len(data)) + data)
+                raw = await read_varint_prefixed_bytes_limited(stream, self._max_response_size)
+                resp = decode_response(raw, max_closer=self._max_closer, max_providers=self._max_providers)
+                ok = True
+                return resp, True
+        except Exception as exc:
+            log.debug("DHT request to %s failed: %r", peer_id, exc)
+        finally:
+            if stream is not None:
+                await _end(stream, ok)
+        return None, stream is not None
+
+    async def send(self, peer_id: str, req: KadRequest, timeout: float) -> bool:
+        """Send a message that gets no answer we wait for (ADD_PROVIDER); True if written."""
+        data = encode_request(req)
+        stream: INetStream | None = None
+        ok = False
+        try:
+            with trio.move_on_after(timeout):
+                stream = await self._open(peer_id)
+                await stream.write(encode_varint(len(data)) + data)
+                ok = True
+        except Exception as exc:
+            log.debug("DHT message to %s failed: %r", peer_id, exc)
+        finally:
+            if stream is not None:
+                await _end(stream, ok)
+        return ok
+
+    async def _open(self, peer_id: str) -> INetStream:
+        # Through the view, so the stream is counted; our id is named explicitly.
+        return await self._view.new_stream(ID.from_base58(peer_id), [TProtocol(self.protocol)])
+
+
+async def _end(stream: INetStream, ok: bool) -> None:
+    if ok:
+        await close_quietly(stream, 1.0)
+    else:
+        await reset_quietly(stream, 1.0)

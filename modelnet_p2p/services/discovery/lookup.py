@@ -1,0 +1,271 @@
+"""Network-complete Kademlia lookups, done here rather than by py-libp2p.
+
+py-libp2p's own lookups return early from the local store (``find_providers``,
+``get_value``), return duplicates, treat a provider list as complete once ``count``
+entries (duplicates included) have arrived, and look value keys up with FIND_NODE, which
+py-libp2p servers reject for keys that are not multihashes and longer than 50 bytes (ours
+are about 67). So every lookup here asks the network only (never the local store),
+de-duplicates by peer id, and runs until the k closest peers known have all been asked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+
+import trio
+
+from ...errors import ProtocolError
+from ...p2p.kad import KadKind, KadNode, KadPeer, KadRequest, KadResponse, peer_id_bytes
+from ...proto.card import CapabilityCard, value_key
+from .query import Query
+from .records import verified_card
+
+__all__ = [
+    "ADDR_TTL",
+    "ALPHA",
+    "CARD_FETCH_CONCURRENCY",
+    "K",
+    "MAX_PROVIDERS_PER_KEY",
+    "MAX_PROVIDERS_PER_LOOKUP",
+    "MAX_RESPONSE_SIZE",
+    "RPC_TIMEOUT",
+    "Lookups",
+]
+
+log = logging.getLogger(__name__)
+
+#: Kademlia's k: records are stored on, and lookups converge to, the k closest peers.
+K = 20
+#: Requests in flight per lookup (the libp2p spec's alpha is 3; py-libp2p uses 10,
+#: and on a LAN or loopback mesh more parallelism is mostly free).
+ALPHA = 10
+#: Seconds allowed for one DHT request, dial included.
+RPC_TIMEOUT = 5.0
+#: Largest DHT response read, in bytes: a GET_PROVIDERS answer lists at most
+#: MAX_PROVIDERS_PER_KEY providers and k closer peers; a GET_VALUE answer holds one card.
+MAX_RESPONSE_SIZE = 1 << 20
+#: Providers a server keeps per key, and reads from one answer. py-libp2p keeps 20 (k)
+#: and ignores any newer provider once 20 are stored, so a popular task would lose providers.
+MAX_PROVIDERS_PER_KEY = 256
+#: Card fetches in flight during one discovery.
+CARD_FETCH_CONCURRENCY = 16
+#: Providers one discovery fetches cards of, at most: bounds what answers that
+#: list made-up providers can make a discoverer do.
+MAX_PROVIDERS_PER_LOOKUP = 1024
+#: Seconds that addresses learned from DHT answers stay in the peerstore.
+ADDR_TTL = 600
+#: Seconds before a peer whose stream broke after opening is asked once more.
+RETRY_DELAY = 0.05
+
+
+def _hash(data: bytes) -> int:
+    return int.from_bytes(hashlib.sha256(data).digest())
+
+
+class Lookups:
+    """Iterative lookups, provider searches and card fetches of one peer over ``kad``.
+
+    Args:
+        kad: the DHT node.
+        rpc_timeout: seconds allowed for one request.
+        wall_clock: seconds since the epoch (card expiry).
+    """
+
+    def __init__(self, kad: KadNode, *, rpc_timeout: float, wall_clock: Callable[[], float]) -> None:
+        self.kad = kad
+        self.rpc_timeout = rpc_timeout
+        self._wall_clock = wall_clock
+
+    def _now_ms(self) -> int:
+        return int(self._wall_clock() * 1000)
+
+    async def request(self, peer_id: str, req: KadRequest) -> KadResponse | None:
+        """Send one DHT request to ``peer_id`` and return its answer (``None`` on any failure)."""
+        return (await self.kad.request(peer_id, req, self.rpc_timeout))[0]
+
+    async def send(self, peer_id: str, req: KadRequest) -> bool:
+        """Send one DHT message that gets no answer we wait for; True if it was written."""
+        return await self.kad.send(peer_id, req, self.rpc_timeout)
+
+    async def closest(
+        self,
+        key: bytes,
+        kind: KadKind,
+        on_response: Callable[[str, KadResponse], None] | None = None,
+    ) -> list[str]:
+        """Iterative lookup of ``key`` with requests of ``kind``; returns the k closest peers that answered.
+
+        Up to ALPHA requests are in flight; it ends when the k closest peers known
+        (answered or not yet asked, failures excluded) have all been asked. Each answer's
+        closer peers join the candidates, and the answer goes to ``on_response``. A peer
+        whose stream broke after opening is asked once more (busy py-libp2p servers reset
+        excess streams).
+        """
+        kad = self.kad
+        me = kad.peer_id
+        target = _hash(key)
+        distance: dict[str, int] = {}
+
+        def learn(pid: str) -> None:
+            if pid != me and pid not in distance:
+                try:
+                    distance[pid] = _hash(peer_id_bytes(pid)) ^ target
+                except ValueError:
+                    pass
+
+        for pid in kad.closest_known(key, K):
+            learn(pid)
+        if len(distance) < K:  # a fresh peer: its bootstrap peers may not be in the table yet
+            for pid in kad.connected_peers():
+                learn(pid)
+        asked: set[str] = set()
+        answered: set[str] = set()
+        failed: set[str] = set()
+        retried: set[str] = set()
+        request = KadRequest(kind, key)
+        send_done, recv_done = trio.open_memory_channel[None](float("inf"))
+        in_flight = 0
+
+        async def ask(pid: str) -> None:
+            resp, opened = await kad.request(pid, request, self.rpc_timeout)
+            if resp is None:
+                if opened and pid not in retried:
+                    retried.add(pid)
+                    asked.discard(pid)
+                    await trio.sleep(RETRY_DELAY)
+                else:
+                    failed.add(pid)
+                    if not opened:  # unreachable: stop handing it out (as py-libp2p does)
+                        kad.forget(pid)
+            else:
+                answered.add(pid)
+                for peer in resp.closer:
+                    self._learn_peer(peer, learn)
+                if on_response is not None:
+                    try:
+                        on_response(pid, resp)
+                    except Exception as exc:
+                        log.debug("bad DHT answer from %s: %r", pid, exc)
+                with trio.move_on_after(1):
+                    await kad.add_to_routing_table(pid)  # it answered: it serves the DHT
+            send_done.send_nowait(None)
+
+        async with trio.open_nursery() as nursery:
+            while True:
+                closest = sorted((p for p in distance if p not in failed), key=distance.__getitem__)[:K]
+                todo = [p for p in closest if p not in asked]
+                for pid in todo[: ALPHA - in_flight]:
+                    asked.add(pid)
+                    in_flight += 1
+                    nursery.start_soon(ask, pid)
+                if in_flight == 0:
+                    break
+                await recv_done.receive()
+                in_flight -= 1
+        return sorted(answered, key=distance.__getitem__)[:K]
+
+    def _learn_peer(self, peer: KadPeer, learn: Callable[[str], None]) -> None:
+        if peer.addrs:
+            try:
+                self.kad.remember_addrs(peer, ADDR_TTL)
+            except Exception:
+                return
+            learn(peer.peer_id)
+
+    async def find(
+        self,
+        query: Query,
+        send: trio.MemorySendChannel[CapabilityCard],
+        *,
+        limit: int | None = None,
+        own_card: Callable[[], CapabilityCard | None] = lambda: None,
+    ) -> int:
+        """Send every verified card matching ``query`` to ``send``, each peer once; return the count.
+
+        The provider records come from the network only (never this peer's own store);
+        each provider's card is asked of the provider itself first, then of the DHT. This
+        peer's own card comes from ``own_card``. Stops after ``limit`` cards; the caller
+        bounds the time.
+        """
+        label, key = query.key()
+        seen: set[str] = set()
+        sent = 0
+        me = self.kad.peer_id
+        limiter = trio.CapacityLimiter(CARD_FETCH_CONCURRENCY)
+
+        async with trio.open_nursery() as nursery:
+
+            def deliver(card: CapabilityCard | None) -> None:
+                nonlocal sent
+                if card is None or not query.matches(card) or (limit is not None and sent >= limit):
+                    return
+                try:
+                    send.send_nowait(card)  # the channel is unbounded: no checkpoint between check and count
+                except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+                    nursery.cancel_scope.cancel()  # nobody is listening any more
+                    return
+                sent += 1
+                if limit is not None and sent >= limit:
+                    nursery.cancel_scope.cancel()
+
+            async def fetch(provider: KadPeer) -> None:
+                async with limiter:
+                    card = await self.fetch_card(provider.peer_id, provider.addrs)
+                deliver(card)
+
+            def on_response(_peer: str, resp: KadResponse) -> None:
+                for provider in resp.providers:
+                    if len(seen) >= MAX_PROVIDERS_PER_LOOKUP:
+                        return
+                    if provider.peer_id in seen:
+                        continue
+                    seen.add(provider.peer_id)
+                    if provider.peer_id != me:
+                        nursery.start_soon(fetch, provider)
+                    else:
+                        own = own_card()
+                        if own is not None and not own.expired(self._now_ms()):
+                            deliver(own)
+
+            await self.closest(key, KadKind.GET_PROVIDERS, on_response)
+            log.debug("lookup of %s found %d providers", label, len(seen))
+        return sent
+
+    async def fetch_card(self, peer_id: str, addrs: Sequence[str] = ()) -> CapabilityCard | None:
+        """The newest valid card of ``peer_id``: from the peer itself, else from the DHT."""
+        vkey = value_key(peer_id).encode()
+        if addrs:
+            try:
+                self.kad.remember_addrs(KadPeer(peer_id, tuple(addrs)), ADDR_TTL)
+            except Exception:
+                return None  # not a peer id or not addresses: nothing to fetch from
+        rejected: list[str] = []
+        request = KadRequest(KadKind.GET_VALUE, vkey)
+        card = self._card_in(await self.request(peer_id, request), peer_id, rejected)
+        if card is None:
+            best: list[CapabilityCard] = []
+
+            def on_response(_peer: str, resp: KadResponse) -> None:
+                found = self._card_in(resp, peer_id, rejected)
+                if found is not None and (not best or found.seq > best[0].seq):
+                    best[:] = [found]
+
+            await self.closest(vkey, KadKind.GET_VALUE, on_response)
+            card = best[0] if best else None
+        if card is None and rejected:
+            log.info(
+                "rejected every card of %s found (%d): %s", peer_id, len(rejected), "; ".join(set(rejected))
+            )
+        return card
+
+    def _card_in(self, resp: KadResponse | None, peer_id: str, rejected: list[str]) -> CapabilityCard | None:
+        """The valid card of ``peer_id`` in a GET_VALUE answer, if there is one."""
+        if resp is None or resp.value is None:
+            return None
+        try:
+            return verified_card(resp.value, peer_id, self._now_ms())
+        except ProtocolError as exc:
+            rejected.append(exc.message)
+            return None
