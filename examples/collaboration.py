@@ -23,8 +23,7 @@ from typing import Any
 import trio
 
 from modelnet_p2p import Capability, InferenceRequest, Peer
-from modelnet_p2p.demo.models import ALL, arithmetic
-from modelnet_p2p.mesh.collab import (
+from modelnet_p2p.collab import (
     Result,
     Step,
     draft_verify,
@@ -34,6 +33,7 @@ from modelnet_p2p.mesh.collab import (
     route,
     run_workflow,
 )
+from modelnet_p2p.demo_models import ALL, arithmetic
 from modelnet_p2p.testing import open_peers
 
 

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shlex
 import signal
 import subprocess
+from pathlib import Path
 
+import click
+import pytest
 from cli_util import MODELNET, background, clean_env, modelnet, one_line_error, read_event
+
+from modelnet_p2p.cli import cli, main
+from modelnet_p2p.cli.options import PeerOptions, peer_options
+from modelnet_p2p.config import Config, load_config
+from modelnet_p2p.errors import UnavailableError
+from modelnet_p2p.log import set_verbose
 
 
 def test_id_creates_then_reuses(tmp_path):
@@ -228,3 +239,147 @@ def test_discover_and_status_json(tmp_path):
             ask = modelnet("ask", "echo", "routed by the mesh", "--bootstrap", baddr, "--json", cwd=tmp_path)
             assert ask.returncode == 0, ask.stderr
             assert _json.loads(ask.stdout)["peer"] in ids
+
+
+# -- in process: the command tree, the shared options and the error policy ----------------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+PEER_COMMANDS = ["serve", "bootstrap", "ask", "discover", "status", "run", "config show"]
+
+
+def _command(path: str) -> click.Command:
+    cmd: click.Command = cli
+    for name in path.split():
+        assert isinstance(cmd, click.Group)
+        cmd = cmd.commands[name]
+    return cmd
+
+
+def _leaves(cmd: click.Command = cli) -> list[click.Command]:
+    if isinstance(cmd, click.Group):
+        return [leaf for sub in cmd.commands.values() for leaf in _leaves(sub)]
+    return [cmd]
+
+
+@pytest.fixture
+def parsed(monkeypatch):
+    """Run `main` in process with every command's body replaced by a recorder of its arguments."""
+    calls: list[tuple[str, dict[str, object]]] = []
+    for leaf in _leaves():
+
+        def record(*, _name=leaf.name, **kwargs):
+            calls.append((_name, kwargs))
+
+        monkeypatch.setattr(leaf, "callback", record)
+    return calls
+
+
+def _readme_commands() -> list[list[str]]:
+    text = README.read_text()
+    block = text.split("## Command line", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    out = []
+    for line in block.splitlines():
+        line = line.split("#", 1)[0].replace("[", "").replace("]", "")
+        if line.strip().startswith("modelnet "):
+            out.append(shlex.split(line)[1:])
+    return out
+
+
+def test_every_documented_command_parses(parsed):
+    commands = _readme_commands()
+    assert len(commands) >= 10
+    for argv in commands:
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 0, argv
+    assert {name for name, _ in parsed} >= {"demo", "up", "serve", "discover", "ask", "status", "run"}
+
+
+def test_peer_options_are_one_group(parsed):
+    for path in PEER_COMMANDS:
+        opts = {o for p in _command(path).params for o in p.opts}
+        assert {"--identity", "-i", "--listen", "-l", "--bootstrap", "-b", "--reachability"} <= opts, path
+    gateway = {o for p in _command("gateway").params for o in p.opts}
+    assert {"--p2p-listen", "--bootstrap", "--identity"} <= gateway and "--reachability" not in gateway
+    seen: list[PeerOptions] = []
+
+    @click.command()
+    @peer_options()
+    def probe(peer: PeerOptions) -> None:
+        seen.append(peer)
+
+    probe.main(
+        ["-i", "k.key", "-l", "L1", "-l", "L2", "-b", "B", "--reachability", "private"], standalone_mode=False
+    )
+    probe.main([], standalone_mode=False)
+    assert seen == [PeerOptions("k.key", ("L1", "L2"), ("B",), "private"), PeerOptions()]
+    assert seen[0].config_flags() == {
+        "identity": "k.key",
+        "listen": ["L1", "L2"],
+        "bootstrap": ["B"],
+        "reachability": "private",
+    }
+    assert load_config(env={}, flags=PeerOptions().config_flags())[1] == load_config(env={})[1]
+
+
+def test_defaults_come_from_config(tmp_path):
+    out = modelnet("config", "show", "--json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    expected, sources = load_config(env={})
+    assert data["config"] == expected.as_dict()
+    assert data["sources"] == sources
+    assert data["config"]["announce_interval"] == Config().announce_interval == 120.0
+    flagged = modelnet(
+        "config",
+        "show",
+        "--json",
+        "-i",
+        "k.key",
+        "-l",
+        "/ip4/127.0.0.1/tcp/1",
+        "-b",
+        "B",
+        "--reachability",
+        "private",
+        cwd=tmp_path,
+    )
+    srcs = json.loads(flagged.stdout)["sources"]
+    assert [srcs[k] for k in ("identity", "listen", "bootstrap", "reachability")] == ["flag"] * 4
+
+
+def test_unexpected_errors_are_one_line(parsed, monkeypatch, capsys):
+    def boom(**kwargs):
+        raise RuntimeError("the disk is on fire\nsecond line")
+
+    monkeypatch.setattr(_command("demo"), "callback", boom)
+    with pytest.raises(SystemExit) as done:
+        main(["demo"])
+    assert done.value.code == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err == ["error: RuntimeError: the disk is on fire (run with -v for details)"]
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", root.level)
+    try:
+        with pytest.raises(RuntimeError):
+            main(["-v", "demo"])  # -v: the line, then the traceback
+    finally:
+        set_verbose(False)
+    assert "the disk is on fire" in capsys.readouterr().err
+
+    def grouped(**kwargs):
+        raise ExceptionGroup("tasks", [ValueError("noise"), UnavailableError("no provider answered")])
+
+    monkeypatch.setattr(_command("demo"), "callback", grouped)
+    with pytest.raises(SystemExit) as done:
+        main(["demo"])
+    assert done.value.code == 1
+    assert capsys.readouterr().err.strip() == "error: no provider answered"
+
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_command("demo"), "callback", interrupted)
+    with pytest.raises(SystemExit) as done:
+        main(["demo"])
+    assert done.value.code == 130

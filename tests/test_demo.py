@@ -18,3 +18,16 @@ def test_demo_runs_and_exits_zero():
     assert "each once and in order: True" in text
     assert "every peer has stopped" in text
     assert "Traceback" not in out.stderr
+
+
+def test_demo_models_is_a_thin_re_export():
+    """`modelnet serve modelnet_p2p.demo_models:NAME` keeps working: the same objects as demo.models."""
+    from modelnet_p2p import demo_models
+    from modelnet_p2p.demo import models
+
+    assert demo_models.__all__ == models.__all__
+    for name in models.__all__:
+        assert getattr(demo_models, name) is getattr(models, name)
+    assert set(demo_models.ALL) >= {"echo", "arithmetic", "translate", "summarize"}
+    for handler in demo_models.ALL.values():
+        assert handler.capability.name

@@ -1,1 +1,1 @@
-"""demo."""
+"""The narrated demo (:mod:`.narrated`, ``modelnet demo``) and its example models (:mod:`.models`)."""
