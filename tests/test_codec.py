@@ -420,13 +420,17 @@ def test_long_texts_are_cut_by_the_sender():
         ({"t": "req", "v": 1, "id": b"1", "cap": "c", "win": MIN_WINDOW - 1}, "window must be"),
         ({"t": "req", "v": 1, "id": b"1", "cap": "c", "ttl": 2**63}, "'ttl'"),
         ({"t": "req", "v": 1, "id": b"1", "cap": "c", "tc": {"hop": MAX_HOPS + 1}}, "hop count"),
-        ({"t": "req", "v": 1, "id": b"1", "cap": "c", "tc": {"tid": None}}, "trace id"),
+        ({"t": "req", "v": 1, "id": b"1", "cap": "c", "tc": {"tid": "text"}}, "trace id"),
+        ({"t": "req", "v": 1, "id": b"1", "cap": "c", "tc": {"via": "peer"}}, "'via'"),
+        ({"t": "req", "v": 1, "id": b"1", "cap": "c", "keep": 1}, "'keep'"),
         ({"t": "chunk", "seq": True, "d": 1}, "'seq'"),
         ({"t": "chunk", "seq": 1.0, "d": 1}, "'seq'"),
         ({"t": "end", "n": 0, "use": "x"}, "'use'"),
         ({"t": "err", "code": None}, "error code"),
         ({"t": "credit", "b": -5}, "'b'"),
-        ({"t": "cancel", "why": None}, "cancel reason"),
+        ({"t": "cancel", "why": 0}, "cancel reason"),
+        ({"t": "err", "code": "internal", "rt": 0}, "'rt'"),
+        ({"t": "end", "n": 0, "fin": 1}, "finish reason"),
         ({"t": None}, "unknown frame type None"),
         ({"t": "REQ"}, "unknown frame type 'REQ'"),
     ],
@@ -436,6 +440,34 @@ def test_invalid_messages(wire, error):
         parse_message(wire)
     assert info.value.code == "protocol_error"
     assert not info.value.retryable
+
+
+@pytest.mark.parametrize(
+    ("wire", "expected"),
+    [
+        (
+            {
+                "t": "req",
+                "v": 1,
+                "id": b"1",
+                "cap": "c",
+                "in": None,
+                "par": None,
+                "ttl": None,
+                "win": None,
+                "keep": None,
+                "tc": {"tid": None, "sid": None, "hop": None, "via": None},
+            },
+            Request(b"1", "c"),
+        ),
+        ({"t": "req", "v": 1, "id": b"1", "cap": "c", "tc": None}, Request(b"1", "c")),
+        ({"t": "end", "n": 2, "fin": None, "use": None, "keep": None}, End(2)),
+        ({"t": "err", "code": "internal", "msg": None, "rt": None, "n": None}, ErrorFrame("internal", "")),
+        ({"t": "cancel", "why": None}, Cancel()),
+    ],
+)
+def test_nil_on_an_optional_key_means_its_default(wire, expected):
+    assert parse_message(wire) == expected
 
 
 def test_capability_length_counts_utf8_bytes():

@@ -481,26 +481,24 @@ async def test_sequential_requests_reuse_one_stream():
         b.serve("echo", words)
         for i in range(5):
             assert (await a.call(b.addrs[0], "echo", f"n{i}")).text == f"n{i} "
-            assert a._streams.idle_count(b.peer_id) == 1
+            assert a.stream_pool.idle_count(b.peer_id) == 1
         # an error answer closes the stream instead of keeping it
         with pytest.raises(NotFoundError):
             await a.call(b.addrs[0], "missing", None)
-        assert a._streams.idle_count(b.peer_id) == 0
+        assert a.stream_pool.idle_count(b.peer_id) == 0
         # concurrent requests use several streams, all kept afterwards
         async with trio.open_nursery() as n:
             for _ in range(3):
                 n.start_soon(a.call, b.addrs[0], "echo", "x")
-        assert 1 <= a._streams.idle_count(b.peer_id) <= 3
+        assert 1 <= a.stream_pool.idle_count(b.peer_id) <= 3
 
 
-async def test_stale_kept_stream_is_retried_on_a_new_one(monkeypatch):
-    import modelnet_p2p.services.inference.server as inference
-
-    monkeypatch.setattr(inference, "IDLE_STREAM_TIMEOUT", 0.2)
+async def test_stale_kept_stream_is_retried_on_a_new_one():
     async with open_peers(2) as (a, b):
+        b.limits.idle_stream_timeout = 0.2
         b.serve("echo", words)
         assert (await a.call(b.addrs[0], "echo", "one")).text == "one "
-        assert a._streams.idle_count(b.peer_id) == 1
+        assert a.stream_pool.idle_count(b.peer_id) == 1
         await trio.sleep(0.6)  # the server closes the idle stream
         assert (await a.call(b.addrs[0], "echo", "two")).text == "two "
 
@@ -509,7 +507,7 @@ async def test_pool_sweep_closes_idle_streams():
     async with open_peers(2) as (a, b):
         b.serve("echo", words)
         await a.call(b.addrs[0], "echo", "x")
-        assert a._streams.idle_count() == 1
-        await a._streams.sweep(max_idle=0)
-        assert a._streams.idle_count() == 0
+        assert a.stream_pool.idle_count() == 1
+        await a.stream_pool.sweep(max_idle=0)
+        assert a.stream_pool.idle_count() == 0
         assert (await a.call(b.addrs[0], "echo", "y")).text == "y "

@@ -1,4 +1,4 @@
-"""Length-prefixed msgpack frames, shared by every modelnet_p2p stream protocol.
+"""Length-prefixed msgpack frames of ``/modelnet/infer/1.0.0``.
 
 A frame is an unsigned LEB128 varint length (the same varint libp2p uses
 everywhere), followed by that many bytes holding one msgpack map. See
@@ -6,15 +6,18 @@ everywhere), followed by that many bytes holding one msgpack map. See
 
 This module is pure: :func:`pack_frame` turns a map into bytes and
 :class:`FrameDecoder` turns bytes, fed in pieces of any size, back into maps.
+Bodies are decoded by :func:`modelnet_p2p.proto.packing.unpackb`, so every frame
+obeys its limits: at most :data:`~modelnet_p2p.proto.limits.MAX_DEPTH` levels of
+nesting, at most :data:`~modelnet_p2p.proto.limits.MAX_CONTAINERS` maps and arrays,
+and no msgpack extension types.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import msgpack
-
 from ..errors import ProtocolError
+from .packing import packb, unpackb
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
@@ -38,8 +41,6 @@ DEFAULT_MAX_FRAME_SIZE = 1 << 20
 
 #: A varint longer than this cannot describe a sane frame (10 bytes hold 2**64).
 MAX_VARINT_LEN = 10
-
-_packer_kwargs: dict[str, Any] = {"use_bin_type": True}
 
 
 def encode_varint(value: int) -> bytes:
@@ -91,18 +92,23 @@ def pack_frame(body: dict[str, Any], max_frame_size: int = DEFAULT_MAX_FRAME_SIZ
     ``max_frame_size``, and :class:`TypeError` (from msgpack) for values msgpack
     cannot encode.
     """
-    payload = msgpack.packb(body, **_packer_kwargs)
+    payload = packb(body)
     if len(payload) > max_frame_size:
         raise ProtocolError(f"frame of {len(payload)} bytes exceeds the limit of {max_frame_size} bytes")
     return encode_varint(len(payload)) + payload
 
 
 def unpack_body(payload: bytes) -> dict[str, Any]:
-    """Decode a frame body into a map with string keys, or raise :class:`ProtocolError`."""
+    """Decode a frame body into a map with string keys, or raise :class:`ProtocolError`.
+
+    The body must be one msgpack value within the limits of
+    :func:`~modelnet_p2p.proto.packing.unpackb` (nesting depth, container count, no
+    extension types) with nothing after it.
+    """
     try:
-        obj = msgpack.unpackb(payload, raw=False, strict_map_key=False, use_list=True)
-    except Exception as exc:  # msgpack raises many types (ExtraData, ValueError, ...)
-        raise ProtocolError(f"malformed msgpack frame: {exc.__class__.__name__}") from None
+        obj = unpackb(payload, what="frame body")
+    except ProtocolError as exc:
+        raise ProtocolError(f"malformed msgpack frame: {exc.message}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"frame is a {type(obj).__name__}, not a map")
     for key in obj:
@@ -136,32 +142,45 @@ class FrameDecoder:
         """Bytes received but not yet returned as a frame."""
         return len(self._buf)
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[dict[str, Any]]:
-        """Add bytes; return every frame body that is now complete, in order."""
+    def receive(self, data: bytes | bytearray | memoryview) -> None:
+        """Add bytes without decoding them; take frames out with :meth:`next_frame`.
+
+        The caller bounds the buffer by calling this only when :meth:`next_frame`
+        returned ``None`` (then at most one frame plus one read is held).
+        """
         if self._error is not None:
             raise self._error
         self._buf += data
-        out: list[dict[str, Any]] = []
+
+    def next_frame(self) -> dict[str, Any] | None:
+        """The next complete frame body, or ``None`` if more bytes are needed."""
+        if self._error is not None:
+            raise self._error
         try:
-            pos = 0
-            while True:
-                head = decode_varint(self._buf, pos)
-                if head is None:
-                    break
-                length, start = head
-                if length > self.max_frame_size:
-                    raise ProtocolError(
-                        f"frame of {length} bytes exceeds the limit of {self.max_frame_size} bytes"
-                    )
-                if len(self._buf) - start < length:
-                    break
-                out.append(unpack_body(bytes(self._buf[start : start + length])))
-                pos = start + length
-            del self._buf[:pos]
+            head = decode_varint(self._buf, 0)
+            if head is None:
+                return None
+            length, start = head
+            if length > self.max_frame_size:
+                raise ProtocolError(
+                    f"frame of {length} bytes exceeds the limit of {self.max_frame_size} bytes"
+                )
+            if len(self._buf) - start < length:
+                return None
+            body = unpack_body(bytes(self._buf[start : start + length]))
+            del self._buf[: start + length]
+            return body
         except ProtocolError as exc:
             self._error = exc
             self._buf.clear()
             raise
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[dict[str, Any]]:
+        """Add bytes; return every frame body that is now complete, in order."""
+        self.receive(data)
+        out: list[dict[str, Any]] = []
+        while (body := self.next_frame()) is not None:
+            out.append(body)
         return out
 
     def close(self) -> None:

@@ -3,7 +3,10 @@
 Each message is a frozen dataclass with ``to_wire()`` (a msgpack-ready map) and
 a strict parser, :func:`parse_message`, that turns a decoded map back into a
 message or raises :class:`~modelnet_p2p.errors.ProtocolError`. Unknown keys are
-ignored so that newer minor versions can add fields.
+ignored so that newer minor versions can add fields, and ``nil`` on an optional
+key means its default, exactly like an absent key.
+
+Pure code: no I/O, no clock.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ERROR_CODES, ProtocolError
+from .limits import MAX_CAPABILITY_LEN
 
 __all__ = [
     "FINISH_REASONS",
@@ -32,14 +36,13 @@ __all__ = [
     "Request",
     "TraceContext",
     "parse_message",
+    "via_entry",
 ]
 
 #: The libp2p protocol id. The major version changes only with incompatible changes.
 PROTOCOL_ID = "/modelnet/infer/1.0.0"
 #: Value of the ``v`` field of a request.
 PROTOCOL_VERSION = 1
-#: Longest capability name, in UTF-8 bytes.
-MAX_CAPABILITY_LEN = 256
 #: Longest request id, in bytes (16 random bytes are recommended).
 MAX_REQUEST_ID_LEN = 64
 #: Longest error message kept; longer ones are cut by the sender.
@@ -68,10 +71,25 @@ def _uint(obj: dict[str, Any], key: str, *, optional: bool = False, default: int
     return int(value)  # type: ignore[arg-type]
 
 
+def _opt(obj: dict[str, Any], key: str, default: Any) -> Any:
+    """An optional key's value: ``default`` when the key is absent or ``nil``."""
+    value = obj.get(key)
+    return default if value is None else value
+
+
 def _bool(obj: dict[str, Any], key: str) -> bool:
-    value = obj.get(key, False)
+    value = _opt(obj, key, False)
     _need(isinstance(value, bool), f"field {key!r} must be a boolean")
     return bool(value)
+
+
+#: Longest entry of ``tc.via``, in characters.
+MAX_VIA_ENTRY_LEN = 128
+
+
+def via_entry(peer_id: str, capability: str) -> str:
+    """The ``tc.via`` entry for a hop: ``<peer id>/<capability>``, cut to 128 characters."""
+    return f"{peer_id}/{capability}"[:MAX_VIA_ENTRY_LEN]
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,17 +119,17 @@ class TraceContext:
         if obj is None:
             return cls()
         _need(isinstance(obj, dict), "field 'tc' must be a map")
-        tid = obj.get("tid", b"")
-        sid = obj.get("sid", b"")
+        tid = _opt(obj, "tid", b"")
+        sid = _opt(obj, "sid", b"")
         _need(isinstance(tid, bytes) and len(tid) <= 32, "trace id must be at most 32 bytes")
         _need(isinstance(sid, bytes) and len(sid) <= 32, "span id must be at most 32 bytes")
         hops = _uint(obj, "hop", optional=True)
         _need(hops <= MAX_HOPS, f"hop count {hops} exceeds {MAX_HOPS}")
-        via = obj.get("via", [])
+        via = _opt(obj, "via", [])
         _need(
             isinstance(via, list)
             and len(via) <= MAX_HOPS
-            and all(isinstance(v, str) and len(v) <= 128 for v in via),
+            and all(isinstance(v, str) and len(v) <= MAX_VIA_ENTRY_LEN for v in via),
             "field 'via' must be a list of at most 32 peer ids",
         )
         return cls(tid, sid, hops, tuple(via))
@@ -235,9 +253,7 @@ def _parse_request(obj: dict[str, Any]) -> Request:
         isinstance(cap, str) and 0 < len(cap.encode()) <= MAX_CAPABILITY_LEN,
         f"capability name must be 1-{MAX_CAPABILITY_LEN} bytes of text",
     )
-    params = obj.get("par", {})
-    if params is None:
-        params = {}
+    params = _opt(obj, "par", {})
     _need(isinstance(params, dict), "field 'par' must be a map")
     timeout_ms = _uint(obj, "ttl", optional=True)
     window = _uint(obj, "win", optional=True, default=1 << 20)
@@ -262,11 +278,9 @@ def _parse_chunk(obj: dict[str, Any]) -> Chunk:
 
 
 def _parse_end(obj: dict[str, Any]) -> End:
-    fin = obj.get("fin", "stop")
+    fin = _opt(obj, "fin", "stop")
     _need(isinstance(fin, str) and len(fin) <= 64, "finish reason must be short text")
-    usage = obj.get("use", {})
-    if usage is None:
-        usage = {}
+    usage = _opt(obj, "use", {})
     _need(isinstance(usage, dict), "field 'use' must be a map")
     return End(_uint(obj, "n"), fin, usage, keep=_bool(obj, "keep"))
 
@@ -274,11 +288,9 @@ def _parse_end(obj: dict[str, Any]) -> End:
 def _parse_error(obj: dict[str, Any]) -> ErrorFrame:
     code = obj.get("code")
     _need(isinstance(code, str) and len(code) <= 64, "error code must be short text")
-    msg = obj.get("msg", "")
+    msg = _opt(obj, "msg", "")
     _need(isinstance(msg, str), "error message must be text")
-    rt = obj.get("rt", False)
-    _need(isinstance(rt, bool), "field 'rt' must be a boolean")
-    return ErrorFrame(code, msg[:MAX_ERROR_MESSAGE_LEN], rt, _uint(obj, "n", optional=True))  # type: ignore[arg-type]
+    return ErrorFrame(code, msg[:MAX_ERROR_MESSAGE_LEN], _bool(obj, "rt"), _uint(obj, "n", optional=True))  # type: ignore[arg-type]
 
 
 def _parse_credit(obj: dict[str, Any]) -> Credit:
@@ -286,7 +298,7 @@ def _parse_credit(obj: dict[str, Any]) -> Credit:
 
 
 def _parse_cancel(obj: dict[str, Any]) -> Cancel:
-    why = obj.get("why", "")
+    why = _opt(obj, "why", "")
     _need(isinstance(why, str), "cancel reason must be text")
     return Cancel(why)
 

@@ -1,1 +1,20 @@
-"""services/inference."""
+"""``/modelnet/infer/1.0.0`` as a service: :mod:`.server` serves capabilities, :mod:`.client` asks
+for them, :mod:`.handlers` runs every kind of handler. The protocol itself is
+:mod:`modelnet_p2p.proto.session`."""
+
+from .client import ResponseInfo, StaleStreamError, StreamSource, new_request_id, request_on_peer, run_request
+from .handlers import Handler, InferenceRequest
+from .server import InferenceServer, Limits
+
+__all__ = [
+    "Handler",
+    "InferenceRequest",
+    "InferenceServer",
+    "Limits",
+    "ResponseInfo",
+    "StaleStreamError",
+    "StreamSource",
+    "new_request_id",
+    "request_on_peer",
+    "run_request",
+]

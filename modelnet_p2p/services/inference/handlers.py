@@ -56,20 +56,51 @@ class InferenceRequest:
     usage: dict[str, Any] = field(default_factory=dict)
     finish_reason: str = "stop"
     mesh: Any = None
-    _wall_deadline: float = math.inf
-    _cancelled: threading.Event = field(default_factory=threading.Event)
+    _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+    _trio_token: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self._trio_token is None:
+            try:
+                self._trio_token = trio.lowlevel.current_trio_token()
+            except RuntimeError:  # built outside a trio run (tests, tools)
+                pass
 
     @property
     def remaining(self) -> float:
-        """Seconds left before the deadline (``math.inf`` if none). Safe from any thread."""
-        import time
+        """Seconds left before the deadline (``math.inf`` if none). Safe from any thread.
 
-        return max(0.0, self._wall_deadline - time.monotonic())
+        Measured on the trio clock of the serving peer (so a test's ``MockClock`` applies);
+        from a worker thread that costs one round trip to the trio loop.
+        """
+        if math.isinf(self.deadline):
+            return math.inf
+        try:
+            now = trio.current_time()
+        except RuntimeError:  # not in the trio thread: ask it
+            if self._trio_token is None:
+                return 0.0
+            try:
+                now = trio.from_thread.run_sync(trio.current_time, trio_token=self._trio_token)
+            except (trio.RunFinishedError, RuntimeError):
+                return 0.0
+        return max(0.0, self.deadline - now)
 
     @property
     def cancelled(self) -> bool:
         """True once the request was cancelled. Sync handlers should poll it between steps."""
         return self._cancelled.is_set()
+
+    def mark_cancelled(self) -> None:
+        """Make :attr:`cancelled` true: the request ended (done, cancelled, failed or timed out),
+        so a handler running in a worker thread stops at its next check. Safe from any thread."""
+        self._cancelled.set()
+
+    def cancel(self) -> None:
+        """Cancel the request: cancel the handler's :attr:`cancel_scope` and mark it cancelled.
+        Call from the trio thread."""
+        self._cancelled.set()
+        self.cancel_scope.cancel()
 
 
 def handler_kind(handler: Handler) -> str:
@@ -140,7 +171,7 @@ async def _drive_sync_generator(
                         raise item.exc
                     await emit(item)
     finally:
-        request._cancelled.set()
+        request.mark_cancelled()
 
 
 @dataclass
@@ -176,4 +207,4 @@ async def run_handler(
             result = await trio.to_thread.run_sync(handler, request, abandon_on_cancel=True)  # type: ignore[call-arg]
             await emit(result)
     finally:
-        request._cancelled.set()
+        request.mark_cancelled()

@@ -1,0 +1,749 @@
+"""The two ends of ``/modelnet/infer/1.0.0`` as state machines: bytes in, events out, no I/O.
+
+Modelled on h11's ``Connection``: a :class:`ServerSession` or :class:`ClientSession`
+holds everything one stream's protocol needs to know (frame decoding, the request
+and its admission checks, chunk sequence numbers, the credit window, stream reuse,
+deadlines), but never touches a stream, a task or a clock. The caller feeds it the
+bytes it read (``receive_data``/``receive_eof``), asks it for events
+(``next_event``), tells it what the application wants to send, writes what
+``data_to_send`` hands back, and passes the time (``now``, in any monotonic unit of
+seconds) wherever time matters. So every transition is testable without sockets
+(``tests/test_session.py``), and the rules live in one place (``specs/inference.md``,
+"Stream lifecycle" and "Flow control").
+
+``next_event`` returns :data:`NEED_DATA` when it needs more bytes, and
+:data:`PAUSED` when it will not read further until the state changes (a request
+waits for admission, an error is being sent, the stream is finished). A caller
+that reads only after :data:`NEED_DATA` holds at most one frame plus one read.
+
+Misuse by the caller (sending a chunk when no request runs, say) raises
+:class:`SessionStateError`; anything the remote does wrong is a
+:class:`~modelnet_p2p.errors.ProtocolError` for the client, and an ``err`` frame
+(:class:`ProtocolViolation`) for the server.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..errors import (
+    BadRequestError,
+    ConfigError,
+    DeadlineExceededError,
+    InternalError,
+    ModelNetError,
+    ProtocolError,
+    UnavailableError,
+    error_from_code,
+)
+from .card import normalize
+from .framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, pack_frame
+from .infer import (
+    MAX_HOPS,
+    Cancel,
+    Chunk,
+    Credit,
+    End,
+    ErrorFrame,
+    Message,
+    Request,
+    parse_message,
+    via_entry,
+)
+
+__all__ = [
+    "CREDIT_FRACTION",
+    "DEADLINE_GRACE",
+    "DEFAULT_WINDOW",
+    "IDLE_STREAM_TIMEOUT",
+    "MAX_WRITE_BATCH",
+    "NEED_DATA",
+    "PAUSED",
+    "REQUEST_READ_TIMEOUT",
+    "CancelReceived",
+    "ChunkReceived",
+    "ClientClosed",
+    "ClientEvent",
+    "ClientGone",
+    "ClientSession",
+    "ClientState",
+    "CreditReceived",
+    "ErrorReceived",
+    "Finished",
+    "Limits",
+    "ProtocolViolation",
+    "RequestReceived",
+    "RequestRejected",
+    "ServerEvent",
+    "ServerSession",
+    "ServerState",
+    "SessionStateError",
+    "TimedOut",
+    "Wait",
+]
+
+#: Default flow-control window a client grants, in bytes: well under the ~4 MiB
+#: py-libp2p 0.8.1's yamux lets pile up unread before it resets a stream.
+DEFAULT_WINDOW = 1 << 20
+#: The client returns credit once this fraction (1/4) of the window was read, and the
+#: server may send any frame while less than this fraction is unacknowledged.
+CREDIT_FRACTION = 4
+#: Largest batch of ready frames the server hands out at once (one stream write): one
+#: write per chunk costs ~167 us in py-libp2p 0.8.1, a joined write ~13 us per chunk.
+MAX_WRITE_BATCH = 256 * 1024
+#: Seconds a server waits for the first request frame of a stream.
+REQUEST_READ_TIMEOUT = 10.0
+#: Seconds a server keeps a kept stream idle before closing it (longer than the
+#: reference client's 20 s pool idle time, so normally the client closes first).
+IDLE_STREAM_TIMEOUT = 60.0
+#: Seconds past its deadline a request may spend blocked on credit before the server
+#: sends ``deadline_exceeded`` regardless of the window.
+DEADLINE_GRACE = 1.0
+
+
+@dataclass
+class Limits:
+    """A server's limits (``specs/inference.md``, "Limits"). Exceeding a concurrency limit answers
+    ``overloaded``; the session enforces the frame size, the hop limit and the timeouts, and the
+    service the concurrency limits."""
+
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    max_concurrency: int = 128
+    max_concurrency_per_peer: int = 64
+    #: Upper bound on a request's run time, whatever deadline the client sent (seconds).
+    max_request_time: float = 600.0
+    #: Requests that crossed more peers than this are refused (loops between handlers); at most 32.
+    max_hops: int = 8
+    request_read_timeout: float = REQUEST_READ_TIMEOUT
+    idle_stream_timeout: float = IDLE_STREAM_TIMEOUT
+    deadline_grace: float = DEADLINE_GRACE
+
+    def __post_init__(self) -> None:
+        if self.max_frame_size < 1024:
+            raise ConfigError("max_frame_size must be at least 1024 bytes")
+        if self.max_concurrency < 1 or self.max_concurrency_per_peer < 1:
+            raise ConfigError("concurrency limits must be at least 1")
+        if not 0 <= self.max_hops <= MAX_HOPS:
+            raise ConfigError(f"max_hops must be between 0 and {MAX_HOPS}")
+        if not self.max_request_time > 0:
+            raise ConfigError("max_request_time must be positive")
+
+
+class Wait(enum.Enum):
+    """What ``next_event`` returns when it has no event."""
+
+    #: Feed more bytes (``receive_data``) or the end of stream (``receive_eof``).
+    NEED_DATA = "need data"
+    #: Nothing more is read until the state changes.
+    PAUSED = "paused"
+
+
+NEED_DATA = Wait.NEED_DATA
+PAUSED = Wait.PAUSED
+
+
+class SessionStateError(RuntimeError):
+    """The local code used a session wrongly (a bug here, not the remote's fault)."""
+
+
+def _frame_name(msg: Message) -> str:
+    return type(msg).__name__
+
+
+# -- server --------------------------------------------------------------------
+
+
+class ServerState(enum.Enum):
+    #: A new stream: waiting for its first request.
+    AWAIT_REQUEST = "await_request"
+    #: A request arrived and passed the session's checks; call ``accept`` or ``reject``.
+    ADMITTING = "admitting"
+    #: The handler runs: ``send_chunk``, then ``send_end`` or ``send_error``.
+    RUNNING = "running"
+    #: The final frame is queued; ``data_to_send`` hands it out when the window allows.
+    FINISHING = "finishing"
+    #: A kept stream between requests.
+    IDLE = "idle"
+    #: Done: close the stream (after writing what ``data_to_send`` returned).
+    CLOSED = "closed"
+    #: Done: reset the stream and send nothing more.
+    RESET = "reset"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReceived:
+    """A request passed the frame, hop-limit and loop checks: admit it (``accept``) or ``reject`` it."""
+
+    request: Request
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRejected:
+    """A request broke the hop limit or came back in a loop; its ``err`` is queued."""
+
+    request: Request
+    error: ModelNetError
+
+
+@dataclass(frozen=True, slots=True)
+class CreditReceived:
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class CancelReceived:
+    """The client cancelled the running request: stop the handler and reset the stream."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClientGone:
+    """The client ended its side before a request was complete: stop any handler and reset."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientClosed:
+    """The client closed a kept stream between requests: close it too."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolViolation:
+    """The client broke the protocol; an ``err`` (``protocol_error``) is queued, then close."""
+
+    error: ProtocolError
+
+
+@dataclass(frozen=True, slots=True)
+class TimedOut:
+    """Returned by ``on_timeout``: what ran out and what the session did about it."""
+
+    reason: str
+
+
+ServerEvent = (
+    RequestReceived
+    | RequestRejected
+    | CreditReceived
+    | CancelReceived
+    | ClientGone
+    | ClientClosed
+    | ProtocolViolation
+)
+
+# What sits in the server's output queue: (frame bytes, is a chunk, is final, sent regardless of window).
+_Out = tuple[bytes, bool, bool, bool]
+
+
+def _plain_usage(usage: dict[str, Any] | None) -> dict[str, Any]:
+    return {str(k): v for k, v in (usage or {}).items() if isinstance(v, int | float | str | bool)}
+
+
+class ServerSession:
+    """The server end of one inference stream (one request at a time, several with ``keep``).
+
+    ``now`` is the time the stream was accepted. ``local_peer`` (base58 text) is used for
+    the loop check against ``tc.via``.
+    """
+
+    def __init__(self, now: float, limits: Limits | None = None, *, local_peer: str = "") -> None:
+        self.limits = limits or Limits()
+        self.local_peer = local_peer
+        self.state = ServerState.AWAIT_REQUEST
+        #: The current (or last) request.
+        self.request: Request | None = None
+        #: The server's deadline for the running request (``now`` units), or ``inf``.
+        self.deadline = math.inf
+        self._decoder = FrameDecoder(self.limits.max_frame_size)
+        self._eof = False
+        self._reading = True
+        self._since = now
+        self._out: deque[_Out] = deque()
+        self._window = 0
+        self._sent = 0
+        self._acked = 0
+        self._queued_chunks = 0
+        self._written_chunks = 0
+        self._keep = False
+        #: How the current (or last) request ended: ``None`` after ``end``, else the code of its
+        #: ``err``, ``"cancelled"`` if the client left, ``"unavailable"`` if the stream broke.
+        self.final_code: str | None = None
+        #: Requests accepted on this stream so far.
+        self.requests_served = 0
+
+    # -- input -------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Bytes read from the stream. Call only after :data:`NEED_DATA`."""
+        if self._eof:
+            raise SessionStateError("data after end of stream")
+        if self._reading:
+            self._decoder.receive(data)
+
+    def receive_eof(self) -> None:
+        """The client closed its write side (or, on yamux in py-libp2p 0.8.1, reset the stream)."""
+        self._eof = True
+
+    def connection_lost(self) -> None:
+        """A read or write failed: the stream is broken. Nothing more can be sent."""
+        if self.state in (ServerState.ADMITTING, ServerState.RUNNING, ServerState.FINISHING):
+            self.final_code = "unavailable"
+        self._out.clear()
+        self.state = ServerState.RESET
+        self._reading = False
+
+    def next_event(self) -> ServerEvent | Wait:
+        """The next thing the client did, :data:`NEED_DATA` or :data:`PAUSED`."""
+        while True:
+            if not self._reading or self.state in (
+                ServerState.ADMITTING,
+                ServerState.CLOSED,
+                ServerState.RESET,
+            ):
+                return PAUSED
+            try:
+                body = self._decoder.next_frame()
+            except ProtocolError as exc:
+                return self._violation(exc)
+            if body is None:
+                # An end of stream before the final frame means the client is gone (it must
+                # not close its side earlier); between requests, that it closed the stream.
+                return self._gone() if self._eof else NEED_DATA
+            try:
+                msg = parse_message(body)
+            except ProtocolError as exc:
+                return self._violation(exc)
+            if self.state is ServerState.IDLE and isinstance(msg, Credit | Cancel):
+                # Leftovers of the request that just ended (the client sends credit as it
+                # reads, and may send it after the end frame left): ignored.
+                continue
+            return self._on_message(msg)
+
+    def _gone(self) -> ServerEvent:
+        self._reading = False
+        self._out.clear()
+        if self.state is ServerState.IDLE and not self._decoder.buffered:
+            self.state = ServerState.CLOSED
+            return ClientClosed()
+        if self.state in (ServerState.RUNNING, ServerState.FINISHING):
+            self.final_code = "cancelled"
+        self.state = ServerState.RESET
+        return ClientGone()
+
+    def _violation(self, exc: ProtocolError) -> ProtocolViolation:
+        self.abort(exc)
+        return ProtocolViolation(exc)
+
+    def _on_message(self, msg: Message) -> ServerEvent:
+        state = self.state
+        if state in (ServerState.AWAIT_REQUEST, ServerState.IDLE):
+            if isinstance(msg, Request):
+                return self._on_request(msg)
+            return self._violation(ProtocolError(f"expected a request frame, got {_frame_name(msg)}"))
+        # RUNNING or FINISHING
+        if isinstance(msg, Credit):
+            self._acked = min(self._sent, self._acked + msg.nbytes)
+            return CreditReceived(msg.nbytes)
+        if isinstance(msg, Cancel):
+            self._reading = False
+            self._out.clear()
+            self.state = ServerState.RESET
+            self.final_code = "cancelled"
+            return CancelReceived(msg.reason)
+        return self._violation(ProtocolError(f"unexpected {_frame_name(msg)} frame from client"))
+
+    def _on_request(self, req: Request) -> ServerEvent:
+        self.request = req
+        self._window = req.window
+        self._sent = self._acked = self._queued_chunks = self._written_chunks = 0
+        self.final_code = None
+        self.deadline = math.inf
+        error = self._check_path(req)
+        if error is not None:
+            self.state = ServerState.RUNNING
+            self._finish(ErrorFrame(error.code, error.message, error.retryable, 0), keep=False)
+            return RequestRejected(req, error)
+        self.state = ServerState.ADMITTING
+        return RequestReceived(req)
+
+    def _check_path(self, req: Request) -> ModelNetError | None:
+        """The hop limit, then the loop check (before the capability is even looked up)."""
+        max_hops = self.limits.max_hops
+        if req.trace.hops > max_hops:
+            return BadRequestError(
+                f"hop limit exceeded: the request crossed {req.trace.hops} peers "
+                f"(limit {max_hops}); is there a loop between handlers?"
+            )
+        mine = via_entry(self.local_peer, req.capability)
+        my_cap = normalize(mine[len(self.local_peer) + 1 :])
+        for entry in req.trace.visited:
+            peer, _, cap = entry.partition("/")
+            if peer == self.local_peer and normalize(cap) == my_cap:
+                return BadRequestError(
+                    f"loop detected: {req.capability!r} on this peer is already on the request's path"
+                )
+        return None
+
+    # -- admission -----------------------------------------------------------------
+
+    def accept(self, now: float) -> float:
+        """Run the admitted request from ``now``; returns its deadline.
+
+        The deadline is ``now + min(ttl, max_request_time)``, or ``now + max_request_time``
+        for a request without one.
+        """
+        if self.state is not ServerState.ADMITTING or self.request is None:
+            raise SessionStateError(f"accept in state {self.state.name}")
+        max_time = self.limits.max_request_time
+        ttl = self.request.timeout_ms / 1000.0
+        self.deadline = now + (min(ttl, max_time) if ttl else max_time)
+        self.state = ServerState.RUNNING
+        self.requests_served += 1
+        return self.deadline
+
+    def reject(self, error: ModelNetError) -> None:
+        """Refuse the admitted request with ``error`` (``not_found``, ``overloaded``, ...), then close."""
+        if self.state is not ServerState.ADMITTING:
+            raise SessionStateError(f"reject in state {self.state.name}")
+        self.state = ServerState.RUNNING
+        self._finish(ErrorFrame(error.code, error.message, error.retryable, 0), keep=False)
+
+    # -- output ------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """A handler's output is still wanted."""
+        return self.state is ServerState.RUNNING
+
+    @property
+    def queued_frames(self) -> int:
+        """Frames waiting for ``data_to_send`` (for the handler's backpressure)."""
+        return len(self._out)
+
+    @property
+    def chunks_written(self) -> int:
+        """Chunks of the current request handed out by ``data_to_send``."""
+        return self._written_chunks
+
+    @property
+    def outstanding(self) -> int:
+        """Bytes handed out and not yet acknowledged by credit."""
+        return self._sent - self._acked
+
+    def _need_running(self, what: str) -> None:
+        if self.state is not ServerState.RUNNING:
+            raise SessionStateError(f"{what} in state {self.state.name}")
+
+    def send_chunk(self, data: Any) -> bool:
+        """Queue one chunk. Returns ``False`` if it could not be encoded: then the request
+        fails with ``internal`` (queued as its final frame) and the handler should stop."""
+        self._need_running("send_chunk")
+        try:
+            frame = pack_frame(Chunk(self._queued_chunks, data).to_wire(), self.limits.max_frame_size)
+        except ProtocolError as exc:
+            self.send_error(InternalError(f"handler produced a chunk too large to send: {exc.message}"))
+            return False
+        except Exception as exc:  # msgpack: TypeError, OverflowError, ValueError, ...
+            self.send_error(InternalError(f"handler produced a chunk that cannot be encoded: {exc}"))
+            return False
+        self._out.append((frame, True, False, False))
+        self._queued_chunks += 1
+        return True
+
+    def send_end(self, finish_reason: str = "stop", usage: dict[str, Any] | None = None) -> None:
+        """Queue the ``end`` frame; the stream is kept if the request asked for it."""
+        self._need_running("send_end")
+        assert self.request is not None
+        keep = self.request.keep
+        end = End(self._queued_chunks, finish_reason[:64], _plain_usage(usage), keep=keep)
+        try:
+            frame = pack_frame(end.to_wire(), self.limits.max_frame_size)
+        except Exception as exc:
+            self.send_error(InternalError(f"usage cannot be encoded: {exc}"))
+            return
+        self.final_code = None
+        self._keep = keep
+        self._out.append((frame, False, True, False))
+        self.state = ServerState.FINISHING
+
+    def send_error(self, error: ModelNetError) -> None:
+        """Queue an ``err`` frame after the chunks already queued (they are all delivered first)."""
+        self._need_running("send_error")
+        self._finish(ErrorFrame(error.code, error.message, error.retryable, self._queued_chunks), keep=False)
+
+    def _finish(self, frame: ErrorFrame, *, keep: bool, exempt: bool = False) -> None:
+        self.final_code = frame.code
+        self._keep = keep
+        self._out.append((pack_frame(frame.to_wire(), self.limits.max_frame_size), False, True, exempt))
+        self.state = ServerState.FINISHING
+
+    def abort(self, error: ModelNetError) -> None:
+        """End the request now with ``error``: chunks not yet handed out are dropped, the ``err``
+        frame counts the chunks handed out and is sent regardless of the window, nothing more is
+        read, and the stream is closed after it."""
+        if self.state in (ServerState.CLOSED, ServerState.RESET):
+            return
+        self._out.clear()
+        self._reading = False
+        n = self._written_chunks if self.state in (ServerState.RUNNING, ServerState.FINISHING) else 0
+        self.state = ServerState.RUNNING
+        self._finish(ErrorFrame(error.code, error.message, error.retryable, n), keep=False, exempt=True)
+
+    def _room(self, nbytes: int) -> bool:
+        # A frame may go if it fits in the window, or if less than a quarter of the
+        # window is unacknowledged: the client only returns credit in quarter-window
+        # steps, so below that it may have read everything and be waiting for this frame.
+        outstanding = self._sent - self._acked
+        return outstanding + nbytes <= self._window or outstanding < self._window // CREDIT_FRACTION
+
+    def data_to_send(self, now: float, max_bytes: int = MAX_WRITE_BATCH) -> bytes:
+        """The queued frames the window allows, joined (at least one if any fits; at most
+        ``max_bytes`` unless a single frame is larger). The window is checked per frame. The
+        caller must write all of it; ``now`` starts the idle timer if the final frame is
+        among them."""
+        out: list[bytes] = []
+        size = 0
+        while self._out:
+            frame, is_chunk, is_final, exempt = self._out[0]
+            if out and size + len(frame) > max_bytes:
+                break
+            if not exempt and not self._room(len(frame)):
+                break
+            self._out.popleft()
+            out.append(frame)
+            size += len(frame)
+            self._sent += len(frame)
+            if is_chunk:
+                self._written_chunks += 1
+            if is_final:
+                self._final_out(now)
+                break
+        return b"".join(out)
+
+    def _final_out(self, now: float) -> None:
+        self._out.clear()
+        if self._keep and self._reading:
+            self.state = ServerState.IDLE
+            self._since = now
+        else:
+            self.state = ServerState.CLOSED
+            self._reading = False
+
+    # -- time --------------------------------------------------------------------
+
+    def timeout_at(self) -> float:
+        """When :meth:`on_timeout` has something to do, in ``now`` units (``inf`` if never)."""
+        if self.state is ServerState.AWAIT_REQUEST:
+            return self._since + self.limits.request_read_timeout
+        if self.state is ServerState.IDLE:
+            return self._since + self.limits.idle_stream_timeout
+        if self.state in (ServerState.RUNNING, ServerState.FINISHING) and self._reading:
+            return self.deadline + self.limits.deadline_grace
+        return math.inf
+
+    def on_timeout(self, now: float) -> TimedOut | None:
+        """Apply whatever timed out by ``now``: no request in time (reset), an idle kept stream
+        (close), or a request still unfinished past its deadline plus grace (``deadline_exceeded``
+        regardless of the window, then close)."""
+        if now < self.timeout_at():
+            return None
+        if self.state is ServerState.AWAIT_REQUEST:
+            self.state = ServerState.RESET
+            self._reading = False
+            return TimedOut(f"no request frame within {self.limits.request_read_timeout:g} s")
+        if self.state is ServerState.IDLE:
+            self.state = ServerState.CLOSED
+            self._reading = False
+            return TimedOut(f"kept stream idle for {self.limits.idle_stream_timeout:g} s")
+        self.abort(DeadlineExceededError("deadline exceeded on the provider"))
+        return TimedOut("deadline exceeded")
+
+
+# -- client --------------------------------------------------------------------
+
+
+class ClientState(enum.Enum):
+    #: Created; ``send_request`` gives the request frame.
+    SEND_REQUEST = "send_request"
+    #: Reading the answer.
+    RECEIVING = "receiving"
+    #: The answer ended with ``end``.
+    DONE = "done"
+    #: The request failed or was abandoned: reset the stream.
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkReceived:
+    seq: int
+    data: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The ``end`` frame: the answer is complete."""
+
+    end: End
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReceived:
+    """The ``err`` frame, as the exception for its code (``chunks_delivered`` set)."""
+
+    error: ModelNetError
+
+
+ClientEvent = ChunkReceived | Finished | ErrorReceived
+
+
+class ClientSession:
+    """The client end of one request on a stream.
+
+    ``request.timeout_ms`` is ignored: :meth:`send_request` computes it from ``deadline``.
+    ``reused`` says the stream was kept from an earlier request, so that an end of stream
+    before any byte of the answer can be told apart (:attr:`closed_before_answer`).
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        *,
+        deadline: float = math.inf,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        reused: bool = False,
+    ) -> None:
+        self.request = request
+        self.deadline = deadline
+        self.max_frame_size = max_frame_size
+        self.reused = reused
+        self.state = ClientState.SEND_REQUEST
+        self._decoder = FrameDecoder(max_frame_size)
+        self._eof = False
+        self._unacked = 0
+        #: Chunks received in order so far.
+        self.chunks = 0
+        #: Bytes read from the stream so far.
+        self.bytes_received = 0
+        self._reusable = False
+        #: The stream ended cleanly before any byte of the answer, on a reused stream: a server
+        #: that closed its idle stream never read the request (``specs/inference.md``, "Stream reuse").
+        self.closed_before_answer = False
+
+    def send_request(self, now: float) -> bytes:
+        """The request frame. Raises :class:`DeadlineExceededError` if ``now`` is past the
+        deadline, :class:`BadRequestError` if the request cannot be encoded or is too large."""
+        if self.state is not ClientState.SEND_REQUEST:
+            raise SessionStateError(f"send_request in state {self.state.name}")
+        self.state = ClientState.FAILED
+        if now >= self.deadline:
+            raise DeadlineExceededError("deadline exceeded before the request was sent")
+        ttl = 0 if math.isinf(self.deadline) else max(1, int((self.deadline - now) * 1000))
+        self.request = replace(self.request, timeout_ms=ttl)
+        try:
+            frame = pack_frame(self.request.to_wire(), self.max_frame_size)
+        except ProtocolError as exc:
+            raise BadRequestError(f"request too large: {exc.message}") from None
+        except Exception as exc:
+            raise BadRequestError(f"request cannot be encoded: {exc}") from None
+        self.state = ClientState.RECEIVING
+        return frame
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Bytes read from the stream. Call only after :data:`NEED_DATA`."""
+        if self.state is not ClientState.RECEIVING or self._eof:
+            raise SessionStateError(f"receive_data in state {self.state.name}")
+        self._unacked += len(data)
+        self.bytes_received += len(data)
+        self._decoder.receive(data)
+
+    def receive_eof(self) -> None:
+        self._eof = True
+
+    def data_to_send(self) -> bytes:
+        """A ``credit`` frame once a quarter of the window was read (send it before handing
+        out the chunks: those bytes are off the stream), else ``b""``."""
+        if self.state is ClientState.RECEIVING and self._unacked >= self.request.window // CREDIT_FRACTION:
+            frame = pack_frame(Credit(self._unacked).to_wire(), self.max_frame_size)
+            self._unacked = 0
+            return frame
+        return b""
+
+    def _fail(self, message: str, *, retryable: bool = False) -> ProtocolError:
+        self.state = ClientState.FAILED
+        return ProtocolError(message, chunks_delivered=self.chunks, retryable=retryable)
+
+    def next_event(self) -> ClientEvent | Wait:
+        """The next part of the answer, or :data:`NEED_DATA`. Raises :class:`ProtocolError` for any
+        breach by the server, a truncated answer included (then the state is ``FAILED``)."""
+        if self.state is not ClientState.RECEIVING:
+            return PAUSED
+        try:
+            body = self._decoder.next_frame()
+        except ProtocolError as exc:
+            raise self._fail(exc.message) from None
+        if body is None:
+            if not self._eof:
+                return NEED_DATA
+            if self._decoder.buffered:
+                raise self._fail(
+                    f"answer truncated after {self.chunks} chunks: stream ended inside a frame "
+                    f"({self._decoder.buffered} bytes left over)",
+                    retryable=True,
+                )
+            self.closed_before_answer = self.reused and self.bytes_received == 0
+            # Usually the provider died: another one may well succeed, so this is retryable.
+            raise self._fail(f"stream ended after {self.chunks} chunks without an end frame", retryable=True)
+        try:
+            msg = parse_message(body)
+        except ProtocolError as exc:
+            raise self._fail(exc.message) from None
+        if isinstance(msg, Chunk):
+            if msg.seq != self.chunks:
+                raise self._fail(f"chunk sequence {msg.seq} where {self.chunks} was expected")
+            self.chunks += 1
+            return ChunkReceived(msg.seq, msg.data)
+        if isinstance(msg, End):
+            if msg.chunks != self.chunks:
+                raise self._fail(f"end frame says {msg.chunks} chunks but {self.chunks} arrived")
+            self.state = ClientState.DONE
+            self._reusable = msg.keep and self.request.keep and not self._decoder.buffered and not self._eof
+            return Finished(msg)
+        if isinstance(msg, ErrorFrame):
+            self.state = ClientState.FAILED
+            error = error_from_code(
+                msg.code, msg.message, retryable=msg.retryable, chunks_delivered=self.chunks
+            )
+            return ErrorReceived(error)
+        raise self._fail(f"unexpected {_frame_name(msg)} frame from server")
+
+    @property
+    def reusable(self) -> bool:
+        """The request ended cleanly and both sides agreed to keep the stream."""
+        return self.state is ClientState.DONE and self._reusable
+
+    def deadline_exceeded(self) -> DeadlineExceededError:
+        """The client's own deadline passed: the request fails (reset the stream)."""
+        self.state = ClientState.FAILED
+        return DeadlineExceededError(
+            f"deadline exceeded after {self.chunks} chunks", chunks_delivered=self.chunks
+        )
+
+    def connection_lost(self, detail: str = "") -> UnavailableError:
+        """A read or write failed: the request fails as ``unavailable`` (retryable)."""
+        self.state = ClientState.FAILED
+        what = f"stream to provider failed after {self.chunks} chunks"
+        return UnavailableError(f"{what}: {detail}" if detail else what, chunks_delivered=self.chunks)
+
+    def cancel(self, reason: str = "client stopped") -> bytes:
+        """Abandon the request: the ``cancel`` frame to send before resetting the stream
+        (``b""`` if the request already ended)."""
+        if self.state is not ClientState.RECEIVING:
+            if self.state is ClientState.SEND_REQUEST:
+                self.state = ClientState.FAILED
+            return b""
+        self.state = ClientState.FAILED
+        return pack_frame(Cancel(reason).to_wire(), self.max_frame_size)

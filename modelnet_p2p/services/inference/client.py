@@ -1,0 +1,262 @@
+"""The client side of ``/modelnet/infer/1.0.0``: send a request on a stream, yield its chunks.
+
+The protocol (sequence numbers, the end frame's count, credit, whether a stream may
+be kept) is :class:`~modelnet_p2p.proto.session.ClientSession`; :func:`run_request`
+drives it with trio, and :func:`request_on_peer` adds the idle-stream pool: it takes a
+kept stream if there is one, and resends on a new stream only when the server
+provably never read the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ...errors import ModelNetError, UnavailableError
+from ...p2p.stream import (
+    STREAM_ERRORS,
+    Stream,
+    StreamEOF,
+    StreamReset,
+    close_quietly,
+    reset_quietly,
+    write_whole,
+)
+from ...proto.framing import DEFAULT_MAX_FRAME_SIZE
+from ...proto.infer import Request, TraceContext
+from ...proto.session import (
+    DEFAULT_WINDOW,
+    NEED_DATA,
+    ChunkReceived,
+    ClientSession,
+    ClientState,
+    ErrorReceived,
+    Finished,
+)
+
+__all__ = [
+    "DEFAULT_WINDOW",
+    "READ_SIZE",
+    "ResponseInfo",
+    "StaleStreamError",
+    "StreamSource",
+    "new_request_id",
+    "request_on_peer",
+    "run_request",
+]
+
+log = logging.getLogger(__name__)
+
+#: Bytes asked of the stream per read.
+READ_SIZE = 1 << 16
+#: How long a ``cancel`` frame may take to write before the stream is reset anyway.
+CANCEL_TIMEOUT = 0.5
+
+
+@dataclass
+class ResponseInfo:
+    """What the client learns about a request besides its chunks.
+
+    Times are :func:`trio.current_time` values.
+    """
+
+    peer: str = ""
+    chunks: int = 0
+    finish_reason: str | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+    started: float = 0.0
+    first_chunk_at: float | None = None
+    ended: float | None = None
+    #: Bytes read from the provider so far.
+    received: int = 0
+    #: With routing: each provider tried, ``{"peer", "status", "chunks", "ms", "error"}``.
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+
+
+class StaleStreamError(UnavailableError):
+    """A kept stream ended cleanly before any byte of the answer: the server had closed it
+    while idle and never read the request, so it may be sent again on a new stream."""
+
+
+def new_request_id() -> bytes:
+    return os.urandom(16)
+
+
+async def run_request(
+    stream: Stream,
+    *,
+    capability: str,
+    input: Any,
+    params: dict[str, Any],
+    deadline: float,
+    trace: TraceContext,
+    info: ResponseInfo,
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    window: int = DEFAULT_WINDOW,
+    request_id: bytes | None = None,
+    release: Callable[[Stream], None] | None = None,
+    reused: bool = False,
+) -> AsyncIterator[Any]:
+    """Send a request on ``stream`` and yield the answer's chunks.
+
+    Raises the :class:`ModelNetError` subclass of an error frame, a
+    :class:`ProtocolError` for any breach of the protocol (including a stream
+    that ends without an end frame, or an end frame whose count disagrees),
+    :class:`DeadlineExceededError` at ``deadline`` (trio time), and
+    :class:`UnavailableError` if the stream breaks; :class:`StaleStreamError` if
+    ``reused`` and the stream ended before any byte of the answer. The stream is always
+    closed (after a complete answer) or reset (otherwise), even if the consumer stops
+    iterating early, which cancels the remote handler.
+
+    With ``release``, the client offers to keep the stream for another request;
+    if the request ends cleanly and the server agrees (``end.keep``), the stream is
+    handed to ``release`` instead of being closed. A stream that saw an error, a
+    reset or an end of stream is never handed back.
+    """
+    request = Request(
+        request_id=request_id or new_request_id(),
+        capability=capability,
+        input=input,
+        params=params,
+        trace=trace,
+        window=window,
+        keep=release is not None,
+    )
+    session = ClientSession(request, deadline=deadline, max_frame_size=max_frame_size, reused=reused)
+    try:
+        frame = session.send_request(trio.current_time())
+    except ModelNetError:
+        await reset_quietly(stream)
+        raise
+    info.started = trio.current_time()
+    try:
+        await write_whole(stream, frame)
+        while True:
+            event = session.next_event()
+            if event is NEED_DATA:
+                data = b""
+                with trio.move_on_at(deadline) as scope:
+                    try:
+                        data = await stream.read(READ_SIZE)
+                    except StreamEOF:
+                        session.receive_eof()
+                        continue
+                if scope.cancelled_caught:
+                    raise session.deadline_exceeded()
+                session.receive_data(data)
+                info.received += len(data)
+                credit = session.data_to_send()
+                if credit:
+                    # Before handing chunks out: these bytes are already off the stream.
+                    await write_whole(stream, credit)
+            elif isinstance(event, ChunkReceived):
+                info.chunks = session.chunks
+                if info.first_chunk_at is None:
+                    info.first_chunk_at = trio.current_time()
+                yield event.data
+            elif isinstance(event, Finished):
+                info.finish_reason = event.end.finish_reason
+                info.usage = event.end.usage
+                info.ended = trio.current_time()
+                return
+            elif isinstance(event, ErrorReceived):
+                raise event.error
+            else:  # PAUSED: the session ended without an event; cannot happen while receiving
+                raise session.connection_lost("the answer ended unexpectedly")
+    except ModelNetError as exc:
+        if session.closed_before_answer:
+            raise StaleStreamError(
+                "the kept stream was closed by the provider before it read the request"
+            ) from exc
+        raise
+    except StreamReset:
+        raise UnavailableError(
+            f"provider reset the stream after {session.chunks} chunks", chunks_delivered=session.chunks
+        ) from None
+    except STREAM_ERRORS as exc:
+        raise session.connection_lost(str(exc)) from None
+    finally:
+        if session.reusable and release is not None:
+            release(stream)
+        elif session.state is ClientState.DONE:
+            await close_quietly(stream)
+        else:
+            # Say why before resetting: py-libp2p's yamux shows a reset to the remote
+            # reader as a plain end of stream.
+            cancel = session.cancel()
+            if cancel:
+                with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_TIMEOUT):
+                    try:
+                        await stream.write(cancel)
+                    except Exception:
+                        pass
+            await reset_quietly(stream)
+
+
+class StreamSource:
+    """Where :func:`request_on_peer` gets streams: a pool of kept ones and a way to open new ones."""
+
+    def __init__(
+        self,
+        acquire: Callable[[str], Stream | None],
+        release_to: Callable[[str], Callable[[Stream], None]],
+        open_stream: Callable[[], Awaitable[Stream]],
+    ) -> None:
+        self.acquire = acquire
+        self.release_to = release_to
+        self.open_stream = open_stream
+
+
+async def request_on_peer(
+    source: StreamSource,
+    peer: str,
+    *,
+    capability: str,
+    input: Any,
+    params: dict[str, Any],
+    deadline: float,
+    trace: TraceContext,
+    info: ResponseInfo,
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    window: int = DEFAULT_WINDOW,
+) -> AsyncIterator[Any]:
+    """:func:`run_request` on a kept stream to ``peer`` if the pool has one, else on a new one.
+
+    A kept stream the server had already closed is detected (:class:`StaleStreamError`: a
+    clean end of stream before any byte of the answer) and the request is sent once more on a
+    new stream. Any other failure, a reset included, is raised: the server may have started
+    the request, and running a non-idempotent request twice is worse than failing it.
+    """
+    kept = source.acquire(peer)
+    for stream in (kept, None) if kept is not None else (None,):
+        reused = stream is not None
+        if stream is None:
+            stream = await source.open_stream()
+        agen = run_request(
+            stream,
+            capability=capability,
+            input=input,
+            params=params,
+            deadline=deadline,
+            trace=trace,
+            info=info,
+            max_frame_size=max_frame_size,
+            window=window,
+            release=source.release_to(peer),
+            reused=reused,
+        )
+        try:
+            async for chunk in agen:
+                yield chunk
+            return
+        except StaleStreamError:
+            if not reused:
+                raise
+            log.debug("kept stream to %s was closed by the provider; resending on a new one", peer)
+        finally:
+            await agen.aclose()  # type: ignore[attr-defined]
