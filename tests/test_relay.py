@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -14,6 +15,7 @@ from pathlib import Path
 import multiaddr
 import pytest
 import trio
+import trio.testing
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.network.stream.exceptions import StreamEOF
@@ -28,6 +30,7 @@ from modelnet_p2p.p2p.host import build_host, running_host
 from modelnet_p2p.p2p.identity import Identity
 from modelnet_p2p.services.relay import (
     HOP_PROTOCOL_ID,
+    CircuitSlots,
     RelayReservation,
     RelayService,
     dial_via_relay,
@@ -95,6 +98,19 @@ async def start_target(host: IHost, nursery: trio.Nursery) -> RelayService:
 
 def relay_addr(host: IHost) -> str:
     return str(host.get_addrs()[0])
+
+
+async def hop(client: IHost, relay: IHost, msg: HopMessage) -> StatusCode:
+    """Send one hop message from ``client`` to ``relay``; the status of the answer."""
+    if not client.get_network().get_connections(relay.get_id()):
+        await client.connect(PeerInfo(relay.get_id(), [relay.get_addrs()[0]]))
+    stream = await client.new_stream(relay.get_id(), [HOP_PROTOCOL_ID])
+    try:
+        with trio.fail_after(10):
+            await write_delimited_msg(stream, msg)
+            return StatusCode((await read_delimited_msg(stream, HopMessage)).status)
+    finally:
+        await stream.reset()
 
 
 # -- a relayed connection ---------------------------------------------------------------
@@ -192,7 +208,120 @@ async def test_relay_slots_are_not_squatted() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_circuit_limit_holds_against_concurrent_connects() -> None:
+    """The slot is taken before the relay waits for the target (stock: 80 accepted against 64)."""
+    async with hosts(LOOPBACK, [], LOOPBACK) as (r, t, c), trio.open_nursery() as nursery:
+        relay = RelayService(r, hop=True, max_circuits_per_peer=2)
+        await relay.start(nursery)
+        await start_target(t, nursery)
+        await reserve(t, relay_addr(r))
+        connect = HopMessage(type=HopMessage.CONNECT, peer=CircuitPeerId(id=t.get_id().to_bytes()))
+        statuses: list[StatusCode] = []
+
+        async def one() -> None:
+            statuses.append(await hop(c, r, connect))
+
+        async with trio.open_nursery() as clients:
+            for _ in range(8):
+                clients.start_soon(one)
+        assert sorted(statuses) == sorted([StatusCode.OK] * 2 + [StatusCode.RESOURCE_LIMIT_EXCEEDED] * 6)
+        with trio.fail_after(10):  # the circuits ended with their streams: the slots are free again
+            while relay.slots.total:
+                await trio.sleep(0.05)
+        circuit = await reserve(t, relay_addr(r))
+        await dial_via_relay(c, circuit, timeout=10)
+        await echo_through(c, t, 4096)
+        nursery.cancel_scope.cancel()
+
+
+def test_circuit_slots() -> None:
+    slots = CircuitSlots(2)
+    assert slots.acquire("a") and slots.acquire("a") and not slots.acquire("a")
+    assert slots.acquire("b") and slots.total == 3 and slots.open("a") == 2
+    slots.release("a")
+    assert slots.open("a") == 1 and slots.acquire("a") and not slots.acquire("a")
+    for _ in range(4):  # extra releases are ignored
+        slots.release("a")
+    assert slots.open("a") == 0 and slots.total == 1
+    with pytest.raises(ConfigError):
+        CircuitSlots(0)
+
+
 # -- keeping a reservation ------------------------------------------------------------------
+
+
+class FakeLink:
+    """A relay link without a network: each reservation lasts ``ttl`` s on a clock tied to trio's."""
+
+    relay_addr = f"/ip4/127.0.0.1/tcp/4001/p2p/{ID_R}"
+    circuit_addr = f"{relay_addr}/p2p-circuit/p2p/{ID_T}"
+    EPOCH = 1.8e9  # the Unix time at trio time 0
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self.up = True
+        self.refuse = False
+        self.calls: list[float] = []
+
+    @classmethod
+    def wall_clock(cls) -> float:
+        return cls.EPOCH + trio.current_time()
+
+    async def reserve(self, timeout: float) -> float:
+        self.calls.append(trio.current_time())
+        await trio.sleep(0.01)
+        if self.refuse:
+            raise UnavailableError("relay refused the reservation: RESOURCE_LIMIT_EXCEEDED")
+        self.up = True  # reserving connects first
+        return self.wall_clock() + self.ttl
+
+    def connected(self) -> bool:
+        return self.up
+
+
+async def test_reservation_refresh_schedule(mock_clock: trio.testing.MockClock) -> None:
+    mock_clock.autojump_threshold = 0
+    link, changes = FakeLink(ttl=100), []
+    kept = RelayReservation(link, changes.append, wall_clock=FakeLink.wall_clock)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(kept.run)
+        assert await kept.wait(timeout=1) == link.circuit_addr
+        await trio.sleep(1020)
+        # Refreshed when half the remaining lifetime has passed: every 50 s.
+        gaps = [b - a for a, b in itertools.pairwise(link.calls)]
+        assert len(link.calls) == 21 and all(49.9 < g < 50.1 for g in gaps), gaps
+        assert kept.refreshes == 21 and changes == [link.circuit_addr]
+        assert kept.expires_at is not None and 50 <= kept.expires_at - FakeLink.wall_clock() <= 100
+
+        # The connection to the relay drops: lost at once (within a poll), then reserved again.
+        link.up = False
+        await trio.sleep(1)
+        assert changes == [link.circuit_addr, None, link.circuit_addr]
+
+        # The relay refuses while the connection is down: retries back off 1, 2, 4, 8 s, then 8 s.
+        link.refuse, link.up, link.calls = True, False, []
+        await trio.sleep(60)
+        assert changes[-1] is None and kept.circuit_addr is None
+        gaps = [round(b - a) for a, b in itertools.pairwise(link.calls)]
+        assert gaps[:5] == [1, 2, 4, 8, 16], gaps
+        link.refuse = False
+        assert await kept.wait(timeout=120) == link.circuit_addr
+        kept.cancel()
+    assert not kept.running
+
+
+async def test_reservation_gives_up_after_max_failures(mock_clock: trio.testing.MockClock) -> None:
+    mock_clock.autojump_threshold = 0
+    link = FakeLink(ttl=100)
+    link.refuse, link.up = True, False
+    kept = RelayReservation(link, max_failures=3, max_backoff=4, wall_clock=FakeLink.wall_clock)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(kept.run)
+        with pytest.raises(UnavailableError, match="gave up"):
+            await kept.wait(timeout=100)
+    assert len(link.calls) == 3 and not kept.running
+    with pytest.raises(ConfigError):
+        RelayReservation(link, refresh_fraction=1.0)
 
 
 async def test_reservation_is_refreshed_past_its_ttl() -> None:

@@ -1,1 +1,36 @@
-"""p2p/_compat."""
+"""Workarounds of py-libp2p 0.8.1 bugs: the only code that reaches into libp2p's internals.
+
+Only this package touches an underscore attribute of a libp2p object, subclasses a libp2p
+class or proxies one (``tests/test_layers.py`` checks it). Each module's docstring names the
+upstream behaviour every shim corrects, and ``tests/test_compat_<module>.py`` holds canaries
+that fail once upstream changes that behaviour; then the shim can go.
+
+:mod:`.host` (the host and swarm; canaries in ``tests/test_compat_host.py``)
+    - ``check_port_free``: the TCP listener binds with ``SO_REUSEPORT``, so a second host on a
+      taken port "succeeds" and the kernel splits connections between the two.
+    - ``close_connections``: leaving ``host.run()`` closes connections unshielded (sockets leak)
+      and ``host.close()`` closes them one by one, 0.2 s each. (``running_host`` also always
+      calls ``host.close()``: leaving ``host.run()`` keeps the TCP listener open.)
+    - ``disable_auto_connector``: the auto-connector dials every peer in the peerstore whatever
+      the watermarks say.
+    - ``guard_handler``: an exception escaping a stream handler stops the whole host.
+    - ``retire_stream_handler``: removing a handler races multistream-select (``KeyError``).
+
+:mod:`.relay` (circuit relay v2; canaries in ``tests/test_compat_relay.py``)
+    ``CircuitRelay`` (a ``CircuitV2Protocol``) and ``relay_limits``:
+    - concurrent circuits to one peer are filed under its peer id and close each other;
+    - the per-peer circuit limit is checked before an await and counted after it;
+    - RESERVE trusts the peer id named in the message;
+    - reservations of disconnected peers keep their slots until they expire;
+    - a data limit of 0 lets nothing pass;
+    - stopping the service removes its handlers (the race above) and closes circuits unshielded.
+
+:mod:`.kad` (Kademlia; canaries in ``tests/test_compat_kad.py``)
+    ``KadHostView`` (``protocol_prefix`` ignored: always ``/ipfs/kad/1.0.0``),
+    ``MeshProviderStore``, ``MeshKadDHT``, ``store_value``, ``refuse_streams``.
+
+:mod:`.pubsub` (GossipSub; canaries in ``tests/test_compat_pubsub.py``)
+    ``BufferedReads``, ``GuardedPubsub``, ``LeanGossipSub``, ``build_router``,
+    ``build_pubsub``, ``announce_subscription``, ``trim_delivery_log``,
+    ``registered_pubsub_protocols`` and the helpers beside them.
+"""

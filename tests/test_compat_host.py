@@ -1,0 +1,247 @@
+"""Canaries for ``modelnet_p2p/p2p/_compat/host.py``: stock py-libp2p 0.8.1 hosts still behave so.
+
+The ``test_stock_*`` tests assert the upstream behaviour each shim corrects; when one fails,
+upstream has changed: check whether the shim is still needed, and drop it (and its canary) if
+not. The other tests check that the shim corrects it.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import multiaddr
+import pytest
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost, IMultiselectCommunicator, INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.peerinfo import PeerInfo
+from libp2p.protocol_muxer.multiselect import Multiselect
+
+from modelnet_p2p.errors import ConfigError
+from modelnet_p2p.p2p._compat.host import (
+    check_port_free,
+    disable_auto_connector,
+    guard_handler,
+    retire_stream_handler,
+)
+from modelnet_p2p.p2p.host import build_host, running_host
+from modelnet_p2p.p2p.identity import Identity
+
+LOOPBACK = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
+PROTO = TProtocol("/modelnet-test/compat/1")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stock_host() -> IHost:
+    """py-libp2p's own host, with the connection settings a modelnet peer uses."""
+    return new_host(
+        key_pair=Identity.generate().key_pair,
+        connection_config=ConnectionConfig(max_connections_per_peer=1, min_connections=0, low_watermark=0),
+    )
+
+
+def port_of(host: IHost) -> int:
+    return int(host.get_addrs()[0].value_for_protocol("tcp"))
+
+
+# -- the listener: SO_REUSEPORT, and leaving run() --------------------------------------------
+
+
+async def test_stock_listeners_share_a_port() -> None:
+    """Two hosts both bind the same fixed port; the kernel splits connections between them."""
+    addr = [multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{free_port()}")]
+    a, b = stock_host(), stock_host()
+    async with a.run(addr), b.run(addr):
+        assert port_of(a) == port_of(b)
+    await a.close()
+    await b.close()
+
+
+async def test_taken_port_is_found_before_listening() -> None:
+    async with running_host(build_host(Identity.generate()), LOOPBACK) as a:
+        taken = multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{port_of(a)}")
+        with pytest.raises(ConfigError, match="in use"):
+            check_port_free(taken)
+        with pytest.raises(ConfigError, match="in use"):
+            async with running_host(build_host(Identity.generate()), [taken]):
+                pass
+
+
+async def test_stock_leaving_run_keeps_the_listener_open() -> None:
+    """Hence ``running_host`` always calls ``host.close()``."""
+    host = stock_host()
+    async with host.run(LOOPBACK):
+        port = port_of(host)
+    try:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)  # still accepted
+        await stream.aclose()
+    finally:
+        await host.close()
+    with pytest.raises(OSError):
+        await trio.open_tcp_stream("127.0.0.1", port)
+
+
+# -- closing connections -----------------------------------------------------------------------
+
+
+async def test_stock_close_takes_a_fifth_of_a_second_per_connection() -> None:
+    others = [build_host(Identity.generate()) for _ in range(4)]
+    host = stock_host()
+    async with host.run(LOOPBACK):
+        async with trio.open_nursery() as nursery:
+            for other in others:
+                await nursery.start(_serve_until_cancelled, other)
+            for other in others:
+                await host.connect(PeerInfo(other.get_id(), other.get_addrs()))
+            start = trio.current_time()
+            await host.close()
+            took = trio.current_time() - start
+            nursery.cancel_scope.cancel()
+    assert took >= 0.15 * len(others), f"host.close() took {took:.2f} s for {len(others)} connections"
+
+
+async def _serve_until_cancelled(host: IHost, *, task_status: trio.TaskStatus[None]) -> None:
+    async with running_host(host, LOOPBACK):
+        task_status.started()
+        await trio.sleep_forever()
+
+
+async def test_connections_close_at_once() -> None:
+    others = [build_host(Identity.generate()) for _ in range(4)]
+    async with trio.open_nursery() as nursery:
+        for other in others:
+            await nursery.start(_serve_until_cancelled, other)
+        start = 0.0
+        async with running_host(build_host(Identity.generate()), LOOPBACK) as host:
+            for other in others:
+                await host.connect(PeerInfo(other.get_id(), other.get_addrs()))
+            start = trio.current_time()
+        took = trio.current_time() - start
+        nursery.cancel_scope.cancel()
+    assert took < 0.15 * len(others), f"stopping took {took:.2f} s for {len(others)} connections"
+
+
+# -- the auto-connector ----------------------------------------------------------------------
+
+
+async def _auto_connects(host: IHost, other: IHost) -> bool:
+    host.get_peerstore().add_addrs(other.get_id(), other.get_addrs(), 3600)
+    await host.get_network().auto_connector.maybe_connect()
+    with trio.move_on_after(1):
+        while not host.get_network().get_connections(other.get_id()):
+            await trio.sleep(0.05)
+        return True
+    return False
+
+
+async def test_stock_auto_connector_dials_the_peerstore() -> None:
+    """Even with both watermarks at 0, it dials whatever peer the peerstore knows."""
+    host = stock_host()
+    async with running_host(build_host(Identity.generate()), LOOPBACK) as other:
+        async with host.run(LOOPBACK):
+            assert await _auto_connects(host, other)
+        await host.close()
+
+
+async def test_auto_connector_disabled() -> None:
+    host = stock_host()
+    disable_auto_connector(host)
+    async with running_host(build_host(Identity.generate()), LOOPBACK) as other:
+        async with running_host(host, LOOPBACK):
+            assert not await _auto_connects(host, other)
+
+
+# -- stream handlers -------------------------------------------------------------------------
+
+
+async def _boom(stream: INetStream) -> None:
+    raise ValueError("boom")
+
+
+async def _refused(a: IHost, b: IHost) -> bool:
+    """Whether a new stream from ``a`` to ``b`` is reset (while being opened or when read)."""
+    try:
+        stream = await a.new_stream(b.get_id(), [PROTO])
+    except Exception:
+        return True
+    try:
+        with trio.fail_after(5):
+            await stream.read(1)
+    except trio.TooSlowError:
+        return False
+    except Exception:
+        return True
+    finally:
+        await stream.reset()
+    return False
+
+
+async def test_stock_handler_exception_stops_the_host() -> None:
+    a, b = build_host(Identity.generate()), stock_host()
+    with pytest.raises(BaseExceptionGroup) as info:
+        async with running_host(a, LOOPBACK), b.run(LOOPBACK):
+            b.set_stream_handler(PROTO, _boom)
+            await a.connect(PeerInfo(b.get_id(), b.get_addrs()))
+            await a.new_stream(b.get_id(), [PROTO])
+            await trio.sleep(5)
+    assert info.group_contains(ValueError, match="boom", depth=None)
+    await b.close()
+
+
+async def test_guarded_handler_resets_the_stream_and_the_host_serves_on() -> None:
+    async with running_host(build_host(Identity.generate()), LOOPBACK) as a:
+        async with running_host(build_host(Identity.generate()), LOOPBACK) as b:
+            b.set_stream_handler(PROTO, guard_handler(_boom))
+            await a.connect(PeerInfo(b.get_id(), b.get_addrs()))
+            for _ in range(3):
+                assert await _refused(a, b)
+            assert a.get_network().get_connections(b.get_id())
+
+
+class _Communicator(IMultiselectCommunicator):
+    """The remote side of multistream-select, scripted; removes the handler when it is chosen."""
+
+    def __init__(self, multiselect: Multiselect, protocol: TProtocol) -> None:
+        self.multiselect = multiselect
+        self.protocol = protocol
+        self.script = ["/multistream/1.0.0", str(protocol)]
+
+    async def read(self) -> str:
+        return self.script.pop(0)
+
+    async def write(self, msg_str: str) -> None:
+        if msg_str == self.protocol:  # the answer that confirms the protocol ...
+            self.multiselect.remove_handler(self.protocol)  # ... meets a concurrent removal
+        await trio.lowlevel.checkpoint()
+
+
+async def test_stock_multiselect_looks_the_handler_up_after_an_await() -> None:
+    """Removing a handler mid-negotiation raises ``KeyError`` in the swarm (hence retire, not remove)."""
+    multiselect = Multiselect({PROTO: _boom})
+    with pytest.raises(KeyError):
+        await multiselect.negotiate(_Communicator(multiselect, PROTO))
+
+
+async def test_retired_handler_resets_new_streams() -> None:
+    async with running_host(build_host(Identity.generate()), LOOPBACK) as a:
+        async with running_host(build_host(Identity.generate()), LOOPBACK) as b:
+
+            async def hello(stream: INetStream) -> None:
+                await stream.write(b"hi")
+                await stream.close()
+
+            b.set_stream_handler(PROTO, hello)
+            await a.connect(PeerInfo(b.get_id(), b.get_addrs()))
+            stream = await a.new_stream(b.get_id(), [PROTO])
+            assert await stream.read(2) == b"hi"
+            await stream.close()
+            retire_stream_handler(b, PROTO)
+            assert await _refused(a, b)
+            assert a.get_network().get_connections(b.get_id())
