@@ -1,39 +1,31 @@
-"""Run K modelnet peers with availability gossip in this process, for meshes that span processes.
+"""Run K modelnet peers with availability gossip in this process, for test meshes that span processes.
 
-Used by ``tests/test_availability.py`` and ``benchmarks/bench_availability.py``
-(through :class:`Worker`), because py-libp2p gossip is CPU-bound: one process
-saturates a core at about 15-20 peers that all publish every 2 s.
+Used by ``tests/test_availability.py`` (through :func:`open_worker`), because py-libp2p gossip is
+CPU-bound: one process saturates a core at about 15-20 peers that all publish every 2 s.
+(``benchmarks/`` has its own, larger worker.)
 
 ::
 
     python tests/availability_worker.py --peers 10 --interval 2
 
 Stdout gets one JSON line per peer (``{"peer": i, "id": ..., "addr": ...}``),
-then ``{"ready": true}``. Commands, one JSON object per stdin line:
+then ``{"ready": true}``. Commands, one JSON object per stdin line (see ``worker_loop.py``):
 
 - ``{"cmd": "connect", "links": [[i, addr], ...]}``: peer ``i`` dials ``addr``;
   answers ``{"connected": n, "failed": m}``.
-- ``{"cmd": "watch", "id": ID}``: reports ``{"seen": ID, "peer": i, "t": T}`` once
-  per local peer when ``ID`` enters its table (``T``: ``time.monotonic()``,
-  which is the same clock in every process on Linux), then ``{"gone": ID,
-  "peer": i, "t": T, "reason": R}`` when it leaves it.
-- ``{"cmd": "stats"}``: ``{"stats": {...}}`` (counters summed over local peers,
-  CPU seconds of this process).
-- ``{"cmd": "tables"}``: ``{"tables": {peer id: [ids in its table]}}``.
+- ``{"cmd": "watch", "id": ID}``: answers ``{"watching": ID}``, then reports
+  ``{"seen": ID, "peer": i, "t": T}`` once per local peer when ``ID`` enters its table
+  (``T``: ``time.monotonic()``, the same clock in every process on Linux).
+- ``{"cmd": "stats"}``: ``{"stats": {...}}`` (counters summed over local peers).
 
-Peers run with the DHT in client mode: availability gossip does not use it,
-and a DHT server per peer costs more CPU in one process than the gossip does.
-The worker exits when stdin closes, on SIGTERM, or after ``--max-seconds``.
+Peers run with the DHT in client mode: availability gossip does not use it.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
-import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -44,10 +36,13 @@ from typing import Any
 
 import trio
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from worker_loop import emit, read_lines, run_bounded, serve_commands
+
 from modelnet_p2p import Peer
-from modelnet_p2p.services.availability.service import (
+from modelnet_p2p.services.availability import (
     AvailabilityConfig,
     AvailabilityService,
     LoadSnapshot,
@@ -56,31 +51,8 @@ from modelnet_p2p.services.availability.service import (
 
 WORKER = Path(__file__).resolve()
 
-
-def _own_gossip_off() -> dict[str, Any]:
-    """Peer keywords that stop a Peer from starting its own availability service."""
-    return {"gossip": False} if "gossip" in inspect.signature(Peer.__init__).parameters else {}
-
-
 #: Passed to every Peer here: the availability service is attached by hand.
-NO_GOSSIP = _own_gossip_off()
-
-
-def emit(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
-async def read_lines(stream: trio.abc.ReceiveStream) -> AsyncIterator[str]:
-    buf = b""
-    while True:
-        data = await stream.receive_some(65536)
-        if not data:
-            return
-        buf += data
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
-            yield line.decode().strip()
+NO_GOSSIP: dict[str, Any] = {"gossip": False}
 
 
 async def run_peer(
@@ -102,12 +74,6 @@ async def run_peer(
 async def watch(service: AvailabilityService, index: int, pid: str) -> None:
     await service.wait_for(pid, timeout=3600)
     emit({"seen": pid, "peer": index, "t": time.monotonic()})
-    changes = service.subscribe()
-    async with changes:
-        async for change in changes:
-            if change.peer_id == pid and change.kind == "removed":
-                emit({"gone": pid, "peer": index, "t": time.monotonic(), "reason": change.reason})
-                return
 
 
 def stats(services: list[AvailabilityService]) -> dict[str, Any]:
@@ -116,12 +82,7 @@ def stats(services: list[AvailabilityService]) -> dict[str, Any]:
         for k, v in s.stats.rejected.items():
             rejected[k] = rejected.get(k, 0) + v
     return {
-        "cpu": time.process_time(),
-        "wall": time.monotonic(),
-        "bytes_sent": sum(s.bytes_sent for s in services),
         "published": sum(s.stats.published for s in services),
-        "published_bytes": sum(s.stats.published_bytes for s in services),
-        "validated": sum(s.stats.validated for s in services),
         "accepted": sum(s.stats.accepted for s in services),
         "rejected": rejected,
         "restarts": sum(s.stats.pubsub_restarts for s in services),
@@ -139,49 +100,37 @@ async def main(args: argparse.Namespace) -> None:
             nodes.append((peer, service))
             emit({"peer": i, "id": peer.peer_id, "addr": peer.addrs[0]})
         emit({"ready": True})
-        services = [s for _, s in nodes]
-        stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
-        with trio.open_signal_receiver(signal.SIGTERM) as signals:
-            async with trio.open_nursery() as inner:
 
-                async def on_signal() -> None:
-                    async for _ in signals:
-                        inner.cancel_scope.cancel()
+        async def handle(line: str, tasks: trio.Nursery) -> None:
+            cmd = json.loads(line)
+            kind = cmd.get("cmd")
+            if kind == "connect":
+                ok = failed = 0
+                for i, addr in cmd["links"]:
+                    try:
+                        await nodes[i][0].connect(addr)
+                        ok += 1
+                    except Exception:
+                        failed += 1
+                emit({"connected": ok, "failed": failed})
+            elif kind == "watch":
+                for i, (_, service) in enumerate(nodes):
+                    tasks.start_soon(watch, service, i, cmd["id"])
+                emit({"watching": cmd["id"]})
+            elif kind == "stats":
+                emit({"stats": stats([s for _, s in nodes])})
+            else:
+                emit({"error": f"unknown command {line!r}"})
 
-                inner.start_soon(on_signal)
-                async for line in read_lines(stdin):
-                    if not line:
-                        continue
-                    cmd = json.loads(line)
-                    kind = cmd.get("cmd")
-                    if kind == "connect":
-                        ok = failed = 0
-                        for i, addr in cmd["links"]:
-                            try:
-                                await nodes[i][0].connect(addr)
-                                ok += 1
-                            except Exception:
-                                failed += 1
-                        emit({"connected": ok, "failed": failed})
-                    elif kind == "watch":
-                        for i, (_, service) in enumerate(nodes):
-                            inner.start_soon(watch, service, i, cmd["id"])
-                        emit({"watching": cmd["id"]})
-                    elif kind == "stats":
-                        emit({"stats": stats(services)})
-                    elif kind == "tables":
-                        emit({"tables": {p.peer_id: sorted(s.table()) for p, s in nodes}})
-                    else:
-                        emit({"error": f"unknown command {line!r}"})
-                inner.cancel_scope.cancel()
+        await serve_commands(handle)
         stop.set()
 
 
-# -- the coordinator's side ---------------------------------------------------------
+# -- the test's side -------------------------------------------------------------------
 
 
 class Worker:
-    """A running worker process, driven from a trio program (see :func:`open_worker`)."""
+    """A running worker process, driven from a trio test (see :func:`open_worker`)."""
 
     def __init__(self, proc: trio.Process) -> None:
         self.proc = proc
@@ -192,7 +141,7 @@ class Worker:
         self._replies, self._replies_recv = trio.open_memory_channel[dict[str, Any]](1000)
         self._lines = read_lines(proc.stdout)  # type: ignore[arg-type]
 
-    async def _read_startup(self) -> None:
+    async def read_startup(self) -> None:
         async for line in self._lines:
             obj = json.loads(line)
             if obj.get("ready"):
@@ -200,10 +149,10 @@ class Worker:
             self.peers.append(obj)
         raise RuntimeError("worker exited during startup")
 
-    async def _reader(self) -> None:
+    async def read_events(self) -> None:
         async for line in self._lines:
             obj = json.loads(line)
-            if "seen" in obj or "gone" in obj:
+            if "seen" in obj:
                 self.events.append(obj)
             else:
                 await self._replies.send(obj)
@@ -218,32 +167,21 @@ class Worker:
         """Local peer index -> time it first had ``pid`` in its table."""
         return {e["peer"]: e["t"] for e in self.events if e.get("seen") == pid}
 
-    def gone(self, pid: str) -> dict[int, tuple[float, str]]:
-        return {e["peer"]: (e["t"], e["reason"]) for e in self.events if e.get("gone") == pid}
-
 
 @asynccontextmanager
 async def open_worker(
     peers: int, interval: float = 2.0, max_seconds: float = 600.0, startup_timeout: float = 120.0
 ) -> AsyncIterator[Worker]:
     """Start a worker with ``peers`` peers; stop it (closing its stdin) on exit."""
-    cmd = [
-        sys.executable,
-        str(WORKER),
-        "--peers",
-        str(peers),
-        "--interval",
-        str(interval),
-        "--max-seconds",
-        str(max_seconds),
-    ]
+    cmd = [sys.executable, str(WORKER), "--peers", str(peers), "--interval", str(interval)]
+    cmd += ["--max-seconds", str(max_seconds)]
     proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         worker = Worker(proc)
         with trio.fail_after(startup_timeout):
-            await worker._read_startup()
+            await worker.read_startup()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(worker._reader)
+            nursery.start_soon(worker.read_events)
             try:
                 yield worker
             finally:
@@ -274,9 +212,4 @@ if __name__ == "__main__":
     parser.add_argument("--interval", type=float, default=2.0)
     parser.add_argument("--max-seconds", type=float, default=600.0, help="hard limit on the run")
     ns = parser.parse_args()
-
-    async def bounded() -> None:
-        with trio.move_on_after(ns.max_seconds):
-            await main(ns)
-
-    trio.run(bounded)
+    run_bounded(lambda: main(ns), ns.max_seconds)

@@ -1,0 +1,314 @@
+"""Workarounds for py-libp2p 0.8.1's pubsub (``libp2p.pubsub``: ``Pubsub`` and ``GossipSub``).
+
+Each item corrects one upstream behaviour; the canaries in ``tests/test_compat_pubsub.py`` fail
+once upstream changes it.
+
+- :class:`BufferedReads`: the pubsub reader reads each RPC's varint length one byte at a time,
+  and yamux answers every read with a WINDOW_UPDATE frame: three or four encrypted frames per
+  record received.
+- :class:`GuardedPubsub`:
+
+  * ``push_msg`` runs as a service task, and a malformed message (a garbage ``key`` with an
+    unextractable ``from``) raises from ``signature_validator``: the whole pubsub service stops;
+  * its stream handler catches only stream and parse errors; anything else escapes the handler
+    (and a stream handler that raises stops the host);
+  * a stream accepted while the service stops is left open, and so is every pubsub stream once
+    the service has stopped: neighbours keep writing into streams nobody reads;
+  * pubsub only opens streams on connections made after it started, so two peers that start
+    pubsub at different times after connecting end up with a one-way link;
+  * ``_handle_new_peer`` checks "already registered?" before an ``await`` and registers after
+    it: two concurrent registrations (its notifee and ours) open two streams and leak a task;
+  * every RPC carries the host's signed peer record (about 200 bytes and one signature check
+    at the receiver), although only the first RPC of a stream needs it.
+
+- :class:`LeanGossipSub`: an IDONTWANT goes to every mesh peer for every message received,
+  whatever its size; for records of about 200 bytes that costs as much as the duplicates it
+  saves (go-libp2p sends it only above 1 KiB).
+- :func:`build_router`: GossipSub's heartbeat defaults to 120 s; adaptive gossip, on by default,
+  sets a 1 s heartbeat to 30-60 s when it judges the network unhealthy; spam protection drops
+  anything over 10 messages per second per forwarder and topic, counting relays.
+- :func:`build_pubsub`: message ids are (origin, seqno) and seqnos start at ``int(time.time())``,
+  so a peer restarted within a minute or two reuses ids still in its neighbours' seen-caches and
+  its messages are dropped as duplicates.
+- :func:`announce_subscription`: pubsub forgets a neighbour's subscriptions when it notices that
+  an *old* stream to it died, even if the neighbour has reconnected and announced itself on a new
+  stream meanwhile; that neighbour then never gets our messages. Re-announcing heals it, and
+  py-libp2p has no public way to build the announcement.
+- :func:`trim_delivery_log`: GossipSub logs the time of every message delivered per topic, and
+  only its adaptive-gossip code trims that log.
+- :func:`registered_pubsub_protocols`: two pubsubs on one host fight over the stream handlers
+  (each sees some of the streams), and py-libp2p does not refuse the second.
+- :func:`stop_pubsub`: a stopped pubsub keeps its network notifee, its stream handlers and the
+  sweeper thread of its seen-message cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, cast
+
+import trio
+from libp2p.abc import IHost, INetStream, INotifee
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import Pubsub
+
+from ..stream import reset_quietly
+
+__all__ = [
+    "IDONTWANT_THRESHOLD",
+    "PUBSUB_PROTOCOLS",
+    "READ_CHUNK",
+    "BufferedReads",
+    "GuardedPubsub",
+    "LeanGossipSub",
+    "announce_subscription",
+    "build_pubsub",
+    "build_router",
+    "pending_rpcs",
+    "registered_pubsub_protocols",
+    "stop_pubsub",
+    "trim_delivery_log",
+]
+
+log = logging.getLogger(__name__)
+
+#: The GossipSub versions offered, newest first (1.2 is negotiated with py-libp2p and go-libp2p).
+PUBSUB_PROTOCOLS: tuple[TProtocol, ...] = (PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID)
+#: Bytes asked of a pubsub stream per read (it returns what has arrived).
+READ_CHUNK = 64 * 1024
+#: Smallest message, in bytes, for which IDONTWANT is sent (go-libp2p's default).
+IDONTWANT_THRESHOLD = 1024
+#: Seconds allowed, when stopping, to reset the pubsub streams.
+STOP_TIMEOUT = 1.0
+#: Seconds of delivery log kept by :func:`trim_delivery_log` (what adaptive gossip keeps).
+DELIVERY_LOG_WINDOW = 60.0
+
+
+class BufferedReads:
+    """A stream whose small reads are served from a buffer filled by large ones.
+
+    Everything but ``read`` is the wrapped stream's.
+    """
+
+    def __init__(self, stream: INetStream) -> None:
+        self._stream = stream
+        self._buf = bytearray()
+
+    async def read(self, n: int | None = None) -> bytes:
+        if not self._buf:
+            self._buf += await self._stream.read(READ_CHUNK)
+        if n is None or n >= len(self._buf):
+            out = bytes(self._buf)
+            self._buf.clear()
+            return out
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+class GuardedPubsub(Pubsub):
+    """py-libp2p's Pubsub, made safe to expose to remote input, and measurable.
+
+    ``on_write(n)`` is called with the size of every RPC written (varint prefix included);
+    ``on_dropped()`` for every message whose processing raised.
+    """
+
+    def __init__(
+        self,
+        host: IHost,
+        router: GossipSub,
+        stream_setup_timeout: float,
+        on_write: Callable[[int], None],
+        on_dropped: Callable[[], None],
+    ) -> None:
+        super().__init__(host, router)
+        self.stream_setup_timeout = stream_setup_timeout
+        self.on_write = on_write
+        self.on_dropped = on_dropped
+        self.inbound: set[INetStream] = set()
+        self._ensuring: set[ID] = set()
+        self._registering: dict[ID, trio.Lock] = {}
+
+    async def push_msg(self, msg_forwarder: ID, msg: rpc_pb2.Message) -> None:
+        try:
+            await super().push_msg(msg_forwarder, msg)
+        except Exception as exc:
+            self.on_dropped()
+            log.debug("dropped a gossip message forwarded by %s: %s", msg_forwarder, type(exc).__name__)
+
+    async def stream_handler(self, stream: INetStream) -> None:
+        if not self.manager.is_running:
+            await reset_quietly(stream, STOP_TIMEOUT)
+            return
+        self.inbound.add(stream)
+        try:
+            peer_id = stream.muxed_conn.peer_id
+            if peer_id not in self.peers and self.manager.is_running:
+                self.manager.run_task(self.ensure_stream, peer_id)
+            await super().stream_handler(cast(INetStream, BufferedReads(stream)))
+        except Exception as exc:
+            log.debug("pubsub stream failed: %s", type(exc).__name__)
+        finally:
+            self.inbound.discard(stream)
+            await reset_quietly(stream, STOP_TIMEOUT)
+
+    async def reset_all_streams(self) -> None:
+        """Reset every pubsub stream, both ways: neighbours then stop sending to us."""
+        for stream in [*self.peers.values(), *self.inbound]:
+            await reset_quietly(stream, STOP_TIMEOUT)
+
+    async def _handle_new_peer(self, peer_id: ID) -> None:
+        lock = self._registering.setdefault(peer_id, trio.Lock())
+        try:
+            async with lock:
+                await super()._handle_new_peer(peer_id)
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._registering.pop(peer_id, None)
+
+    async def ensure_stream(self, peer_id: ID) -> None:
+        """Open our pubsub stream to ``peer_id`` unless there is one (or an attempt is running)."""
+        if peer_id in self._ensuring:
+            return
+        self._ensuring.add(peer_id)
+        try:
+            if peer_id not in self.peers:
+                await self.ensure_peer_stream(peer_id, timeout=self.stream_setup_timeout)
+        except Exception as exc:
+            log.debug("could not open a pubsub stream to %s: %s", peer_id, type(exc).__name__)
+        finally:
+            self._ensuring.discard(peer_id)
+
+    async def write_msg(self, stream: INetStream, rpc_msg: rpc_pb2.RPC) -> bool:
+        if rpc_msg.HasField("senderRecord") and not rpc_msg.subscriptions:
+            # An address book update, not part of GossipSub: the stream's first RPC and
+            # subscription changes still carry it.
+            lean = rpc_pb2.RPC()
+            lean.CopyFrom(rpc_msg)
+            lean.ClearField("senderRecord")
+            rpc_msg = lean
+        ok = await super().write_msg(stream, rpc_msg)
+        if ok:
+            size = rpc_msg.ByteSize()
+            self.on_write(size + _varint_len(size))
+        return ok
+
+
+def _varint_len(n: int) -> int:
+    length = 1
+    while n >= 0x80:
+        n >>= 7
+        length += 1
+    return length
+
+
+class LeanGossipSub(GossipSub):
+    """GossipSub that sends IDONTWANT only for messages of :data:`IDONTWANT_THRESHOLD` bytes or more."""
+
+    async def _emit_idontwant_for_message(self, msg_id: bytes, topic_ids: Iterable[str]) -> None:
+        msg = self.mcache.get(msg_id)
+        if msg is None or msg.ByteSize() < IDONTWANT_THRESHOLD:
+            return
+        await super()._emit_idontwant_for_message(msg_id, topic_ids)
+
+
+def build_router(
+    *,
+    degree: int,
+    degree_low: int,
+    degree_high: int,
+    heartbeat_interval: int,
+    max_messages_per_topic_per_second: float,
+) -> LeanGossipSub:
+    """A GossipSub router with the given heartbeat and rate limit, adaptive gossip off."""
+    return LeanGossipSub(
+        list(PUBSUB_PROTOCOLS),
+        degree=degree,
+        degree_low=degree_low,
+        degree_high=degree_high,
+        heartbeat_interval=heartbeat_interval,
+        heartbeat_initial_delay=0.1,
+        adaptive_gossip_enabled=False,
+        max_messages_per_topic_per_second=max_messages_per_topic_per_second,
+    )
+
+
+def build_pubsub(
+    host: IHost,
+    router: GossipSub,
+    *,
+    stream_setup_timeout: float,
+    on_write: Callable[[int], None],
+    on_dropped: Callable[[], None],
+    wall_clock: Callable[[], float] = time.time,
+) -> tuple[GuardedPubsub, list[INotifee]]:
+    """A :class:`GuardedPubsub` on ``host``, and the notifees it registered (for :func:`stop_pubsub`).
+
+    Its seqnos start at the wall clock in microseconds, unique across restarts.
+    """
+    network = host.get_network()
+    before = list(getattr(network, "notifees", []))
+    pubsub = GuardedPubsub(host, router, stream_setup_timeout, on_write, on_dropped)
+    notifees = [n for n in getattr(network, "notifees", []) if n not in before]
+    pubsub.counter = int(wall_clock() * 1_000_000)
+    return pubsub, notifees
+
+
+async def announce_subscription(pubsub: Pubsub, topic: str) -> None:
+    """Announce our subscription to ``topic`` to every neighbour again."""
+    if not pubsub.peers:
+        return
+    packet, subopt = pubsub._build_announce_rpc(topic, True)
+    await pubsub.message_all_peers(packet.SerializeToString(), announce=subopt)
+
+
+def trim_delivery_log(router: GossipSub, now: float) -> None:
+    """Forget deliveries older than :data:`DELIVERY_LOG_WINDOW` (``now``: wall-clock seconds)."""
+    cutoff = now - DELIVERY_LOG_WINDOW
+    for times in router.recent_message_deliveries.values():
+        times[:] = [t for t in times if t > cutoff]
+
+
+def pending_rpcs(pubsub: Pubsub) -> int:
+    """RPCs queued for neighbours and not yet taken by a sending task."""
+    return sum(len(q) for q in list(pubsub.peer_queues.values()))
+
+
+def registered_pubsub_protocols(host: IHost) -> list[TProtocol]:
+    """The pubsub protocols that have a stream handler on ``host`` (another pubsub runs there)."""
+    registered = set(host.get_mux().get_protocols())
+    return [p for p in PUBSUB_PROTOCOLS if p in registered]
+
+
+async def stop_pubsub(
+    host: IHost, pubsub: GuardedPubsub, router: GossipSub, notifees: Sequence[INotifee]
+) -> None:
+    """Undo what a stopped pubsub leaves behind: notifees, stream handlers, streams, a thread.
+
+    Notifees and handlers go first, so that neighbours that react to the resets cannot open
+    new streams into the stopped pubsub.
+    """
+    network = host.get_network()
+    remove = getattr(network, "remove_notifee", None)
+    if remove is not None:
+        for notifee in notifees:
+            remove(notifee)
+    for proto in router.get_protocols():
+        try:
+            host.remove_stream_handler(proto)
+        except Exception:
+            pass
+    with trio.CancelScope(shield=True), trio.move_on_after(STOP_TIMEOUT):
+        await pubsub.reset_all_streams()
+    try:
+        pubsub.seen_messages.stop()
+    except Exception:
+        pass
