@@ -39,6 +39,7 @@ from modelnet_p2p.proto.availability import (
     seal,
     signing_input,
 )
+from modelnet_p2p.proto.capability import capability_key
 
 VECTORS = Path(__file__).resolve().parent.parent / "specs" / "vectors" / "availability.json"
 
@@ -92,6 +93,27 @@ def signed(body: bytes, key: Identity = KEY) -> bytes:
     return encode_envelope(body, key.sign(signing_input(body)))
 
 
+def raw_pack(obj: Any) -> bytes:
+    """msgpack with keys sorted, but no checks: for vectors holding what the canonical encoder refuses."""
+
+    def order(o: Any) -> Any:
+        if isinstance(o, dict):
+            return {k: order(o[k]) for k in sorted(o, key=lambda k: k.encode())}
+        if isinstance(o, list):
+            return [order(v) for v in o]
+        return o
+
+    return msgpack.packb(order(obj), use_bin_type=True)
+
+
+def nested_list(depth: int) -> Any:
+    """Lists nested ``depth`` deep: as a value of the body map, the innermost sits at ``depth + 1``."""
+    value: Any = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
 BASE = AvailabilityRecord(
     peer_id=PID,
     seq=1_767_225_600_000_000,
@@ -111,12 +133,12 @@ def build_vectors() -> dict[str, Any]:
         ("ready", "a ready peer serving two capabilities", BASE),
         (
             "joining_minimal",
-            "a peer with no capabilities yet, all counters zero",
+            "a peer with no capabilities yet, all counters zero, the shortest TTL (1000 ms, inclusive)",
             AvailabilityRecord(PID, 1, State.JOINING, (), ttl_ms=MIN_TTL_MS),
         ),
         (
             "draining_unicode",
-            "draining, a non-ASCII capability name, large counters, the longest TTL",
+            "draining, a non-ASCII capability name, large counters, the longest TTL (300 000 ms, inclusive)",
             AvailabilityRecord(
                 PID,
                 2**64 - 1,
@@ -173,6 +195,14 @@ def build_vectors() -> dict[str, Any]:
         b"\xa3tps\xca" + msgpack.packb(37.5, use_single_float=True)[1:],
     )
     big = variant(zzz="x" * MAX_MESSAGE_SIZE)
+
+    def raw_variant(**changes: Any) -> bytes:
+        m = dict(base)
+        m.update(changes)
+        return raw_pack(m)
+
+    non_ed25519 = b"\x12\x20" + hashlib.sha256(b"an RSA key").digest()
+    good_sig = KEY.sign(signing_input(good_body))
     invalid = [
         ("oversized", "envelope larger than 4096 bytes", signed(big), "exceeds"),
         ("not_msgpack", "truncated envelope", signed(good_body)[:-3], "not valid msgpack"),
@@ -225,6 +255,51 @@ def build_vectors() -> dict[str, Any]:
             signed(variant(caps=[[f"c{i:03d}", ""] for i in range(MAX_CAPABILITIES + 1)])),
             "capabilities",
         ),
+        ("nil_field", "nil as the value of an unknown field", signed(raw_variant(zz=None)), "NoneType"),
+        ("nil_known_field", "nil as the value of 'q'", signed(raw_variant(q=None)), "NoneType"),
+        ("nil_in_envelope", "nil as the signature", raw_pack({"rec": good_body, "sig": None}), "NoneType"),
+        (
+            "ext_type",
+            "a msgpack extension type in the record",
+            signed(raw_variant(zz=msgpack.ExtType(1, b"x"))),
+            "extension type",
+        ),
+        (
+            "timestamp",
+            "a msgpack timestamp (extension type -1) in the record",
+            signed(raw_variant(zz=msgpack.Timestamp(1))),
+            "extension type",
+        ),
+        (
+            "ext_in_envelope",
+            "an extension type as the signature",
+            raw_pack({"rec": good_body, "sig": msgpack.ExtType(1, good_sig)}),
+            "extension type",
+        ),
+        (
+            "depth_33",
+            "an unknown field nesting arrays to depth 33, one past the limit",
+            signed(raw_variant(zz=nested_list(32))),
+            "nesting deeper than 32",
+        ),
+        (
+            "caps_differ_only_by_case",
+            "capabilities 'Echo' and 'echo': the same capability_key",
+            signed(variant(caps=[["Echo", "1"], ["echo", "1"]])),
+            "unique after normalize",
+        ),
+        (
+            "blank_capability_name",
+            "a capability name of white space only",
+            signed(variant(caps=[["\u3000 ", "1"]])),
+            "white space",
+        ),
+        (
+            "non_ed25519_id",
+            "id is a sha2-256 multihash (an RSA key's peer id)",
+            signed(variant(id=non_ed25519)),
+            "Ed25519",
+        ),
         (
             "tampered",
             "in_flight changed after signing",
@@ -263,7 +338,13 @@ def build_vectors() -> dict[str, Any]:
                 "description": "a record key this version does not know is ignored (and signed)",
                 "envelope_hex": signed(accepted_body).hex(),
                 "record": record_to_json(BASE),
-            }
+            },
+            {
+                "name": "depth_32",
+                "description": "an unknown field nesting arrays to depth 32, the deepest allowed",
+                "envelope_hex": signed(raw_variant(zz=nested_list(31))).hex(),
+                "record": record_to_json(BASE),
+            },
         ],
         "invalid": [
             {"name": n, "description": d, "envelope_hex": data.hex(), "error": e} for n, d, data, e in invalid
@@ -347,6 +428,30 @@ def test_capabilities_are_sorted_on_construction():
     r = replace(BASE, capabilities=[("b", "1"), ("a", "2")])  # type: ignore[arg-type]
     assert r.capabilities == (("a", "2"), ("b", "1"))
     assert r.serves("a") and r.serves("a", "2") and not r.serves("a", "1")
+    # Names are matched by capability_key, as everywhere.
+    assert r.serves("A") and r.serves(" A\u3000", "2") and not r.serves("c")
+
+
+def test_names_that_normalize_alike_collide():
+    for caps in ((("Echo", "1"), ("echo", "1")), ((" ", "1"),)):
+        with pytest.raises(ProtocolError):
+            seal(replace(BASE, capabilities=caps), KEY)
+
+
+def test_nil_and_extension_types_are_refused_like_in_cards():
+    # One rule for both record types (the same envelope module decodes them).
+    from modelnet_p2p.proto import card
+
+    for value in (None, msgpack.ExtType(3, b""), msgpack.Timestamp(0)):
+        rec = raw_pack({**body_map(BASE), "zz": value})
+        crd = raw_pack(
+            {**msgpack.unpackb(card.encode_card(card.CapabilityCard(PID, (), 1, 0, 1000))), "zz": value}
+        )
+        with pytest.raises(ProtocolError) as a:
+            open_envelope(signed(rec))
+        with pytest.raises(ProtocolError) as b:
+            card.open_card(card.encode_envelope(crd, KEY.sign(card.signing_input(crd))))
+        assert a.value.message.replace("availability record", "card") == b.value.message
 
 
 def test_typical_record_size():
@@ -357,7 +462,7 @@ def test_typical_record_size():
 # -- property tests ----------------------------------------------------------------------
 
 names = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=24).filter(
-    lambda s: 0 < len(s.encode()) <= 256
+    lambda s: 0 < len(s.encode()) <= 256 and capability_key(s) != ""
 )
 versions = st.text(max_size=12).filter(lambda s: len(s.encode()) <= 64)
 u32 = st.integers(0, 2**32 - 1)
@@ -367,7 +472,9 @@ records = st.builds(
     peer_id=st.just(PID),
     seq=st.integers(0, 2**64 - 1),
     state=st.sampled_from(list(State)),
-    capabilities=st.dictionaries(names, versions, max_size=6).map(lambda d: tuple(d.items())),
+    capabilities=st.lists(
+        st.tuples(names, versions), max_size=6, unique_by=lambda c: capability_key(c[0])
+    ).map(tuple),
     in_flight=u32,
     queue=u32,
     max_concurrency=u32,

@@ -13,7 +13,6 @@ import os
 import stat
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from libp2p.crypto.ed25519 import create_new_key_pair
@@ -21,6 +20,7 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
 
 from ..errors import IdentityError
+from ..proto.peerid import verify_signature as _verify_signature
 
 __all__ = ["Identity", "verify_signature"]
 
@@ -134,24 +134,11 @@ class Identity:
         return f"<{kind}Identity {self.peer_id}>"
 
 
-def verify_signature(peer_id: ID | str, data: bytes, signature: bytes) -> bool:
+def verify_signature(peer_id: ID | str | bytes, data: bytes, signature: bytes) -> bool:
     """Check that ``signature`` over ``data`` was made by the key behind ``peer_id``.
 
-    Works for Ed25519 peer ids, whose id embeds the public key. Returns ``False``
-    (never raises) for a bad signature, a malformed peer id, or a peer id that
-    does not embed an Ed25519 key.
+    :func:`modelnet_p2p.proto.peerid.verify_signature`, also taking a libp2p
+    ``ID``. Returns ``False`` (never raises) for a bad signature, a malformed
+    peer id, or a peer id that does not embed an Ed25519 key.
     """
-    try:
-        pid = peer_id if isinstance(peer_id, ID) else ID.from_base58(peer_id)
-        pub = pid.extract_public_key()
-        if pub is None:
-            return False
-        raw = pub.to_bytes()
-        if len(raw) != 32:
-            return False
-        ed25519.Ed25519PublicKey.from_public_bytes(raw).verify(signature, data)
-        return True
-    except InvalidSignature:
-        return False
-    except Exception:
-        return False
+    return _verify_signature(peer_id.to_bytes() if isinstance(peer_id, ID) else peer_id, data, signature)

@@ -13,12 +13,11 @@ the gossip message: the record's own signature lets a record be stored,
 relayed or handed to a router and still be checked on its own, and binds the
 record's peer id to the key that vouches for it.
 
-Canonical msgpack here means: map keys sorted by their UTF-8 bytes, no
-duplicate keys, every integer in its shortest form, every float as float64,
-text as ``str`` and bytes as ``bin``. That is exactly what
-``msgpack.packb(obj, use_bin_type=True)`` produces for a map whose keys are
-inserted in sorted order. A parser re-encodes what it decoded and rejects
-any input that differs, so each record has exactly one encoding.
+Canonical msgpack (:mod:`~modelnet_p2p.proto.packing`) and the envelope
+(:mod:`~modelnet_p2p.proto.envelope`) are the ones capability cards use, with
+one difference: a record body may hold floats (``tps``), always as float64.
+No nil, no extension types, nesting of at most
+:data:`~modelnet_p2p.proto.limits.MAX_DEPTH`, and one encoding per record.
 """
 
 from __future__ import annotations
@@ -27,14 +26,15 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Protocol
-
-import msgpack
-from libp2p.peer.id import ID
+from typing import Any
 
 from ..errors import ProtocolError
-from ..p2p.identity import verify_signature
-from .infer import MAX_CAPABILITY_LEN
+from . import envelope as _env
+from .capability import capability_key
+from .envelope import Signer
+from .limits import MAX_CAPABILITY_LEN, MAX_PEER_ID_LEN, MAX_SEQ, MAX_VERSION_LEN, SIGNATURE_LEN
+from .packing import canonical_packb as _canonical_packb
+from .peerid import parse_peer_id, peer_id_text
 
 __all__ = [
     "MAX_CAPABILITIES",
@@ -47,6 +47,7 @@ __all__ = [
     "MAX_TTL_MS",
     "MAX_VERSION_LEN",
     "MIN_TTL_MS",
+    "RECORD_FORMAT",
     "RECORD_VERSION",
     "SIGNATURE_LEN",
     "SIGNING_DOMAIN",
@@ -76,8 +77,6 @@ RECORD_VERSION = 1
 #: signatures the same identity key makes (libp2p pubsub messages sign under
 #: ``libp2p-pubsub:``, Noise handshakes under ``noise-libp2p-static-key:``).
 SIGNING_DOMAIN = b"modelnet-availability-record/1:"
-#: Ed25519 signatures are 64 bytes.
-SIGNATURE_LEN = 64
 
 #: Largest envelope accepted or produced, in bytes. A typical record with a
 #: handful of capabilities is 150-300 bytes. Every peer re-publishes its record
@@ -87,26 +86,27 @@ SIGNATURE_LEN = 64
 MAX_MESSAGE_SIZE = 4096
 #: Most capabilities one record may list (the size limit usually binds first).
 MAX_CAPABILITIES = 64
-#: Longest capability version, in UTF-8 bytes (names follow the inference
-#: protocol's limit, :data:`~modelnet_p2p.proto.infer.MAX_CAPABILITY_LEN`).
-MAX_VERSION_LEN = 64
-#: Longest peer id, in bytes. An Ed25519 peer id is 38 bytes; 64 leaves room
-#: for other identity multihashes without accepting arbitrary blobs.
-MAX_PEER_ID_LEN = 64
-#: Sequence numbers are unsigned 64-bit integers.
-MAX_SEQ = 2**64 - 1
 #: Upper bound of the request counters (``inf``, ``q``, ``max``): uint32.
 MAX_COUNT = 2**32 - 1
 #: Upper bound of the latency figure, in milliseconds (about 49 days: uint32).
 MAX_LATENCY_MS = 2**32 - 1
 #: Upper bound of the tokens-per-second figure.
 MAX_TOKENS_PER_S = 1e12
-#: Shortest TTL a record may announce, in milliseconds: below one second, a
+#: Shortest TTL a record may announce, in milliseconds, inclusive: below one second, a
 #: record would expire before GossipSub (1 s heartbeat) can deliver it reliably.
 MIN_TTL_MS = 1_000
-#: Longest TTL a record may announce, in milliseconds: soft state must not
-#: outlive its publisher by more than a few minutes.
+#: Longest TTL a record may announce, in milliseconds, inclusive: soft state
+#: must not outlive its publisher by more than a few minutes.
 MAX_TTL_MS = 300_000
+
+#: The envelope of a record: body key ``rec``, float64 allowed, at most :data:`MAX_MESSAGE_SIZE`.
+RECORD_FORMAT = _env.EnvelopeFormat(
+    what="availability record",
+    body_key="rec",
+    domain=SIGNING_DOMAIN,
+    max_size=MAX_MESSAGE_SIZE,
+    allow_float=True,
+)
 
 
 class State(StrEnum):
@@ -120,15 +120,6 @@ class State(StrEnum):
     DRAINING = "draining"
     #: About to go away; forget it.
     LEAVING = "leaving"
-
-
-class Signer(Protocol):
-    """What :func:`seal` needs of an identity (a :class:`~modelnet_p2p.Identity` fits)."""
-
-    @property
-    def peer_id(self) -> ID: ...
-
-    def sign(self, data: bytes) -> bytes: ...
 
 
 def _need(cond: bool, what: str) -> None:
@@ -181,8 +172,15 @@ class AvailabilityRecord:
         return frozenset(name for name, _ in self.capabilities)
 
     def serves(self, name: str, version: str | None = None) -> bool:
-        """Whether the record lists capability ``name`` (at ``version``, if given)."""
-        return any(n == name and (version is None or v == version) for n, v in self.capabilities)
+        """Whether the record lists capability ``name`` (at ``version``, if given).
+
+        Names are compared by :func:`~modelnet_p2p.proto.capability.capability_key`,
+        as everywhere; versions exactly.
+        """
+        key = capability_key(name)
+        return any(
+            capability_key(n) == key and (version is None or v == version) for n, v in self.capabilities
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,46 +195,15 @@ class SignedRecord:
 
     def verify(self) -> bool:
         """Whether :attr:`signature` is the named peer's signature over :attr:`body`."""
-        return verify_signature(ID(self.peer_id_bytes), signing_input(self.body), self.signature)
+        return _env.verify_body(RECORD_FORMAT, self.peer_id_bytes, self.body, self.signature)
 
 
 # -- canonical encoding --------------------------------------------------------
 
 
-def _canonical(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        items = sorted(obj.items(), key=lambda kv: _key_bytes(kv[0]))
-        return {k: _canonical(v) for k, v in items}
-    if isinstance(obj, list | tuple):
-        return [_canonical(v) for v in obj]
-    return obj
-
-
-def _key_bytes(key: Any) -> bytes:
-    if not isinstance(key, str):
-        raise ProtocolError("map keys must be text")
-    return key.encode()
-
-
 def canonical_packb(obj: Any) -> bytes:
-    """Canonical msgpack: maps with keys sorted by UTF-8 bytes, shortest ints, float64, bin for bytes."""
-    return msgpack.packb(_canonical(obj), use_bin_type=True)
-
-
-def _unpack_canonical(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
-    except Exception as exc:  # msgpack raises ExtraData, ValueError, UnicodeDecodeError, ...
-        raise ProtocolError(f"{what} is not valid msgpack ({type(exc).__name__})") from None
-    _need(isinstance(obj, dict), f"{what} is not a map")
-    try:
-        again = canonical_packb(obj)
-    except ProtocolError:
-        raise
-    except Exception:
-        raise ProtocolError(f"{what} holds values that cannot be re-encoded") from None
-    _need(again == data, f"{what} is not canonically encoded")
-    return obj
+    """Canonical msgpack as records use it, floats as float64 (see :mod:`~modelnet_p2p.proto.packing`)."""
+    return _canonical_packb(obj, allow_float=True)
 
 
 # -- records ---------------------------------------------------------------------
@@ -244,11 +211,9 @@ def _unpack_canonical(data: bytes, what: str) -> dict[str, Any]:
 
 def _peer_id_bytes(peer_id: str) -> bytes:
     try:
-        raw = ID.from_base58(peer_id).to_bytes()
-    except Exception:
-        raise ProtocolError(f"invalid peer id {peer_id!r}") from None
-    _need(0 < len(raw) <= MAX_PEER_ID_LEN, "peer id too long")
-    return raw
+        return parse_peer_id(peer_id)
+    except ProtocolError as exc:
+        raise ProtocolError(f"invalid peer id {peer_id[:80]!r}: {exc.message}") from None
 
 
 def _record_map(record: AvailabilityRecord) -> dict[str, Any]:
@@ -295,6 +260,9 @@ def _parse_caps(value: Any) -> tuple[tuple[str, str], ...]:
     names = [n.encode() for n, _ in caps]
     _need(names == sorted(names), "capabilities must be sorted by name")
     _need(len(set(names)) == len(names), "capability names must be unique")
+    keys = [capability_key(n) for n, _ in caps]
+    _need(all(keys), "a capability name must not be only white space")
+    _need(len(set(keys)) == len(keys), "capability names must be unique after normalize()")
     return tuple(caps)
 
 
@@ -304,20 +272,16 @@ def parse_record(body: bytes) -> tuple[AvailabilityRecord, bytes]:
     Unknown keys are allowed (and covered by the signature), so a later minor
     revision can add fields; every known field must be present and in range.
     """
-    _need(
-        len(body) <= MAX_MESSAGE_SIZE,
-        f"availability record body of {len(body)} bytes exceeds {MAX_MESSAGE_SIZE} bytes",
-    )
-    obj = _unpack_canonical(body, "record")
+    obj = _env.decode_body(RECORD_FORMAT, body)
     version = obj.get("v")
     _need(_is_uint(version, MAX_COUNT), "field 'v' must be an unsigned integer")
     _need(version == RECORD_VERSION, f"unsupported record version {version}")
     pid: Any = obj.get("id")
     _need(isinstance(pid, bytes) and 0 < len(pid) <= MAX_PEER_ID_LEN, "field 'id' must be a peer id (bytes)")
     try:
-        peer_id = ID(pid).to_base58()
-    except Exception:
-        raise ProtocolError("field 'id' is not a peer id") from None
+        peer_id = peer_id_text(pid)
+    except ProtocolError as exc:
+        raise ProtocolError(f"field 'id' is not an Ed25519 peer id: {exc.message}") from None
     seq = obj.get("seq")
     _need(_is_uint(seq, MAX_SEQ), "field 'seq' must be an unsigned 64-bit integer")
     state = obj.get("st")
@@ -355,12 +319,12 @@ def parse_record(body: bytes) -> tuple[AvailabilityRecord, bytes]:
 
 def signing_input(body: bytes) -> bytes:
     """Exactly what the signature covers: :data:`SIGNING_DOMAIN` followed by the body."""
-    return SIGNING_DOMAIN + body
+    return _env.signing_input(RECORD_FORMAT, body)
 
 
 def encode_envelope(body: bytes, signature: bytes) -> bytes:
     """Assemble an envelope from a body and a signature (no checks: for tools and tests)."""
-    return canonical_packb({"rec": body, "sig": signature})
+    return _env.encode_envelope(RECORD_FORMAT, body, signature)
 
 
 def seal(record: AvailabilityRecord, signer: Signer) -> bytes:
@@ -372,13 +336,7 @@ def seal(record: AvailabilityRecord, signer: Signer) -> bytes:
     """
     if record.peer_id != str(signer.peer_id):
         raise ValueError("a record can only be sealed by the peer it names")
-    body = encode_record(record)
-    data = encode_envelope(body, signer.sign(signing_input(body)))
-    _need(
-        len(data) <= MAX_MESSAGE_SIZE,
-        f"availability record of {len(data)} bytes exceeds {MAX_MESSAGE_SIZE} bytes",
-    )
-    return data
+    return _env.seal_body(RECORD_FORMAT, encode_record(record), signer)
 
 
 def open_envelope(data: bytes, *, verify: bool = True) -> SignedRecord:
@@ -387,15 +345,7 @@ def open_envelope(data: bytes, *, verify: bool = True) -> SignedRecord:
     Raises :class:`ProtocolError` naming the first rule broken: oversized,
     malformed or non-canonical envelope or record, or a bad signature.
     """
-    _need(
-        len(data) <= MAX_MESSAGE_SIZE,
-        f"availability message of {len(data)} bytes exceeds {MAX_MESSAGE_SIZE} bytes",
-    )
-    env = _unpack_canonical(bytes(data), "envelope")
-    _need(set(env) == {"rec", "sig"}, "envelope must have exactly the keys 'rec' and 'sig'")
-    body, sig = env["rec"], env["sig"]
-    _need(isinstance(body, bytes), "envelope field 'rec' must be bytes")
-    _need(isinstance(sig, bytes) and len(sig) == SIGNATURE_LEN, "envelope field 'sig' must be 64 bytes")
+    body, sig = _env.open_envelope(RECORD_FORMAT, data)
     record, pid = parse_record(body)
     signed = SignedRecord(record=record, body=body, signature=sig, peer_id_bytes=pid, size=len(data))
     if verify:

@@ -3,12 +3,20 @@
 A capability is also what a peer announces in its signed capability card
 (``specs/capability.md``); the card fields are all optional here, and the
 limits they must respect on the wire live in :mod:`modelnet_p2p.proto.card`.
+
+Names, tasks, tags and versions are compared after :func:`normalize`, and a
+capability is looked up by :func:`capability_key` (its normalized name)
+everywhere: by the inference server, by discovery and by ``serve()``'s check
+that two capabilities do not collide. ``Echo`` and ``echo`` are the same
+capability.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -17,7 +25,16 @@ from typing import Any
 from ..errors import ConfigError
 from .limits import MAX_CAPABILITY_LEN
 
-__all__ = ["KNOWN_MODALITIES", "KNOWN_TASKS", "Capability", "CostHint"]
+__all__ = [
+    "AMOUNT_PATTERN",
+    "KNOWN_MODALITIES",
+    "KNOWN_TASKS",
+    "WHITE_SPACE",
+    "Capability",
+    "CostHint",
+    "capability_key",
+    "normalize",
+]
 
 #: Task names with an agreed meaning. Any other non-empty text is allowed as a free-form task.
 KNOWN_TASKS = frozenset(
@@ -36,6 +53,58 @@ KNOWN_TASKS = frozenset(
 KNOWN_MODALITIES = frozenset({"text", "image", "audio", "video", "json", "embedding", "file"})
 
 _DEFAULT_TASK = "text-generation"
+
+#: The Unicode ``White_Space`` property (PropList.txt, unchanged since Unicode
+#: 6.3): the 25 code points :func:`normalize` strips from both ends. Written
+#: out so that the set does not follow Python's ``str.isspace``, which also
+#: counts U+001C-U+001F and may change with the Unicode version.
+WHITE_SPACE = "".join(
+    chr(c)
+    for c in (
+        *range(0x0009, 0x000E),
+        0x0020,
+        0x0085,
+        0x00A0,
+        0x1680,
+        *range(0x2000, 0x200B),
+        0x2028,
+        0x2029,
+        0x202F,
+        0x205F,
+        0x3000,
+    )
+)
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+#: The grammar of :attr:`CostHint.amount` (ASCII only): ``0`` or up to 18
+#: digits without a leading zero, optionally ``.`` and 1-18 digits.
+AMOUNT_PATTERN = re.compile(r"(?:0|[1-9][0-9]{0,17})(?:\.[0-9]{1,18})?")
+
+
+def _nfkc(text: str) -> str:
+    return unicodedata.ucd_3_2_0.normalize("NFKC", text)
+
+
+def normalize(text: str) -> str:
+    """How names, tasks, tags and versions are compared and hashed (``specs/capability.md``).
+
+    ``strip(NFKC(ascii_lower(NFKC(text))))``, where NFKC uses the Unicode
+    3.2.0 database (as stringprep, RFC 3454, does; code points unassigned in
+    3.2.0 pass through unchanged), ``ascii_lower`` maps only ``A``-``Z`` to
+    ``a``-``z`` (as DNS compares names, RFC 4343), and ``strip`` removes the
+    :data:`WHITE_SPACE` code points from both ends. The result is the same on
+    every Python version, and ``normalize(normalize(s)) == normalize(s)``.
+    """
+    return _nfkc(_nfkc(text).translate(_ASCII_LOWER)).strip(WHITE_SPACE)
+
+
+def capability_key(name: str) -> str:
+    """The form a capability name is matched by: :func:`normalize` of it.
+
+    The inference server looks capabilities up by this key, discovery derives
+    the model's DHT key from it, and ``serve()`` refuses a second capability
+    with the same key.
+    """
+    return normalize(name)
 
 
 @dataclass(frozen=True)
@@ -59,13 +128,20 @@ class CostHint:
             raise ConfigError("cost amount must be a decimal number or its text")
         if isinstance(amount, float) and not math.isfinite(amount):
             raise ConfigError("cost amount must be finite")
-        text = amount if isinstance(amount, str) else str(amount)
-        try:
-            value = Decimal(text)
-        except InvalidOperation:
-            raise ConfigError(f"cost amount {text!r} is not a decimal number") from None
-        if not value.is_finite() or value < 0:
-            raise ConfigError("cost amount must be a finite, non-negative number")
+        if isinstance(amount, str):
+            text = amount
+        else:
+            try:
+                text = format(Decimal(repr(amount)), "f")
+            except InvalidOperation:
+                raise ConfigError(f"cost amount {amount!r} is not a decimal number") from None
+            if "." in text:
+                text = text.rstrip("0").rstrip(".")
+        if AMOUNT_PATTERN.fullmatch(text) is None:
+            raise ConfigError(
+                f"cost amount {text[:40]!r} must be a non-negative decimal number in ASCII digits "
+                "(0 or 1-18 digits without a leading zero, then optionally '.' and 1-18 digits)"
+            )
         object.__setattr__(self, "amount", text)
         for name in ("currency", "per"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
@@ -154,8 +230,8 @@ class Capability:
     cost: CostHint | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ConfigError("capability name must be non-empty text")
+        if not isinstance(self.name, str) or not capability_key(self.name):
+            raise ConfigError("capability name must be text that is not empty or only white space")
         if len(self.name.encode()) > MAX_CAPABILITY_LEN:
             raise ConfigError(f"capability name is longer than {MAX_CAPABILITY_LEN} bytes")
         if not isinstance(self.task, str):

@@ -10,34 +10,49 @@ The stored bytes are an *envelope*, a canonical msgpack map
 a canonical msgpack map; the signature covers ``SIGNING_DOMAIN + body`` and is
 made with the identity key of the peer the card names.
 
-Canonical msgpack means: map keys are text, sorted by their UTF-8 bytes, with
-no duplicates; integers, text, bytes and arrays in their shortest form; no
-floats, no nil, no extension types. ``msgpack.packb(obj, use_bin_type=True)``
-produces exactly that for maps whose keys are inserted in sorted order. A
-parser re-encodes what it decoded and rejects input that differs, so each
-card has exactly one encoding.
+Canonical msgpack (:mod:`~modelnet_p2p.proto.packing`) and the envelope
+(:mod:`~modelnet_p2p.proto.envelope`) are shared with availability records.
+On top of them a card has exactly one encoding because an optional field is
+either absent (meaning its default) or holds a non-default value: an empty
+text, an empty array or ``false`` is never written, and a decoder rejects it.
+
+The DHT keys a card is announced under live in
+:mod:`~modelnet_p2p.proto.card_keys` and are re-exported here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-import msgpack
 import multiaddr
-from libp2p.peer.id import ID
 
 from ..errors import ProtocolError
-from ..p2p.identity import verify_signature
-from .capability import Capability, CostHint
-from .framing import encode_varint
-from .infer import MAX_CAPABILITY_LEN
+from . import envelope as _env
+from .capability import Capability, CostHint, capability_key, normalize
+from .card_keys import (
+    KEY_DOMAIN,
+    MAX_PROVIDER_KEYS,
+    VALUE_NAMESPACE,
+    card_keys,
+    model_key,
+    model_version_key,
+    peer_of_value_key,
+    provider_key,
+    tag_key,
+    task_key,
+    value_key,
+)
+from .envelope import Signer
+from .limits import MAX_CAPABILITY_LEN, MAX_PEER_ID_LEN, MAX_SEQ, SIGNATURE_LEN
+from .packing import MAX_DEPTH, check_depth, unpack_canonical
+from .packing import canonical_packb as _canonical_packb
+from .peerid import parse_peer_id, peer_id_text
 
 __all__ = [
+    "CARD_FORMAT",
     "CARD_VERSION",
     "KEY_DOMAIN",
     "MAX_ADDRS",
@@ -45,6 +60,7 @@ __all__ = [
     "MAX_CAPABILITIES",
     "MAX_CARD_SIZE",
     "MAX_CLOCK_SKEW_MS",
+    "MAX_DEPTH",
     "MAX_DESCRIPTION_LEN",
     "MAX_LIST_ITEMS",
     "MAX_PEER_ID_LEN",
@@ -61,6 +77,7 @@ __all__ = [
     "CapabilityCard",
     "Signer",
     "canonical_packb",
+    "capability_key",
     "card_keys",
     "check_capability",
     "encode_card",
@@ -69,6 +86,7 @@ __all__ = [
     "model_version_key",
     "normalize",
     "open_card",
+    "parse_card",
     "peer_of_value_key",
     "provider_key",
     "seal",
@@ -87,8 +105,6 @@ CARD_VERSION = 1
 #: card signature can never be replayed as any other signature the identity key
 #: makes (availability records, libp2p peer records, Noise handshakes).
 SIGNING_DOMAIN = b"modelnet-capability-card/1:"
-#: Ed25519 signatures are 64 bytes.
-SIGNATURE_LEN = 64
 
 #: Largest envelope accepted or produced, in bytes. A card with one capability
 #: and no schemas is 200-400 bytes; 16 KiB leaves room for a few capabilities
@@ -114,40 +130,20 @@ MAX_SCHEMA_LEN = 4096
 MAX_ADDRS = 16
 #: Longest binary multiaddr. ``/dns/<255-byte name>/tcp/<port>`` fits.
 MAX_ADDR_LEN = 300
-#: Longest peer id, in bytes. An Ed25519 peer id is 38 bytes.
-MAX_PEER_ID_LEN = 64
-#: Sequence numbers are unsigned 64-bit integers.
-MAX_SEQ = 2**64 - 1
-#: Shortest lifetime (``expires_at - issued_at``) a card may have: below one
-#: second a card expires before it can be stored and fetched.
+#: Shortest lifetime (``expires_at - issued_at``) a card may have, inclusive:
+#: below one second a card expires before it can be stored and fetched.
 MIN_TTL_MS = 1_000
-#: Longest lifetime a card may have. Cards are soft state that their publisher
+#: Longest lifetime a card may have, inclusive. Cards are soft state that their publisher
 #: refreshes every few minutes; a day bounds how long a stolen or stale card
 #: can circulate, and matches the DHT's own record lifetime.
 MAX_TTL_MS = 24 * 60 * 60 * 1000
-#: How far in the future ``issued_at`` may be, to tolerate clock skew.
+#: How far in the future ``issued_at`` may be, to tolerate clock skew: a card
+#: is valid at ``now`` if ``issued_at <= now + MAX_CLOCK_SKEW_MS`` and
+#: ``now < expires_at`` (``expires_at`` is the first millisecond it is invalid).
 MAX_CLOCK_SKEW_MS = 60_000
-#: Most provider keys one card may derive (tasks, model, model+version and tags
-#: of all its capabilities, without duplicates). Each key costs an ADD_PROVIDER
-#: to about 20 DHT servers on every announce, and servers rate-limit them.
-MAX_PROVIDER_KEYS = 64
 
-#: The DHT namespace of stored cards: a card lives under ``/modelnet-card/<peer id>``.
-VALUE_NAMESPACE = "modelnet-card"
-#: Prepended to the preimage of every provider key (see :func:`provider_key`).
-KEY_DOMAIN = b"modelnet-capability-key/1"
-#: Multihash header of a sha2-256 digest: provider keys are multihashes, as
-#: libp2p DHT servers of other implementations require.
-_SHA2_256_HEADER = b"\x12\x20"
-
-
-class Signer(Protocol):
-    """What :func:`seal` needs of an identity (a :class:`~modelnet_p2p.Identity` fits)."""
-
-    @property
-    def peer_id(self) -> ID: ...
-
-    def sign(self, data: bytes) -> bytes: ...
+#: The envelope of a card: body key ``card``, no floats, at most :data:`MAX_CARD_SIZE`.
+CARD_FORMAT = _env.EnvelopeFormat(what="card", body_key="card", domain=SIGNING_DOMAIN, max_size=MAX_CARD_SIZE)
 
 
 def _need(cond: bool, what: str) -> None:
@@ -283,39 +279,9 @@ def _mime(modality: str) -> str:
 # -- canonical encoding --------------------------------------------------------
 
 
-def _canonical(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        for key in obj:
-            _need(isinstance(key, str), "map keys must be text")
-        return {k: _canonical(obj[k]) for k in sorted(obj, key=lambda k: k.encode())}
-    if isinstance(obj, list | tuple):
-        return [_canonical(v) for v in obj]
-    _need(
-        isinstance(obj, str | bytes | bool | int) and not (isinstance(obj, int) and obj < -(2**63)),
-        f"a {type(obj).__name__} cannot appear in a card",
-    )
-    return obj
-
-
 def canonical_packb(obj: Any) -> bytes:
-    """Canonical msgpack: sorted text keys, shortest forms, no floats or nil."""
-    return msgpack.packb(_canonical(obj), use_bin_type=True)
-
-
-def _unpack_canonical(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
-    except Exception as exc:  # msgpack raises ExtraData, ValueError, UnicodeDecodeError, ...
-        raise ProtocolError(f"{what} is not valid msgpack ({type(exc).__name__})") from None
-    _need(isinstance(obj, dict), f"{what} is not a map")
-    try:
-        again = canonical_packb(obj)
-    except ProtocolError as exc:
-        raise ProtocolError(f"{what}: {exc.message}") from None
-    except Exception:
-        raise ProtocolError(f"{what} holds values that cannot be re-encoded") from None
-    _need(again == data, f"{what} is not canonically encoded")
-    return obj
+    """Canonical msgpack as cards use it, without floats (see :mod:`~modelnet_p2p.proto.packing`)."""
+    return _canonical_packb(obj)
 
 
 def _canonical_json(schema: Mapping[str, Any]) -> str:
@@ -357,14 +323,16 @@ def _cap_map(cap: Capability) -> dict[str, Any]:
     return out
 
 
-def _text(obj: Mapping[str, Any], key: str, limit: int, *, required: bool = False) -> str:
+def _text(
+    obj: Mapping[str, Any], key: str, limit: int, *, required: bool = False, allow_empty: bool = False
+) -> str:
     value = obj.get(key)
     if value is None:
         _need(not required, f"capability field {key!r} is missing")
         return ""
     _need(isinstance(value, str), f"capability field {key!r} must be text")
     _need(len(value.encode()) <= limit, f"capability field {key!r} is longer than {limit} bytes")
-    _need(not required or value != "", f"capability field {key!r} must not be empty")
+    _need(value != "" or allow_empty, f"capability field {key!r} must not be empty (omit it instead)")
     return value
 
 
@@ -374,7 +342,7 @@ def _tokens(obj: Mapping[str, Any], key: str, most: int, *, required: bool = Fal
         _need(not required, f"capability field {key!r} is missing")
         return ()
     _need(isinstance(value, list), f"capability field {key!r} must be an array")
-    _need(not required or len(value) > 0, f"capability field {key!r} must not be empty")
+    _need(len(value) > 0, f"capability field {key!r} must not be empty (omit it instead)")
     _need(len(value) <= most, f"capability field {key!r} has more than {most} items")
     for item in value:
         _need(
@@ -404,9 +372,18 @@ def _schema_field(obj: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
     )
     try:
         schema = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ProtocolError(f"capability field {key!r} is not valid JSON") from None
     _need(isinstance(schema, dict), f"capability field {key!r} must be a JSON object")
+    try:
+        check_depth(schema)
+    except ProtocolError:
+        raise ProtocolError(f"capability field {key!r} nests deeper than {MAX_DEPTH}") from None
+    try:
+        canonical = _canonical_json(schema)
+    except ValueError:  # NaN or Infinity
+        raise ProtocolError(f"capability field {key!r} is not valid JSON") from None
+    _need(text == canonical, f"capability field {key!r} is not canonical JSON (compact, sorted keys)")
     return schema
 
 
@@ -436,8 +413,8 @@ def _parse_cap(obj: Any) -> Capability:
     _need(isinstance(obj, dict), "each capability must be a map")
     name = _text(obj, "name", MAX_CAPABILITY_LEN, required=True)
     tasks = _tokens(obj, "tasks", MAX_TASKS, required=True)
-    version = _text(obj, "version", MAX_TOKEN_LEN)
     _need("version" in obj, "capability field 'version' is missing")
+    version = _text(obj, "version", MAX_TOKEN_LEN, allow_empty=True)
     cost = None
     if "cost" in obj:
         raw = obj["cost"]
@@ -450,6 +427,7 @@ def _parse_cap(obj: Any) -> Capability:
             raise ProtocolError(f"bad capability cost: {exc}") from None
     idempotent = obj.get("idempotent", False)
     _need(isinstance(idempotent, bool), "capability field 'idempotent' must be a boolean")
+    _need(obj.get("idempotent") is not False, "capability field 'idempotent' must be true (omit it instead)")
     try:
         return Capability(
             name=name,
@@ -479,7 +457,7 @@ def _parse_cap(obj: Any) -> Capability:
 
 def check_capability(cap: Capability) -> None:
     """Raise :class:`ProtocolError` if ``cap`` cannot appear in a card (a limit is exceeded)."""
-    _parse_cap(_unpack_canonical(canonical_packb(_cap_map(cap)), "capability"))
+    _parse_cap(unpack_canonical(canonical_packb(_cap_map(cap)), "capability"))
 
 
 # -- cards ---------------------------------------------------------------------
@@ -487,9 +465,9 @@ def check_capability(cap: Capability) -> None:
 
 def _card_map(card: CapabilityCard) -> dict[str, Any]:
     try:
-        pid = ID.from_base58(card.peer_id).to_bytes()
-    except Exception:
-        raise ProtocolError(f"invalid peer id {card.peer_id!r}") from None
+        pid = parse_peer_id(card.peer_id)
+    except ProtocolError as exc:
+        raise ProtocolError(f"invalid peer id {card.peer_id[:80]!r}: {exc.message}") from None
     addrs = []
     for text in card.addrs:
         try:
@@ -536,15 +514,14 @@ def parse_card(body: bytes) -> CapabilityCard:
     Unknown keys are allowed (and covered by the signature), so a later minor
     revision can add fields; every known field must be present and in range.
     """
-    _need(len(body) <= MAX_CARD_SIZE, "card body too large")
-    obj = _unpack_canonical(body, "card")
+    obj = _env.decode_body(CARD_FORMAT, body)
     _need(obj.get("v") == CARD_VERSION, f"unsupported card version {obj.get('v')!r}")
     pid: Any = obj.get("peer")
     _need(isinstance(pid, bytes) and 0 < len(pid) <= MAX_PEER_ID_LEN, "field 'peer' must be a peer id")
     try:
-        peer_id = ID(pid).to_base58()
-    except Exception:
-        raise ProtocolError("field 'peer' is not a peer id") from None
+        peer_id = peer_id_text(pid)
+    except ProtocolError as exc:
+        raise ProtocolError(f"field 'peer' is not an Ed25519 peer id: {exc.message}") from None
     seq: Any = obj.get("seq")
     _need(_is_uint(seq, MAX_SEQ), "field 'seq' must be an unsigned 64-bit integer")
     issued: Any = obj.get("issued_at")
@@ -566,6 +543,10 @@ def parse_card(body: bytes) -> CapabilityCard:
     names = [c.name.encode() for c in caps]
     _need(names == sorted(names), "capabilities must be sorted by name")
     _need(len(set(names)) == len(names), "capability names must be unique")
+    keys = {capability_key(c.name) for c in caps}
+    _need(len(keys) == len(caps), "capability names must be unique after normalize()")
+    derived = len(card_keys(caps))
+    _need(derived <= MAX_PROVIDER_KEYS, f"card derives {derived} DHT keys; at most {MAX_PROVIDER_KEYS}")
     return CapabilityCard(
         peer_id=peer_id,
         addrs=tuple(_parse_addr(a) for a in addrs),
@@ -581,12 +562,12 @@ def parse_card(body: bytes) -> CapabilityCard:
 
 def signing_input(body: bytes) -> bytes:
     """Exactly what the signature covers: :data:`SIGNING_DOMAIN` followed by the body."""
-    return SIGNING_DOMAIN + body
+    return _env.signing_input(CARD_FORMAT, body)
 
 
 def encode_envelope(body: bytes, signature: bytes) -> bytes:
     """Assemble an envelope from a body and a signature (no checks: for tools and tests)."""
-    return canonical_packb({"card": body, "sig": signature})
+    return _env.encode_envelope(CARD_FORMAT, body, signature)
 
 
 def seal(card: CapabilityCard, signer: Signer) -> CapabilityCard:
@@ -599,11 +580,7 @@ def seal(card: CapabilityCard, signer: Signer) -> CapabilityCard:
     """
     if card.peer_id != str(signer.peer_id):
         raise ValueError("a card can only be sealed by the peer it names")
-    body = encode_card(card)
-    keys = card_keys(card.capabilities)
-    _need(len(keys) <= MAX_PROVIDER_KEYS, f"card derives {len(keys)} DHT keys; at most {MAX_PROVIDER_KEYS}")
-    data = encode_envelope(body, signer.sign(signing_input(body)))
-    _need(len(data) <= MAX_CARD_SIZE, f"card of {len(data)} bytes exceeds {MAX_CARD_SIZE} bytes")
+    data = _env.seal_body(CARD_FORMAT, encode_card(card), signer)
     return CapabilityCard(
         card.peer_id, card.addrs, card.seq, card.issued_at, card.expires_at, card.capabilities, data
     )
@@ -612,22 +589,17 @@ def seal(card: CapabilityCard, signer: Signer) -> CapabilityCard:
 def open_card(data: bytes, *, now_ms: int | None = None, verify: bool = True) -> CapabilityCard:
     """Parse an envelope, check its signature and, if ``now_ms`` is given, its validity period.
 
-    Returns the card with :attr:`~CapabilityCard.envelope` set. Raises
-    :class:`ProtocolError` naming the first rule broken: oversized, malformed
-    or non-canonical envelope or card, a bad signature, an expired card or one
-    issued in the future.
+    The card is valid at ``now_ms`` if ``issued_at <= now_ms + MAX_CLOCK_SKEW_MS``
+    and ``now_ms < expires_at``. Returns the card with
+    :attr:`~CapabilityCard.envelope` set. Raises :class:`ProtocolError` naming
+    the first rule broken: oversized, malformed or non-canonical envelope or
+    card, a bad signature, an expired card or one issued in the future.
     """
-    _need(isinstance(data, bytes | bytearray), "a card must be bytes")
-    _need(len(data) <= MAX_CARD_SIZE, f"card of {len(data)} bytes exceeds {MAX_CARD_SIZE} bytes")
-    env = _unpack_canonical(bytes(data), "envelope")
-    _need(set(env) == {"card", "sig"}, "envelope must have exactly the keys 'card' and 'sig'")
-    body, sig = env["card"], env["sig"]
-    _need(isinstance(body, bytes), "envelope field 'card' must be bytes")
-    _need(isinstance(sig, bytes) and len(sig) == SIGNATURE_LEN, "envelope field 'sig' must be 64 bytes")
+    body, sig = _env.open_envelope(CARD_FORMAT, data)
     card = parse_card(body)
     if verify:
         _need(
-            verify_signature(card.peer_id, signing_input(body), sig),
+            _env.verify_body(CARD_FORMAT, card.peer_id, body, sig),
             "signature does not match the card's peer id",
         )
     if now_ms is not None:
@@ -657,77 +629,3 @@ def select_card(values: Sequence[bytes], now_ms: int | None = None) -> int:
         if best_score is None or score > best_score:
             best, best_score = i, score
     return best
-
-
-# -- DHT keys ------------------------------------------------------------------
-
-
-def normalize(text: str) -> str:
-    """How names, tasks and tags are compared and hashed: trimmed, lowercased, NFC."""
-    return unicodedata.normalize("NFC", text.strip().lower())
-
-
-def provider_key(kind: str, *parts: str) -> bytes:
-    """The DHT provider key for ``kind`` and its parts.
-
-    ``0x12 0x20 || SHA-256(KEY_DOMAIN || lp(kind) || lp(normalize(part))...)``,
-    where ``lp(s)`` is the UTF-8 bytes of ``s`` preceded by their length as an
-    unsigned varint. The result is a 34-byte sha2-256 multihash.
-    """
-    pre = bytearray(KEY_DOMAIN)
-    for i, part in enumerate((kind, *parts)):
-        raw = (part if i == 0 else normalize(part)).encode()
-        pre += encode_varint(len(raw)) + raw
-    return _SHA2_256_HEADER + hashlib.sha256(pre).digest()
-
-
-def task_key(task: str) -> bytes:
-    """Provider key of everyone serving ``task``."""
-    return provider_key("task", task)
-
-
-def model_key(name: str) -> bytes:
-    """Provider key of everyone serving the capability (model) named ``name``."""
-    return provider_key("model", name)
-
-
-def model_version_key(name: str, version: str) -> bytes:
-    """Provider key of everyone serving ``name`` at ``version``."""
-    return provider_key("model-version", name, version)
-
-
-def tag_key(tag: str) -> bytes:
-    """Provider key of everyone serving a capability tagged ``tag``."""
-    return provider_key("tag", tag)
-
-
-def card_keys(capabilities: Iterable[Capability]) -> list[tuple[str, bytes]]:
-    """Every ``(label, key)`` a card with ``capabilities`` is announced under, without duplicates.
-
-    Per capability, in this order: each task, the model name, the model name
-    with its version, each tag.
-    """
-    out: dict[bytes, str] = {}
-    for cap in capabilities:
-        for task in cap.tasks:
-            out.setdefault(task_key(task), f"task:{normalize(task)}")
-        out.setdefault(model_key(cap.name), f"model:{normalize(cap.name)}")
-        out.setdefault(
-            model_version_key(cap.name, cap.version),
-            f"model-version:{normalize(cap.name)}@{normalize(cap.version)}",
-        )
-        for tag in cap.tags:
-            out.setdefault(tag_key(tag), f"tag:{normalize(tag)}")
-    return [(label, key) for key, label in out.items()]
-
-
-def value_key(peer_id: str) -> str:
-    """The DHT key a peer's card is stored under: ``/modelnet-card/<peer id>``."""
-    return f"/{VALUE_NAMESPACE}/{peer_id}"
-
-
-def peer_of_value_key(key: str) -> str:
-    """The peer id in a card key, or raise :class:`ProtocolError`."""
-    prefix = f"/{VALUE_NAMESPACE}/"
-    _need(key.startswith(prefix) and len(key) > len(prefix), f"not a card key: {key[:80]!r}")
-    return key[len(prefix) :]

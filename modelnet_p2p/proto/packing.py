@@ -30,6 +30,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgpack as _msgpack
+from msgpack import Timestamp as _Timestamp
 
 from ..errors import ProtocolError
 from .limits import MAX_CONTAINERS, MAX_DEPTH
@@ -87,16 +88,30 @@ def unpackb(
 
     Text is decoded as UTF-8 (invalid UTF-8 is an error), bytes as ``bytes``,
     arrays as lists. Map keys may be of any hashable type here; callers that
-    need text keys check them. Extension types are refused unless
-    ``allow_ext``. Trailing bytes after the value are an error.
+    need text keys check them. Extension types (timestamps, type -1,
+    included) are refused unless ``allow_ext``. Trailing bytes after the
+    value are an error.
     """
     count = 0
 
-    def counted(value: Any) -> Any:
+    # msgpack-python decodes extension type -1 (timestamps) itself, without
+    # calling ext_hook, so the hooks below look for what it made.
+    def counted_list(value: list[Any]) -> Any:
         nonlocal count
         count += 1
         if count > max_containers:
             raise _TooMany
+        if not allow_ext and any(type(v) is _Timestamp for v in value):
+            raise _ExtType(-1)
+        return value
+
+    def counted_map(value: dict[Any, Any]) -> Any:
+        nonlocal count
+        count += 1
+        if count > max_containers:
+            raise _TooMany
+        if not allow_ext and any(type(v) is _Timestamp for kv in value.items() for v in kv):
+            raise _ExtType(-1)
         return value
 
     try:
@@ -105,10 +120,12 @@ def unpackb(
             raw=False,
             strict_map_key=False,
             use_list=True,
-            list_hook=counted,
-            object_hook=counted,
+            list_hook=counted_list,
+            object_hook=counted_map,
             ext_hook=_msgpack.ExtType if allow_ext else _no_ext,
         )
+        if not allow_ext and type(obj) is _Timestamp:
+            raise _ExtType(-1)
     except _TooMany:
         raise ProtocolError(f"{what} holds more than {max_containers} maps and arrays") from None
     except _ExtType as exc:
