@@ -10,22 +10,30 @@ Precedence, highest first:
 
 :func:`load_config` returns the merged :class:`Config` and, for each field,
 which of these sources set it, so ``modelnet config show`` can say so.
+
+Every default a peer has is written once, in :class:`PeerConfig`. ``Peer``
+takes one (``Peer(config=PeerConfig(...), **overrides)``), :class:`Config`
+(the command line's view: the settings a file, the environment or a flag may
+set) takes its defaults from it, and the spec tables quote it.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .p2p.addresses import needs_relay, parse_multiaddr
+from .p2p.identity import Identity
 from .p2p.network import NETWORKS, get_network
+from .proto.framing import DEFAULT_MAX_FRAME_SIZE
 
-__all__ = ["ENV_PREFIX", "VERSION", "Config", "load_config"]
+__all__ = ["DEFAULT_LISTEN", "ENV_PREFIX", "VERSION", "Config", "PeerConfig", "load_config"]
 
 try:
     #: This package's version.
@@ -34,6 +42,110 @@ except PackageNotFoundError:  # running from a source tree without install
     VERSION = "0.0.0"
 
 ENV_PREFIX = "MODELNET_"
+
+#: Where a peer listens unless told otherwise: loopback, any free port.
+DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """Everything a :class:`~modelnet_p2p.Peer` can be told, with its defaults (written only here).
+
+    Attributes:
+        identity: a key file path (created if missing), an :class:`Identity`, or
+            ``None`` for an ephemeral key (logged, since the peer id changes each run).
+        listen: multiaddrs to listen on.
+        bootstrap: multiaddrs (with ``/p2p/``) of peers to connect to at start.
+        passphrase: for an encrypted key file.
+        network: the mesh to join (see :mod:`modelnet_p2p.p2p.network`); peers of
+            different networks do not understand each other's protocols.
+        require_bootstrap: fail at start (``UnavailableError``) if no bootstrap peer answers.
+        connect_timeout: seconds allowed to dial a peer.
+        max_frame_size: largest frame accepted or sent, in bytes (at least 1024).
+        max_concurrency: requests served at once, over all callers.
+        max_concurrency_per_peer: requests served at once for one caller.
+        max_request_time: longest a served request may run, in seconds.
+        max_hops: longest pathway (nested calls) a served request may be part of.
+        window: the flow-control window granted to providers, in bytes.
+        dht_mode: ``"server"`` (answer DHT requests and store records),
+            ``"client"`` (only ask), or ``"auto"``: server if the peer listens on
+            an address, client if it has none (see ``specs/capability.md``).
+        announce_interval: seconds between re-announces of the capability card.
+        card_ttl: seconds a capability card stays valid after each announce.
+        gossip: run availability gossip (``specs/availability.md``).
+        publish_interval: seconds between availability records when nothing changes.
+        routing_policy: how requests without a target pick a provider:
+            ``"p2c"``, ``"least-loaded"``, ``"lowest-latency"`` or a function
+            (see :mod:`modelnet_p2p.mesh.routing`).
+        reachability: ``"auto"``, ``"public"`` or ``"private"``: whether others
+            can dial this peer. A private peer runs the DHT as a client,
+            reserves a circuit relay slot on its bootstrap peers and announces
+            the relayed address (``specs/network.md``).
+        relay_hop: relay circuits for private peers (bootstrap nodes do).
+    """
+
+    identity: str | os.PathLike[str] | Identity | None = None
+    listen: Sequence[str] = DEFAULT_LISTEN
+    bootstrap: Sequence[str] = ()
+    passphrase: bytes | None = None
+    network: str = "local"
+    require_bootstrap: bool = False
+    connect_timeout: float = 10.0
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    max_concurrency: int = 128
+    max_concurrency_per_peer: int = 64
+    max_request_time: float = 600.0
+    max_hops: int = 8
+    window: int = 1 << 20
+    dht_mode: str = "auto"
+    announce_interval: float = 120.0
+    card_ttl: float = 300.0
+    gossip: bool = True
+    publish_interval: float = 2.0
+    routing_policy: Any = "p2c"
+    reachability: str = "auto"
+    relay_hop: bool = False
+
+    def with_overrides(self, **overrides: Any) -> PeerConfig:
+        """A copy with some settings replaced (``ConfigError`` for an unknown name)."""
+        unknown = sorted(set(overrides) - PEER_SETTINGS)
+        if unknown:
+            raise ConfigError(f"unknown peer setting(s): {', '.join(unknown)}")
+        return replace(self, **overrides)
+
+    def load_identity(self) -> Identity:
+        """The identity to run with: as given, loaded from (or created at) its path, or ephemeral."""
+        if self.identity is None:
+            return Identity.generate(ephemeral=True)
+        if isinstance(self.identity, Identity):
+            return self.identity
+        return Identity.load_or_create(Path(self.identity), self.passphrase)
+
+    def needs_relay(self) -> bool:
+        """Whether this peer must reserve relay slots on its bootstrap peers (others cannot dial it).
+
+        A peer with no listen address is a pure client in ``"auto"``: it only calls
+        out, so nobody needs to reach it and it reserves no slot.
+        """
+        listen = [parse_multiaddr(a) for a in self.listen]
+        if self.reachability == "auto" and not listen:
+            return False
+        bootstrap = [parse_multiaddr(a) for a in self.bootstrap]
+        return needs_relay(self.reachability, listen, bootstrap)  # type: ignore[arg-type]
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` for a value no peer can run with."""
+        if self.max_frame_size < 1024:
+            raise ConfigError("max_frame_size must be at least 1024 bytes")
+        if self.max_concurrency < 1 or self.max_concurrency_per_peer < 1:
+            raise ConfigError("concurrency limits must be at least 1")
+        for name in ("connect_timeout", "announce_interval", "card_ttl", "publish_interval"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+
+
+#: The names :class:`PeerConfig` (and so ``Peer``) accepts.
+PEER_SETTINGS = frozenset(f.name for f in fields(PeerConfig))
 
 #: Fields that hold lists; in the environment they are comma-separated.
 _LIST_FIELDS = {"listen", "bootstrap"}
@@ -45,41 +157,32 @@ _TABLES = {"limits", "logging", "discovery", "availability", "routing"}
 class Config:
     """Everything a peer needs to start. See ``modelnet config show``."""
 
-    network: str = "local"
+    network: str = PeerConfig.network
     identity: str | None = None
-    listen: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    listen: list[str] = field(default_factory=lambda: list(DEFAULT_LISTEN))
     bootstrap: list[str] = field(default_factory=list)
-    max_concurrency: int = 128
-    max_concurrency_per_peer: int = 64
-    max_frame_size: int = 1 << 20
-    max_request_time: float = 600.0
-    connect_timeout: float = 10.0
-    announce_interval: float = 120.0
-    card_ttl: float = 300.0
-    publish_interval: float = 2.0
-    dht_mode: str = "auto"
-    reachability: str = "auto"
-    routing_policy: str = "p2c"
+    max_concurrency: int = PeerConfig.max_concurrency
+    max_concurrency_per_peer: int = PeerConfig.max_concurrency_per_peer
+    max_frame_size: int = PeerConfig.max_frame_size
+    max_request_time: float = PeerConfig.max_request_time
+    connect_timeout: float = PeerConfig.connect_timeout
+    announce_interval: float = PeerConfig.announce_interval
+    card_ttl: float = PeerConfig.card_ttl
+    publish_interval: float = PeerConfig.publish_interval
+    dht_mode: str = PeerConfig.dht_mode
+    reachability: str = PeerConfig.reachability
+    routing_policy: str = PeerConfig.routing_policy
     log_level: str = "warning"
 
     def peer_kwargs(self) -> dict[str, Any]:
         """Arguments for :class:`~modelnet_p2p.Peer` built from this configuration."""
-        return {
-            "identity": self.identity,
-            "listen": list(self.listen),
-            "bootstrap": list(self.bootstrap),
-            "max_concurrency": self.max_concurrency,
-            "max_concurrency_per_peer": self.max_concurrency_per_peer,
-            "max_frame_size": self.max_frame_size,
-            "max_request_time": self.max_request_time,
-            "connect_timeout": self.connect_timeout,
-            "network": self.network,
-            "announce_interval": self.announce_interval,
-            "card_ttl": self.card_ttl,
-            "dht_mode": self.dht_mode,
-            "reachability": self.reachability,
-            "routing_policy": self.routing_policy,
-        }
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name in PEER_SETTINGS}
+        out["listen"], out["bootstrap"] = list(self.listen), list(self.bootstrap)
+        return out
+
+    def peer_config(self) -> PeerConfig:
+        """This configuration as a :class:`PeerConfig`."""
+        return PeerConfig(**self.peer_kwargs())
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -163,9 +266,9 @@ def load_config(
     file_values = _read_file(config_file) if config_file else {}
     env_values = _read_env(env)
 
-    network_name = flags.get("network") or env_values.get("network") or file_values.get(
-        "network"
-    ) or Config.network
+    network_name = (
+        flags.get("network") or env_values.get("network") or file_values.get("network") or Config.network
+    )
     net = get_network(str(network_name))
 
     cfg = Config()

@@ -32,8 +32,7 @@ async def open_peers(n: int, **peer_kwargs: Any) -> AsyncIterator[list[Peer]]:
     async with AsyncExitStack() as stack:
         peers: list[Peer] = []
         for i in range(n):
-            kwargs = dict(peer_kwargs)
-            kwargs.setdefault("listen", ["/ip4/127.0.0.1/tcp/0"])
+            kwargs = dict(peer_kwargs)  # the default listen address is loopback, any free port
             if i > 0:
                 kwargs.setdefault("bootstrap", [peers[0].addrs[0]])
             peers.append(await stack.enter_async_context(Peer(**kwargs)))

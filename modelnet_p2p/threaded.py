@@ -117,7 +117,8 @@ class ThreadedPeer:
         """Run ``afn(*args)`` in the peer's trio loop and wait for its result."""
         return trio.from_thread.run(afn, *args, trio_token=self._token)
 
-    def _run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run the sync function ``fn(*args)`` in the peer's trio loop and return its result."""
         return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
 
     def submit(self, afn: Callable[..., Awaitable[Any]], *args: Any) -> concurrent.futures.Future[Any]:
@@ -151,11 +152,11 @@ class ThreadedPeer:
 
     @property
     def addrs(self) -> list[str]:
-        return self._run_sync(lambda: self.peer.addrs)  # type: ignore[no-any-return]
+        return self.run_sync(lambda: self.peer.addrs)  # type: ignore[no-any-return]
 
     def serve(self, capability: Capability | str, handler: Handler) -> Capability:
         """Serve a capability; sync handlers run in worker threads of the peer."""
-        return self._run_sync(self.peer.serve, capability, handler)  # type: ignore[no-any-return]
+        return self.run_sync(self.peer.serve, capability, handler)  # type: ignore[no-any-return]
 
     def connect(self, addr: str) -> str:
         return self._run(self.peer.connect, addr)  # type: ignore[no-any-return]
@@ -174,7 +175,7 @@ class ThreadedPeer:
         self, target: Any = None, capability: str | None = None, input: Any = None, **kwargs: Any
     ) -> Iterator[Any]:
         """Blocking :meth:`Peer.infer`: a generator of chunks. Closing it early cancels the request."""
-        stream = self._run_sync(lambda: self.peer.infer(target, capability, input, **kwargs))
+        stream = self.run_sync(lambda: self.peer.infer(target, capability, input, **kwargs))
         finished = False
         try:
             while True:
@@ -256,7 +257,7 @@ class AsyncioPeer:
     ) -> AsyncIterator[Any]:
         """Stream chunks into asyncio. Leaving the loop early cancels the request."""
         peer = self._threaded.peer
-        stream = self._threaded._run_sync(lambda: peer.infer(target, capability, input, **kwargs))
+        stream = self._threaded.run_sync(lambda: peer.infer(target, capability, input, **kwargs))
         finished = False
         try:
             while True:

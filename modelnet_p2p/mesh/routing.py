@@ -29,8 +29,11 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
+
+import trio
 
 __all__ = [
     "BAN_BASE",
@@ -41,6 +44,8 @@ __all__ = [
     "least_loaded",
     "lowest_latency",
     "power_of_two",
+    "resolve_policy",
+    "trio_clock",
 ]
 
 #: First ban after a failure, in seconds (as Petals does).
@@ -68,6 +73,8 @@ class Candidate:
     max_concurrency: int = 0
     idempotent: bool = False
     card: Any = None
+    #: The capability's name as the provider spells it (names compare without case).
+    name: str | None = None
 
 
 @dataclass
@@ -81,6 +88,14 @@ class _Stats:
 
 #: A policy picks one candidate from a non-empty list of eligible ones.
 Policy = Callable[[Sequence[Candidate], "Router"], Candidate]
+
+
+def trio_clock() -> float:
+    """:func:`trio.current_time` inside a trio run (so tests may use ``MockClock``), else monotonic time."""
+    try:
+        return trio.current_time()
+    except RuntimeError:
+        return time.monotonic()
 
 
 def least_loaded(cands: Sequence[Candidate], router: Router) -> Candidate:
@@ -108,6 +123,15 @@ POLICIES: dict[str, Policy] = {
 }
 
 
+def resolve_policy(policy: str | Policy) -> Policy:
+    """A policy by name (:data:`POLICIES`) or as given; raises ``ValueError`` for an unknown name."""
+    if isinstance(policy, str):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown routing policy {policy!r} (known: {', '.join(POLICIES)})")
+        return POLICIES[policy]
+    return policy
+
+
 class Router:
     """Keeps per-provider measurements and picks providers."""
 
@@ -116,13 +140,9 @@ class Router:
         policy: str | Policy = "p2c",
         *,
         rng: random.Random | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = trio_clock,
     ) -> None:
-        if isinstance(policy, str):
-            if policy not in POLICIES:
-                raise ValueError(f"unknown routing policy {policy!r} (known: {', '.join(POLICIES)})")
-            policy = POLICIES[policy]
-        self.policy: Policy = policy
+        self.policy: Policy = resolve_policy(policy)
         self.rng = rng or random.Random()
         self.clock = clock
         self._stats: dict[str, _Stats] = {}
@@ -191,7 +211,9 @@ class Router:
         unknown_state = 0.0 if c.state == "ready" else 0.5
         return self.load_score(c) * (1 + rtt / 100) * (1 + failures) + unknown_state
 
-    def eligible(self, cands: Sequence[Candidate], exclude: set[str] = frozenset()) -> list[Candidate]:  # type: ignore[assignment]
+    def eligible(
+        self, cands: Sequence[Candidate], exclude: AbstractSet[str] = frozenset()
+    ) -> list[Candidate]:
         """Candidates that are not excluded, not banned, not draining/leaving and not at capacity."""
         out = []
         for c in cands:
@@ -204,12 +226,18 @@ class Router:
             out.append(c)
         return out
 
-    def choose(self, cands: Sequence[Candidate], exclude: set[str] = frozenset()) -> Candidate | None:  # type: ignore[assignment]
-        """Pick a provider, or ``None`` if no candidate is eligible."""
+    def choose(
+        self,
+        cands: Sequence[Candidate],
+        exclude: AbstractSet[str] = frozenset(),
+        *,
+        policy: str | Policy | None = None,
+    ) -> Candidate | None:
+        """Pick a provider (by ``policy``, or the router's own), or ``None`` if none is eligible."""
         pool = self.eligible(cands, exclude)
         if not pool:
             return None
-        return self.policy(pool, self)
+        return (self.policy if policy is None else resolve_policy(policy))(pool, self)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Per-provider measurements, for status displays."""

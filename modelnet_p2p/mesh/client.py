@@ -1,0 +1,532 @@
+"""The mesh client: the one place that chooses a provider, calls it, and fails over.
+
+:class:`~modelnet_p2p.Peer`, the OpenAI gateway and the collaboration patterns all
+send their requests through one :class:`MeshClient` (``peer.mesh_client``), so a
+request is routed once, against one table of measurements and bans.
+
+Interface (stable; everything else here is private)::
+
+    client = peer.mesh_client
+
+    stream = client.stream(
+        capability, input,
+        params={...},          # request parameters (default: none)
+        timeout=30.0,          # seconds for the whole request, failovers included; None: no deadline
+        target=None,           # a multiaddr or peer id: call exactly that peer, no routing
+        among=None,            # a static provider list (Candidate objects or targets): route among these
+        avoid=(),              # peer ids routing must not choose
+        replay=None,           # None: replay mid-stream failures iff the capability is idempotent
+        trace=None,            # a TraceContext to extend (MeshContext passes the request's)
+        policy=None,           # a routing policy for this request (default: the client's)
+        max_attempts=None,     # providers tried (default: MAX_ROUTING_ATTEMPTS)
+    )                          # -> InferenceStream
+    async with stream:
+        async for chunk in stream: ...
+    stream.info                # ResponseInfo: peer, finish_reason, usage, first_chunk_at,
+                               # attempts = [{"peer", "status", "chunks", "ms", "error"}, ...]
+
+    response = await client.call(capability, input, ..., restart=False)   # -> Response
+    cands = await client.providers(capability, timeout=5.0, refresh=False)  # -> list[Candidate]
+    client.router              # the Router: measurements, bans (router.banned, router.snapshot())
+
+Routing (``target`` is ``None``): candidates come from :class:`~.providers.Providers`
+(cards joined with gossip) or from ``among``; the :class:`~.routing.Router` picks one.
+A retryable failure before the first chunk is retried on another provider (the failed
+one is banned with a doubling backoff, an ``overloaded`` one skipped briefly), up to
+``max_attempts`` providers and never past the deadline. A failure after chunks went
+out is replayed on another provider only if the capability is idempotent (or
+``replay=True``); the chunks already delivered are skipped, so the consumer sees each
+chunk once, in order. Otherwise the error (an :class:`UnavailableError`) carries
+``chunks_delivered``. With ``among``, when every listed provider is banned the least
+banned one is tried anyway (the caller asked for these).
+
+``call(..., restart=True)`` collects the answer, so a provider that fails part-way may
+be replaced by a fresh request to another provider (the partial answer discarded), even
+for a capability that is not idempotent. The gateway uses it for non-streamed answers.
+
+Errors (raised while iterating): :class:`NotFoundError` (no provider known),
+:class:`OverloadedError` (every live provider at capacity), :class:`UnavailableError`,
+:class:`DeadlineExceededError`, or the provider's own error when it is not retryable.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from ..errors import (
+    BadRequestError,
+    DeadlineExceededError,
+    ModelNetError,
+    NotFoundError,
+    OverloadedError,
+    ProtocolError,
+    UnavailableError,
+)
+from ..p2p.dialer import Target
+from ..p2p.stream import Stream
+from ..proto.infer import TraceContext
+from ..services.inference.server import ResponseInfo, new_request_id, run_request
+from .providers import Providers
+from .routing import Candidate, Policy, Router
+
+__all__ = [
+    "MAX_ROUTING_ATTEMPTS",
+    "Connector",
+    "InferenceStream",
+    "MeshClient",
+    "Response",
+    "StreamPool",
+]
+
+log = logging.getLogger(__name__)
+
+#: Providers tried for one routed request before giving up.
+MAX_ROUTING_ATTEMPTS = 4
+#: Longest a provider lookup may take inside a routed request, in seconds. A provider's
+#: card can take one RPC timeout (5 s) plus a DHT query to arrive.
+MAX_LOOKUP_TIME = 10.0
+
+
+class Connector(Protocol):
+    """How the client reaches a peer (the dialer, with the inference protocol id bound)."""
+
+    def peer_of(self, target: Target) -> str: ...
+
+    async def open_stream(self, target: Target, deadline: float) -> Stream: ...
+
+
+class StreamPool(Protocol):
+    """Kept streams (``specs/inference.md``, "Stream reuse")."""
+
+    def acquire(self, peer: str) -> Any: ...
+
+    def release_to(self, peer: str) -> Callable[[Any], None]: ...
+
+
+@dataclass
+class Response:
+    """A complete answer, as returned by :meth:`MeshClient.call` and ``Peer.call``.
+
+    Attributes:
+        chunks: every chunk, in order.
+        peer: the peer id that answered.
+        finish_reason: from the end frame (``"stop"``, ``"length"``, ...).
+        usage: counters from the end frame.
+        latency: seconds from sending the request to the end frame.
+        attempts: with routing (no target): every provider tried, in order, and what happened.
+    """
+
+    chunks: list[Any]
+    peer: str
+    finish_reason: str | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+    latency: float = 0.0
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        """The chunks joined as text (non-text chunks are converted with ``str``)."""
+        return "".join(c if isinstance(c, str) else str(c) for c in self.chunks)
+
+    @property
+    def value(self) -> Any:
+        """The single chunk if there is exactly one, else the list of chunks."""
+        return self.chunks[0] if len(self.chunks) == 1 else self.chunks
+
+
+class InferenceStream:
+    """An answer, chunk by chunk (from :meth:`MeshClient.stream` and ``Peer.infer``).
+
+    Iterate it with ``async for``. Leaving the loop early cancels the remote
+    handler; use ``async with ... as stream:`` (or call :meth:`aclose`) to make
+    that happen at a known point rather than when the stream is garbage-collected.
+    After the loop, :attr:`info` holds who answered, the finish reason, the usage
+    counters and (with routing) every attempt.
+    """
+
+    def __init__(self, agen: AsyncIterator[Any], info: ResponseInfo) -> None:
+        self._agen = agen
+        self.info = info
+
+    def __aiter__(self) -> InferenceStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        return await self._agen.__anext__()
+
+    async def aclose(self) -> None:
+        """Stop the request (resetting the stream if it has not finished)."""
+        await self._agen.aclose()  # type: ignore[attr-defined]
+
+    async def __aenter__(self) -> InferenceStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def remaining(deadline: float) -> float | None:
+    """Seconds left before ``deadline`` (trio time); ``None`` for no deadline."""
+    return None if math.isinf(deadline) else max(0.001, deadline - trio.current_time())
+
+
+def _deadline(timeout: float | None) -> float:
+    return math.inf if timeout is None else trio.current_time() + timeout
+
+
+def new_trace() -> TraceContext:
+    return TraceContext(trace_id=new_request_id(), span_id=os.urandom(8))
+
+
+class MeshClient:
+    """Chooses providers, calls them and fails over (see the module docstring).
+
+    Args:
+        connector: opens inference streams to a target.
+        pool: kept streams, reused for the next request to the same peer.
+        providers: candidates for routed requests.
+        router: measurements, bans and the default policy.
+        max_frame_size: largest frame sent or accepted.
+        window: the flow-control window granted to providers, in bytes.
+        max_attempts: providers tried for one routed request, by default.
+    """
+
+    def __init__(
+        self,
+        connector: Connector,
+        pool: StreamPool,
+        providers: Providers,
+        router: Router,
+        *,
+        max_frame_size: int,
+        window: int,
+        max_attempts: int = MAX_ROUTING_ATTEMPTS,
+    ) -> None:
+        self.connector = connector
+        self.pool = pool
+        self.provider_source = providers
+        self.router = router
+        self.max_frame_size = max_frame_size
+        self.window = window
+        self.max_attempts = max_attempts
+
+    async def providers(
+        self, capability: str, *, timeout: float = 5.0, refresh: bool = False
+    ) -> list[Candidate]:
+        """Every known provider of ``capability`` (other than this peer), as routing candidates."""
+        return await self.provider_source.candidates(capability, timeout=timeout, refresh=refresh)
+
+    def stream(
+        self,
+        capability: str,
+        input: Any = None,
+        *,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        target: Target | None = None,
+        among: Sequence[Candidate | str] | None = None,
+        avoid: Collection[str] = (),
+        replay: bool | None = None,
+        trace: TraceContext | None = None,
+        policy: str | Policy | None = None,
+        max_attempts: int | None = None,
+    ) -> InferenceStream:
+        """Stream the answer of a provider of ``capability`` to ``input`` (see the module docstring)."""
+        if not capability:
+            raise BadRequestError("capability is required")
+        info = ResponseInfo()
+        params = dict(params or {})
+        if target is not None:
+            direct = self._direct(target, capability, input, params, timeout, trace, info)
+            return InferenceStream(direct, info)
+        plan = _Plan(
+            capability=capability,
+            input=input,
+            params=params,
+            deadline=_deadline(timeout),
+            trace=trace or new_trace(),
+            replay=replay,
+            avoid=set(avoid),
+            among=None if among is None else [self._as_candidate(c) for c in among],
+            policy=policy,
+            max_attempts=max_attempts or self.max_attempts,
+        )
+        return InferenceStream(self._routed(plan, info), info)
+
+    async def call(
+        self,
+        capability: str,
+        input: Any = None,
+        *,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        target: Target | None = None,
+        among: Sequence[Candidate | str] | None = None,
+        avoid: Collection[str] = (),
+        replay: bool | None = None,
+        trace: TraceContext | None = None,
+        policy: str | Policy | None = None,
+        max_attempts: int | None = None,
+        restart: bool = False,
+    ) -> Response:
+        """Like :meth:`stream`, but collect the whole answer into a :class:`Response`.
+
+        With ``restart`` (and routing), a provider that fails after some chunks is
+        replaced by a fresh request elsewhere even if the capability is not idempotent.
+        """
+        deadline = _deadline(timeout)
+        tried = set(avoid)
+        attempts: list[dict[str, Any]] = []
+        budget = max_attempts or self.max_attempts
+        while True:
+            stream = self.stream(
+                capability,
+                input,
+                params=params,
+                timeout=remaining(deadline),
+                target=target,
+                among=among,
+                avoid=tried,
+                replay=replay,
+                trace=trace,
+                policy=policy,
+                max_attempts=max(1, budget - len(attempts)),
+            )
+            chunks: list[Any] = []
+            try:
+                async with stream:
+                    async for chunk in stream:
+                        chunks.append(chunk)
+            except ModelNetError as exc:
+                attempts.extend(stream.info.attempts)
+                tried.update(a["peer"] for a in stream.info.attempts if a.get("peer"))
+                again = (
+                    restart
+                    and target is None
+                    and exc.retryable
+                    and exc.chunks_delivered > 0
+                    and not isinstance(exc, DeadlineExceededError)
+                    and len(attempts) < budget
+                    and trio.current_time() < deadline
+                )
+                if not again:
+                    raise
+                log.info("%r failed part-way (%s); starting over elsewhere", capability, exc.message)
+                continue
+            info = stream.info
+            return Response(
+                chunks=chunks,
+                peer=info.peer,
+                finish_reason=info.finish_reason,
+                usage=info.usage,
+                latency=(info.ended or info.started) - info.started,
+                attempts=[*attempts, *info.attempts],
+            )
+
+    # -- one peer ------------------------------------------------------------------
+
+    def _as_candidate(self, c: Candidate | str) -> Candidate:
+        if isinstance(c, Candidate):
+            return c
+        return Candidate(peer_id=self.connector.peer_of(c), addrs=[c] if c.startswith("/") else [])
+
+    async def _direct(
+        self,
+        target: Target,
+        capability: str,
+        input: Any,
+        params: dict[str, Any],
+        timeout: float | None,
+        trace: TraceContext | None,
+        info: ResponseInfo,
+    ) -> AsyncIterator[Any]:
+        deadline = _deadline(timeout)
+        info.peer = self.connector.peer_of(target)
+        tc = trace or new_trace()
+        for fresh in (False, True):
+            stream = None if fresh else self.pool.acquire(info.peer)
+            reused = stream is not None
+            if stream is None:
+                stream = await self.connector.open_stream(target, deadline)
+            agen = run_request(
+                stream,
+                capability=capability,
+                input=input,
+                params=params,
+                deadline=deadline,
+                trace=tc,
+                info=info,
+                max_frame_size=self.max_frame_size,
+                window=self.window,
+                release=self.pool.release_to(info.peer),
+            )
+            try:
+                async for chunk in agen:
+                    yield chunk
+                return
+            except (ProtocolError, UnavailableError):
+                # A kept stream the provider had just closed: nothing was received,
+                # so the request never ran there. Try once more on a new stream.
+                if not reused or info.received:
+                    raise
+                log.debug("kept stream to %s was stale; retrying on a new one", info.peer)
+            finally:
+                await agen.aclose()  # type: ignore[attr-defined]
+
+    # -- routing -------------------------------------------------------------------
+
+    async def _candidates(self, plan: _Plan, lookup: float, refresh: bool) -> list[Candidate]:
+        if plan.among is not None:
+            return self.provider_source.among(plan.capability, plan.among)
+        return await self.providers(plan.capability, timeout=lookup, refresh=refresh)
+
+    async def _choose(self, plan: _Plan, tried: set[str], info: ResponseInfo) -> Candidate:
+        """The next provider to try, or raise the error that says why there is none."""
+        lookup = max(0.05, min(MAX_LOOKUP_TIME, plan.deadline - trio.current_time()))
+        with trio.move_on_at(plan.deadline):
+            cands = await self._candidates(plan, lookup, refresh=False)
+        if trio.current_time() >= plan.deadline:
+            raise DeadlineExceededError(
+                f"deadline exceeded routing {plan.capability!r} after {len(info.attempts)} attempts",
+                chunks_delivered=plan.delivered,
+            )
+        chosen = self.router.choose(cands, exclude=tried, policy=plan.policy)
+        if chosen is None and not plan.refreshed and plan.among is None:
+            plan.refreshed = True  # the cache may be stale: look again once
+            cands = await self._candidates(plan, lookup, refresh=True)
+            chosen = self.router.choose(cands, exclude=tried, policy=plan.policy)
+        if chosen is None and plan.among is not None:
+            banned = [c for c in cands if c.peer_id not in tried and self.router.banned(c.peer_id)]
+            if banned:  # every listed provider is banned: try the one banned least long
+                chosen = min(banned, key=lambda c: self.router.ban_remaining(c.peer_id))
+        if chosen is not None:
+            return chosen
+        if plan.last_error is not None:
+            plan.last_error.chunks_delivered = plan.delivered
+            raise plan.last_error
+        if not cands:
+            raise NotFoundError(f"no provider of {plan.capability!r} found in the mesh")
+        busy = [
+            c
+            for c in cands
+            if c.peer_id not in tried
+            and not self.router.banned(c.peer_id)
+            and c.state in (None, "ready", "draining", "joining")
+        ]
+        if busy:
+            raise OverloadedError(
+                f"all {len(busy)} live providers of {plan.capability!r} are at capacity or draining",
+                chunks_delivered=plan.delivered,
+            )
+        raise UnavailableError(
+            f"none of the {len(cands)} known providers of {plan.capability!r} is available "
+            "(left, failing or banned)",
+            chunks_delivered=plan.delivered,
+        )
+
+    async def _routed(self, plan: _Plan, info: ResponseInfo) -> AsyncIterator[Any]:
+        tried: set[str] = set(plan.avoid)
+        while True:
+            chosen = await self._choose(plan, tried, info)
+            pid = chosen.peer_id
+            tried.add(pid)
+            target = chosen.addrs[0] if chosen.addrs else pid
+            attempt: dict[str, Any] = {"peer": pid, "status": "running", "chunks": 0}
+            info.attempts.append(attempt)
+            sub = ResponseInfo()
+            skip = plan.delivered
+            started = trio.current_time()
+            self.router.started(pid)
+            try:
+                async for chunk in self._direct(
+                    target,
+                    chosen.name or plan.capability,
+                    plan.input,
+                    plan.params,
+                    remaining(plan.deadline),
+                    plan.trace,
+                    sub,
+                ):
+                    attempt["chunks"] += 1
+                    if attempt["chunks"] == 1:
+                        self.router.observe_rtt(pid, (trio.current_time() - started) * 1000)
+                    if skip:
+                        skip -= 1  # delivered by an earlier provider
+                        continue
+                    plan.delivered += 1
+                    info.peer, info.chunks = pid, plan.delivered
+                    yield chunk
+                if skip:
+                    raise ProtocolError(
+                        f"replay on {pid} gave {attempt['chunks']} chunks, fewer than the "
+                        f"{plan.delivered} already delivered",
+                        chunks_delivered=plan.delivered,
+                    )
+            except ModelNetError as exc:
+                self._failed(plan, chosen, attempt, exc, started, len(info.attempts))
+                continue
+            finally:
+                self.router.finished(pid)
+            attempt.update(status="ok", ms=round((trio.current_time() - started) * 1000, 1))
+            self.router.success(pid)
+            info.peer = pid
+            info.finish_reason, info.usage = sub.finish_reason, sub.usage
+            info.started, info.first_chunk_at, info.ended = sub.started, sub.first_chunk_at, sub.ended
+            info.received += sub.received
+            return
+
+    def _failed(
+        self,
+        plan: _Plan,
+        chosen: Candidate,
+        attempt: dict[str, Any],
+        exc: ModelNetError,
+        started: float,
+        attempts: int,
+    ) -> None:
+        """Record a failed attempt; re-raise unless another provider may be tried."""
+        pid = chosen.peer_id
+        attempt.update(status="error", error=str(exc), ms=round((trio.current_time() - started) * 1000, 1))
+        if isinstance(exc, OverloadedError):
+            self.router.overloaded(pid)
+        elif exc.retryable:
+            self.router.failure(pid)
+        exc.chunks_delivered = plan.delivered
+        if not exc.retryable or isinstance(exc, DeadlineExceededError):
+            raise exc
+        if plan.delivered and not (plan.replay if plan.replay is not None else chosen.idempotent):
+            raise UnavailableError(
+                f"provider {pid} failed after {plan.delivered} chunks and {plan.capability!r} is not "
+                f"idempotent, so the request was not replayed elsewhere: {exc.message}",
+                chunks_delivered=plan.delivered,
+            ) from None
+        if attempts >= plan.max_attempts:
+            raise exc
+        plan.last_error = exc
+        log.info("provider %s of %r failed (%s); trying another", pid, plan.capability, exc.message)
+
+
+@dataclass
+class _Plan:
+    """One routed request and its progress over attempts."""
+
+    capability: str
+    input: Any
+    params: dict[str, Any]
+    deadline: float
+    trace: TraceContext
+    replay: bool | None
+    avoid: set[str]
+    among: list[Candidate] | None
+    policy: str | Policy | None
+    max_attempts: int
+    delivered: int = 0
+    refreshed: bool = False
+    last_error: ModelNetError | None = None

@@ -1,0 +1,129 @@
+"""The trace of a collaboration: which models were consulted, where, how long, and what failed.
+
+Every pattern returns a :class:`Result`: its output and a :class:`Trace` tree
+with one node per step (capability, serving peer, timing, chunks, tokens,
+attempts, errors). Times are trio time (``MockClock`` in tests).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..routing import trio_clock
+
+__all__ = ["Result", "Trace", "as_text"]
+
+
+# -- trace ---------------------------------------------------------------------------
+
+
+@dataclass
+class Trace:
+    """One node of a collaboration's trace tree."""
+
+    kind: str
+    capability: str | None = None
+    peer: str | None = None
+    status: str = "running"
+    started: float = field(default_factory=trio_clock)
+    ended: float | None = None
+    chunks: int = 0
+    tokens: int | None = None
+    error: str | None = None
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    detail: dict[str, Any] = field(default_factory=dict)
+    children: list[Trace] = field(default_factory=list)
+
+    def child(self, kind: str, capability: str | None = None, **detail: Any) -> Trace:
+        node = Trace(kind, capability, detail=dict(detail))
+        self.children.append(node)
+        return node
+
+    def finish(self, status: str = "ok", error: BaseException | str | None = None) -> None:
+        self.status = status
+        self.ended = trio_clock()
+        if error is not None:
+            self.error = str(error)
+
+    @property
+    def duration_ms(self) -> float:
+        return ((self.ended or trio_clock()) - self.started) * 1000
+
+    def peers(self) -> list[str]:
+        """Every peer that served a step, depth first."""
+        out = [self.peer] if self.peer else []
+        for c in self.children:
+            out.extend(c.peers())
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "capability": self.capability,
+            "peer": self.peer,
+            "status": self.status,
+            "duration_ms": round(self.duration_ms, 2),
+            "chunks": self.chunks,
+            "tokens": self.tokens,
+            "error": self.error,
+            "attempts": self.attempts,
+            "detail": _jsonable(self.detail),
+            "children": [c.to_json() for c in self.children],
+        }
+
+    def render(self, indent: str = "") -> str:
+        """The tree as indented text, for terminals."""
+        mark = {"ok": "✓", "error": "✗", "timeout": "⌛", "cancelled": "⊘", "skipped": "·"}.get(
+            self.status, "…"
+        )
+        parts = [f"{mark} {self.kind}"]
+        if self.capability:
+            parts.append(self.capability)
+        if self.peer:
+            parts.append(f"@{self.peer[-8:]}")
+        parts.append(f"{self.duration_ms:.0f} ms")
+        if self.chunks:
+            parts.append(f"{self.chunks} chunks")
+        if self.tokens is not None:
+            parts.append(f"{self.tokens} tokens")
+        for key in ("label", "vote", "round", "verdict", "members"):
+            if key in self.detail:
+                parts.append(f"{key}={self.detail[key]}")
+        if len(self.attempts) > 1:
+            parts.append(f"{len(self.attempts)} attempts")
+        if self.error:
+            parts.append(f"— {self.error}")
+        lines = [indent + " ".join(parts)]
+        for c in self.children:
+            lines.append(c.render(indent + "  "))
+        return "\n".join(lines)
+
+
+def _jsonable(obj: Any) -> Any:
+    try:
+        json.dumps(obj)
+        return obj
+    except (TypeError, ValueError):
+        return json.loads(json.dumps(obj, default=repr))
+
+
+@dataclass
+class Result:
+    """The answer of a collaborative request and its trace."""
+
+    output: Any
+    trace: Trace
+
+    @property
+    def text(self) -> str:
+        return as_text(self.output)
+
+
+def as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return "".join(value)
+    return json.dumps(value, default=repr)
