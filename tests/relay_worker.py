@@ -20,7 +20,8 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modelnet_p2p.log import quiet_libp2p
-from modelnet_p2p.p2p.host import build_host, parse_multiaddr, running_host
+from modelnet_p2p.p2p.addresses import parse_multiaddr
+from modelnet_p2p.p2p.host import build_host, running_host
 from modelnet_p2p.p2p.identity import Identity
 from modelnet_p2p.services.relay import RelayService
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import socket
 
 import multiaddr
 import pytest
@@ -10,12 +11,15 @@ import trio
 from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
-from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.network.exceptions import SwarmException
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from modelnet_p2p import ConfigError, Peer
+from modelnet_p2p.p2p.host import build_host, running_host
+from modelnet_p2p.p2p.identity import Identity
 from modelnet_p2p.testing import open_peers
 
 
@@ -91,3 +95,18 @@ async def test_stopped_peer_no_longer_accepts():
     host, port = addr.split("/")[2], int(addr.split("/")[4])
     with pytest.raises(OSError):
         await trio.open_tcp_stream(host, port)
+
+
+async def test_a_failed_dial_is_not_retried():
+    """``build_host`` passes ``RetryConfig(max_retries=0)``: py-libp2p would retry after 0.1, 0.2, 0.4 s."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    gone = Identity.generate().peer_id
+    loopback = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
+    async with running_host(build_host(Identity.generate()), loopback) as h:
+        start = trio.current_time()
+        with pytest.raises(SwarmException):
+            await h.connect(PeerInfo(gone, [multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{port}")]))
+        took = trio.current_time() - start
+    assert took < 0.5, f"a refused dial took {took:.2f} s"
