@@ -5,7 +5,7 @@ Usage::
     python benchmarks/bench_gateway.py [--quick]
 
 Two paths serve the same model handler (an async generator that streams
-tokens) behind the same OpenAI-compatible HTTP code (``modelnet_p2p.gateway``:
+tokens) behind the same OpenAI-compatible HTTP code (``modelnet_p2p.openai.app``:
 starlette on hypercorn's trio worker, the same SSE rendering):
 
 * **mesh**: client → gateway process (a peer) → provider process (a peer
@@ -116,13 +116,21 @@ async def _gateway(provider: str) -> None:
         await _wait_for_stdin_eof()
 
 
+@dataclass
+class _LocalInfo:
+    """The part of ``stream.info`` the gateway reads."""
+
+    peer: str = "local"
+    finish_reason: str | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+    attempts: list[dict[str, Any]] = field(default_factory=lambda: [{"peer": "local", "status": "ok"}])
+
+
 class _LocalStream:
-    """What ``Peer.infer`` returns, for a handler called in this process."""
+    """What ``MeshClient.stream`` returns, for a handler called in this process."""
 
     def __init__(self, capability: str, input: Any, params: dict[str, Any], timeout: float | None) -> None:
-        from modelnet_p2p.services.inference.server import ResponseInfo
-
-        self.info = ResponseInfo(peer="local")
+        self.info = _LocalInfo()
         self._agen = self._run(capability, input, params, timeout)
 
     async def _run(
@@ -140,19 +148,14 @@ class _LocalStream:
             remote_peer="local",
             cancel_scope=trio.CancelScope(deadline=deadline),
         )
-        self.info.started = time.monotonic()
         agen = bench_handler(request)
         try:
             async for chunk in agen:
-                if self.info.first_chunk_at is None:
-                    self.info.first_chunk_at = time.monotonic()
-                self.info.chunks += 1
                 yield chunk
         finally:
             await agen.aclose()  # type: ignore[attr-defined]
         self.info.finish_reason = request.finish_reason
         self.info.usage = dict(request.usage)
-        self.info.ended = time.monotonic()
 
     def __aiter__(self) -> _LocalStream:
         return self
@@ -170,20 +173,30 @@ class _LocalStream:
         await self.aclose()
 
 
+class _LocalClient:
+    """Just enough of a ``MeshClient`` for the gateway: every request runs the handler in-process."""
+
+    def stream(
+        self,
+        capability: str,
+        input: Any = None,
+        *,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        **routing: Any,
+    ) -> _LocalStream:
+        return _LocalStream(capability, input, dict(params or {}), timeout)
+
+
 class _LocalPeer:
-    """Just enough of a Peer for the gateway: every request runs the handler in-process."""
+    """Just enough of a Peer for the gateway, with a local client in place of the mesh."""
 
     peer_id = "local"
     network = "local"
 
     def __init__(self, nursery: trio.Nursery) -> None:
         self.nursery = nursery
-
-    def infer(
-        self, target: Any, capability: str, input: Any, *, timeout: float | None = None, **params: Any
-    ) -> Any:
-        params.pop("avoid", None)
-        return _LocalStream(capability, input, params, timeout)
+        self.mesh_client = _LocalClient()
 
 
 async def _direct() -> None:

@@ -414,6 +414,76 @@ async def test_failover_while_a_stream_is_open(idempotent: bool, routing: str):
         assert other not in progress
 
 
+def chunked_handler(
+    progress: dict[str, int], label: str, words_per_chunk: int, shout: bool = False
+) -> Callable[[InferenceRequest], AsyncIterator[str]]:
+    """The toy answer, cut into chunks of ``words_per_chunk`` words (upper-cased with ``shout``)."""
+
+    async def chat(request: InferenceRequest) -> AsyncIterator[str]:
+        tokens = reply_tokens(request.input)
+        if shout:
+            tokens = [t.upper() for t in tokens]
+        for i in range(0, len(tokens), words_per_chunk):
+            await trio.sleep(0.03)
+            progress[label] = i + words_per_chunk
+            yield "".join(tokens[i : i + words_per_chunk])
+
+    return chat
+
+
+@pytest.mark.parametrize("same_text", [True, False])
+async def test_a_stream_taken_over_must_repeat_what_was_sent(same_text: bool):
+    """A provider taking over a stream is checked by text, whatever its chunks; another answer ends it."""
+    words = " ".join(f"w{i}" for i in range(30))
+    messages = [{"role": "user", "content": words}]
+    expected = "".join(reply_tokens(messages))
+    cap = Capability(name="toy-chat", task="chat", idempotent=True)
+    progress: dict[str, int] = {}
+    async with trio.open_nursery() as nursery, open_peers(1) as (gw_peer,):
+        a, scope_a = await nursery.start(_provider, cap, chunked_handler(progress, "a", 1))
+        b, scope_b = await nursery.start(
+            _provider, cap, chunked_handler(progress, "b", 3, shout=not same_text)
+        )
+        for p in (a, b):
+            await gw_peer.connect(p.addrs[0])
+        route = ModelRoute(
+            name="toy-chat", tasks=("chat",), providers=(a.addrs[0], b.addrs[0]), idempotent=True
+        )
+        async with gateway_on(gw_peer, models=[route]) as (gw, url):
+            result: dict[str, Any] = {"text": ""}
+
+            def stream() -> None:
+                with client(url) as c:
+                    try:
+                        for chunk in c.chat.completions.create(
+                            model="toy-chat", messages=messages, stream=True
+                        ):
+                            if chunk.choices and chunk.choices[0].delta.content:
+                                result["text"] += chunk.choices[0].delta.content
+                    except openai.APIError as exc:
+                        result["error"] = exc
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(call, stream)
+                with trio.fail_after(10):
+                    while max(progress.values(), default=0) < 5:
+                        await trio.sleep(0.01)
+                first = max(progress, key=lambda k: progress[k])
+                (scope_a if first == "a" else scope_b).cancel()
+        nursery.cancel_scope.cancel()
+    if first == "b" and not same_text:
+        expected = expected.upper()
+    if same_text:
+        assert "error" not in result, result.get("error")
+        assert result["text"] == expected  # re-cut chunks: nothing lost, nothing repeated
+        assert gw.metrics.failovers == 1
+    else:
+        error = result["error"]
+        assert isinstance(error.body, dict) and error.body["code"] == "unavailable"
+        assert "answered differently" in error.body["message"]
+        assert expected.startswith(result["text"]) and 0 < len(result["text"]) < len(expected)
+
+
 async def test_a_failed_provider_before_the_first_chunk_is_skipped():
     calls = {"busy": 0}
 

@@ -85,6 +85,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ..errors import ConfigError, ModelNetError
+from ..mesh.routing import POLICIES
 from .calls import Caller, Outcome
 from .catalog import Catalog, ModelRoute, agent_card, model_json, routes_from_cards
 from .conventions import CHAT, EMBEDDING, OPENAI_TASKS, TEXT_GENERATION
@@ -208,13 +209,20 @@ class Gateway:
             raise ConfigError(f"routing must be mesh or local, not {routing!r}")
         if max_attempts < 1:
             raise ConfigError("max_attempts must be at least 1")
+        if policy not in POLICIES:
+            raise ConfigError(f"unknown routing policy {policy!r} (known: {', '.join(POLICIES)})")
         self.peer = peer
         self.api_key = api_key or None
         self.request_timeout = request_timeout
         self.metrics = Metrics()
         self.catalog = Catalog(peer, models, tasks, discovery_ttl, lookup_timeout)
         self.calls = Caller(
-            peer, self.catalog, self.metrics, max_attempts=max_attempts, routing=routing, policy=policy
+            peer.mesh_client,
+            self.catalog,
+            self.metrics,
+            max_attempts=max_attempts,
+            routing=routing,
+            policy=policy,
         )
         self.started = int(time.time())
         #: Where the gateway listens (``http://host:port``), once serving.
@@ -288,7 +296,7 @@ class Gateway:
         """``fn`` behind auth, with errors as OpenAI's error JSON, counted in the metrics."""
 
         async def handle(request: Request) -> Response:
-            started = time.monotonic()
+            started = trio.current_time()
             self.metrics.in_flight += 1
             streaming = False
             try:
@@ -308,12 +316,12 @@ class Gateway:
                         self.metrics.in_flight -= 1
                         err = outcome.error
                         status, code = (err.status, err.code) if err else (200, None)
-                        self.metrics.done(endpoint, status, time.monotonic() - started, code)
+                        self.metrics.done(endpoint, status, trio.current_time() - started, code)
 
                     response.on_done = done
                     return response
                 code = response.error_code if isinstance(response, _ErrorResponse) else None
-                self.metrics.done(endpoint, response.status_code, time.monotonic() - started, code)
+                self.metrics.done(endpoint, response.status_code, trio.current_time() - started, code)
                 return response
             finally:
                 if not streaming:

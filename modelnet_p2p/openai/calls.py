@@ -1,35 +1,55 @@
-"""The gateway's mesh requests: one routed request, buffered or streamed.
+"""The gateway's requests into the mesh, through the mesh's one client (``peer.mesh_client``).
 
-(Interim: the provider choice below is replaced by the mesh's one client.)
+The :class:`~modelnet_p2p.mesh.client.MeshClient` chooses every provider, fails
+over before the first chunk, and keeps the one table of measurements and bans. A
+route with providers of its own (configured, or found by the gateway's discovery
+under ``routing="local"``) is routed *among* them, with the gateway's policy;
+any other route is left to the mesh's provider lookup.
+
+What stays here is what the gateway does after chunks went out, where an HTTP
+answer needs more than the client gives:
+
+* a buffered (non-streamed) answer that breaks part-way is started over on a
+  provider not tried yet, whatever the capability (nothing was sent yet);
+* a stream that breaks part-way is continued on another provider only for an
+  idempotent capability, and only if the text the new provider answers starts
+  with the text already sent (compared by characters, so providers may cut their
+  chunks differently); only the rest is sent on.
+
+So the client is asked never to replay (``replay=False``), and each later
+attempt goes back through it with the providers tried so far to avoid and what
+is left of the attempt budget and the deadline.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ..errors import DeadlineExceededError, ModelNetError, NotFoundError, OverloadedError, UnavailableError
-from ..mesh.routing import Candidate, Router
+from ..errors import DeadlineExceededError, ModelNetError, UnavailableError
+from ..mesh.routing import Candidate
 from .catalog import Catalog, ModelRoute, peer_of
 from .errors import GatewayError
 from .metrics import Metrics
 
 if TYPE_CHECKING:
-    from ..peer import InferenceStream, Peer
+    from ..mesh.client import MeshClient
 
 __all__ = ["Caller", "Outcome"]
 
 log = logging.getLogger(__name__)
 
+#: Seconds allowed for stopping a mesh request once its answer is abandoned.
+CLOSE_TIMEOUT = 2.0
+
 
 @dataclass
 class Outcome:
-    """What one routed request produced besides its chunks."""
+    """What one gateway request produced besides its chunks."""
 
     peer: str = ""
     finish_reason: str | None = None
@@ -40,65 +60,106 @@ class Outcome:
 
 
 class _Reset:
-    """Yielded by a buffered routed request when an attempt failed: drop the chunks so far."""
+    """Yielded by a buffered request when an attempt broke part-way: drop the chunks so far."""
 
 
 _RESET = _Reset()
 
 
-def _retryable(exc: ModelNetError) -> bool:
-    return exc.retryable or isinstance(exc, OverloadedError | NotFoundError)
+class _Sent:
+    """What a stream has sent: its text, and how many chunks were not text.
+
+    :meth:`resume` gives a filter for the chunks of a provider that takes over: it
+    checks that the new answer repeats what was sent and passes on only the rest.
+    """
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.chars = 0
+        self.other = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.chars or self.other)
+
+    def add(self, chunk: Any) -> None:
+        if isinstance(chunk, str):
+            self.text.append(chunk)
+            self.chars += len(chunk)
+        else:
+            self.other += 1
+
+    def resume(self) -> _Resume:
+        return _Resume("".join(self.text), self.other)
+
+
+class _Diverged(UnavailableError):
+    """The provider that took over a stream answered differently from the one before it."""
+
+
+class _Resume:
+    def __init__(self, sent: str, other: int) -> None:
+        self.sent = sent
+        self.pos = 0
+        self.skip_other = other
+
+    def rest(self, chunk: Any) -> Any | None:
+        """The part of ``chunk`` not sent yet (``None``: nothing); raises if it contradicts what was."""
+        if isinstance(chunk, str) and self.pos < len(self.sent):
+            head = chunk[: len(self.sent) - self.pos]
+            if head != self.sent[self.pos : self.pos + len(head)]:
+                raise _Diverged("the provider that took over answered differently; cannot go on")
+            self.pos += len(head)
+            return chunk[len(head) :] or None
+        if not isinstance(chunk, str) and self.skip_other:
+            self.skip_other -= 1
+            return None
+        return chunk
 
 
 class Caller:
-    """Sends the gateway's requests into the mesh."""
+    """Sends the gateway's requests through the mesh's client (see the module docstring).
+
+    Args:
+        client: the mesh client (``peer.mesh_client``).
+        catalog: told of every provider that answers.
+        metrics: first-chunk times, chunk counts and failovers are counted here.
+        max_attempts: providers tried for one request, in all.
+        routing: ``"mesh"`` or ``"local"``, for routes found by discovery.
+        policy: the routing policy for routes with providers of their own.
+    """
 
     def __init__(
-        self, peer: Peer, catalog: Catalog, metrics: Metrics, *, max_attempts: int, routing: str, policy: str
+        self,
+        client: MeshClient,
+        catalog: Catalog,
+        metrics: Metrics,
+        *,
+        max_attempts: int,
+        routing: str,
+        policy: str,
     ) -> None:
-        self.peer = peer
+        self.client = client
         self.catalog = catalog
         self.metrics = metrics
         self.max_attempts = max_attempts
         self.routing = routing
-        self.router = Router(policy)
+        self.policy = policy
 
-    def _use_mesh(self, route: ModelRoute) -> bool:
-        if not route.providers:
-            return True
-        return route.discovered and self.routing == "mesh"
+    def _among(self, route: ModelRoute) -> list[Candidate] | None:
+        """The providers to route among, or ``None``: the mesh looks them up."""
+        if not route.providers or (route.discovered and self.routing == "mesh"):
+            return None
+        return [
+            Candidate(
+                peer_id=peer_of(target),
+                addrs=[target],
+                idempotent=route.idempotent,
+                max_concurrency=route.max_concurrency or 0,
+            )
+            for target in route.providers
+        ]
 
-    def _candidate(self, route: ModelRoute, target: str) -> Candidate:
-        pid = peer_of(target)
-        cand = Candidate(
-            peer_id=pid,
-            addrs=[target],
-            idempotent=route.idempotent,
-            max_concurrency=route.max_concurrency or 0,
-        )
-        table = getattr(self.peer, "availability", None)
-        entry = table.get(pid) if table is not None and hasattr(table, "get") else None
-        record = getattr(entry, "record", None)
-        if record is not None:
-            cand.state = str(getattr(record, "state", "ready"))
-            cand.in_flight = int(getattr(record, "in_flight", 0))
-            cand.queue = int(getattr(record, "queue", 0))
-            cand.max_concurrency = int(getattr(record, "max_concurrency", 0)) or cand.max_concurrency
-        return cand
-
-    async def _pick(self, route: ModelRoute, tried: set[str]) -> tuple[str | None, str | None] | None:
-        if self._use_mesh(route):
-            return None, None
-        cands = [self._candidate(route, t) for t in route.providers]
-        choice = self.router.choose(cands, exclude=tried)
-        if choice is None:
-            rest = [c for c in cands if c.peer_id not in tried]
-            if not rest:
-                return None
-            choice = min(rest, key=lambda c: self.router.ban_remaining(c.peer_id))
-        return choice.addrs[0], choice.peer_id
-
-    async def _routed(
+    async def _chunks(
         self,
         endpoint: str,
         route: ModelRoute,
@@ -109,106 +170,86 @@ class Caller:
         *,
         buffered: bool,
     ) -> AsyncGenerator[Any, None]:
-        sent_parts: list[str] = []
-        sent_chars = 0
-        sent_other = 0
+        """The chunks of one request; a buffered one yields :data:`_RESET` when it starts over."""
+        among = self._among(route)
+        policy = self.policy if among is not None else None
+        sent = _Sent()
         tried: set[str] = set()
+        attempts = 0
         last: ModelNetError | None = None
-        started = time.monotonic()
-        for _ in range(self.max_attempts):
-            remaining = deadline - trio.current_time()
-            if remaining <= 0:
-                raise last or DeadlineExceededError("deadline exceeded before a provider answered")
-            picked = await self._pick(route, tried)
-            if picked is None:
-                raise last or UnavailableError(f"no provider of {route.name} left to try")
-            target, pid = picked
-            avoid = tuple(tried) if target is None else ()
-            stream: InferenceStream = self.peer.infer(
-                target, route.name, input, timeout=remaining, avoid=avoid, **params
-            )
-            replay = "".join(sent_parts) if sent_chars else ""
-            skip_other = sent_other
-            pos = 0
-            if pid is not None:
-                self.router.started(pid)
-            try:
-                async with stream:
-                    async for chunk in stream:
-                        outcome.peer = stream.info.peer
-                        if outcome.first_chunk_at is None:
-                            outcome.first_chunk_at = time.monotonic()
-                            self.metrics.first_chunk_after(endpoint, outcome.first_chunk_at - started)
-                        self.metrics.chunks[endpoint] += 1
-                        if isinstance(chunk, str) and pos < len(replay):
-                            head = chunk[: len(replay) - pos]
-                            if head != replay[pos : pos + len(head)]:
-                                raise UnavailableError(
-                                    "the provider that took over answered differently; cannot go on"
-                                )
-                            pos += len(head)
-                            chunk = chunk[len(head) :]
-                            if not chunk:
-                                continue
-                        elif not isinstance(chunk, str) and skip_other:
-                            skip_other -= 1
-                            continue
-                        if not buffered:
-                            if isinstance(chunk, str):
-                                sent_parts.append(chunk)
-                                sent_chars += len(chunk)
-                                pos += len(chunk)
-                            else:
-                                sent_other += 1
-                        outcome.chunks += 1
-                        yield chunk
+        started = trio.current_time()
+        try:
+            while True:
+                stream = self.client.stream(
+                    route.name,
+                    input,
+                    params=params,
+                    timeout=max(0.0, deadline - trio.current_time()),
+                    among=among,
+                    avoid=tried,
+                    replay=False,
+                    policy=policy,
+                    max_attempts=self.max_attempts - attempts,
+                )
+                resume = sent.resume() if sent else None
+                try:
+                    async with stream:
+                        async for chunk in stream:
+                            outcome.peer = stream.info.peer
+                            if outcome.first_chunk_at is None:
+                                outcome.first_chunk_at = trio.current_time()
+                                self.metrics.first_chunk_after(endpoint, outcome.first_chunk_at - started)
+                            self.metrics.chunks[endpoint] += 1
+                            if resume is not None:
+                                chunk = resume.rest(chunk)
+                                if chunk is None:
+                                    continue
+                            if not buffered:
+                                sent.add(chunk)
+                            outcome.chunks += 1
+                            yield chunk
+                except ModelNetError as exc:
+                    tries = stream.info.attempts
+                    attempts += len(tries)
+                    tried.update(a["peer"] for a in tries if a.get("peer"))
+                    if isinstance(exc, _Diverged) and stream.info.peer:
+                        self.client.router.failure(stream.info.peer)
+                    progress = outcome.chunks > 0 if buffered else bool(sent) and route.idempotent
+                    again = (
+                        bool(tries)
+                        and progress
+                        and exc.retryable
+                        and not isinstance(exc, DeadlineExceededError)
+                        and attempts < self.max_attempts
+                        and trio.current_time() < deadline
+                    )
+                    if not again:
+                        if not tries and last is not None:
+                            raise last from None  # no provider left: say why the last one failed
+                        raise
+                    last = exc
+                    log.info("%s broke part-way (%s); going on with another provider", route.name, exc)
+                    if buffered:
+                        outcome.chunks = 0
+                        yield _RESET
+                    continue
                 info = stream.info
+                attempts += len(info.attempts)
                 outcome.peer = info.peer
                 outcome.finish_reason = info.finish_reason
                 outcome.usage = dict(info.usage)
-                if pid is not None:
-                    self.router.success(pid)
-                    if info.first_chunk_at is not None:
-                        self.router.observe_rtt(pid, (info.first_chunk_at - info.started) * 1000)
-                else:
-                    self.metrics.failovers += max(0, len(getattr(info, "attempts", ())) - 1)
                 self.catalog.peers_seen.add(info.peer)
                 return
-            except ModelNetError as exc:
-                if pid is not None:
-                    if isinstance(exc, OverloadedError):
-                        self.router.overloaded(pid)
-                    elif _retryable(exc):
-                        self.router.failure(pid)
-                    tried.add(pid)
-                    delivered = sent_chars or sent_other
-                    retry = _retryable(exc) and not (delivered and not route.idempotent)
-                else:
-                    attempts = getattr(stream.info, "attempts", ())
-                    tried.update(a["peer"] for a in attempts if a.get("peer"))
-                    self.metrics.failovers += max(0, len(attempts) - 1)
-                    retry = buffered and exc.retryable and exc.chunks_delivered > 0
-                if not retry or isinstance(exc, DeadlineExceededError) or trio.current_time() >= deadline:
-                    raise
-                last = exc
-                self.metrics.failovers += 1
-                log.info("%s failed (%s); trying another provider", route.name, exc)
-                if buffered and outcome.chunks:
-                    outcome.chunks = 0
-                    yield _RESET
-            finally:
-                if pid is not None:
-                    self.router.finished(pid)
-        assert last is not None
-        raise last
+        finally:
+            self.metrics.failovers += max(0, attempts - 1)
 
     async def collect(
         self, endpoint: str, route: ModelRoute, input: Any, params: dict[str, Any], deadline: float
     ) -> tuple[list[Any], Outcome]:
-        """The whole answer (retried from scratch on another provider if an attempt fails)."""
+        """The whole answer (started over on another provider if an attempt breaks part-way)."""
         outcome = Outcome()
         chunks: list[Any] = []
-        gen = self._routed(endpoint, route, input, params, deadline, outcome, buffered=True)
+        gen = self._chunks(endpoint, route, input, params, deadline, outcome, buffered=True)
         try:
             async for chunk in gen:
                 if chunk is _RESET:
@@ -227,14 +268,14 @@ class Caller:
         Returns the rest of the chunks, the outcome, and the first chunk (none if the answer was empty).
         """
         outcome = Outcome()
-        gen = self._routed(endpoint, route, input, params, deadline, outcome, buffered=False)
+        gen = self._chunks(endpoint, route, input, params, deadline, outcome, buffered=False)
         first: list[Any] = []
         try:
             first.append(await gen.__anext__())
         except StopAsyncIteration:
             pass
         except BaseException:
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                 await gen.aclose()
             raise
         return gen, outcome, first
