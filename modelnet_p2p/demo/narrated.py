@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from ..mesh.collab import Step, draft_verify, ensemble, pipeline, route
+from ..mesh.collab import Step, Trace, draft_verify, ensemble, pipeline, route
 from ..peer import Peer
 from .models import ALL, arithmetic
 
@@ -66,6 +66,17 @@ async def _model_peer(names: list[str], boot: str, task_status: Any = trio.TASK_
             await trio.sleep_forever()
 
 
+def _provider(trace: Trace, capability: str) -> str | None:
+    """The peer that answered ``capability`` somewhere in ``trace``."""
+    if trace.capability == capability and trace.peer:
+        return trace.peer
+    for child in trace.children:
+        found = _provider(child, capability)
+        if found:
+            return found
+    return None
+
+
 def _short(peer_id: str) -> str:
     return "…" + peer_id[-6:]
 
@@ -83,7 +94,9 @@ async def run_demo(say: Say = print, style: Callable[..., str] = lambda s, **_: 
         peers: list[tuple[Peer, trio.CancelScope]] = []
         for names in LAYOUT:
             peers.append(await nursery.start(_model_peer, names, boot_addr))
-        for (p, _), names in zip(peers, LAYOUT, strict=True):
+        layout = list(zip(peers, LAYOUT, strict=True))
+        faulty = next(p.peer_id for (p, _), names in layout if "arithmetic*" in names)
+        for (p, _), names in layout:
             shown = ", ".join(n.replace("*", " (faulty)") for n in names)
             say(f"   model peer {_short(p.peer_id)} serves {shown}")
 
@@ -140,7 +153,9 @@ async def run_demo(say: Say = print, style: Callable[..., str] = lambda s, **_: 
                 timeout=20,
             )
             label = routed.trace.detail["label"]
-            say(f"   router: {question!r} -> label {label!r} -> arithmetic answered {routed.output}")
+            by = _provider(routed.trace, "arithmetic")
+            note = f" ({_short(by)}{', the faulty provider' if by == faulty else ''})" if by else ""
+            say(f"   router: {question!r} -> label {label!r} -> arithmetic answered {routed.output}{note}")
             checked = await draft_verify(
                 client, "arithmetic", "verify-arithmetic", question, rounds=3, timeout=20
             )
