@@ -30,21 +30,21 @@ Endpoints:
 Requests travel by the conventions of :mod:`modelnet_p2p.openai.conventions`, routed by
 the ``model`` field to a capability of that name:
 
-* Models found by discovery go to the mesh's own routing
-  (``peer.infer(None, ...)``: load-aware choice from discovery and
-  availability gossip, failover, mid-stream replay for idempotent
-  capabilities). Models listed with explicit ``providers`` (or all, with
-  ``routing="local"``) are routed by the gateway itself with the same
-  :class:`~modelnet_p2p.mesh.routing.Router` (power of two choices over in-flight
-  counts, measured time to first chunk and gossiped load, bans that back off).
+* Every request goes through the peer's one mesh client (``peer.mesh_client``,
+  :mod:`modelnet_p2p.mesh.client`): load-aware choice (power of two choices
+  over in-flight counts, measured time to first chunk and gossiped load), bans
+  that back off, one table of measurements shared with the peer's own calls.
+  Models found by discovery are left to the mesh's provider lookup; models
+  listed with explicit ``providers`` (or all, with ``routing="local"``) are
+  routed among those providers with the gateway's ``policy``.
 * Failover: a retryable failure (``unavailable``, ``overloaded``, a provider
   that no longer serves the model) before the first chunk is retried on
   another provider, up to ``max_attempts`` providers in all. A non-streamed
-  answer is retried from scratch whatever its progress, on a provider not
-  tried yet (also when the mesh itself would not replay it). A stream that
-  breaks after chunks went out is continued on another provider only for an
-  idempotent capability: under local routing the replay's first characters
-  must match what was sent, and only the rest is sent on.
+  answer that breaks part-way is started over on a provider not tried yet,
+  whatever the capability. A stream that breaks after chunks went out is
+  continued on another provider only for an idempotent capability, and only
+  if the new answer's first characters match what was sent; only the rest is
+  sent on (:mod:`.calls`).
 * Errors are OpenAI's error JSON, ``{"error": {"message", "type", "param",
   "code"}}``: unknown model → 404 (``model_not_found``); a provider at
   capacity (``overloaded``) → 429; no provider reachable (``unavailable``) →
