@@ -6,7 +6,7 @@ Usage::
 
 For each run ``N@P`` (N peers publishing every P seconds; by default 10, 20
 and 40 peers at the default 2 s, and 40 peers at 6 s) it starts N peers on
-127.0.0.1, spread over worker processes of ``tests/availability_worker.py``
+127.0.0.1, spread over worker processes of ``benchmarks/availability_worker.py``
 (about 10 peers each), connects them as bootstrapping does (each peer dials 3
 random earlier ones), lets the mesh settle, and measures:
 
@@ -55,13 +55,13 @@ from typing import Any
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from availability_worker import NO_GOSSIP, Worker, open_worker, random_links
 
 from modelnet_p2p import Peer
 from modelnet_p2p.log import quiet_libp2p
-from modelnet_p2p.services.availability.service import AvailabilityConfig, start_availability
+from modelnet_p2p.services.availability import AvailabilityConfig, start_availability
 
 #: Peers per worker process.
 PEERS_PER_WORKER = 10
