@@ -511,3 +511,133 @@ async def test_pool_sweep_closes_idle_streams():
         await a.stream_pool.sweep(max_idle=0)
         assert a.stream_pool.idle_count() == 0
         assert (await a.call(b.addrs[0], "echo", "y")).text == "y "
+
+
+async def test_reset_kept_stream_is_not_resent():
+    """A server that reset a kept stream after reading the request may have run it: no resend."""
+    from modelnet_p2p.proto.framing import FrameDecoder
+
+    seen: list[bytes] = []
+    async with open_peers(2) as (a, b):
+
+        async def handler(stream):
+            decoder = FrameDecoder()
+            try:
+                while True:
+                    for body in decoder.feed(await stream.read(65536)):
+                        if body.get("t") != "req":
+                            continue
+                        seen.append(body["id"])
+                        if len(seen) == 1:
+                            await stream.write(pack_frame(End(0, keep=True).to_wire()))
+                        else:
+                            await stream.reset()
+                            return
+            except Exception:
+                await stream.reset()
+
+        b.host.set_stream_handler(TProtocol(PROTOCOL_ID), handler)
+        await a.call(b.addrs[0], "x", None)
+        assert a.stream_pool.idle_count(b.peer_id) == 1
+        with pytest.raises(UnavailableError, match="reset"):
+            await a.call(b.addrs[0], "x", None, timeout=5)
+        assert len(seen) == 2
+        assert a.stream_pool.idle_count(b.peer_id) == 0
+
+
+async def test_failed_requests_never_return_their_stream_to_the_pool():
+    async def slow(request):
+        yield "a"
+        await trio.sleep(30)
+
+    async with open_peers(2) as (a, b):
+        b.serve("slow", slow)
+        b.serve("echo", words)
+        with pytest.raises(DeadlineExceededError):
+            await a.call(b.addrs[0], "slow", None, timeout=0.3)
+        assert a.stream_pool.idle_count(b.peer_id) == 0
+        async for _ in a.infer(b.addrs[0], "slow", None):
+            break  # abandoned: the stream is reset, not kept
+        assert a.stream_pool.idle_count(b.peer_id) == 0
+        await a.call(b.addrs[0], "echo", "x")
+        stats = a.stream_pool.stats()
+        assert (stats.idle, stats.parked) == (1, 1)
+
+
+async def test_capability_names_match_after_normalization():
+    async with open_peers(2) as (a, b):
+        b.serve("Echo", words)
+        assert (await a.call(b.addrs[0], "echo", "hi")).text == "hi "
+        assert (await a.call(b.addrs[0], " ECHO ", "hi")).text == "hi "
+        from modelnet_p2p import ConfigError
+
+        with pytest.raises(ConfigError, match="collides"):
+            b.serve("echo", words)
+        b.serve("Echo", words)  # the very same name replaces the handler
+        assert [c.name for c in b.capabilities] == ["Echo"]
+
+
+async def test_hop_limit_above_the_maximum_is_refused():
+    from modelnet_p2p import ConfigError
+
+    with pytest.raises(ConfigError, match="max_hops"):
+        Peer(max_hops=33)
+
+
+# -- the pool on a mock clock ------------------------------------------------------------------
+
+
+class _FakeStream:
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def read(self, n=None):
+        return b""
+
+    async def write(self, data):
+        pass
+
+    async def close(self):
+        self.closed = True
+
+    async def reset(self):
+        self.closed = True
+
+
+async def test_pool_idle_timeout_and_per_peer_cap(mock_clock):
+    from modelnet_p2p.p2p.pool import StreamPool
+
+    mock_clock.autojump_threshold = 0
+    pool = StreamPool(max_idle=20.0, per_peer=2)
+    s1, s2, s3 = _FakeStream(), _FakeStream(), _FakeStream()
+    release = pool.release_to("p")
+    release(s1)
+    await trio.sleep(5)
+    release(s2)
+    release(s3)  # one too many: the oldest goes
+    assert pool.idle_count("p") == 2
+    await pool.sweep()
+    assert s1.closed and not s2.closed
+    await trio.sleep(16)  # s2 is 16 s old, s3 too: both still usable
+    assert pool.acquire("p") is s3
+    await trio.sleep(5)  # s2 is now 21 s old
+    assert pool.acquire("p") is None
+    await pool.sweep()
+    assert s2.closed
+    assert pool.stats().reused == 1 and pool.stats().closed == 2
+
+
+async def test_pool_sweeps_on_its_own(mock_clock):
+    from modelnet_p2p.p2p.pool import StreamPool
+
+    mock_clock.autojump_threshold = 0
+    pool = StreamPool(max_idle=20.0)
+    stream = _FakeStream()
+    pool.release("p", stream)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pool.sweep_forever)
+        await trio.sleep(19)
+        assert not stream.closed
+        await trio.sleep(6)
+        assert stream.closed and pool.idle_count() == 0
+        nursery.cancel_scope.cancel()

@@ -21,6 +21,7 @@ from libp2p.exceptions import BaseLibp2pError
 from libp2p.network.stream.exceptions import StreamClosed, StreamEOF, StreamError, StreamReset
 
 from ..errors import UnavailableError
+from ._compat.yamux import reset_by_remote
 
 __all__ = [
     "CLOSE_TIMEOUT",
@@ -33,6 +34,7 @@ __all__ = [
     "StreamReset",
     "close_quietly",
     "remote_peer",
+    "reset_by_remote",
     "reset_quietly",
     "write_whole",
 ]

@@ -24,6 +24,7 @@ from ...p2p.stream import (
     StreamEOF,
     StreamReset,
     close_quietly,
+    reset_by_remote,
     reset_quietly,
     write_whole,
 )
@@ -144,6 +145,8 @@ async def run_request(
                     try:
                         data = await stream.read(READ_SIZE)
                     except StreamEOF:
+                        if reset_by_remote(stream):  # py-libp2p's yamux reads a reset as EOF
+                            raise StreamReset() from None
                         session.receive_eof()
                         continue
                 if scope.cancelled_caught:
