@@ -10,6 +10,7 @@ import pytest
 
 from modelnet_p2p import Identity, IdentityError, Peer
 from modelnet_p2p.p2p.identity import verify_signature
+from modelnet_p2p.proto import peerid
 
 
 def test_save_load_roundtrip(tmp_path):
@@ -92,6 +93,18 @@ def test_signatures():
     assert not verify_signature(ident.peer_id, b"other", sig)
     assert not verify_signature(Identity.generate().peer_id, b"payload", sig)
     assert not verify_signature("garbage", b"payload", sig)
+    assert verify_signature(ident.peer_id.to_bytes(), b"payload", sig)
+    assert not verify_signature(ident.peer_id, b"payload", sig[:32])
+
+
+def test_peer_id_is_derived_without_libp2p_too():
+    # The libp2p-free codec in proto/ and the libp2p host agree on the peer id.
+    ident = Identity.generate()
+    raw = peerid.peer_id_from_public_key(ident.public_key_bytes)
+    assert raw == ident.peer_id.to_bytes()
+    assert peerid.peer_id_text(raw) == str(ident.peer_id)
+    sig = ident.sign(b"x")
+    assert peerid.verify_signature(str(ident.peer_id), b"x", sig)
 
 
 async def test_peer_uses_key_file(tmp_path):
