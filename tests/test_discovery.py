@@ -18,13 +18,16 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import multiaddr
 import pytest
 import trio
+import trio.testing
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.peer.id import ID
 
 from modelnet_p2p import BadRequestError, Capability, CapabilityCard, ConfigError, Peer
+from modelnet_p2p.p2p.host import build_host, running_host
 from modelnet_p2p.p2p.identity import Identity
 from modelnet_p2p.p2p.kad import KadKind, KadPeer, KadRequest, peer_id_bytes
 from modelnet_p2p.proto.card import (
@@ -37,7 +40,7 @@ from modelnet_p2p.proto.card import (
     value_key,
 )
 from modelnet_p2p.proto.framing import encode_varint
-from modelnet_p2p.services.discovery.service import DHT_PROTOCOL_ID
+from modelnet_p2p.services.discovery import DHT_PROTOCOL_ID, Discovery
 from modelnet_p2p.testing import open_peers
 
 WORKER = Path(__file__).resolve().parent / "mesh_worker.py"
@@ -338,7 +341,8 @@ async def test_an_updated_card_replaces_the_old_one_everywhere() -> None:
             # Replaying the old card changes nothing, on the remote PUT path
             # (select(key, [existing, new])) and on the local put path (select(key, [new, old])).
             holder = old_holders[0]
-            assert await p.discovery.request(holder.peer_id, put_message(key.decode(), first.envelope)) is None
+            replay = put_message(key.decode(), first.envelope)
+            assert await p.discovery.request(holder.peer_id, replay) is None
             assert holder in holders(second)
             with pytest.raises(ValueError):
                 await holder.discovery.kad.put_value(key.decode(), first.envelope)
@@ -522,3 +526,56 @@ async def test_peers_with_discovery_leak_nothing(fd_count: Callable[[], int]) ->
             await cycle()
         await trio.sleep(0.2)
         assert fd_count() <= before + 2
+
+
+# -- one Discovery on its own host: injected clocks ------------------------------------------
+
+LOOPBACK = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
+
+
+@asynccontextmanager
+async def lone_discovery(**kwargs: Any) -> AsyncIterator[Discovery]:
+    """A Discovery serving one chat capability on a host of its own (nobody to announce to)."""
+    identity = Identity.generate()
+    caps = [Capability("x", task="chat")]
+    discovery = Discovery(identity, lambda: list(caps), **kwargs)
+    host = build_host(identity)
+    async with running_host(host, [LOOPBACK]), trio.open_nursery() as nursery:
+        await discovery.start(host, nursery)
+        try:
+            yield discovery
+        finally:
+            discovery.stop()
+            nursery.cancel_scope.cancel()
+
+
+async def test_records_expire_on_the_injected_wall_clock() -> None:
+    now = [time.time()]
+    async with lone_discovery(card_ttl=10.0, announce_interval=5.0, wall_clock=lambda: now[0]) as d:
+        result = await d.announce()  # alone: stored here only
+        assert result is not None and result.value_stored == 0 and result.provider_sends == 0
+        assert result.card.issued_at == int(now[0] * 1000)
+        assert result.card.expires_at == result.card.issued_at + 10_000
+        vkey = value_key(d.peer_id).encode()
+        assert d.kad.local_value(vkey) == result.card.envelope
+        assert [p.peer_id for p in d.kad.local_providers(task_key("chat"))] == [d.peer_id]
+        now[0] += 9.9
+        assert d.expire_records() == 0 and d.kad.local_value(vkey) is not None
+        now[0] += 0.2
+        assert d.expire_records() == 1
+        assert d.kad.local_value(vkey) is None
+        assert d.kad.local_providers(task_key("chat")) == []
+
+
+async def test_a_lone_peer_retries_its_announce_with_backoff(mock_clock: trio.testing.MockClock) -> None:
+    """Nobody stored the card: retried after 1, 2, 4, ... s, then every announce_interval."""
+    mock_clock.autojump_threshold = 0.02
+    async with lone_discovery(card_ttl=300.0, announce_interval=120.0) as d:
+        await d.bootstrap([])  # starts the announcer
+        t0 = trio.current_time()
+        d.changed()
+        # Announces at t0 + 0.05, then 1, 2, 4, 8, 16, 32, 64 s apart (each + 0.05 to settle),
+        # then every 120 s.
+        for at, count in [(0.5, 1), (1.5, 2), (3.5, 3), (16.0, 5), (130.0, 8), (250.0, 9), (370.0, 10)]:
+            await trio.sleep_until(t0 + at)
+            assert d.announces == count, (at, d.announces)

@@ -7,7 +7,7 @@ per shim that fails once upstream changes that behaviour:
   always speaks ``/ipfs/kad/1.0.0`` (the public IPFS DHT's protocol id, copied into five
   modules at import time); its routing table admits a peer only if identify listed
   ``/ipfs/kad/1.0.0`` for it. The view maps that id to ours wherever it meets the host.
-  It also guards the inbound handler: an exception escaping a stream handler stops the host.
+  Its inbound handler is guarded (:func:`.host.guard_handler`).
 - :class:`MeshProviderStore`: ``ProviderStore`` keeps provider records 48 h (a module
   constant) and ignores any new provider once 20 are stored for a key.
 - :class:`MeshKadDHT`: ``KadDHT`` adds the sender of every inbound DHT stream to its routing
@@ -35,7 +35,7 @@ from libp2p.kad_dht.provider_store import ProviderRecord, ProviderStore
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 
-from ..stream import remote_peer, reset_quietly
+from .host import guard_handler, retire_stream_handler
 
 __all__ = [
     "IPFS_KAD_PROTOCOL_ID",
@@ -79,8 +79,7 @@ class KadHostView:
     ``libp2p.kad_dht`` passes the constant ``/ipfs/kad/1.0.0`` to the host. Each use goes
     through the host, so this view rewrites it there: handler registration, outbound
     streams, and the routing table's identify check. It counts outbound DHT streams
-    (:attr:`requests`) and guards the inbound handler, since an exception escaping a stream
-    handler stops py-libp2p's host.
+    (:attr:`requests`) and guards the inbound handler (:func:`.host.guard_handler`).
     """
 
     def __init__(self, host: IHost, protocol: str) -> None:
@@ -102,14 +101,11 @@ class KadHostView:
     def set_stream_handler(
         self, protocol_id: TProtocol, handler: Callable[[INetStream], Awaitable[None]]
     ) -> None:
-        async def guarded(stream: INetStream) -> None:
-            try:
-                await handler(stream)
-            except Exception as exc:
-                log.debug("DHT handler failed on input from %s: %r", remote_peer(stream) or "?", exc)
-                await reset_quietly(stream, 1.0)
+        self._host.set_stream_handler(self._map(protocol_id), guard_handler(handler, "DHT handler"))
 
-        self._host.set_stream_handler(self._map(protocol_id), guarded)
+    def retire_stream_handler(self) -> None:
+        """Reset every further stream on our DHT protocol (see :func:`refuse_streams`)."""
+        retire_stream_handler(self._host, self.protocol)
 
     def remove_stream_handler(self, protocol_id: TProtocol) -> None:
         self._host.remove_stream_handler(self._map(protocol_id))
@@ -261,17 +257,11 @@ def store_value(dht: KadDHT, key: bytes, value: bytes, validity: float) -> None:
     dht.value_store.local_keys.discard(key)
 
 
-async def _refuse(stream: INetStream) -> None:
-    await reset_quietly(stream, 1.0)
-
-
 def refuse_streams(view: KadHostView) -> None:
     """Make a stopped DHT answer nothing: every further stream on its protocol is reset.
 
     Upstream: ``KadDHT`` leaves its stream handler registered after the service stops, so
-    a stopped peer would go on answering. Removing the handler is not safe either:
-    multistream-select checks that a protocol has a handler, awaits a write, then looks the
-    handler up again, and a handler removed in between raises ``KeyError`` inside the
-    swarm, which stops the host. The host's close removes the refusing handler.
+    a stopped peer would go on answering. Removing the handler is not safe either (see
+    :func:`.host.retire_stream_handler`); the host's close removes the refusing handler.
     """
-    view.set_stream_handler(IPFS_KAD_PROTOCOL_ID, _refuse)
+    view.retire_stream_handler()
