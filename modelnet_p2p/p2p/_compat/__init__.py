@@ -29,6 +29,9 @@ that fail once upstream changes that behaviour; then the shim can go.
     ``KadHostView`` (``protocol_prefix`` ignored: always ``/ipfs/kad/1.0.0``),
     ``MeshProviderStore``, ``MeshKadDHT``, ``store_value``, ``refuse_streams``.
 
+:mod:`.yamux` (the stream muxer; canaries in ``tests/test_compat_yamux.py``)
+    ``reset_by_remote``: a remote reset reads as ``StreamEOF``, not ``StreamReset``.
+
 :mod:`.pubsub` (GossipSub; canaries in ``tests/test_compat_pubsub.py``)
     ``BufferedReads``, ``GuardedPubsub``, ``LeanGossipSub``, ``build_router``,
     ``build_pubsub``, ``announce_subscription``, ``trim_delivery_log``,
