@@ -40,7 +40,7 @@ from ..errors import (
     UnavailableError,
     error_from_code,
 )
-from .card import normalize
+from .capability import capability_key
 from .framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, pack_frame
 from .infer import (
     MAX_HOPS,
@@ -379,10 +379,10 @@ class ServerSession:
                 f"(limit {max_hops}); is there a loop between handlers?"
             )
         mine = via_entry(self.local_peer, req.capability)
-        my_cap = normalize(mine[len(self.local_peer) + 1 :])
+        my_cap = capability_key(mine[len(self.local_peer) + 1 :])
         for entry in req.trace.visited:
             peer, _, cap = entry.partition("/")
-            if peer == self.local_peer and normalize(cap) == my_cap:
+            if peer == self.local_peer and capability_key(cap) == my_cap:
                 return BadRequestError(
                     f"loop detected: {req.capability!r} on this peer is already on the request's path"
                 )

@@ -39,8 +39,7 @@ from ...p2p.stream import (
     reset_quietly,
     write_whole,
 )
-from ...proto.capability import Capability
-from ...proto.card import normalize
+from ...proto.capability import Capability, capability_key
 from ...proto.infer import Request, via_entry
 from ...proto.session import (
     DEADLINE_GRACE,
@@ -198,7 +197,7 @@ class InferenceServer:
 
     Each accepted stream is handled in ``nursery`` (the peer's, see :meth:`bind`), so no
     request outlives the peer. Capability names are matched after
-    :func:`~modelnet_p2p.proto.card.normalize`, as discovery matches them.
+    :func:`~modelnet_p2p.proto.capability.capability_key`, as discovery matches them.
     """
 
     def __init__(self, local_peer: str, limits: Limits) -> None:
@@ -221,21 +220,21 @@ class InferenceServer:
     def check(self, capability: Capability) -> None:
         """Raise :class:`ConfigError` if ``capability`` would collide with another served one:
         a different name that is the same after normalization."""
-        served = self._served.get(normalize(capability.name))
+        served = self._served.get(capability_key(capability.name))
         if served is not None and served.capability.name != capability.name:
             raise ConfigError(
                 f"capability {capability.name!r} collides with {served.capability.name!r}: "
-                "names are compared trimmed, lowercased and NFC-normalized"
+                "names are compared by their capability_key (specs/capability.md)"
             )
 
     def add(self, capability: Capability, handler: Handler) -> None:
         """Serve ``capability`` (replacing a handler of exactly the same name)."""
         self.check(capability)
         kind = handler_kind(handler)
-        self._served[normalize(capability.name)] = _Served(capability, handler, kind)
+        self._served[capability_key(capability.name)] = _Served(capability, handler, kind)
 
     def remove(self, name: str) -> None:
-        self._served.pop(normalize(name), None)
+        self._served.pop(capability_key(name), None)
 
     def capabilities(self) -> list[Capability]:
         return [s.capability for s in self._served.values()]
@@ -305,7 +304,7 @@ class InferenceServer:
                 log.debug("inference stream from %s: %s", remote, timed_out.reason)
 
     def _admission_error(self, req: Request, remote: str) -> ModelNetError | None:
-        served = self._served.get(normalize(req.capability))
+        served = self._served.get(capability_key(req.capability))
         if served is None:
             return NotFoundError(f"capability {req.capability!r} is not served by this peer")
         if self.draining:
@@ -329,7 +328,7 @@ class InferenceServer:
             s.reject(error)
             link.notify()
             return
-        served = self._served[normalize(req.capability)]
+        served = self._served[capability_key(req.capability)]
         self._in_flight += 1
         self._per_peer[remote] = self._per_peer.get(remote, 0) + 1
         served.in_flight += 1
