@@ -40,7 +40,7 @@ from modelnet_p2p.proto.card import (
     value_key,
 )
 from modelnet_p2p.proto.framing import encode_varint
-from modelnet_p2p.services.discovery import DHT_PROTOCOL_ID, Discovery
+from modelnet_p2p.services.discovery import DHT_PROTOCOL_ID, Discovery, Query
 from modelnet_p2p.testing import open_peers
 
 WORKER = Path(__file__).resolve().parent / "mesh_worker.py"
@@ -579,3 +579,13 @@ async def test_a_lone_peer_retries_its_announce_with_backoff(mock_clock: trio.te
         for at, count in [(0.5, 1), (1.5, 2), (3.5, 3), (16.0, 5), (130.0, 8), (250.0, 9), (370.0, 10)]:
             await trio.sleep_until(t0 + at)
             assert d.announces == count, (at, d.announces)
+
+
+def test_names_are_matched_case_insensitively() -> None:
+    assert Query(model="LLaMA3").key()[1] == Query(model=" llama3").key()[1]
+    assert Query(model="LLaMA3", version="70B").key() == Query(model="llama3", version="70b").key()
+    assert Query(task="Chat").key()[0] == "task:chat"
+    d = Discovery(Identity.generate(), list)
+    d.check_capabilities([Capability("echo"), Capability("other")])
+    with pytest.raises(ConfigError, match="same name"):
+        d.check_capabilities([Capability("Echo"), Capability("echo")])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...proto.capability import capability_key
 from ...proto.card import CapabilityCard, model_key, model_version_key, normalize, tag_key, task_key
 
 __all__ = ["Query"]
@@ -26,10 +27,10 @@ class Query:
     def key(self) -> tuple[str, bytes]:
         """``(label, key)``: the provider key of the most specific criterion given."""
         if self.model is not None and self.version is not None:
-            label = f"model-version:{normalize(self.model)}@{normalize(self.version)}"
+            label = f"model-version:{capability_key(self.model)}@{normalize(self.version)}"
             return label, model_version_key(self.model, self.version)
         if self.model is not None:
-            return f"model:{normalize(self.model)}", model_key(self.model)
+            return f"model:{capability_key(self.model)}", model_key(self.model)
         if self.task is not None:
             return f"task:{normalize(self.task)}", task_key(self.task)
         if self.tags:

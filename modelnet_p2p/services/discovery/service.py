@@ -28,7 +28,7 @@ import trio
 from ...errors import ConfigError, ProtocolError
 from ...p2p.identity import Identity
 from ...p2p.kad import Host, KadKind, KadNode, KadPeer, KadRequest, KadResponse, peer_id_bytes
-from ...proto.capability import Capability
+from ...proto.capability import Capability, capability_key
 from ...proto.card import (
     MIN_TTL_MS,
     VALUE_NAMESPACE,
@@ -331,8 +331,8 @@ class Discovery:
     def check_capabilities(self, capabilities: Sequence[Capability]) -> None:
         """Raise :class:`ConfigError` if a card listing ``capabilities`` breaks a card limit."""
         draft = CapabilityCard(self.peer_id, (), 0, 0, MIN_TTL_MS, tuple(capabilities))
-        if len({c.name for c in capabilities}) != len(capabilities):
-            raise ConfigError("two capabilities have the same name")
+        if len({capability_key(c.name) for c in capabilities}) != len(capabilities):
+            raise ConfigError("two capabilities have the same name (names are compared case-insensitively)")
         try:
             seal(draft, self.identity)
         except ProtocolError as exc:
