@@ -133,6 +133,11 @@ class PeerConfig:
         bootstrap = [parse_multiaddr(a) for a in self.bootstrap]
         return needs_relay(self.reachability, listen, bootstrap)  # type: ignore[arg-type]
 
+    def server_limits(self) -> dict[str, Any]:
+        """The settings of the inference server's ``Limits``."""
+        names = ("max_frame_size", "max_concurrency", "max_concurrency_per_peer", "max_request_time")
+        return {name: getattr(self, name) for name in (*names, "max_hops")}
+
     def check(self) -> None:
         """Raise :class:`ConfigError` for a value no peer can run with."""
         if self.max_frame_size < 1024:

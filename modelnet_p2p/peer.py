@@ -11,15 +11,15 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import AsyncIterator, Collection, Sequence
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Collection, Iterator, Sequence
+from contextlib import AsyncExitStack, contextmanager
 from typing import Any, TypeVar
 
 import multiaddr
 import trio
 
 from .config import PEER_SETTINGS, PeerConfig
-from .errors import BadRequestError, ConfigError, ModelNetError
+from .errors import BadRequestError, ConfigError
 from .log import quiet_libp2p
 from .mesh.client import InferenceStream, MeshClient, Response
 from .mesh.context import MeshContext
@@ -46,7 +46,7 @@ from .services.availability import (
 from .services.discovery import DHT_PROTOCOL_ID, Discovery
 from .services.inference.handlers import Handler, InferenceRequest
 from .services.inference.server import InferenceServer, Limits
-from .services.relay import RelayService, keep_reservation
+from .services.relay import RelayService, keep_reservations
 
 __all__ = ["InferenceStream", "Peer", "PeerConfig", "Response"]
 
@@ -54,6 +54,17 @@ log = logging.getLogger(__name__)
 
 _UNSET: Any = object()
 _T = TypeVar("_T")
+
+
+@contextmanager
+def _as_config_error() -> Iterator[None]:
+    """A setting a service refuses (``ValueError``) is a :class:`ConfigError`."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _running(part: _T | None) -> _T:
@@ -115,20 +126,11 @@ class Peer:
         self._circuit_addrs: dict[str, str] = {}
         #: Availability gossip (``specs/availability.md``); ``None`` while stopped or if disabled.
         self.availability: AvailabilityService | None = None
-        try:
+        with _as_config_error():
             self._availability_config = AvailabilityConfig(
                 publish_interval=cfg.publish_interval, topic=topic(AVAILABILITY_TOPIC, self.network)
             )
-        except ValueError as exc:  # ConfigError is one
-            raise ConfigError(str(exc)) from None
-        limits = (
-            "max_frame_size",
-            "max_concurrency",
-            "max_concurrency_per_peer",
-            "max_request_time",
-            "max_hops",
-        )
-        self.limits = Limits(**{name: getattr(cfg, name) for name in limits})
+        self.limits = Limits(**cfg.server_limits())
         self.connect_timeout = cfg.connect_timeout
         self.window = cfg.window
         self._host: Host | None = None
@@ -138,17 +140,14 @@ class Peer:
         self._dialer: Dialer | None = None
         #: Kept inference streams, reused for the next request to the same peer.
         self.stream_pool = StreamPool()
-        self._streams = self.stream_pool
         #: Picks providers for requests without a target (see :mod:`modelnet_p2p.mesh.routing`).
-        try:
+        with _as_config_error():
             self.router = Router(cfg.routing_policy)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
         self.inference = InferenceServer(str(self.identity.peer_id), self.limits)
         self.inference.mesh_factory = self._mesh_context
         self._load = InferenceLoad(self.inference, cfg.max_concurrency)
         self.inference.on_request_done = self._load.on_request_done
-        try:
+        with _as_config_error():
             #: Capability discovery: the DHT, this peer's card, lookups (specs/capability.md).
             self.discovery = Discovery(
                 self.identity,
@@ -158,8 +157,6 @@ class Peer:
                 card_ttl=cfg.card_ttl,
                 announce_interval=cfg.announce_interval,
             )
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
         self._providers = Providers(
             lambda capability, timeout: self.discover(model=capability, timeout=timeout),
             lambda: self.availability.table() if self.availability is not None else {},
@@ -209,8 +206,12 @@ class Peer:
                 )
             await self._dialer.connect_bootstrap(self._bootstrap, required=self.config.require_bootstrap)
             await self.discovery.bootstrap(self._dialer.connected_among(self._bootstrap))
-            if self.needs_relay:
-                await self._reserve_relays()
+            if self.needs_relay:  # announce only relayed addresses: the direct ones are unreachable
+                self.discovery.relayed_only = True
+                relays = [str(a) for a in self._bootstrap]
+                self._circuit_addrs = await keep_reservations(
+                    host, relays, nursery, self.discovery.set_extra_addrs, timeout=self.connect_timeout
+                )
         except BaseException:
             self._host = None
             if self._nursery is not None:
@@ -239,30 +240,6 @@ class Peer:
         await self.stream_pool.close_all()
         if stack is not None:
             await stack.__aexit__(None, None, None)
-
-    async def _reserve_relays(self) -> None:
-        """Hold a relay slot on every reachable bootstrap peer; announce the relayed addresses."""
-        self.discovery.relayed_only = True
-        reservations = []
-        for addr in self._bootstrap:
-            relay_addr = str(addr)
-
-            def changed(circuit: str | None, relay_addr: str = relay_addr) -> None:
-                if circuit is None:
-                    self._circuit_addrs.pop(relay_addr, None)
-                else:
-                    self._circuit_addrs[relay_addr] = circuit
-                self.discovery.set_extra_addrs(list(self._circuit_addrs.values()))
-
-            reservations.append(keep_reservation(self.host, relay_addr, self.nursery, changed))
-        with trio.move_on_after(self.connect_timeout):
-            for reservation in reservations:
-                try:
-                    await reservation.wait(self.connect_timeout)
-                except ModelNetError as exc:
-                    log.warning("no relay slot on %s: %s", reservation.relay_addr, exc.message)
-        if not self._circuit_addrs:
-            log.warning("this peer cannot be dialed and holds no relay slot; others cannot reach it")
 
     # -- identity, addresses and parts ---------------------------------------------
 

@@ -72,7 +72,7 @@ from ..errors import (
 from ..p2p.dialer import Target
 from ..p2p.stream import Stream
 from ..proto.infer import TraceContext
-from ..services.inference.server import ResponseInfo, new_request_id, run_request
+from ..services.inference import ResponseInfo, StreamSource, new_request_id, request_on_peer
 from .providers import Providers
 from .routing import Candidate, Policy, Router
 
@@ -105,9 +105,9 @@ class Connector(Protocol):
 class StreamPool(Protocol):
     """Kept streams (``specs/inference.md``, "Stream reuse")."""
 
-    def acquire(self, peer: str) -> Any: ...
+    def acquire(self, peer: str) -> Stream | None: ...
 
-    def release_to(self, peer: str) -> Callable[[Any], None]: ...
+    def release_to(self, peer: str) -> Callable[[Stream], None]: ...
 
 
 @dataclass
@@ -349,36 +349,28 @@ class MeshClient:
     ) -> AsyncIterator[Any]:
         deadline = _deadline(timeout)
         info.peer = self.connector.peer_of(target)
-        tc = trace or new_trace()
-        for fresh in (False, True):
-            stream = None if fresh else self.pool.acquire(info.peer)
-            reused = stream is not None
-            if stream is None:
-                stream = await self.connector.open_stream(target, deadline)
-            agen = run_request(
-                stream,
-                capability=capability,
-                input=input,
-                params=params,
-                deadline=deadline,
-                trace=tc,
-                info=info,
-                max_frame_size=self.max_frame_size,
-                window=self.window,
-                release=self.pool.release_to(info.peer),
-            )
-            try:
-                async for chunk in agen:
-                    yield chunk
-                return
-            except (ProtocolError, UnavailableError):
-                # A kept stream the provider had just closed: nothing was received,
-                # so the request never ran there. Try once more on a new stream.
-                if not reused or info.received:
-                    raise
-                log.debug("kept stream to %s was stale; retrying on a new one", info.peer)
-            finally:
-                await agen.aclose()  # type: ignore[attr-defined]
+        source = StreamSource(
+            self.pool.acquire,
+            self.pool.release_to,
+            lambda: self.connector.open_stream(target, deadline),
+        )
+        answer = request_on_peer(
+            source,
+            info.peer,
+            capability=capability,
+            input=input,
+            params=params,
+            deadline=deadline,
+            trace=trace or new_trace(),
+            info=info,
+            max_frame_size=self.max_frame_size,
+            window=self.window,
+        )
+        try:
+            async for chunk in answer:
+                yield chunk
+        finally:
+            await answer.aclose()  # type: ignore[attr-defined]
 
     # -- routing -------------------------------------------------------------------
 

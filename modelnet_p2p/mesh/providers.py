@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import trio
 
 from ..errors import BadRequestError
+from ..proto.capability import normalize
 from ..proto.card import CapabilityCard
 from ..services.availability import MeshViewRow, mesh_view
 from ..services.discovery import Query
@@ -78,8 +79,9 @@ FindCards = Callable[..., Awaitable[None]]
 
 
 def same_capability(a: str, b: str) -> bool:
-    """Whether two capability names are the same for routing (discovery compares them without case)."""
-    return a.lower() == b.lower()
+    """Whether two capability names name the same capability (compared after ``normalize()``,
+    as discovery and the inference server compare them; ``specs/capability.md``)."""
+    return normalize(a) == normalize(b)
 
 
 def _dial_order(addrs: Iterable[str]) -> list[str]:

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, Protocol
 
 import trio
 
-from ..errors import ConfigError, UnavailableError
+from ..errors import ConfigError, ModelNetError, UnavailableError
 from ..p2p.addresses import (
     Reachability,
     circuit_addr,
@@ -56,6 +57,7 @@ __all__ = [
     "dial_via_relay",
     "is_circuit_addr",
     "keep_reservation",
+    "keep_reservations",
     "needs_relay",
     "parse_circuit_addr",
     "publicly_dialable",
@@ -417,3 +419,39 @@ def keep_reservation(
     )
     nursery.start_soon(keeper.run)
     return keeper
+
+
+async def keep_reservations(
+    host: Host,
+    relay_addrs: Sequence[str],
+    nursery: trio.Nursery,
+    on_addrs: Callable[[list[str]], None],
+    *,
+    timeout: float = DEFAULT_RESERVE_TIMEOUT,
+) -> dict[str, str]:
+    """:func:`keep_reservation` on every relay of ``relay_addrs``; wait up to ``timeout`` for them.
+
+    ``on_addrs`` gets every relayed address to announce each time the set changes. Returns
+    the live map of relay address to relayed address (kept up to date as slots come and go).
+    """
+    circuits: dict[str, str] = {}
+
+    def changed(relay_addr: str, circuit: str | None) -> None:
+        if circuit is None:
+            circuits.pop(relay_addr, None)
+        else:
+            circuits[relay_addr] = circuit
+        on_addrs(list(circuits.values()))
+
+    keepers = [
+        keep_reservation(host, addr, nursery, partial(changed, addr), timeout=timeout) for addr in relay_addrs
+    ]
+    with trio.move_on_after(timeout):
+        for keeper in keepers:
+            try:
+                await keeper.wait(timeout)
+            except ModelNetError as exc:
+                log.warning("no relay slot on %s: %s", keeper.relay_addr, exc.message)
+    if not circuits:
+        log.warning("this peer cannot be dialed and holds no relay slot; others cannot reach it")
+    return circuits
