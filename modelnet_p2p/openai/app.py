@@ -86,7 +86,7 @@ from starlette.routing import Route
 
 from ..errors import ConfigError, ModelNetError
 from ..mesh.routing import POLICIES
-from .calls import Caller, Outcome
+from .calls import Caller
 from .catalog import Catalog, ModelRoute, agent_card, model_json, routes_from_cards
 from .conventions import CHAT, EMBEDDING, OPENAI_TASKS, TEXT_GENERATION
 from .errors import GatewayError, from_mesh_error, unauthorized
@@ -161,13 +161,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return out
 
 
 class Gateway:
@@ -430,29 +423,13 @@ class Gateway:
         asked = parse_embeddings(body)
         route = await self._route(body, (EMBEDDING,), "embeddings")
         batches = batch_texts(asked.texts)
-        results: list[tuple[list[list[float]], Outcome] | None] = [None] * len(batches)
-
-        async def run(i: int, limiter: trio.CapacityLimiter) -> None:
-            async with limiter:
-                chunks, outcome = await self.calls.collect(
-                    "/v1/embeddings", route, batches[i], asked.params, deadline
-                )
-            results[i] = (embedding_vectors(chunks, len(batches[i]), outcome.peer), outcome)
-
-        limiter = trio.CapacityLimiter(EMBEDDING_CONCURRENCY)
-        if len(batches) == 1:
-            await run(0, limiter)
-        else:
-            try:
-                async with trio.open_nursery() as nursery:
-                    for i in range(len(batches)):
-                        nursery.start_soon(run, i, limiter)
-            except BaseExceptionGroup as group:
-                mesh = [e for e in _leaves(group) if isinstance(e, ModelNetError)]
-                if mesh:
-                    raise mesh[0] from None
-                raise
-        done = [r for r in results if r is not None]
+        results = await self.calls.collect_all(
+            "/v1/embeddings", route, batches, asked.params, deadline, concurrency=EMBEDDING_CONCURRENCY
+        )
+        done = [
+            (embedding_vectors(chunks, len(batch), o.peer), o)
+            for batch, (chunks, o) in zip(batches, results, strict=True)
+        ]
         answer = embeddings_response(route.name, asked.encoding, [(v, o.usage) for v, o in done])
         peers = ",".join(dict.fromkeys(o.peer for _, o in done))
         return JSONResponse(answer, headers={"x-modelnet-peer": peers})

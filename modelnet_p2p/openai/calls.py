@@ -24,7 +24,7 @@ is left of the attempt budget and the deadline.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -279,3 +279,45 @@ class Caller:
                 await gen.aclose()
             raise
         return gen, outcome, first
+
+    async def collect_all(
+        self,
+        endpoint: str,
+        route: ModelRoute,
+        inputs: Sequence[Any],
+        params: dict[str, Any],
+        deadline: float,
+        *,
+        concurrency: int,
+    ) -> list[tuple[list[Any], Outcome]]:
+        """The whole answers to several inputs, in order, at most ``concurrency`` requests at once.
+
+        If any fails, the others are cancelled and its error is raised.
+        """
+        results: list[tuple[list[Any], Outcome] | None] = [None] * len(inputs)
+        limiter = trio.CapacityLimiter(concurrency)
+
+        async def run(i: int) -> None:
+            async with limiter:
+                results[i] = await self.collect(endpoint, route, inputs[i], params, deadline)
+
+        if len(inputs) == 1:
+            await run(0)
+        else:
+            try:
+                async with trio.open_nursery() as nursery:
+                    for i in range(len(inputs)):
+                        nursery.start_soon(run, i)
+            except BaseExceptionGroup as group:
+                mesh = [e for e in _leaves(group) if isinstance(e, ModelNetError)]
+                if mesh:
+                    raise mesh[0] from None
+                raise
+        return [r for r in results if r is not None]
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
