@@ -92,7 +92,7 @@ async def test_stock_leaving_run_keeps_the_listener_open() -> None:
 
 
 async def test_stock_close_takes_a_fifth_of_a_second_per_connection() -> None:
-    others = [build_host(Identity.generate()) for _ in range(4)]
+    others = [build_host(Identity.generate()) for _ in range(6)]
     host = stock_host()
     async with host.run(LOOPBACK):
         async with trio.open_nursery() as nursery:
@@ -114,7 +114,7 @@ async def _serve_until_cancelled(host: IHost, *, task_status: trio.TaskStatus[No
 
 
 async def test_connections_close_at_once() -> None:
-    others = [build_host(Identity.generate()) for _ in range(4)]
+    others = [build_host(Identity.generate()) for _ in range(6)]
     async with trio.open_nursery() as nursery:
         for other in others:
             await nursery.start(_serve_until_cancelled, other)
