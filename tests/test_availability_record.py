@@ -572,6 +572,34 @@ def test_arbitrary_bytes_only_raise_protocol_error(data):
         pass
 
 
+_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.text(max_size=6)
+    | st.binary(max_size=40)
+    | st.floats()
+)
+_values = st.recursive(
+    _leaf,
+    lambda i: st.lists(i, max_size=3) | st.dictionaries(st.text(max_size=5), i, max_size=3),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_correctly_signed_nonsense_only_raises_protocol_error(data):
+    body = body_map(BASE)
+    for _ in range(data.draw(st.integers(1, 3))):
+        key = data.draw(st.sampled_from([*body, "zz"]))
+        body[key] = data.draw(_values | st.lists(st.lists(st.text(max_size=4), max_size=3), max_size=3))
+    try:
+        open_envelope(signed(raw_pack(body)))
+    except ProtocolError:
+        pass
+
+
 if __name__ == "__main__":
     VECTORS.parent.mkdir(parents=True, exist_ok=True)
     VECTORS.write_text(json.dumps(build_vectors(), indent=2, ensure_ascii=False) + "\n")

@@ -112,6 +112,13 @@ def raw_pack(obj: Any) -> bytes:
     return msgpack.packb(order(obj), use_bin_type=True)
 
 
+def cap_map(cap: Capability) -> dict[str, Any]:
+    """The wire map of one capability, as the encoder writes it."""
+    card = CapabilityCard(PID, (), 1, NOW, NOW + 60_000, (cap,))
+    caps: list[dict[str, Any]] = msgpack.unpackb(C.encode_card(card))["caps"]
+    return caps[0]
+
+
 def signed(body: bytes, key: Identity = KEY) -> bytes:
     return C.encode_envelope(body, key.sign(C.signing_input(body)))
 
@@ -242,9 +249,7 @@ def build_vectors() -> dict[str, Any]:
         *SIXTY_FOUR_KEYS[:3],
         Capability("m3", task="task-3", tags=tuple(f"t{j}" for j in range(14))),
     )
-    sixty_five_body = raw_pack(
-        variant(caps=[msgpack.unpackb(C.canonical_packb(C._cap_map(c))) for c in sixty_five])
-    )
+    sixty_five_body = raw_pack(variant(caps=[cap_map(c) for c in sixty_five]))
     non_ed25519 = b"\x12\x20" + hashlib.sha256(b"an RSA key").digest()
     accepted = [
         {
@@ -419,6 +424,13 @@ def build_vectors() -> dict[str, Any]:
             "an address ending with /p2p/<peer id>",
             s(variant(addrs=[C.multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/1/p2p/{PID}").to_bytes()])),
             "must not end with /p2p/",
+        ),
+        ("bad_addr", "an address that is not a binary multiaddr", s(variant(addrs=[b"\x00"])), "not a valid"),
+        (
+            "addr_not_minimal",
+            "/ip4/127.0.0.1/tcp/4001 with the protocol code 4 as a 2-byte varint",
+            s(variant(addrs=[b"\x84\x00\x7f\x00\x00\x01\x06\x0f\xa1"])),
+            "canonical binary form",
         ),
         (
             "non_ed25519_peer",
@@ -944,6 +956,46 @@ def test_garbage_never_crashes_the_decoder(data: bytes) -> None:
 def test_keys_ignore_case_and_surrounding_space(text: str, kind: str) -> None:
     assume(C.normalize(text))
     assert C.provider_key(kind, text) == C.provider_key(kind, f"  {text.upper()}\t")
+
+
+_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.text(max_size=6)
+    | st.binary(max_size=40)
+    | st.floats()
+)
+_values = st.recursive(
+    _leaf,
+    lambda i: st.lists(i, max_size=3) | st.dictionaries(st.text(max_size=5), i, max_size=3),
+    max_leaves=10,
+)
+_CAP_FIELDS = [*msgpack.unpackb(C.encode_card(FULL))["caps"][1], "idempotent", "zz"]
+_CARD_FIELDS = ["v", "peer", "addrs", "seq", "issued_at", "expires_at", "caps", "zz"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_correctly_signed_nonsense_only_raises_protocol_error(data: st.DataObject) -> None:
+    body: dict[str, Any] = msgpack.unpackb(C.encode_card(FULL))
+    for _ in range(data.draw(st.integers(1, 3))):
+        caps = body.get("caps")
+        if (
+            isinstance(caps, list)
+            and len(caps) == 2
+            and all(isinstance(c, dict) for c in caps)
+            and data.draw(st.booleans())
+        ):
+            caps[data.draw(st.integers(0, 1))][data.draw(st.sampled_from(_CAP_FIELDS))] = data.draw(_values)
+        else:
+            body[data.draw(st.sampled_from(_CARD_FIELDS))] = data.draw(
+                _values | st.lists(st.binary(max_size=40))
+            )
+    try:
+        C.open_card(signed(raw_pack(body)), now_ms=NOW)
+    except ProtocolError:
+        pass
 
 
 @SETTINGS

@@ -498,11 +498,12 @@ def encode_card(card: CapabilityCard) -> bytes:
 
 def _parse_addr(raw: Any) -> str:
     _need(isinstance(raw, bytes) and 0 < len(raw) <= MAX_ADDR_LEN, "each address must be 1-300 bytes")
-    try:
-        addr = multiaddr.Multiaddr(raw)
+    try:  # multiaddr raises its own errors, ValueError, ... and some only when rendering
+        text = str(multiaddr.Multiaddr(raw))
+        again = multiaddr.Multiaddr(text).to_bytes()
     except Exception:
         raise ProtocolError("an address is not a valid binary multiaddr") from None
-    text = str(addr)
+    _need(again == raw, "an address is not in its canonical binary form")
     parts = text.split("/")
     _need(len(parts) < 3 or parts[-2] not in ("p2p", "ipfs"), "an address must not end with /p2p/<peer id>")
     return text
