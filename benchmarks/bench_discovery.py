@@ -5,7 +5,7 @@ Usage::
     python benchmarks/bench_discovery.py [--quick] [--sizes 10,20,50] [--repeats N]
 
 For each mesh size N, N peers run on 127.0.0.1 spread over several worker
-processes (``tests/mesh_worker.py``), 3 of them serving a capability of the task
+processes (``benchmarks/discovery_worker.py``), 3 of them serving a capability of the task
 ``chat``. Then, in this process, fresh peers that know one bootstrap address
 each (a different one each time, no listen address, so DHT clients) look up
 the task, and the benchmark reports:
@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 from modelnet_p2p import Peer  # noqa: E402
 from modelnet_p2p.proto.card import task_key  # noqa: E402
 
-WORKER = ROOT / "tests" / "mesh_worker.py"
+WORKER = ROOT / "benchmarks" / "discovery_worker.py"
 PROVIDERS = 3
 TASK = "chat"
 #: Seconds a worker may take to start its peers.
