@@ -509,6 +509,22 @@ async def test_a_failed_provider_before_the_first_chunk_is_skipped():
         assert calls["busy"] == 1 and gw.metrics.failovers == 1
 
 
+async def test_a_listed_provider_that_no_longer_serves_the_model_is_passed_over():
+    async with open_peers(3) as (gw_peer, stale, provider):
+        provider.serve(CHAT, chat_handler())
+        route = ModelRoute(name="toy-chat", tasks=("chat",), providers=(stale.addrs[0], provider.addrs[0]))
+        async with gateway_on(gw_peer, models=[route], policy="least-loaded") as (gw, url):
+
+            def work() -> list[Any]:
+                with client(url) as c:
+                    create = c.chat.completions.with_raw_response.create
+                    return [create(model="toy-chat", messages=MESSAGES, stream=s) for s in (False, True)]
+
+            raws = await call(work)
+        assert [r.headers["x-modelnet-peer"] for r in raws] == [provider.peer_id] * 2
+        assert gw.metrics.failovers >= 1  # the stale one, listed first, was tried first
+
+
 async def test_leaving_a_stream_cancels_the_provider():
     seen = {"cancelled": False, "tokens": 0}
 

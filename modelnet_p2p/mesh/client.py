@@ -38,7 +38,8 @@ out is replayed on another provider only if the capability is idempotent (or
 ``replay=True``); the chunks already delivered are skipped, so the consumer sees each
 chunk once, in order. Otherwise the error (an :class:`UnavailableError`) carries
 ``chunks_delivered``. With ``among``, when every listed provider is banned the least
-banned one is tried anyway (the caller asked for these).
+banned one is tried anyway (the caller asked for these), and a listed provider that
+answers ``not_found`` (it no longer serves the capability) is passed over for the next.
 
 ``call(..., restart=True)`` collects the answer, so a provider that fails part-way may
 be replaced by a fresh request to another provider (the partial answer discarded), even
@@ -491,7 +492,10 @@ class MeshClient:
         elif exc.retryable:
             self.router.failure(pid)
         exc.chunks_delivered = plan.delivered
-        if not exc.retryable or isinstance(exc, DeadlineExceededError):
+        # A listed provider that does not serve the capability (the caller's list is stale):
+        # the request never ran there, so the next one may be tried (without a ban).
+        stale = plan.among is not None and isinstance(exc, NotFoundError) and not plan.delivered
+        if not (exc.retryable or stale) or isinstance(exc, DeadlineExceededError):
             raise exc
         if plan.delivered and not (plan.replay if plan.replay is not None else chosen.idempotent):
             raise UnavailableError(
