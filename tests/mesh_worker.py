@@ -15,15 +15,13 @@ answered by one JSON line:
 - ``stats``: ``{"rss_kib": ..., "peers": K, "requests": ...}``.
 - ``stop I``: peer I leaves the mesh; ``{"stopped": I}``.
 
-The worker exits cleanly when stdin closes or on SIGTERM.
+The worker exits cleanly when stdin closes or on SIGTERM (the loop of ``worker_loop.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import sys
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -31,14 +29,12 @@ from typing import Any
 
 import trio
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from worker_loop import emit, run_bounded, serve_commands
+
 from modelnet_p2p import Capability, Peer
-
-
-def emit(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
 
 
 def rss_kib() -> int:
@@ -51,18 +47,6 @@ def rss_kib() -> int:
 
 async def answer(request: Any) -> str:
     return f"answer from {request.capability.name}"
-
-
-async def lines(stream: trio.abc.ReceiveStream) -> Any:
-    buf = b""
-    while True:
-        data = await stream.receive_some(4096)
-        if not data:
-            return
-        buf += data
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
-            yield line.decode().strip()
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -90,40 +74,33 @@ async def main(args: argparse.Namespace) -> None:
             for peer in peers.values():
                 await peer.discovery.bootstrapped.wait()
         emit({"ready": True})
-        stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
-        with trio.open_signal_receiver(signal.SIGTERM) as signals:
-            async with trio.open_nursery() as nursery:
 
-                async def on_signal() -> None:
-                    async for _ in signals:
-                        nursery.cancel_scope.cancel()
+        async def handle(line: str, _: trio.Nursery) -> None:
+            cmd = line.split()
+            if cmd == ["announce"]:
+                serving = [p for i, p in peers.items() if serve.get(i)]
+                stored = [0]
 
-                nursery.start_soon(on_signal)
-                async for line in lines(stdin):
-                    cmd = line.split()
-                    if cmd == ["announce"]:
-                        serving = [p for i, p in peers.items() if serve.get(i)]
-                        stored = [0]
+                async def announce(p: Peer, stored: list[int] = stored) -> None:
+                    result = await p.discovery.announce()
+                    stored[0] += result.value_stored if result else 0
 
-                        async def announce(p: Peer, stored: list[int] = stored) -> None:
-                            result = await p.discovery.announce()
-                            stored[0] += result.value_stored if result else 0
+                async with trio.open_nursery() as announcing:
+                    for p in serving:
+                        announcing.start_soon(announce, p)
+                emit({"announced": len(serving), "stored": stored[0]})
+            elif cmd == ["stats"]:
+                requests = sum(p.discovery.requests_sent for p in peers.values())
+                emit({"rss_kib": rss_kib(), "peers": len(peers), "requests": requests})
+            elif len(cmd) == 2 and cmd[0] == "stop" and int(cmd[1]) in peers:
+                i = int(cmd[1])
+                await stacks.pop(i).aclose()
+                peers.pop(i)
+                emit({"stopped": i})
+            else:
+                emit({"error": f"unknown command {line!r}"})
 
-                        async with trio.open_nursery() as announcing:
-                            for p in serving:
-                                announcing.start_soon(announce, p)
-                        emit({"announced": len(serving), "stored": stored[0]})
-                    elif cmd == ["stats"]:
-                        requests = sum(p.discovery.requests_sent for p in peers.values())
-                        emit({"rss_kib": rss_kib(), "peers": len(peers), "requests": requests})
-                    elif len(cmd) == 2 and cmd[0] == "stop" and int(cmd[1]) in peers:
-                        i = int(cmd[1])
-                        await stacks.pop(i).aclose()
-                        peers.pop(i)
-                        emit({"stopped": i})
-                    elif cmd:
-                        emit({"error": f"unknown command {line!r}"})
-                nursery.cancel_scope.cancel()
+        await serve_commands(handle)
 
 
 if __name__ == "__main__":
@@ -135,9 +112,4 @@ if __name__ == "__main__":
     parser.add_argument("--announce-interval", type=float, default=120.0)
     parser.add_argument("--max-seconds", type=float, default=600.0, help="hard limit on the run")
     ns = parser.parse_args()
-
-    async def bounded() -> None:
-        with trio.move_on_after(ns.max_seconds):
-            await main(ns)
-
-    trio.run(bounded)
+    run_bounded(lambda: main(ns), ns.max_seconds)
