@@ -1,12 +1,16 @@
-"""The router's bookkeeping, without a network (the network tests are in test_routing.py)."""
+"""The router's bookkeeping and the provider list, without a network (network tests: test_routing.py)."""
 
 from __future__ import annotations
 
 import random
 from collections import Counter
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+import trio
 
+from modelnet_p2p.mesh.providers import PROVIDER_CACHE_TTL, Providers
 from modelnet_p2p.mesh.routing import BAN_BASE, BAN_MAX, Candidate, Router
 
 
@@ -105,3 +109,92 @@ def test_overloaded_skips_briefly_without_failure():
     clock.now += 1.1
     assert not router.banned("p0")
     assert router.snapshot()["p0"]["failures"] == 0
+
+
+async def test_bans_run_on_trios_clock(mock_clock):
+    """Without an injected clock the router reads trio's, so a mock clock drives the backoff."""
+    mock_clock.autojump_threshold = 0
+    router = Router()
+    assert router.failure("p0") == BAN_BASE
+    await trio.sleep(BAN_BASE - 1)
+    assert router.banned("p0")
+    await trio.sleep(1.1)
+    assert not router.banned("p0")
+    assert router.failure("p0") == 2 * BAN_BASE  # consecutive failures still double
+    await trio.sleep(2 * BAN_BASE + 0.1)
+    assert not router.banned("p0")
+
+
+def test_policy_for_one_choice():
+    router = Router("p2c", rng=random.Random(3))
+    pool = cands(3)
+    router.observe_rtt("p2", 1.0)
+    router.observe_rtt("p0", 80.0)
+    router.observe_rtt("p1", 90.0)
+    assert all(router.choose(pool, policy="lowest-latency").peer_id == "p2" for _ in range(10))
+    with pytest.raises(ValueError, match="unknown routing policy"):
+        router.choose(pool, policy="nope")
+
+
+# -- providers: cards joined with gossip, without a network ------------------------------------
+
+
+def card(peer: str, name: str, *, idempotent: bool = False, addrs: tuple[str, ...] = ()) -> Any:
+    cap = SimpleNamespace(name=name, idempotent=idempotent, max_concurrency=16)
+    return SimpleNamespace(peer_id=peer, capabilities=[cap], dial_addrs=list(addrs))
+
+
+def entry(names: tuple[str, ...], state: str = "ready", in_flight: int = 0, max_concurrency: int = 0) -> Any:
+    record = SimpleNamespace(in_flight=in_flight, queue=1, max_concurrency=max_concurrency)
+    return SimpleNamespace(state=state, capabilities=tuple((n, "") for n in names), record=record)
+
+
+async def test_providers_join_cards_with_gossip_and_cache_cards(mock_clock):
+    mock_clock.autojump_threshold = 0
+    lookups: list[str] = []
+    cards = [
+        card("me", "echo"),
+        card(
+            "a", "Echo", idempotent=True, addrs=("/ip4/1.2.3.4/tcp/1", "/ip4/5.6.7.8/tcp/1/p2p/r/p2p-circuit")
+        ),
+        card("b", "echo"),
+    ]
+    gossip = {
+        "a": entry(("echo",), in_flight=3, max_concurrency=4),
+        "b": entry(("echo",), state="draining"),
+        "c": entry(("ECHO ",)),  # gossips the capability, but its card was not found
+        "d": entry(("other",)),
+        "me": entry(("echo",)),
+    }
+
+    async def discover(capability: str, timeout: float) -> list[Any]:
+        lookups.append(capability)
+        return cards
+
+    providers = Providers(discover, lambda: gossip, "me")
+    found = {c.peer_id: c for c in await providers.candidates("echo")}
+    assert set(found) == {"a", "b", "c"}
+    a = found["a"]
+    assert (a.state, a.in_flight, a.queue, a.max_concurrency, a.idempotent, a.name) == (
+        "ready",
+        3,
+        1,
+        4,
+        True,
+        "Echo",
+    )
+    assert a.addrs[0].endswith("/p2p-circuit")  # relayed addresses are dialed first
+    assert found["b"].state == "draining" and not found["b"].idempotent
+    assert found["c"].addrs == [] and found["c"].card is None
+    await providers.candidates("echo")
+    assert lookups == ["echo"]  # cached
+    await trio.sleep(PROVIDER_CACHE_TTL + 1)
+    await providers.candidates("echo")
+    assert lookups == ["echo", "echo"]
+    await providers.candidates("echo", refresh=True)
+    assert len(lookups) == 3
+    # a static list gets gossip joined, and nothing added
+    given = [Candidate("a", addrs=["/ip4/1.2.3.4/tcp/1/p2p/a"]), Candidate("z")]
+    among = {c.peer_id: c for c in providers.among("echo", given)}
+    assert set(among) == {"a", "z"} and among["a"].in_flight == 3 and among["z"].state is None
+    assert given[0].in_flight == 0  # the caller's candidates are not changed

@@ -11,7 +11,17 @@ import pytest
 import trio
 from cli_util import background, read_event
 
-from modelnet_p2p import Capability, InternalError, NotFoundError, Peer, UnavailableError
+from modelnet_p2p import (
+    Candidate,
+    Capability,
+    Config,
+    ConfigError,
+    InternalError,
+    NotFoundError,
+    Peer,
+    PeerConfig,
+    UnavailableError,
+)
 from modelnet_p2p.testing import open_peers
 
 
@@ -228,9 +238,10 @@ async def test_draining_peer_finishes_in_flight_and_takes_no_new_requests():
             nursery.start_soon(drain)
             # the client hears "draining" through gossip
             with trio.fail_after(10):
-                while client.availability_table().get(leaving.peer_id) is None or str(
-                    client.availability_table()[leaving.peer_id].state
-                ) != "draining":
+                while (
+                    client.availability_table().get(leaving.peer_id) is None
+                    or str(client.availability_table()[leaving.peer_id].state) != "draining"
+                ):
                     await trio.sleep(0.05)
             for i in range(5):
                 resp = await client.call(capability="task", input=i, timeout=20)
@@ -244,3 +255,88 @@ async def test_draining_peer_finishes_in_flight_and_takes_no_new_requests():
                 await drained.wait()
         assert results == ["finished while draining"]
         assert counts == {"draining": 1, "staying": 5}
+
+
+# -- the mesh client: a static provider list, restarts, one client per peer ----------------------
+
+
+def part_then_fail(name: str, counts: Counter[str]):
+    async def handler(request):
+        counts[name] += 1
+        yield "one "
+        yield "two "
+        raise UnavailableError(f"{name} lost its GPU")
+
+    return handler
+
+
+def whole(name: str, counts: Counter[str]):
+    async def handler(request):
+        counts[name] += 1
+        for word in ("one ", "two ", "three"):
+            yield word
+
+    return handler
+
+
+async def test_mesh_client_routes_among_a_static_list():
+    counts: Counter[str] = Counter()
+    async with open_peers(3) as (client, p1, p2):
+        p1.serve("echo", counting("p1", counts))
+        p2.serve("echo", counting("p2", counts))
+        mesh = client.mesh_client
+        assert mesh.router is client.router  # one table of measurements and bans per peer
+        for _ in range(3):  # no announce needed: the caller names the providers
+            resp = await mesh.call("echo", "hi", among=[p1.addrs[0]], timeout=20)
+            assert resp.peer == p1.peer_id and resp.text == "hi from p1"
+        among = [Candidate(p1.peer_id, addrs=[p1.addrs[0]]), Candidate(p2.peer_id, addrs=[p2.addrs[0]])]
+        client.router.failure(p1.peer_id)
+        resp = await mesh.call("echo", "hi", among=among, timeout=20)
+        assert resp.peer == p2.peer_id
+        client.router.failure(p2.peer_id)
+        client.router.failure(p2.peer_id)  # banned longer than p1
+        resp = await mesh.call("echo", "hi", among=among, timeout=20)
+        assert resp.peer == p1.peer_id  # every listed provider banned: the least banned is tried
+        assert counts == {"p1": 4, "p2": 1}
+
+
+async def test_call_restart_starts_over_after_a_part_way_failure():
+    counts: Counter[str] = Counter()
+    async with open_peers(3) as (client, bad, good):
+        bad.serve(Capability(name="story"), part_then_fail("bad", counts))  # not idempotent
+        good.serve(Capability(name="story"), whole("good", counts))
+        among = [Candidate(bad.peer_id, addrs=[bad.addrs[0]]), Candidate(good.peer_id, addrs=[good.addrs[0]])]
+        mesh = client.mesh_client
+        with pytest.raises(UnavailableError, match="not idempotent") as err:
+            await mesh.call("story", among=among[:1], timeout=20)
+        assert err.value.chunks_delivered == 2
+        client.router.success(bad.peer_id)  # forget the ban
+
+        def bad_first(pool, router):
+            return next((c for c in pool if c.peer_id == bad.peer_id), pool[0])
+
+        resp = await mesh.call("story", among=among, policy=bad_first, restart=True, timeout=20)
+        assert resp.text == "one two three" and resp.peer == good.peer_id
+        assert [(a["peer"], a["status"]) for a in resp.attempts] == [
+            (bad.peer_id, "error"),
+            (good.peer_id, "ok"),
+        ]
+        assert counts == {"bad": 2, "good": 1}
+
+
+async def test_peer_settings_come_from_one_config():
+    peer = Peer(config=PeerConfig(max_concurrency=3, window=4096), connect_timeout=2.5)
+    assert peer.limits.max_concurrency == 3 and peer.window == 4096 and peer.connect_timeout == 2.5
+    assert peer.config.max_frame_size == PeerConfig().max_frame_size
+    assert Peer(None, ["/ip4/127.0.0.1/tcp/0"], []).config.bootstrap == []
+    with pytest.raises(TypeError, match="max_concurency"):
+        Peer(max_concurency=3)
+    with pytest.raises(ConfigError, match="max_frame_size"):
+        Peer(max_frame_size=10)
+    with pytest.raises(ConfigError, match="routing policy"):
+        Peer(routing_policy="fastest")
+    with pytest.raises(RuntimeError, match="not running"):
+        peer.mesh_client  # noqa: B018
+    cfg = Config(max_concurrency=5)
+    assert Peer(**cfg.peer_kwargs()).limits.max_concurrency == 5
+    assert cfg.peer_config().max_concurrency == 5
