@@ -55,7 +55,13 @@ def ids(vectors: list[dict[str, Any]]) -> list[str]:
 def test_vector_file_header():
     assert VECTORS["protocol"] == PROTOCOL_ID
     assert MAX_FRAME_SIZE == 1 << 20
-    names = ids(VECTORS["valid"] + VECTORS["accepted"] + VECTORS["invalid"])
+    names = ids(
+        VECTORS["valid"]
+        + VECTORS["accepted"]
+        + VECTORS["invalid"]
+        + VECTORS["flow_control"]
+        + VECTORS["server_sessions"]
+    )
     assert len(names) == len(set(names))
 
 
@@ -134,3 +140,78 @@ def test_oversized_prefix_rejected_without_body():
     decoder = FrameDecoder(MAX_FRAME_SIZE)
     with pytest.raises(ProtocolError, match="exceeds the limit"):
         decoder.feed(bytes.fromhex(vector["frame_hex"]))
+
+
+def test_vectors_cover_nil_defaults_and_the_msgpack_limits():
+    accepted = {v["name"] for v in VECTORS["accepted"]}
+    assert {"req_nil_keep_and_trace_fields", "end_nil_optional_fields", "err_nil_optional_fields"} <= accepted
+    assert "nesting_of_exactly_32" in accepted
+    invalid = {v["name"] for v in VECTORS["invalid"]}
+    assert {"nesting_deeper_than_32", "extension_type_in_body"} <= invalid
+
+
+# -- flow control: which queued frames a server may send ----------------------------------------
+
+
+def _chunk_data(size: int, seq: int) -> bytes:
+    """Chunk data whose frame (``seq``, length prefix included) is exactly ``size`` bytes."""
+    for n in range(max(0, size - 40), size + 1):
+        if len(pack_frame(Chunk(seq, b"x" * n).to_wire(), 1 << 30)) == size:
+            return b"x" * n
+    raise AssertionError(f"no chunk frame of {size} bytes")
+
+
+@pytest.mark.parametrize("vector", VECTORS["flow_control"], ids=ids(VECTORS["flow_control"]))
+def test_flow_control_vector(vector):
+    from modelnet_p2p.proto.session import Limits, ServerSession
+
+    session = ServerSession(0.0, Limits(max_frame_size=1 << 30))
+    session.receive_data(pack_frame(Request(b"r", "echo", window=vector["window"]).to_wire()))
+    session.next_event()
+    session.accept(0.0)
+    seq = 0
+    if vector["outstanding"]:  # one frame sent before, not acknowledged
+        session.send_chunk(_chunk_data(vector["outstanding"], seq))
+        assert len(session.data_to_send(0.0)) == vector["outstanding"]
+        seq += 1
+    for size in vector["frame_sizes"]:
+        session.send_chunk(_chunk_data(size, seq))
+        seq += 1
+    sent = session.data_to_send(0.0, max_bytes=1 << 30)
+    assert len(sent) == sum(vector["frame_sizes"][: vector["sendable"]])
+    assert len(FrameDecoder(1 << 30).feed(sent)) == vector["sendable"]
+
+
+# -- server sessions: the answer to what a client sends first ------------------------------------
+
+
+@pytest.mark.parametrize("vector", VECTORS["server_sessions"], ids=ids(VECTORS["server_sessions"]))
+def test_server_session_vector(vector):
+    from modelnet_p2p.proto.session import (
+        NEED_DATA,
+        PAUSED,
+        RequestReceived,
+        ServerSession,
+        ServerState,
+    )
+
+    session = ServerSession(0.0, local_peer=vector.get("local_peer", ""))
+    session.receive_data(bytes.fromhex(vector["client_hex"]))
+    errors = []
+    while (event := session.next_event()) not in (
+        NEED_DATA,
+        PAUSED,
+    ) or session.state is ServerState.ADMITTING:
+        if isinstance(event, RequestReceived):
+            session.accept(0.0)  # the reference server serves "echo"
+        elif hasattr(event, "error"):
+            errors.append(event.error.message)
+    out = decode_frames(session.data_to_send(0.0))
+    if vector["reply"] is None:
+        assert out == []
+    else:
+        (reply,) = out
+        assert {k: reply[k] for k in vector["reply"]} == vector["reply"]
+        assert vector["error"] in reply["msg"]
+    expected = {"close": ServerState.CLOSED, "reset": ServerState.RESET}[vector["then"]]
+    assert session.state is expected
