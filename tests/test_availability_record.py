@@ -433,6 +433,11 @@ def test_capabilities_are_sorted_on_construction():
 
 
 def test_names_that_normalize_alike_collide():
+    from modelnet_p2p.proto.availability import capabilities_of
+
+    assert capabilities_of([("b", "1"), "a"]) == (("a", ""), ("b", "1"))
+    with pytest.raises(ValueError, match="twice"):
+        capabilities_of([("Echo", "1"), ("echo", "2")])
     for caps in ((("Echo", "1"), ("echo", "1")), ((" ", "1"),)):
         with pytest.raises(ProtocolError):
             seal(replace(BASE, capabilities=caps), KEY)

@@ -356,9 +356,11 @@ def open_envelope(data: bytes, *, verify: bool = True) -> SignedRecord:
 def capabilities_of(items: Iterable[Any]) -> tuple[tuple[str, str], ...]:
     """Normalize capabilities given as ``(name, version)`` pairs or objects with ``.name``/``.version``.
 
-    Raises :class:`ValueError` for a duplicate name.
+    Raises :class:`ValueError` for a duplicate name, compared by
+    :func:`~modelnet_p2p.proto.capability.capability_key` (``Echo`` and ``echo`` collide).
     """
     out: dict[str, str] = {}
+    keys: set[str] = set()
     for item in items:
         if isinstance(item, tuple | list) and len(item) == 2:
             name, version = str(item[0]), str(item[1])
@@ -366,7 +368,8 @@ def capabilities_of(items: Iterable[Any]) -> tuple[tuple[str, str], ...]:
             name, version = item, ""
         else:
             name, version = str(item.name), str(getattr(item, "version", ""))
-        if name in out:
+        if capability_key(name) in keys:
             raise ValueError(f"capability {name!r} listed twice")
+        keys.add(capability_key(name))
         out[name] = version
     return tuple(sorted(out.items(), key=lambda c: c[0].encode()))
