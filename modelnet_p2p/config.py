@@ -21,19 +21,28 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .errors import ConfigError
-from .p2p.addresses import needs_relay, parse_multiaddr
+from .p2p.addresses import Reachability, needs_relay, parse_multiaddr
 from .p2p.identity import Identity
 from .p2p.network import NETWORKS, get_network
-from .proto.framing import DEFAULT_MAX_FRAME_SIZE
+from .proto.session import DEFAULT_WINDOW, Limits
 
-__all__ = ["DEFAULT_LISTEN", "ENV_PREFIX", "VERSION", "Config", "PeerConfig", "load_config"]
+__all__ = [
+    "DEFAULT_LISTEN",
+    "ENV_PREFIX",
+    "PEER_SETTINGS",
+    "VERSION",
+    "Config",
+    "DhtMode",
+    "PeerConfig",
+    "load_config",
+]
 
 try:
     #: This package's version.
@@ -43,6 +52,8 @@ except PackageNotFoundError:  # running from a source tree without install
 
 ENV_PREFIX = "MODELNET_"
 
+#: How a peer takes part in the DHT (see ``PeerConfig.dht_mode``).
+DhtMode = Literal["auto", "server", "client"]
 #: Where a peer listens unless told otherwise: loopback, any free port.
 DEFAULT_LISTEN = ("/ip4/127.0.0.1/tcp/0",)
 
@@ -91,19 +102,22 @@ class PeerConfig:
     network: str = "local"
     require_bootstrap: bool = False
     connect_timeout: float = 10.0
-    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
-    max_concurrency: int = 128
-    max_concurrency_per_peer: int = 64
-    max_request_time: float = 600.0
-    max_hops: int = 8
-    window: int = 1 << 20
-    dht_mode: str = "auto"
+    # The inference server's limits are the protocol's (``specs/inference.md``, "Limits").
+    max_frame_size: int = Limits.max_frame_size
+    max_concurrency: int = Limits.max_concurrency
+    max_concurrency_per_peer: int = Limits.max_concurrency_per_peer
+    max_request_time: float = Limits.max_request_time
+    max_hops: int = Limits.max_hops
+    window: int = DEFAULT_WINDOW
+    dht_mode: DhtMode = "auto"
+    #: Less than half the card TTL, so one failed announce does not let a live card expire.
     announce_interval: float = 120.0
+    #: Models come and go in minutes, not days (IPFS: 48 h provider records).
     card_ttl: float = 300.0
     gossip: bool = True
     publish_interval: float = 2.0
-    routing_policy: Any = "p2c"
-    reachability: str = "auto"
+    routing_policy: str | Callable[..., Any] = "p2c"
+    reachability: Reachability = "auto"
     relay_hop: bool = False
 
     def with_overrides(self, **overrides: Any) -> PeerConfig:
@@ -131,7 +145,7 @@ class PeerConfig:
         if self.reachability == "auto" and not listen:
             return False
         bootstrap = [parse_multiaddr(a) for a in self.bootstrap]
-        return needs_relay(self.reachability, listen, bootstrap)  # type: ignore[arg-type]
+        return needs_relay(self.reachability, listen, bootstrap)
 
     def server_limits(self) -> dict[str, Any]:
         """The settings of the inference server's ``Limits``."""
@@ -176,7 +190,7 @@ class Config:
     publish_interval: float = PeerConfig.publish_interval
     dht_mode: str = PeerConfig.dht_mode
     reachability: str = PeerConfig.reachability
-    routing_policy: str = PeerConfig.routing_policy
+    routing_policy: str = str(PeerConfig.routing_policy)
     log_level: str = "warning"
 
     def peer_kwargs(self) -> dict[str, Any]:

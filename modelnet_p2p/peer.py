@@ -153,7 +153,7 @@ class Peer:
                 self.identity,
                 self.inference.capabilities,
                 protocol=protocol_id(DHT_PROTOCOL_ID, self.network),
-                mode=dht_mode,  # type: ignore[arg-type]
+                mode=dht_mode,
                 card_ttl=cfg.card_ttl,
                 announce_interval=cfg.announce_interval,
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...config import PeerConfig
 from ...errors import ConfigError
 from ...p2p.pubsub import GossipSettings
 from ...proto.availability import MAX_TTL_MS, MIN_TTL_MS, TOPIC, State
@@ -43,7 +44,7 @@ class AvailabilityConfig:
         topic: the gossip topic (tests may isolate meshes with another one).
     """
 
-    publish_interval: float = 2.0
+    publish_interval: float = PeerConfig.publish_interval
     ttl: float | None = None
     min_publish_gap: float = 1.0
     load_poll_interval: float = 0.25

@@ -25,6 +25,7 @@ from typing import Literal
 
 import trio
 
+from ...config import PeerConfig
 from ...errors import ConfigError, ProtocolError
 from ...p2p.identity import Identity
 from ...p2p.kad import Host, KadKind, KadNode, KadPeer, KadRequest, KadResponse, peer_id_bytes
@@ -61,10 +62,10 @@ DHT_PROTOCOL_ID = "/modelnet/kad/1.0.0"
 #: Seconds a card stays valid. Models come and go in minutes, not days (IPFS:
 #: 48 h provider records); a departed peer vanishes from discovery this long
 #: after its last announce at the latest.
-DEFAULT_CARD_TTL = 300.0
+DEFAULT_CARD_TTL = PeerConfig.card_ttl
 #: Seconds between re-announces. Less than half the TTL, so one failed
 #: announce does not let a live peer's card expire.
-DEFAULT_ANNOUNCE_INTERVAL = 120.0
+DEFAULT_ANNOUNCE_INTERVAL = PeerConfig.announce_interval
 #: ADD_PROVIDER messages a server accepts per sender per 10 s. A card derives
 #: up to MAX_PROVIDER_KEYS (64) keys; py-libp2p's default of 10 drops most of them.
 ADD_PROVIDER_RATE = 256
