@@ -531,3 +531,42 @@ def test_error_from_any_code_never_fails(code, message):
 
 def test_empty_message_defaults_to_code():
     assert error_from_code("internal", "").message == "internal"
+
+
+def test_frame_bodies_obey_the_msgpack_limits():
+    from modelnet_p2p.proto.packing import MAX_CONTAINERS, MAX_DEPTH
+
+    def nested(depth: int) -> dict:
+        value: Any = []
+        for _ in range(depth - 2):
+            value = [value]
+        return {"t": "chunk", "seq": 0, "d": value}
+
+    assert FrameDecoder().feed(pack_frame(nested(MAX_DEPTH))) == [nested(MAX_DEPTH)]
+    with pytest.raises(ProtocolError, match="nesting deeper than 32"):
+        FrameDecoder().feed(pack_frame(nested(MAX_DEPTH + 1)))
+    # The body map and the list "d" count too: 65,536 containers in all.
+    many = {"t": "chunk", "seq": 0, "d": [[] for _ in range(MAX_CONTAINERS - 2)]}
+    assert len(FrameDecoder().feed(pack_frame(many))[0]["d"]) == MAX_CONTAINERS - 2
+    many["d"].append([])
+    with pytest.raises(ProtocolError, match="more than 65536 maps and arrays"):
+        FrameDecoder().feed(pack_frame(many))
+    body = msgpack.packb({"t": "chunk", "seq": 0, "d": msgpack.ExtType(1, b"z")}, use_bin_type=True)
+    ext = encode_varint(len(body)) + body
+    with pytest.raises(ProtocolError, match="extension type"):
+        FrameDecoder().feed(ext)
+
+
+def test_decoder_hands_out_one_frame_at_a_time():
+    decoder = FrameDecoder()
+    decoder.receive(pack_frame(Credit(1).to_wire()) + pack_frame(Credit(2).to_wire())[:3])
+    assert decoder.next_frame() == Credit(1).to_wire()
+    assert decoder.next_frame() is None
+    assert decoder.buffered == 3
+    decoder.receive(pack_frame(Credit(2).to_wire())[3:])
+    assert decoder.next_frame() == Credit(2).to_wire()
+    decoder.receive(b"\xff" * 11)
+    with pytest.raises(ProtocolError, match="too long"):
+        decoder.next_frame()
+    with pytest.raises(ProtocolError):
+        decoder.receive(b"")  # poisoned

@@ -343,6 +343,20 @@ def _decode_all(data: bytes) -> list[dict]:
         (b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", "too long"),
         (encode_varint(4) + b"\xc1\xc1\xc1\xc1", "malformed"),
         (pack_frame({"t": "chunk", "seq": 0, "d": 1}), "expected a request"),
+        (pack_frame({"t": "credit", "b": 5}), "expected a request"),
+        (pack_frame({"t": "cancel"}), "expected a request"),
+        (
+            pack_frame(
+                {
+                    "t": "req",
+                    "v": 1,
+                    "id": b"1",
+                    "cap": "echo",
+                    "in": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]],
+                }
+            ),
+            "nesting",
+        ),
         (pack_frame({"t": "req", "v": 9, "id": b"1", "cap": "x"}), "version"),
         (pack_frame({"hello": "world"}), "unknown frame type"),
     ],
