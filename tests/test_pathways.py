@@ -6,6 +6,7 @@ import pytest
 import trio
 
 from modelnet_p2p import BadRequestError, DeadlineExceededError
+from modelnet_p2p.collab import Step, pipeline
 from modelnet_p2p.testing import open_peers
 
 
@@ -123,3 +124,32 @@ async def test_client_cancel_reaches_the_second_hop():
                     break
         with trio.fail_after(5):
             await cancelled.wait()
+
+
+async def test_a_handler_runs_a_pattern_over_request_mesh():
+    """``request.mesh`` is a collaboration ``Mesh``: a pattern inside a handler extends its pathway."""
+    seen = []
+
+    async def upper(request):
+        seen.append((request.trace.hops, request.trace.visited))
+        return str(request.input).upper()
+
+    async def exclaim(request):
+        seen.append((request.trace.hops, request.trace.visited))
+        return f"{request.input}!"
+
+    async with open_peers(3) as (a, b, c):
+        c.serve("upper", upper)
+        c.serve("exclaim", exclaim)
+        await c.announce()
+
+        async def both(request):
+            result = await pipeline(
+                request.mesh, ["upper", Step("exclaim", target=c.addrs[0])], request.input
+            )
+            return {"text": result.text, "peers": result.trace.peers()}
+
+        b.serve("both", both)
+        resp = await a.call(b.addrs[0], "both", "hi", timeout=20)
+        assert resp.value == {"text": "HI!", "peers": [c.peer_id, c.peer_id]}
+        assert seen == [(1, (f"{b.peer_id}/both",))] * 2
