@@ -262,3 +262,13 @@ def test_routes_from_cards_and_their_json():
 def test_static_route_defaults():
     route = ModelRoute(name="m")
     assert route.tasks == ("chat", "text-generation") and not route.providers and not route.discovered
+
+
+def test_the_name_openai_still_means_the_official_client():
+    import openai
+
+    import modelnet_p2p.openai as ours
+    from modelnet_p2p.openai import app
+
+    assert ours is not openai and ours.__name__ == "modelnet_p2p.openai"
+    assert hasattr(openai, "OpenAI") and app.Gateway.__module__ == "modelnet_p2p.openai.app"

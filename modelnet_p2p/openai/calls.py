@@ -115,6 +115,11 @@ class _Resume:
             return None
         return chunk
 
+    def check_complete(self) -> None:
+        """At the end of the new answer: raises if it was shorter than what had been sent."""
+        if self.pos < len(self.sent) or self.skip_other:
+            raise _Diverged("the provider that took over answered less than was already sent; cannot go on")
+
 
 class Caller:
     """Sends the gateway's requests through the mesh's client (see the module docstring).
@@ -208,13 +213,15 @@ class Caller:
                                 sent.add(chunk)
                             outcome.chunks += 1
                             yield chunk
+                        if resume is not None:
+                            resume.check_complete()
                 except ModelNetError as exc:
                     tries = stream.info.attempts
                     attempts += len(tries)
                     tried.update(a["peer"] for a in tries if a.get("peer"))
                     if isinstance(exc, _Diverged) and stream.info.peer:
                         self.client.router.failure(stream.info.peer)
-                    progress = outcome.chunks > 0 if buffered else bool(sent) and route.idempotent
+                    progress = (outcome.chunks > 0) if buffered else (bool(sent) and route.idempotent)
                     again = (
                         bool(tries)
                         and progress
