@@ -446,7 +446,7 @@ class Gateway:
 
     def _connected_peers(self) -> int:
         try:
-            return len(self.peer.host.get_network().get_connections_map())  # type: ignore[attr-defined]
+            return len(self.peer.host.get_network().get_connections_map())
         except Exception:
             return 0
 
