@@ -11,12 +11,13 @@ CPU-bound: one process saturates a core at about 15-20 peers that all publish ev
 Stdout gets one JSON line per peer (``{"peer": i, "id": ..., "addr": ...}``),
 then ``{"ready": true}``. Commands, one JSON object per stdin line (see ``worker_loop.py``):
 
-- ``{"cmd": "connect", "links": [[i, addr], ...]}``: peer ``i`` dials ``addr``;
+- ``{"cmd": "connect", "links": [[i, addr], ...]}``: peer ``i`` dials ``addr`` (all at once);
   answers ``{"connected": n, "failed": m}``.
 - ``{"cmd": "watch", "id": ID}``: answers ``{"watching": ID}``, then reports
   ``{"seen": ID, "peer": i, "t": T}`` once per local peer when ``ID`` enters its table
   (``T``: ``time.monotonic()``, the same clock in every process on Linux).
-- ``{"cmd": "stats"}``: ``{"stats": {...}}`` (counters summed over local peers).
+- ``{"cmd": "stats"}``: ``{"stats": {...}}`` (counters summed over local peers, and the smallest
+  GossipSub mesh among them, ``min_mesh``).
 
 Peers run with the DHT in client mode: availability gossip does not use it.
 """
@@ -87,6 +88,7 @@ def stats(services: list[AvailabilityService]) -> dict[str, Any]:
         "rejected": rejected,
         "restarts": sum(s.stats.pubsub_restarts for s in services),
         "peers": len(services),
+        "min_mesh": min((s.gossip.mesh_size(s.config.topic) for s in services), default=0),
     }
 
 
@@ -105,14 +107,19 @@ async def main(args: argparse.Namespace) -> None:
             cmd = json.loads(line)
             kind = cmd.get("cmd")
             if kind == "connect":
-                ok = failed = 0
-                for i, addr in cmd["links"]:
+                outcomes: list[bool] = []
+
+                async def dial(i: int, addr: str) -> None:
                     try:
                         await nodes[i][0].connect(addr)
-                        ok += 1
+                        outcomes.append(True)
                     except Exception:
-                        failed += 1
-                emit({"connected": ok, "failed": failed})
+                        outcomes.append(False)
+
+                async with trio.open_nursery() as dialing:
+                    for i, addr in cmd["links"]:
+                        dialing.start_soon(dial, i, addr)
+                emit({"connected": outcomes.count(True), "failed": outcomes.count(False)})
             elif kind == "watch":
                 for i, (_, service) in enumerate(nodes):
                     tasks.start_soon(watch, service, i, cmd["id"])

@@ -506,10 +506,18 @@ async def test_twenty_peers_see_a_new_provider_within_three_publish_periods():
         for a, b in random_links(list(range(20)), 3, rng):
             (wa, ia), (wb, ib) = where[a], where[b]
             plan[id(wa)].append([ia, wb.peers[ib]["addr"]])
-        for w in workers:
-            reply = await w.request({"cmd": "connect", "links": plan[id(w)]})
-            assert reply["failed"] == 0
-        await trio.sleep(2.0)  # let the meshes form
+        replies: list[dict[str, Any]] = []
+
+        async def connect(w: Any) -> None:
+            replies.append(await w.request({"cmd": "connect", "links": plan[id(w)]}))
+
+        async with trio.open_nursery() as connecting:
+            for w in workers:
+                connecting.start_soon(connect, w)
+        assert [r["failed"] for r in replies] == [0, 0]
+        with trio.fail_after(30):  # let the meshes form (grafts happen at 1 s heartbeats)
+            while min([(await w.request({"cmd": "stats"}))["stats"]["min_mesh"] for w in workers]) < 1:
+                await trio.sleep(0.1)
 
         async with Peer(listen=["/ip4/127.0.0.1/tcp/0"], dht_mode="client", **NO_GOSSIP) as provider:
             for w in workers:
@@ -720,6 +728,27 @@ async def test_malformed_gossip_message_does_not_stop_pubsub():
         latest = b.svc.get(a.id).seq  # type: ignore[union-attr]
         assert await a.svc.publish_now()
         await b.svc.wait_for(a.id, lambda e: e is not None and e.seq > latest, timeout=5)
+
+
+async def test_a_dead_pubsub_is_restarted_and_gossip_resumes():
+    async with mesh(2, links=[(1, 0)]) as (a, b):
+        await all_see([a, b])
+        pubsub = a.svc.gossip.libp2p_pubsub
+        assert pubsub is not None
+
+        async def boom() -> None:
+            raise RuntimeError("a pubsub task failed")
+
+        seen_a, seen_b = b.svc.get(a.id).seq, a.svc.get(b.id).seq  # type: ignore[union-attr]
+        pubsub.manager.run_task(boom)  # py-libp2p stops the whole pubsub service
+        with trio.fail_after(10):
+            while a.svc.stats.pubsub_restarts == 0 or not a.svc.running:
+                await trio.sleep(0.05)
+        assert a.svc.gossip.libp2p_pubsub is not pubsub
+        # Both directions work again: a's records reach b, and b's reach a.
+        await b.svc.wait_for(a.id, lambda e: e is not None and e.seq > seen_a, timeout=10)
+        await a.svc.wait_for(b.id, lambda e: e is not None and e.seq > seen_b, timeout=10)
+        assert a.svc.stats.pubsub_restarts == 1 and b.svc.stats.pubsub_restarts == 0
 
 
 async def test_services_started_after_connecting_reach_each_other():

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
-from libp2p.abc import IHost
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pb import rpc_pb2
@@ -43,6 +42,7 @@ from ._compat.pubsub import (
     stop_pubsub,
     trim_delivery_log,
 )
+from .host import Host
 
 if TYPE_CHECKING:
     # trio-typing's stubs (installed with py-libp2p) shadow trio's own annotations.
@@ -144,7 +144,7 @@ class Gossip:
 
     def __init__(
         self,
-        host: IHost,
+        host: Host,
         settings: GossipSettings | None = None,
         *,
         wall_clock: Callable[[], float] = time.time,
@@ -196,6 +196,11 @@ class Gossip:
         """How many neighbours have announced a subscription to ``topic``."""
         ps = self._pubsub
         return len(ps.peer_topics.get(topic, ())) if ps is not None else 0
+
+    def mesh_size(self, topic: str) -> int:
+        """How many neighbours are in this peer's GossipSub mesh for ``topic`` (grafted at heartbeats)."""
+        router = self._router
+        return len(router.mesh.get(topic, ())) if router is not None else 0
 
     async def publish(self, topic: str, data: bytes) -> None:
         """Sign and publish ``data`` on ``topic``; raises :class:`UnavailableError` if pubsub is down."""
@@ -349,4 +354,3 @@ async def _drain(subscription: Any) -> None:
     # 32-slot buffer never overflows.
     async for _ in subscription:
         pass
-

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ...errors import ConfigError, ProtocolError, UnavailableError
+from ...p2p.host import Host
 from ...p2p.identity import Identity
 from ...p2p.pubsub import Gossip, GossipMessage, GossipStats, describe_error
 from ...proto.availability import (
@@ -139,7 +140,7 @@ class AvailabilityService:
 
     def __init__(
         self,
-        host: Any,
+        host: Host,
         identity: Identity,
         config: AvailabilityConfig | None = None,
         *,
@@ -370,7 +371,7 @@ class AvailabilityService:
 
 
 async def start_availability(
-    host: Any,
+    host: Host,
     identity: Identity,
     nursery: trio.Nursery,
     config: AvailabilityConfig | None = None,
