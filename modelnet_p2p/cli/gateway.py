@@ -10,15 +10,16 @@ import trio
 
 from ..config import Config
 from ..errors import ConfigError
+from ..openai.settings import GatewayConfig
 from .common import emit, env_secret, make_peer, run_async, wait_for_stop
 from .options import PeerOptions, State, pass_state, peer_options, require_bootstrap
 
 __all__ = ["gateway_command"]
 
 #: Where the HTTP API listens unless --listen says otherwise (loopback: no key needed).
-HTTP_LISTEN = "127.0.0.1:8080"
+HTTP_LISTEN = GatewayConfig.listen
 #: Seconds one HTTP request may take, as long as a peer lets a request run.
-REQUEST_TIMEOUT = Config.max_request_time
+REQUEST_TIMEOUT = GatewayConfig.request_timeout
 
 
 @click.command("gateway")
@@ -44,7 +45,7 @@ REQUEST_TIMEOUT = Config.max_request_time
 @click.option(
     "--routing",
     type=click.Choice(["mesh", "local"]),
-    default="mesh",
+    default=GatewayConfig.routing,
     show_default=True,
     help="Who picks providers: the peer's routing, or the gateway's over discovered providers.",
 )

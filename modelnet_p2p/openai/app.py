@@ -91,6 +91,7 @@ from .catalog import Catalog, ModelRoute, agent_card, model_json, routes_from_ca
 from .conventions import CHAT, EMBEDDING, OPENAI_TASKS, TEXT_GENERATION
 from .errors import GatewayError, from_mesh_error, unauthorized
 from .metrics import Metrics
+from .settings import GatewayConfig
 from .sse import EventStream, Frames, sse_body
 from .translate import (
     Answer,
@@ -127,11 +128,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Seconds a request may take when the client does not say (header ``x-modelnet-timeout``).
-DEFAULT_REQUEST_TIMEOUT = 600.0
+DEFAULT_REQUEST_TIMEOUT = GatewayConfig.request_timeout
 #: Largest request body accepted, in bytes.
-MAX_BODY = 8 * 1024 * 1024
+MAX_BODY = GatewayConfig.max_body
 #: Embedding batches sent at once for one request.
-EMBEDDING_CONCURRENCY = 4
+EMBEDDING_CONCURRENCY = GatewayConfig.embedding_concurrency
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -166,6 +167,8 @@ def is_loopback(host: str) -> bool:
 class Gateway:
     """The OpenAI API over a running :class:`~modelnet_p2p.Peer` (see the module docstring).
 
+    The defaults are :class:`~.settings.GatewayConfig`'s.
+
     Args:
         peer: a running peer (inside ``async with``).
         models: a static list of routes; ``None`` (the default): the mesh's
@@ -190,13 +193,13 @@ class Gateway:
         *,
         models: Sequence[ModelRoute] | None = None,
         api_key: str | None = None,
-        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        request_timeout: float = GatewayConfig.request_timeout,
         tasks: Sequence[str] = OPENAI_TASKS,
-        discovery_ttl: float = 10.0,
-        lookup_timeout: float = 3.0,
-        max_attempts: int = 3,
-        routing: str = "mesh",
-        policy: str = "p2c",
+        discovery_ttl: float = GatewayConfig.discovery_ttl,
+        lookup_timeout: float = GatewayConfig.lookup_timeout,
+        max_attempts: int = GatewayConfig.max_attempts,
+        routing: str = GatewayConfig.routing,
+        policy: str = GatewayConfig.policy,
     ) -> None:
         if routing not in ("mesh", "local"):
             raise ConfigError(f"routing must be mesh or local, not {routing!r}")
@@ -240,7 +243,7 @@ class Gateway:
 
     async def serve(
         self,
-        listen: str = "127.0.0.1:8080",
+        listen: str = GatewayConfig.listen,
         *,
         allow_no_auth: bool = False,
         shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
@@ -476,7 +479,7 @@ class Gateway:
 
 async def serve_gateway(
     peer: Peer,
-    listen: str = "127.0.0.1:8080",
+    listen: str = GatewayConfig.listen,
     api_key: str | None = None,
     *,
     allow_no_auth: bool = False,
