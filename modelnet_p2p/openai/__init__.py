@@ -9,6 +9,7 @@
 * :mod:`.metrics`: the gateway's counters in the Prometheus text format.
 * :mod:`.calls`: the gateway's requests into the mesh (through the mesh's one client).
 * :mod:`.sse`: streamed answers as server-sent events.
+* :mod:`.settings`: :class:`~.settings.GatewayConfig`, every default of the gateway.
 * :mod:`.app`: the gateway itself, ``modelnet gateway`` (starlette on hypercorn).
 * :mod:`.upstream`: an OpenAI-compatible server served on the mesh,
   ``modelnet serve openai+http://...``.
