@@ -121,10 +121,10 @@ class PeerConfig:
     relay_hop: bool = False
 
     def with_overrides(self, **overrides: Any) -> PeerConfig:
-        """A copy with some settings replaced (``ConfigError`` for an unknown name)."""
+        """A copy with some settings replaced (``TypeError`` for an unknown name, as for a call)."""
         unknown = sorted(set(overrides) - PEER_SETTINGS)
         if unknown:
-            raise ConfigError(f"unknown peer setting(s): {', '.join(unknown)}")
+            raise TypeError(f"unexpected peer setting(s): {', '.join(unknown)}")
         return replace(self, **overrides)
 
     def load_identity(self) -> Identity:

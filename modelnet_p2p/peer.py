@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import multiaddr
 import trio
 
-from .config import PEER_SETTINGS, PeerConfig
+from .config import PeerConfig
 from .errors import BadRequestError, ConfigError
 from .log import quiet_libp2p
 from .mesh.client import InferenceStream, MeshClient, Response
@@ -100,9 +100,6 @@ class Peer:
         config: PeerConfig | None = None,
         **overrides: Any,
     ) -> None:
-        unknown = sorted(set(overrides) - PEER_SETTINGS)
-        if unknown:
-            raise TypeError(f"Peer() got unexpected keyword argument(s): {', '.join(unknown)}")
         given = {"identity": identity, "listen": listen, "bootstrap": bootstrap}
         overrides.update({k: v for k, v in given.items() if v is not _UNSET})
         cfg = (config or PeerConfig()).with_overrides(**overrides)
@@ -116,8 +113,6 @@ class Peer:
         self.identity = cfg.load_identity()
         self._listen = [parse_multiaddr(a) for a in cfg.listen]
         self._bootstrap = [parse_multiaddr(a) for a in cfg.bootstrap]
-        #: Relay circuits for peers that cannot be dialed (bootstrap nodes do).
-        self.relay_hop = cfg.relay_hop
         #: Reserve slots on the bootstrap peers' relays and announce relayed
         #: addresses (a peer that others cannot dial; see ``specs/network.md``).
         self.needs_relay = cfg.needs_relay()
@@ -131,8 +126,6 @@ class Peer:
                 publish_interval=cfg.publish_interval, topic=topic(AVAILABILITY_TOPIC, self.network)
             )
         self.limits = Limits(**cfg.server_limits())
-        self.connect_timeout = cfg.connect_timeout
-        self.window = cfg.window
         self._host: Host | None = None
         self._nursery: trio.Nursery | None = None
         self._stack: AsyncExitStack | None = None
@@ -166,22 +159,23 @@ class Peer:
     # -- lifecycle -------------------------------------------------------------
 
     async def __aenter__(self) -> Peer:
+        cfg = self.config
         if self.identity.ephemeral:
             log.info("no identity configured; using ephemeral peer id %s", self.identity.peer_id)
         stack = AsyncExitStack()
         await stack.__aenter__()
         try:
-            host = build_host(self.identity, dial_timeout=self.connect_timeout)
+            host = build_host(self.identity, dial_timeout=cfg.connect_timeout)
             await stack.enter_async_context(running_host(host, self._listen))
             self._host = host
-            self._dialer = Dialer(host, connect_timeout=self.connect_timeout)
+            self._dialer = Dialer(host, connect_timeout=cfg.connect_timeout)
             self._client = MeshClient(
                 self._dialer.for_protocol(self.infer_protocol),
                 self.stream_pool,
                 self._providers,
                 self.router,
                 max_frame_size=self.limits.max_frame_size,
-                window=self.window,
+                window=cfg.window,
             )
             self._nursery = nursery = await stack.enter_async_context(trio.open_nursery())
             self.inference.bind(nursery)
@@ -191,10 +185,10 @@ class Peer:
             # tells each contact then whether this peer serves the DHT.
             await self.discovery.start(host, nursery)
             stack.callback(self.discovery.stop)  # before the nursery and the host close
-            self.relay = RelayService(host, hop=self.relay_hop)
+            self.relay = RelayService(host, hop=cfg.relay_hop)
             await self.relay.start(nursery)
             stack.callback(self.relay.stop)
-            if self.config.gossip:
+            if cfg.gossip:
                 # Started before the bootstrap connections, so that pubsub sees them.
                 self.availability = await start_availability(
                     host,
@@ -204,13 +198,13 @@ class Peer:
                     load_provider=self._load.snapshot,
                     capabilities=self.inference.capabilities(),
                 )
-            await self._dialer.connect_bootstrap(self._bootstrap, required=self.config.require_bootstrap)
+            await self._dialer.connect_bootstrap(self._bootstrap, required=cfg.require_bootstrap)
             await self.discovery.bootstrap(self._dialer.connected_among(self._bootstrap))
             if self.needs_relay:  # announce only relayed addresses: the direct ones are unreachable
                 self.discovery.relayed_only = True
                 relays = [str(a) for a in self._bootstrap]
                 self._circuit_addrs = await keep_reservations(
-                    host, relays, nursery, self.discovery.set_extra_addrs, timeout=self.connect_timeout
+                    host, relays, nursery, self.discovery.set_extra_addrs, timeout=cfg.connect_timeout
                 )
         except BaseException:
             self._host = None
@@ -375,7 +369,7 @@ class Peer:
         """
         return card_targets(await self.discover(model=capability, limit=limit, timeout=timeout), self.peer_id)
 
-    async def discover_iter(
+    def discover_iter(
         self,
         task: str | None = None,
         *,
@@ -389,7 +383,7 @@ class Peer:
 
         Leaving the loop early stops the search.
         """
-        found = search_cards(
+        return search_cards(
             self.discovery.find,
             self.nursery,
             task=task,
@@ -399,8 +393,6 @@ class Peer:
             limit=limit,
             timeout=timeout,
         )
-        async for card in found:
-            yield card
 
     # -- the mesh ----------------------------------------------------------------
 

@@ -326,7 +326,8 @@ async def test_call_restart_starts_over_after_a_part_way_failure():
 
 async def test_peer_settings_come_from_one_config():
     peer = Peer(config=PeerConfig(max_concurrency=3, window=4096), connect_timeout=2.5)
-    assert peer.limits.max_concurrency == 3 and peer.window == 4096 and peer.connect_timeout == 2.5
+    assert peer.limits.max_concurrency == 3
+    assert (peer.config.window, peer.config.connect_timeout) == (4096, 2.5)
     assert peer.config.max_frame_size == PeerConfig().max_frame_size
     assert Peer(None, ["/ip4/127.0.0.1/tcp/0"], []).config.bootstrap == []
     with pytest.raises(TypeError, match="max_concurency"):
