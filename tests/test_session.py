@@ -719,3 +719,52 @@ def test_client_and_server_sessions_talk_through_a_small_window():
                 assert c.reusable and s.state is ServerState.IDLE
                 return
     raise AssertionError("the answer did not complete")
+
+
+# -- properties -------------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    window=st.integers(1024, 64 * 1024),
+    sizes=st.lists(st.integers(0, 20_000), max_size=20),
+    read_sizes=st.lists(st.integers(256, 70_000), min_size=1, max_size=10),
+    batch=st.integers(1, 300_000),
+)
+def test_any_answer_arrives_whole_and_in_order_within_the_window(window, sizes, read_sizes, batch):
+    """Whatever the window, chunk sizes, read sizes and batch sizes, every chunk arrives once,
+    in order, and the server never has more out than the spec's bound."""
+    c = client(window=window, keep=True)
+    s = server()
+    s.receive_data(c.send_request(0))
+    assert isinstance(s.next_event(), RequestReceived)
+    s.accept(0)
+    payload = [b"p" * n for n in sizes]
+    for p in payload:
+        assert s.send_chunk(p)
+    s.send_end()
+    bound = max(window, window // CREDIT_FRACTION + max([0, *sizes]) + 32)
+    wire = b""
+    got: list[bytes] = []
+    for step in range(10 + 2 * (sum(sizes) + 64 * len(sizes)) // 256):
+        wire += s.data_to_send(1, max_bytes=batch)
+        assert s.outstanding <= bound
+        if wire:
+            n = read_sizes[step % len(read_sizes)]
+            c.receive_data(wire[:n])
+            wire = wire[n:]
+            credit = c.data_to_send()
+            if credit:
+                s.receive_data(credit)
+                events(s)
+        for e in events(c):
+            if isinstance(e, ChunkReceived):
+                got.append(e.data)
+            elif isinstance(e, Finished):
+                assert got == payload and e.end.chunks == len(payload)
+                assert s.state is ServerState.IDLE
+                return
+    raise AssertionError("stalled")
