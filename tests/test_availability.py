@@ -598,6 +598,7 @@ async def test_draining_is_visible_and_in_flight_requests_finish():
     async with mesh(2, links=[(1, 0)]) as (a, b):
         b.peer.serve("slow", slow)
         b.svc.set_capabilities(b.peer.capabilities)
+        assert await b.svc.publish_now()  # not waiting out the rate limit (tested on the mock clock)
         await a.svc.wait_for(b.id, lambda e: e is not None and e.record.serves("slow"), timeout=5)
         async with trio.open_nursery() as nursery:
             answers: list[str] = []
@@ -626,6 +627,7 @@ async def test_draining_is_visible_and_in_flight_requests_finish():
             assert drained == []  # still waiting for the request in flight
             release.set()
         assert answers == ["done"] and drained == [True]
+        assert await b.svc.publish_now()
         entry = await a.svc.wait_for(b.id, lambda e: e is not None and e.record.in_flight == 0, timeout=5)
         assert entry is not None and entry.state is State.DRAINING
 

@@ -158,6 +158,7 @@ class Gossip:
         self._router: GossipSub | None = None
         self._on_ready: list[Callable[[], None]] = []
         self._running = False
+        self._ready_once = False
 
     def check_host_free(self) -> None:
         """Raise :class:`ConfigError` if a pubsub service already runs on the host."""
@@ -252,34 +253,25 @@ class Gossip:
         if self._running:
             raise RuntimeError("this gossip service is already running")
         self._running = True
-        ready_once = False
+        self._ready_once = False
         backoff = RESTART_BACKOFF[0]
-
-        def started() -> None:
-            nonlocal ready_once
-            ready_once = True
-            task_status.started()
-
         try:
             while True:
                 try:
-                    await self._run_once(started)
+                    await self._run_once(task_status)
                     return
                 except Exception as exc:
-                    if not ready_once:
+                    if not self._ready_once:
                         raise
                     self.stats.restarts += 1
                     log.warning("gossip failed (%s); restarting it in %.0f s", describe_error(exc), backoff)
-
-                def started() -> None:
-                    pass
-
+                task_status = trio.TASK_STATUS_IGNORED
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, RESTART_BACKOFF[1])
         finally:
             self._running = False
 
-    async def _run_once(self, started: Callable[[], None]) -> None:
+    async def _run_once(self, task_status: TaskStatus[None]) -> None:
         s = self.settings
         router = build_router(
             degree=s.degree,
@@ -308,12 +300,14 @@ class Gossip:
                 async with trio.open_nursery() as nursery:
                     for subscription in subscriptions:
                         nursery.start_soon(_drain, subscription)
+                    # Pubsub only notices connections made after it started.
                     for peer_id in list(self._host.get_network().get_connections_map()):
                         nursery.start_soon(pubsub.ensure_stream, peer_id)
                     nursery.start_soon(self._maintenance, pubsub, router)
                     for callback in self._on_ready:
                         callback()
-                    started()
+                    self._ready_once = True
+                    task_status.started()
         finally:
             self._pubsub = self._router = None
             await stop_pubsub(self._host, pubsub, router, notifees)

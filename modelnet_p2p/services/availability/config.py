@@ -1,4 +1,9 @@
-"""Tuning of the availability service: one dataclass, every default written once."""
+"""Tuning of the availability service: one dataclass.
+
+Defaults are written once: the publish interval is the Peer's
+(:attr:`~modelnet_p2p.config.PeerConfig.publish_interval`), the GossipSub settings are
+:class:`~modelnet_p2p.p2p.pubsub.GossipSettings`'.
+"""
 
 from __future__ import annotations
 
@@ -50,16 +55,16 @@ class AvailabilityConfig:
     load_poll_interval: float = 0.25
     sweep_interval: float = 0.5
     initial_state: State = State.READY
-    heartbeat_interval: int = 1
-    degree: int = 6
-    degree_low: int = 4
-    degree_high: int = 12
-    max_messages_per_topic_per_second: float = 100.0
+    heartbeat_interval: int = GossipSettings.heartbeat_interval
+    degree: int = GossipSettings.degree
+    degree_low: int = GossipSettings.degree_low
+    degree_high: int = GossipSettings.degree_high
+    max_messages_per_topic_per_second: float = GossipSettings.max_messages_per_topic_per_second
     max_peers: int = 10_000
     seq_memory: float = 600.0
     leaving_linger: float = 2.0
     leave_flush_timeout: float = 1.0
-    stream_setup_timeout: float = 15.0
+    stream_setup_timeout: float = GossipSettings.stream_setup_timeout
     topic: str = TOPIC
 
     def __post_init__(self) -> None:
