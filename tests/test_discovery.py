@@ -282,6 +282,10 @@ async def test_forged_expired_and_oversized_cards_are_rejected_by_remote_servers
             reasons = [r.getMessage() for r in caplog.records if "rejected card" in r.getMessage()]
             for reason in ("does not match", "expired", "exceeds", "stored under the key of"):
                 assert any(reason in r for r in reasons), (reason, reasons)
+            # Values outside the card namespace are refused too (strict validation).
+            for key in ("/junk/x", "no-namespace"):
+                assert await attacker.discovery.request(server.peer_id, put_message(key, b"v")) is None, key
+                assert server.discovery.kad.local_value(key.encode()) is None, key
             # The server survived all of it and still stores a good card.
             good = (value_key(attacker.peer_id), own_card.envelope)
             assert await attacker.discovery.request(server.peer_id, put_message(*good)) is not None

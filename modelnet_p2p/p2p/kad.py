@@ -5,7 +5,8 @@ provider stores, and the inbound handler. Everything else the discovery service 
 in :class:`KadNode`, in terms of peer ids as base58 text, addresses as text, and the
 messages :class:`KadRequest` / :class:`KadResponse`, so that no libp2p type leaves
 ``p2p/``. The workarounds of py-libp2p's Kademlia bugs (the protocol-id proxy first of
-all) live in :mod:`._compat.kad`.
+all) live in :mod:`._compat.kad`. Validation is strict: a server refuses values in any
+namespace without a validator (py-libp2p's default would store them for 24 h).
 
 If the proxy ever stopped working, our records would silently go to the public IPFS DHT.
 :meth:`KadNode.start` therefore checks, before anyone is dialed, that the host serves our

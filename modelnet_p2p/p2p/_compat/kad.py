@@ -194,7 +194,10 @@ class MeshKadDHT(KadDHT):
         identify_wait: float,
         wall_clock: Callable[[], float],
     ) -> None:
-        super().__init__(cast(IHost, view), DHTMode.SERVER if server else DHTMode.CLIENT)
+        # strict_validation: a value in a namespace without a validator is refused (py-libp2p's
+        # default stores any such value for 24 h).
+        mode = DHTMode.SERVER if server else DHTMode.CLIENT
+        super().__init__(cast(IHost, view), mode, strict_validation=True)
         self.provider_store = MeshProviderStore(
             view, self.peer_routing, provider_ttl, max_providers_per_key, wall_clock
         )
