@@ -37,8 +37,9 @@ from .peer import Peer
 from .proto.capability import Capability, CostHint
 from .proto.card import CapabilityCard
 from .proto.infer import TraceContext
-from .services.inference.handlers import Handler, InferenceRequest
-from .services.inference.server import ResponseInfo
+from .proto.session import Limits
+from .services.availability import MeshViewRow
+from .services.inference import Handler, InferenceRequest, ResponseInfo
 
 __all__ = [
     "BadRequestError",
@@ -57,9 +58,11 @@ __all__ = [
     "InferenceRequest",
     "InferenceStream",
     "InternalError",
+    "Limits",
     "Mesh",
     "MeshClient",
     "MeshContext",
+    "MeshViewRow",
     "ModelNetError",
     "NotFoundError",
     "OverloadedError",
