@@ -415,3 +415,20 @@ async def test_guarded_writes_leave_the_record_out_of_plain_rpcs() -> None:
     assert await pubsub.write_msg(sink, hello)  # type: ignore[arg-type]
     assert b"r" * 200 in sink.data  # subscription changes keep it
     pubsub.seen_messages.stop()
+
+
+async def test_stock_pubsub_stops_when_any_of_its_tasks_fails() -> None:
+    """Why :class:`~modelnet_p2p.p2p.pubsub.Gossip` restarts a pubsub that died."""
+    host = build_host(Identity.generate())
+    stock = Pubsub(host, stock_router())
+
+    async def boom() -> None:
+        raise RuntimeError("one task failed")
+
+    with pytest.raises(BaseException) as caught:  # the service re-raises it, perhaps wrapped
+        with trio.fail_after(5):
+            async with background_trio_service(stock):
+                stock.manager.run_task(boom)
+                await trio.sleep_forever()
+    assert "one task failed" in repr(caught.value)
+    stop_stock(stock)
