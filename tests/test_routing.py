@@ -12,14 +12,17 @@ import trio
 from cli_util import background, read_event
 
 from modelnet_p2p import (
+    BadRequestError,
     Candidate,
     Capability,
     Config,
     ConfigError,
+    Identity,
     InternalError,
     NotFoundError,
     Peer,
     PeerConfig,
+    PeerID,
     UnavailableError,
 )
 from modelnet_p2p.testing import open_peers
@@ -341,3 +344,29 @@ async def test_peer_settings_come_from_one_config():
     cfg = Config(max_concurrency=5)
     assert Peer(**cfg.peer_kwargs()).limits.max_concurrency == 5
     assert cfg.peer_config().max_concurrency == 5
+
+
+async def test_dialer_targets_and_their_errors():
+    """Every form of target the dialer takes, and the typed error for each bad one."""
+    async with open_peers(2) as (a, b):
+        b.serve("echo", counting("b", Counter()))
+        dialer = a.dialer
+        assert dialer.peer_of(b.addrs[0]) == b.peer_id
+        relayed = f"{b.addrs[0]}/p2p-circuit/p2p/{a.peer_id}"
+        assert dialer.peer_of(relayed) == a.peer_id  # the target, not the relay
+        assert await a.connect(b.addrs[0]) == b.peer_id
+        assert dialer.is_connected(b.peer_id)
+        for target in (b.addrs[0], b.peer_id, PeerID.from_base58(b.peer_id)):  # a known peer by id too
+            assert (await a.call(target, "echo", "x", timeout=10)).text == "x from b"
+        with pytest.raises(ConfigError, match="neither a multiaddr nor a peer id"):
+            dialer.peer_of("not a peer")
+        with pytest.raises(ConfigError, match="no /p2p/"):
+            await a.connect("/ip4/127.0.0.1/tcp/1")
+        with pytest.raises(BadRequestError, match="itself"):
+            await a.connect(a.addrs[0])
+        stranger = Identity.generate(ephemeral=True).peer_id
+        with pytest.raises(UnavailableError, match="no known address"):
+            await a.call(str(stranger), "echo", "x", timeout=5)
+        assert await a.ping(str(stranger), timeout=1) is None
+        rtt = await a.ping(b.peer_id, timeout=5)
+        assert rtt is not None and rtt >= 0
