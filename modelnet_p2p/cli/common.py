@@ -24,9 +24,7 @@ def run_async(fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Any:
 
 def make_peer(cfg: Config, **overrides: Any) -> Peer:
     """A :class:`Peer` built from the merged configuration, with per-command ``overrides``."""
-    kwargs = cfg.peer_kwargs()
-    kwargs.update(overrides)
-    return Peer(**kwargs)
+    return Peer(config=cfg.peer_config(), **overrides)
 
 
 def env_secret(var: str | None, flag: str) -> str | None:
