@@ -211,7 +211,7 @@ class KadNode:
     # -- lifecycle -----------------------------------------------------------
 
     @property
-    def dht(self) -> MeshKadDHT:
+    def _running(self) -> MeshKadDHT:
         if self._dht is None:
             raise RuntimeError("the DHT is not running")
         return self._dht
@@ -275,30 +275,30 @@ class KadNode:
 
     def register_validator(self, namespace: str, policy: RecordPolicy) -> None:
         """Validate and select the values of ``/<namespace>/...`` keys with ``policy``."""
-        self.dht.register_validator(namespace, cast(Validator, policy))
+        self._running.register_validator(namespace, cast(Validator, policy))
 
     # -- the routing table and the peerstore ------------------------------------
 
     def closest_known(self, key: bytes, count: int) -> list[str]:
         """The ``count`` peers of the routing table closest to ``key``."""
-        return [str(p) for p in self.dht.routing_table.find_local_closest_peers(key, count)]
+        return [str(p) for p in self._running.routing_table.find_local_closest_peers(key, count)]
 
     def connected_peers(self) -> list[str]:
         return [str(p) for p in self._host.get_connected_peers()]
 
     def routing_table_size(self) -> int:
-        return self.dht.get_routing_table_size()
+        return self._running.get_routing_table_size()
 
     def in_routing_table(self, peer_id: str) -> bool:
-        return self.dht.routing_table.peer_in_table(ID.from_base58(peer_id))
+        return self._running.routing_table.peer_in_table(ID.from_base58(peer_id))
 
     async def add_to_routing_table(self, peer_id: str) -> bool:
         """Add a peer that serves the DHT (identify is checked, as py-libp2p does)."""
-        return await self.dht.add_peer(ID.from_base58(peer_id))
+        return await self._running.add_peer(ID.from_base58(peer_id))
 
     def forget(self, peer_id: str) -> None:
         """Drop an unreachable peer from the routing table."""
-        self.dht.routing_table.remove_peer(ID.from_base58(peer_id))
+        self._running.routing_table.remove_peer(ID.from_base58(peer_id))
 
     def remember_addrs(self, peer: KadPeer, ttl: int) -> None:
         """Put ``peer``'s addresses into the peerstore for ``ttl`` seconds."""
@@ -310,56 +310,56 @@ class KadNode:
 
     def store_value(self, key: bytes, value: bytes, expires_at: float) -> None:
         """Store a value locally until ``expires_at`` (seconds since the epoch); not republished."""
-        store_value(self.dht, key, value, expires_at)
+        store_value(self._running, key, value, expires_at)
 
     def local_value(self, key: bytes) -> bytes | None:
         """The value stored here under ``key``, if it has not expired."""
-        record = self.dht.value_store.get(key)
+        record = self._running.value_store.get(key)
         return None if record is None else bytes(record.value)
 
     def local_values(self, prefix: bytes = b"") -> list[tuple[bytes, bytes]]:
         """Every ``(key, value)`` stored here whose key starts with ``prefix``."""
         return [
             (k, bytes(record.value))
-            for k, (record, _validity) in list(self.dht.value_store.store.items())
+            for k, (record, _validity) in list(self._running.value_store.store.items())
             if k.startswith(prefix)
         ]
 
     def drop_value(self, key: bytes) -> None:
-        self.dht.value_store.remove(key)
+        self._running.value_store.remove(key)
 
     async def put_value(self, key: str, value: bytes) -> None:
         """py-libp2p's own validated local put (raises ``ValueError`` for a worse value)."""
-        await self.dht.put_value(key, value)
+        await self._running.put_value(key, value)
 
     def add_local_provider(self, key: bytes, peer: KadPeer) -> None:
         info = PeerInfo(ID.from_base58(peer.peer_id), [multiaddr.Multiaddr(a) for a in peer.addrs])
-        self.dht.provider_store.add_provider(key, info)
+        self._running.provider_store.add_provider(key, info)
 
     def local_providers(self, key: bytes) -> list[KadPeer]:
         return [
             KadPeer(str(i.peer_id), tuple(str(a) for a in i.addrs))
-            for i in self.dht.provider_store.get_providers(key)
+            for i in self._running.provider_store.get_providers(key)
         ]
 
     def provider_keys(self) -> int:
         """Keys this peer holds provider records for."""
-        return len(self.dht.provider_store.providers)
+        return len(self._running.provider_store.providers)
 
     def drop_expired_providers(self) -> None:
-        self.dht.provider_store.cleanup_expired()
+        self._running.provider_store.cleanup_expired()
 
     def clear_local_stores(self) -> None:
         """Forget every provider record and value stored here."""
-        self.dht.provider_store.providers.clear()
-        self.dht.value_store.store.clear()
+        self._running.provider_store.providers.clear()
+        self._running.value_store.store.clear()
 
     async def library_find_providers(self, key: bytes, count: int = 20) -> list[str]:
         """py-libp2p's own provider lookup (on our protocol id), for comparison in benchmarks.
 
         It answers from the local store when that holds any record, and may stop early.
         """
-        return [str(i.peer_id) for i in await self.dht.provider_store.find_providers(key, count)]
+        return [str(i.peer_id) for i in await self._running.provider_store.find_providers(key, count)]
 
     # -- requests ------------------------------------------------------------------
 
