@@ -23,7 +23,14 @@ from .errors import BadRequestError, ConfigError
 from .log import quiet_libp2p
 from .mesh.client import InferenceStream, MeshClient, Response
 from .mesh.context import MeshContext
-from .mesh.providers import Providers, card_targets, mesh_rows, search_cards
+from .mesh.providers import (
+    LOOKUP_TIMEOUT,
+    PROVIDERS_TIMEOUT,
+    Providers,
+    card_targets,
+    mesh_rows,
+    search_cards,
+)
 from .mesh.routing import Candidate, Router
 from .p2p.addresses import parse_multiaddr
 from .p2p.dialer import Dialer, Target
@@ -121,10 +128,9 @@ class Peer:
         self._circuit_addrs: dict[str, str] = {}
         #: Availability gossip (``specs/availability.md``); ``None`` while stopped or if disabled.
         self.availability: AvailabilityService | None = None
-        with _as_config_error():
-            self._availability_config = AvailabilityConfig(
-                publish_interval=cfg.publish_interval, topic=topic(AVAILABILITY_TOPIC, self.network)
-            )
+        self._availability_config = AvailabilityConfig(
+            publish_interval=cfg.publish_interval, topic=topic(AVAILABILITY_TOPIC, self.network)
+        )
         self.limits = Limits(**cfg.server_limits())
         self._host: Host | None = None
         self._nursery: trio.Nursery | None = None
@@ -345,7 +351,7 @@ class Peer:
         version: str | None = None,
         tags: Sequence[str] | str = (),
         limit: int | None = None,
-        timeout: float = 10.0,
+        timeout: float = LOOKUP_TIMEOUT,
     ) -> list[CapabilityCard]:
         """The verified capability cards of every peer serving what is asked.
 
@@ -361,7 +367,7 @@ class Peer:
         return [card async for card in found]
 
     async def find_providers(
-        self, capability: str, *, timeout: float = 10.0, limit: int | None = None
+        self, capability: str, *, timeout: float = LOOKUP_TIMEOUT, limit: int | None = None
     ) -> list[str]:
         """One target (a multiaddr ending in ``/p2p/<id>``) per other peer serving ``capability``.
 
@@ -377,7 +383,7 @@ class Peer:
         version: str | None = None,
         tags: Sequence[str] | str = (),
         limit: int | None = None,
-        timeout: float = 10.0,
+        timeout: float = LOOKUP_TIMEOUT,
     ) -> AsyncIterator[CapabilityCard]:
         """Like :meth:`discover`, but yields each card as soon as it is verified.
 
@@ -408,20 +414,17 @@ class Peer:
         """Live availability entries by peer id (this peer's own included), from gossip."""
         return self.availability.table() if self.availability is not None else {}
 
-    async def mesh_view(self, *, timeout: float = 5.0, discover_task: str | None = None) -> list[MeshViewRow]:
-        """The mesh as this peer sees it: availability gossip joined with capability cards.
-
-        Each row (a :class:`~modelnet_p2p.services.availability.service.MeshViewRow`) is a
-        peer: its state and load from gossip (if it is alive), and its
-        capabilities with their verified cards (from discovery: every
-        capability name seen in gossip is looked up, plus ``discover_task``).
-        """
+    async def mesh_view(
+        self, *, timeout: float = PROVIDERS_TIMEOUT, discover_task: str | None = None
+    ) -> list[MeshViewRow]:
+        """The mesh as this peer sees it: one row per peer, its gossip (state, load) joined with
+        the verified cards of what it serves (see :func:`~modelnet_p2p.mesh.providers.mesh_rows`)."""
         return await mesh_rows(
             self.discover, self.availability_table, timeout=timeout, discover_task=discover_task
         )
 
     async def providers(
-        self, capability: str, *, timeout: float = 5.0, refresh: bool = False
+        self, capability: str, *, timeout: float = PROVIDERS_TIMEOUT, refresh: bool = False
     ) -> list[Candidate]:
         """Every known provider of ``capability`` (other than this peer), as routing candidates.
 

@@ -74,7 +74,7 @@ from ..p2p.dialer import Target
 from ..p2p.stream import Stream
 from ..proto.infer import TraceContext
 from ..services.inference import ResponseInfo, StreamSource, new_request_id, request_on_peer
-from .providers import Providers
+from .providers import PROVIDERS_TIMEOUT, Providers
 from .routing import Candidate, Policy, Router
 
 __all__ = [
@@ -219,7 +219,7 @@ class MeshClient:
         self.max_attempts = max_attempts
 
     async def providers(
-        self, capability: str, *, timeout: float = 5.0, refresh: bool = False
+        self, capability: str, *, timeout: float = PROVIDERS_TIMEOUT, refresh: bool = False
     ) -> list[Candidate]:
         """Every known provider of ``capability`` (other than this peer), as routing candidates."""
         return await self.provider_source.candidates(capability, timeout=timeout, refresh=refresh)

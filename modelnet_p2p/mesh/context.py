@@ -30,6 +30,7 @@ from ..proto.infer import TraceContext
 from ..services.inference.handlers import InferenceRequest
 from ..services.inference.server import via_entry
 from .client import InferenceStream, MeshClient
+from .providers import LOOKUP_TIMEOUT
 
 __all__ = ["MAX_VISITED", "MeshContext", "join_chunks"]
 
@@ -126,7 +127,7 @@ class MeshContext:
         return trio.from_thread.run(lambda: self.call(target, capability, input, **params))
 
     async def find_providers(
-        self, capability: str, *, timeout: float = 10.0, limit: int | None = None
+        self, capability: str, *, timeout: float = LOOKUP_TIMEOUT, limit: int | None = None
     ) -> list[str]:
         """One target per known provider of ``capability`` (other than this peer)."""
         left = self.remaining()

@@ -33,6 +33,8 @@ from ..services.discovery import Query
 from .routing import Candidate
 
 __all__ = [
+    "LOOKUP_TIMEOUT",
+    "PROVIDERS_TIMEOUT",
     "PROVIDER_CACHE_TTL",
     "Discover",
     "GossipEntry",
@@ -48,6 +50,10 @@ log = logging.getLogger(__name__)
 
 #: Seconds a capability's provider list (from the DHT) is reused before looking again.
 PROVIDER_CACHE_TTL = 10.0
+#: Seconds a discovery lookup may take unless the caller says otherwise.
+LOOKUP_TIMEOUT = 10.0
+#: Seconds a lookup of a capability's providers for routing (or of the mesh view) may take.
+PROVIDERS_TIMEOUT = 5.0
 
 
 class GossipRecord(Protocol):
@@ -108,7 +114,7 @@ async def search_cards(
     version: str | None = None,
     tags: Sequence[str] | str = (),
     limit: int | None = None,
-    timeout: float = 10.0,
+    timeout: float = LOOKUP_TIMEOUT,
 ) -> AsyncIterator[CapabilityCard]:
     """Yield each card ``find`` verifies, as it arrives; leaving the loop stops the search.
 
@@ -147,7 +153,7 @@ async def mesh_rows(
     discover: Callable[..., Awaitable[list[CapabilityCard]]],
     gossip: Callable[[], Mapping[str, Any]],
     *,
-    timeout: float = 5.0,
+    timeout: float = PROVIDERS_TIMEOUT,
     discover_task: str | None = None,
 ) -> list[MeshViewRow]:
     """The mesh: every peer in gossip, joined with the verified cards of what it serves.
@@ -213,7 +219,7 @@ class Providers:
         return cached[1]
 
     async def candidates(
-        self, capability: str, *, timeout: float = 5.0, refresh: bool = False
+        self, capability: str, *, timeout: float = PROVIDERS_TIMEOUT, refresh: bool = False
     ) -> list[Candidate]:
         """Every known provider of ``capability`` other than this peer, as routing candidates."""
         found: dict[str, Candidate] = {}

@@ -36,6 +36,7 @@ from ...errors import (
 )
 from ..client import InferenceStream
 from ..context import join_chunks
+from ..providers import LOOKUP_TIMEOUT
 from .trace import Result, Trace, as_text
 
 __all__ = [
@@ -67,7 +68,7 @@ class Mesh(Protocol):
     ) -> InferenceStream: ...
 
     async def find_providers(
-        self, capability: str, *, timeout: float = 10.0, limit: int | None = None
+        self, capability: str, *, timeout: float = LOOKUP_TIMEOUT, limit: int | None = None
     ) -> list[str]: ...
 
 
