@@ -154,6 +154,10 @@ async def test_provider_killed_mid_stream_fails_over_with_identical_chunks(tmp_p
             for proc in (a, b):
                 ready = await trio.to_thread.run_sync(read_event, proc)
                 procs[ready["peer_id"]] = proc
+            # "ready" comes before the cards are announced: wait until both can be found
+            with trio.fail_after(30):
+                while len(await client.providers("echo", refresh=True)) < 2:
+                    await trio.sleep(0.2)
             # a clean run first
             clean = await client.call(capability="echo", input=" ".join(WORDS), timeout=30, delay=0.0)
             assert clean.chunks == [w + " " for w in WORDS]
