@@ -35,6 +35,8 @@ from typing import Any
 
 import trio
 
+from ..config import PeerConfig
+
 __all__ = [
     "BAN_BASE",
     "BAN_MAX",
@@ -137,7 +139,7 @@ class Router:
 
     def __init__(
         self,
-        policy: str | Policy = "p2c",
+        policy: str | Policy = PeerConfig.routing_policy,
         *,
         rng: random.Random | None = None,
         clock: Callable[[], float] = trio_clock,
