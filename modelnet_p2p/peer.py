@@ -213,9 +213,10 @@ class Peer:
                     host, relays, nursery, self.discovery.set_extra_addrs, timeout=cfg.connect_timeout
                 )
         except BaseException:
-            self._host = None
             if self._nursery is not None:
                 self._nursery.cancel_scope.cancel()
+            self._host = self._nursery = self._client = self._dialer = None
+            self.availability = None
             await stack.__aexit__(None, None, None)
             raise
         self._stack = stack

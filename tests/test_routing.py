@@ -374,3 +374,14 @@ async def test_dialer_targets_and_their_errors():
         assert await a.ping(str(stranger), timeout=1) is None
         rtt = await a.ping(b.peer_id, timeout=5)
         assert rtt is not None and rtt >= 0
+
+
+async def test_a_failed_start_leaves_nothing_running():
+    nobody = Identity.generate(ephemeral=True).peer_id
+    peer = Peer(bootstrap=[f"/ip4/127.0.0.1/tcp/1/p2p/{nobody}"], require_bootstrap=True)
+    with pytest.raises(UnavailableError, match="no bootstrap peer reachable"):
+        async with peer:
+            pass  # pragma: no cover
+    assert peer.addrs == [] and peer.availability is None
+    with pytest.raises(RuntimeError, match="not running"):
+        peer.mesh_client  # noqa: B018
