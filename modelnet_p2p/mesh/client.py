@@ -84,6 +84,8 @@ __all__ = [
     "MeshClient",
     "Response",
     "StreamPool",
+    "deadline_of",
+    "remaining",
 ]
 
 log = logging.getLogger(__name__)
@@ -178,7 +180,8 @@ def remaining(deadline: float) -> float | None:
     return None if math.isinf(deadline) else max(0.001, deadline - trio.current_time())
 
 
-def _deadline(timeout: float | None) -> float:
+def deadline_of(timeout: float | None) -> float:
+    """The trio time ``timeout`` seconds from now; ``math.inf`` for no timeout."""
     return math.inf if timeout is None else trio.current_time() + timeout
 
 
@@ -251,7 +254,7 @@ class MeshClient:
             capability=capability,
             input=input,
             params=params,
-            deadline=_deadline(timeout),
+            deadline=deadline_of(timeout),
             trace=trace or new_trace(),
             replay=replay,
             avoid=set(avoid),
@@ -282,7 +285,7 @@ class MeshClient:
         With ``restart`` (and routing), a provider that fails after some chunks is
         replaced by a fresh request elsewhere even if the capability is not idempotent.
         """
-        deadline = _deadline(timeout)
+        deadline = deadline_of(timeout)
         tried = set(avoid)
         attempts: list[dict[str, Any]] = []
         budget = max_attempts or self.max_attempts
@@ -348,7 +351,7 @@ class MeshClient:
         trace: TraceContext | None,
         info: ResponseInfo,
     ) -> AsyncIterator[Any]:
-        deadline = _deadline(timeout)
+        deadline = deadline_of(timeout)
         info.peer = self.connector.peer_of(target)
         source = StreamSource(
             self.pool.acquire,

@@ -18,7 +18,6 @@ and trace). Either way the calls go through the peer's one mesh client.
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from ...errors import (
     UnavailableError,
     exception_leaves,
 )
-from ..client import InferenceStream
+from ..client import InferenceStream, deadline_of, remaining
 from ..context import join_chunks
 from ..providers import LOOKUP_TIMEOUT
 from .trace import Result, Trace, as_text
@@ -87,7 +86,7 @@ async def call_step(
 ) -> Any:
     """Call one capability, recording peer, chunks and attempts in ``node``."""
     node.capability = capability
-    timeout = None if math.isinf(deadline) else max(0.001, deadline - trio.current_time())
+    timeout = remaining(deadline)
     extra: dict[str, Any] = {"avoid": avoid} if avoid and target is None else {}
     stream = peer.infer(target, capability, input, timeout=timeout, **extra, **dict(params))
     chunks: list[Any] = []
@@ -119,10 +118,6 @@ def _record(node: Trace, stream: InferenceStream, chunks: int) -> None:
     tokens = info.usage.get("tokens") if info.usage else None
     node.tokens = tokens if isinstance(tokens, int) else None
     node.attempts = list(info.attempts)
-
-
-def deadline_of(timeout: float | None) -> float:
-    return math.inf if timeout is None else trio.current_time() + timeout
 
 
 # -- pipeline ----------------------------------------------------------------------
@@ -219,7 +214,7 @@ async def _streamed_pair(
     """Run ``first`` and feed its output to ``second`` group by group, as it arrives."""
     up = root.child("call", first.capability)
     down = root.child("stream", second.capability, group=second.group)
-    timeout = None if math.isinf(deadline) else max(0.001, deadline - trio.current_time())
+    timeout = remaining(deadline)
     results: dict[int, Any] = {}
     send, recv = trio.open_memory_channel[tuple[int, str]](16)
 

@@ -7,7 +7,6 @@ ensemble may itself be a pattern.
 
 from __future__ import annotations
 
-import math
 import tomllib
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import trio
 
 from ...errors import BadRequestError, DeadlineExceededError
+from ..client import remaining
 from .patterns import Mesh, as_step, call_step, draft_verify, ensemble, label_of, pipeline
 from .trace import Result, Trace
 
@@ -67,7 +67,7 @@ async def run_node(peer: Mesh, node: Mapping[str, Any], input: Any, trace: Trace
         )
     kind = kinds[0]
     spec = node[kind]
-    timeout = None if math.isinf(deadline) else max(0.001, deadline - trio.current_time())
+    timeout = remaining(deadline)
     if kind == "call":
         spec = {"capability": spec} if isinstance(spec, str) else spec
         _check_keys(spec, "call")
