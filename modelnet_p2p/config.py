@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from .errors import ConfigError
 from .p2p.addresses import Reachability, needs_relay, parse_multiaddr
+from .p2p.host import DEFAULT_DIAL_TIMEOUT
 from .p2p.identity import Identity
 from .p2p.network import NETWORKS, get_network
 from .proto.session import DEFAULT_WINDOW, Limits
@@ -93,6 +94,11 @@ class PeerConfig:
             reserves a circuit relay slot on its bootstrap peers and announces
             the relayed address (``specs/network.md``).
         relay_hop: relay circuits for private peers (bootstrap nodes do).
+        connections_low, connections_high: once more than ``connections_high``
+            connections are open, idle unprotected ones are closed until
+            ``connections_low`` are left (``specs/network.md``, "Connection management").
+        connection_grace: seconds a new connection is safe from that trimming.
+        connection_check_interval: seconds between two checks of the connection count.
     """
 
     identity: str | os.PathLike[str] | Identity | None = None
@@ -101,7 +107,7 @@ class PeerConfig:
     passphrase: bytes | None = None
     network: str = "local"
     require_bootstrap: bool = False
-    connect_timeout: float = 10.0
+    connect_timeout: float = DEFAULT_DIAL_TIMEOUT
     # The inference server's limits are the protocol's (``specs/inference.md``, "Limits").
     max_frame_size: int = Limits.max_frame_size
     max_concurrency: int = Limits.max_concurrency
@@ -119,6 +125,11 @@ class PeerConfig:
     routing_policy: str | Callable[..., Any] = "p2c"
     reachability: Reachability = "auto"
     relay_hop: bool = False
+    #: GossipSub's mesh (D_hi = 12) and the providers in use fit well under the low mark.
+    connections_low: int = 16
+    connections_high: int = 32
+    connection_grace: float = 30.0
+    connection_check_interval: float = 15.0
 
     def with_overrides(self, **overrides: Any) -> PeerConfig:
         """A copy with some settings replaced (``TypeError`` for an unknown name, as for a call)."""
@@ -152,6 +163,15 @@ class PeerConfig:
         names = ("max_frame_size", "max_concurrency", "max_concurrency_per_peer", "max_request_time")
         return {name: getattr(self, name) for name in (*names, "max_hops")}
 
+    def connmgr_settings(self) -> dict[str, Any]:
+        """The settings of the connection manager (:class:`~modelnet_p2p.p2p.connmgr.ConnManager`)."""
+        return {
+            "low": self.connections_low,
+            "high": self.connections_high,
+            "grace_period": self.connection_grace,
+            "check_interval": self.connection_check_interval,
+        }
+
     def check(self) -> None:
         """Raise :class:`ConfigError` for a value no peer can run with."""
         if self.max_frame_size < 1024:
@@ -161,6 +181,10 @@ class PeerConfig:
         for name in ("connect_timeout", "announce_interval", "card_ttl", "publish_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if not 0 <= self.connections_low <= self.connections_high or self.connections_high < 1:
+            raise ConfigError("connection watermarks need 0 <= connections_low <= connections_high, high >= 1")
+        if self.connection_grace < 0 or self.connection_check_interval <= 0:
+            raise ConfigError("connection_grace must be >= 0 and connection_check_interval positive")
 
 
 #: The names :class:`PeerConfig` (and so ``Peer``) accepts.

@@ -31,13 +31,17 @@ from ._compat.host import check_port_free, close_connections, disable_auto_conne
 from .addresses import parse_multiaddr
 from .identity import Identity
 
-__all__ = ["Host", "build_host", "listen_addrs", "parse_multiaddr", "running_host"]
+__all__ = ["DEFAULT_DIAL_TIMEOUT", "Host", "build_host", "listen_addrs", "parse_multiaddr", "running_host"]
 
 #: The host type the layers above see (they never import libp2p themselves).
 Host: TypeAlias = IHost
 
 
-def build_host(identity: Identity, *, dial_timeout: float = 10.0) -> IHost:
+#: Seconds allowed to dial a peer; ``PeerConfig.connect_timeout`` takes its default from here.
+DEFAULT_DIAL_TIMEOUT = 10.0
+
+
+def build_host(identity: Identity, *, dial_timeout: float = DEFAULT_DIAL_TIMEOUT) -> IHost:
     """A TCP host with Noise as its only security transport and yamux as its only muxer.
 
     ``max_connections_per_peer=1`` avoids py-libp2p's 250 ms "happy eyeballs"
