@@ -16,17 +16,12 @@ from .options import PeerOptions, State, pass_state, peer_options, require_boots
 
 __all__ = ["gateway_command"]
 
-#: Where the HTTP API listens unless --listen says otherwise (loopback: no key needed).
-HTTP_LISTEN = GatewayConfig.listen
-#: Seconds one HTTP request may take, as long as a peer lets a request run.
-REQUEST_TIMEOUT = GatewayConfig.request_timeout
-
 
 @click.command("gateway")
 @click.option(
     "--listen",
     "http_listen",
-    default=HTTP_LISTEN,
+    default=GatewayConfig.listen,
     show_default=True,
     help="HOST:PORT of the OpenAI-compatible HTTP API.",
 )
@@ -38,7 +33,7 @@ REQUEST_TIMEOUT = GatewayConfig.request_timeout
 @click.option(
     "--timeout",
     "request_timeout",
-    default=REQUEST_TIMEOUT,
+    default=GatewayConfig.request_timeout,
     show_default=True,
     help="Seconds one request may take.",
 )

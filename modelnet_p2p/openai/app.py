@@ -127,8 +127,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Seconds a request may take when the client does not say (header ``x-modelnet-timeout``).
-DEFAULT_REQUEST_TIMEOUT = GatewayConfig.request_timeout
 #: Largest request body accepted, in bytes.
 MAX_BODY = GatewayConfig.max_body
 #: Embedding batches sent at once for one request.

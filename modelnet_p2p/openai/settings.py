@@ -32,7 +32,7 @@ class GatewayConfig:
         routing: for models found by discovery, ``"mesh"`` (the mesh's provider
             lookup) or ``"local"`` (only the providers the gateway's discovery found).
         policy: the routing policy among a model's own providers
-            (:data:`modelnet_p2p.mesh.routing.POLICIES`).
+            (:data:`modelnet_p2p.mesh.routing.POLICIES`); the peer's default routing policy.
         max_body: largest request body accepted, in bytes.
         embedding_concurrency: mesh requests in flight at once for one embeddings request.
     """
@@ -43,6 +43,6 @@ class GatewayConfig:
     lookup_timeout: float = 3.0
     max_attempts: int = 3
     routing: Routing = "mesh"
-    policy: str = "p2c"
+    policy: str = str(PeerConfig.routing_policy)
     max_body: int = 8 * 1024 * 1024
     embedding_concurrency: int = 4
