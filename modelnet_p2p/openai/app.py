@@ -73,8 +73,9 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import trio
 from hypercorn.config import Config as HyperConfig
@@ -160,6 +161,49 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+class _Asked(Protocol):
+    """What a checked chat or text completion body offers (:class:`.translate.ChatRequest`, ...)."""
+
+    stream: bool
+    params: dict[str, Any]
+    include_usage: bool
+
+    def input_for(self, tasks: Sequence[str]) -> Any: ...
+
+
+@dataclass(frozen=True)
+class _Generation:
+    """How one of the two text endpoints differs from the other; :meth:`Gateway._generate` does the rest."""
+
+    endpoint: str
+    id_prefix: str
+    tasks: tuple[str, ...]
+    what: str
+    parse: Callable[[Mapping[str, Any]], _Asked]
+    frames: Callable[[str, int, str, bool], Frames]
+    respond: Callable[[str, int, str, Answer], dict[str, Any]]
+
+
+_CHAT = _Generation(
+    endpoint="/v1/chat/completions",
+    id_prefix="chatcmpl-",
+    tasks=(CHAT, TEXT_GENERATION),
+    what="chat completions",
+    parse=parse_chat,
+    frames=ChatFrames,
+    respond=chat_response,
+)
+_COMPLETIONS = _Generation(
+    endpoint="/v1/completions",
+    id_prefix="cmpl-",
+    tasks=(TEXT_GENERATION, CHAT),
+    what="text completions",
+    parse=parse_completion,
+    frames=CompletionFrames,
+    respond=completion_response,
+)
 
 
 class Gateway:
@@ -387,35 +431,26 @@ class Gateway:
         return JSONResponse(model_json(route, self.started))
 
     async def _chat(self, request: Request) -> Response:
-        body = await self._body(request)
-        deadline = self._deadline(request)
-        asked = parse_chat(body)
-        route = await self._route(body, (CHAT, TEXT_GENERATION), "chat completions")
-        cid, created, endpoint = "chatcmpl-" + secrets.token_hex(12), int(time.time()), "/v1/chat/completions"
-        input = asked.input_for(route.tasks)
-        if asked.stream:
-            frames = ChatFrames(cid, created, route.name, asked.include_usage)
-            return await self._stream(endpoint, route, input, asked.params, deadline, frames)
-        chunks, outcome = await self.calls.collect(endpoint, route, input, asked.params, deadline)
-        answer = Answer(chunks, outcome.finish_reason, outcome.usage)
-        return JSONResponse(
-            chat_response(cid, created, route.name, answer), headers={"x-modelnet-peer": outcome.peer}
-        )
+        return await self._generate(request, _CHAT)
 
     async def _completions(self, request: Request) -> Response:
+        return await self._generate(request, _COMPLETIONS)
+
+    async def _generate(self, request: Request, kind: _Generation) -> Response:
+        """A chat or text completion: streamed as server-sent events, or answered whole."""
         body = await self._body(request)
         deadline = self._deadline(request)
-        asked = parse_completion(body)
-        route = await self._route(body, (TEXT_GENERATION, CHAT), "text completions")
-        cid, created, endpoint = "cmpl-" + secrets.token_hex(12), int(time.time()), "/v1/completions"
+        asked = kind.parse(body)
+        route = await self._route(body, kind.tasks, kind.what)
+        cid, created, endpoint = kind.id_prefix + secrets.token_hex(12), int(time.time()), kind.endpoint
         input = asked.input_for(route.tasks)
         if asked.stream:
-            frames = CompletionFrames(cid, created, route.name, asked.include_usage)
+            frames = kind.frames(cid, created, route.name, asked.include_usage)
             return await self._stream(endpoint, route, input, asked.params, deadline, frames)
         chunks, outcome = await self.calls.collect(endpoint, route, input, asked.params, deadline)
         answer = Answer(chunks, outcome.finish_reason, outcome.usage)
         return JSONResponse(
-            completion_response(cid, created, route.name, answer), headers={"x-modelnet-peer": outcome.peer}
+            kind.respond(cid, created, route.name, answer), headers={"x-modelnet-peer": outcome.peer}
         )
 
     async def _embeddings(self, request: Request) -> Response:
