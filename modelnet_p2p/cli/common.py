@@ -12,9 +12,10 @@ import click
 import trio
 
 from ..config import Config
+from ..errors import ConfigError
 from ..peer import Peer
 
-__all__ = ["emit", "env_secret", "make_peer", "run_async", "wait_for_stop"]
+__all__ = ["emit", "env_secret", "gateway_extra_missing", "make_peer", "run_async", "wait_for_stop"]
 
 
 def run_async(fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Any:
@@ -25,6 +26,11 @@ def run_async(fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Any:
 def make_peer(cfg: Config, **overrides: Any) -> Peer:
     """A :class:`Peer` built from the merged configuration, with per-command ``overrides``."""
     return Peer(config=cfg.peer_config(), **overrides)
+
+
+def gateway_extra_missing(needs: str, exc: ImportError) -> ConfigError:
+    """The error for a missing package of the ``gateway`` extra: ``needs`` says what wanted it."""
+    return ConfigError(f"{needs}: pip install 'modelnet_p2p[gateway]' ({exc.name} is missing)")
 
 
 def env_secret(var: str | None, flag: str) -> str | None:

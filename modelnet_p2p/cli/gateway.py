@@ -9,9 +9,8 @@ import click
 import trio
 
 from ..config import Config
-from ..errors import ConfigError
 from ..openai.settings import GatewayConfig
-from .common import emit, env_secret, make_peer, run_async, wait_for_stop
+from .common import emit, env_secret, gateway_extra_missing, make_peer, run_async, wait_for_stop
 from .options import PeerOptions, State, pass_state, peer_options, require_bootstrap
 
 __all__ = ["gateway_command"]
@@ -90,9 +89,7 @@ async def _gateway(
     try:
         from ..openai.app import serve_gateway
     except ImportError as exc:
-        raise ConfigError(
-            f"the gateway needs: pip install 'modelnet_p2p[gateway]' ({exc.name} is missing)"
-        ) from None
+        raise gateway_extra_missing("the gateway needs", exc) from None
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with make_peer(cfg, require_bootstrap=True) as peer:

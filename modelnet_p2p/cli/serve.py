@@ -18,7 +18,7 @@ from ..config import Config
 from ..errors import ConfigError
 from ..peer import Peer
 from ..proto.capability import Capability
-from .common import emit, env_secret, make_peer, run_async, wait_for_stop
+from .common import emit, env_secret, gateway_extra_missing, make_peer, run_async, wait_for_stop
 from .options import PeerOptions, State, pass_state, peer_options
 
 __all__ = ["bootstrap_command", "resolve_serve_target", "serve_command", "serve_until_stopped"]
@@ -199,9 +199,7 @@ def _serve_upstream(
     try:
         from ..openai.upstream import parse_upstream_target, serve_upstream
     except ImportError as exc:
-        raise ConfigError(
-            f"openai+ targets need: pip install 'modelnet_p2p[gateway]' ({exc.name} is missing)"
-        ) from None
+        raise gateway_extra_missing("openai+ targets need", exc) from None
 
     base_url = parse_upstream_target(target)
     api_key = env_secret(api_key_env, "--api-key-env")
