@@ -182,7 +182,7 @@ class PeerConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if not 0 <= self.connections_low <= self.connections_high or self.connections_high < 1:
-            raise ConfigError("connection watermarks need 0 <= connections_low <= connections_high, high >= 1")
+            raise ConfigError("connection watermarks need 0 <= connections_low <= connections_high >= 1")
         if self.connection_grace < 0 or self.connection_check_interval <= 0:
             raise ConfigError("connection_grace must be >= 0 and connection_check_interval positive")
 

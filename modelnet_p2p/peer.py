@@ -33,6 +33,7 @@ from .mesh.providers import (
 )
 from .mesh.routing import Candidate, Router
 from .p2p.addresses import parse_multiaddr
+from .p2p.connmgr import ConnManager
 from .p2p.dialer import Dialer, Target
 from .p2p.host import Host, build_host, running_host
 from .p2p.identity import Identity
@@ -139,6 +140,9 @@ class Peer:
         self._dialer: Dialer | None = None
         #: Kept inference streams, reused for the next request to the same peer.
         self.stream_pool = StreamPool()
+        #: Trims idle connections (specs/network.md, "Connection management"); counts: ``stats()``.
+        self.connmgr = ConnManager(**cfg.connmgr_settings())
+        self.connmgr.protect_addrs(cfg.bootstrap, "bootstrap")
         #: Picks providers for requests without a target (see :mod:`modelnet_p2p.mesh.routing`).
         with _as_config_error():
             self.router = Router(cfg.routing_policy)
@@ -186,6 +190,7 @@ class Peer:
             self._nursery = nursery = await stack.enter_async_context(trio.open_nursery())
             self.inference.bind(nursery)
             nursery.start_soon(self.stream_pool.sweep_forever)
+            await self.connmgr.start(host, nursery)
             host.set_stream_handler(self.infer_protocol, self.inference.handle_stream)  # type: ignore[arg-type]
             # The DHT handler must be registered before the first connection: identify
             # tells each contact then whether this peer serves the DHT.
@@ -193,6 +198,7 @@ class Peer:
             stack.callback(self.discovery.stop)  # before the nursery and the host close
             self.relay = RelayService(host, hop=cfg.relay_hop)
             await self.relay.start(nursery)
+            self.connmgr.keep(self.relay.reserving_peers)  # a relay keeps its reserving peers
             stack.callback(self.relay.stop)
             if cfg.gossip:
                 # Started before the bootstrap connections, so that pubsub sees them.
@@ -204,6 +210,7 @@ class Peer:
                     load_provider=self._load.snapshot,
                     capabilities=self.inference.capabilities(),
                 )
+                self.connmgr.keep(self.availability.gossip.mesh_peers)
             await self._dialer.connect_bootstrap(self._bootstrap, required=cfg.require_bootstrap)
             await self.discovery.bootstrap(self._dialer.connected_among(self._bootstrap))
             if self.needs_relay:  # announce only relayed addresses: the direct ones are unreachable

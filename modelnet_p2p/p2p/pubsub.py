@@ -203,6 +203,13 @@ class Gossip:
         router = self._router
         return len(router.mesh.get(topic, ())) if router is not None else 0
 
+    def mesh_peers(self) -> frozenset[str]:
+        """Base58 ids of the neighbours in this peer's GossipSub mesh for any topic."""
+        router = self._router
+        if router is None:
+            return frozenset()
+        return frozenset(str(p) for peers in list(router.mesh.values()) for p in peers)
+
     async def publish(self, topic: str, data: bytes) -> None:
         """Sign and publish ``data`` on ``topic``; raises :class:`UnavailableError` if pubsub is down."""
         ps = self._pubsub

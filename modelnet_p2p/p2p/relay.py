@@ -121,6 +121,10 @@ class RelayNode:
         """Circuits this relay is forwarding now."""
         return self.protocol.open_circuits()
 
+    def reserving_peers(self) -> list[str]:
+        """Ids of the connected peers holding a reservation here (relays only)."""
+        return self.protocol.reserving_peers()
+
 
 # -- the client side --------------------------------------------------------------
 

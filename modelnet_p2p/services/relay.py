@@ -208,6 +208,10 @@ class RelayService:
         """Circuits this relay is forwarding now."""
         return self._node.circuits
 
+    def reserving_peers(self) -> list[str]:
+        """Ids of the connected peers holding a reservation here (relays only)."""
+        return self._node.reserving_peers()
+
 
 # -- reserving (the target side) ---------------------------------------------------
 

@@ -118,6 +118,14 @@ class CircuitRelay(CircuitV2Protocol):
             if not r.is_expired() and _connected(self.host, peer)
         )
 
+    def reserving_peers(self) -> list[str]:
+        """Ids of the connected peers holding an unexpired reservation here."""
+        return [
+            str(peer)
+            for peer, r in list(self.resource_manager._reservations.items())
+            if not r.is_expired() and _connected(self.host, peer)
+        ]
+
     def open_circuits(self) -> int:
         """Circuits being forwarded now (each has two directions)."""
         return sum(1 for key in list(self._active_relays) if isinstance(key, _Circuit)) // 2

@@ -1,0 +1,324 @@
+"""The connection manager: keep the number of open connections between two watermarks.
+
+Nothing else closes a connection that nobody uses: py-libp2p 0.8.1's swarm accepts up to
+its cap (256) and its own pruner only starts above 300 (the host is built so). A peer in a
+growing mesh would otherwise keep every DHT contact, every caller and every provider it
+ever met. The rule (``specs/network.md``, "Connection management"):
+
+- When more than ``high`` connections are open, close idle unprotected ones, the least
+  recently used first, until ``low`` are left (or no candidate is left).
+- A connection younger than ``grace_period`` seconds is never closed: it was made for a
+  reason that has not had its chance yet.
+- Never closed (protected):
+
+  - connections to peers protected with :meth:`ConnManager.protect` (under a tag; the
+    peer stays protected until every tag is removed), for example the bootstrap peers;
+  - connections to peers a *source* names (callables given to :meth:`ConnManager.keep`,
+    asked at each trim): the GossipSub mesh, the peers holding a relay reservation here;
+  - connections in use: carrying an open stream of any protocol but the long-lived pubsub
+    streams that every gossiping pair keeps. Open circuits and the inference streams kept
+    for reuse (:class:`~modelnet_p2p.p2p.pool.StreamPool`) are open streams, so they count
+    as in use; the pool closes a kept stream after 20 s idle, and then its connection can go.
+
+"Used" is the opening or closing of a stream other than a pubsub stream. A trimmed peer is
+not forgotten: its addresses stay in the peerstore and the next stream to it redials. Times
+are :func:`trio.current_time` values, so tests can drive the manager with a mock clock.
+The manager checks every ``check_interval`` seconds, and at once (at most once a second)
+when a new connection takes the count over ``high``; a check is a count while under ``high``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import trio
+from libp2p.abc import INetConn, INetStream, INotifee
+
+__all__ = ["ConnManager", "ConnStats", "peer_id_of_addr"]
+
+log = logging.getLogger(__name__)
+
+#: Protocols of streams that stay open as long as the connection (pubsub keeps one per neighbour).
+LONG_LIVED_PROTOCOLS: tuple[str, ...] = ("/meshsub/", "/floodsub/")
+#: Seconds between two checks triggered by new connections.
+MIN_CHECK_GAP = 1.0
+#: Seconds a trimmed connection is given to close.
+CLOSE_TIMEOUT = 2.0
+
+
+def peer_id_of_addr(addr: str) -> str | None:
+    """The peer id a multiaddr ends with (``.../p2p/<id>``), or ``None``."""
+    parts = str(addr).rstrip("/").split("/")
+    if len(parts) >= 2 and parts[-2] == "p2p" and parts[-1]:
+        return parts[-1]
+    return None
+
+
+@dataclass(frozen=True)
+class ConnStats:
+    """A snapshot of a :class:`ConnManager`."""
+
+    #: Open connections now.
+    connections: int
+    #: Of those, connections carrying an open stream (pubsub streams aside).
+    in_use: int
+    #: Of those, connections to protected peers (by tag or by a source).
+    protected: int
+    #: Connections the manager has closed (or begun to close) since it was made.
+    trimmed: int
+    #: Trims that closed at least one connection.
+    trims: int
+    low: int
+    high: int
+
+
+@dataclass
+class _Conn:
+    opened: float
+    last_used: float
+
+
+class _Notifee:
+    """Stream and connection events from the swarm (it calls these by name)."""
+
+    def __init__(self, manager: ConnManager) -> None:
+        self.manager = manager
+
+    async def opened_stream(self, network: Any, stream: INetStream) -> None:
+        self.manager.used(stream)
+
+    async def closed_stream(self, network: Any, stream: INetStream) -> None:
+        self.manager.used(stream)
+
+    async def connected(self, network: Any, conn: INetConn) -> None:
+        self.manager.connected(conn)
+
+    async def disconnected(self, network: Any, conn: INetConn) -> None:
+        self.manager.disconnected(conn)
+
+    async def listen(self, network: Any, multiaddr: Any) -> None:
+        return None
+
+    async def listen_close(self, network: Any, multiaddr: Any) -> None:
+        return None
+
+
+def _long_lived(stream: INetStream) -> bool:
+    try:
+        protocol = stream.get_protocol()
+    except Exception:
+        return False
+    return protocol is not None and any(p in str(protocol) for p in LONG_LIVED_PROTOCOLS)
+
+
+def _conn_peer(conn: INetConn) -> str:
+    return str(conn.muxed_conn.peer_id)
+
+
+class ConnManager:
+    """Trims idle connections of one host down to ``low`` once more than ``high`` are open.
+
+    Args:
+        low: connections left after a trim.
+        high: a trim starts when more than this many are open.
+        grace_period: seconds a new connection is safe from trimming.
+        check_interval: seconds between periodic checks.
+
+    Make it before the host runs (protect peers at any time), then :meth:`start` it in the
+    peer's nursery once the host runs.
+    """
+
+    def __init__(self, *, low: int, high: int, grace_period: float, check_interval: float) -> None:
+        if low < 0 or high < low or high < 1:
+            raise ValueError("connection watermarks need 0 <= low <= high and high >= 1")
+        if grace_period < 0 or check_interval <= 0:
+            raise ValueError("grace_period must be >= 0 and check_interval positive")
+        self.low = low
+        self.high = high
+        self.grace_period = grace_period
+        self.check_interval = check_interval
+        self._tags: dict[str, set[str]] = {}
+        self._sources: list[Callable[[], Iterable[str]]] = []
+        self._conns: dict[int, _Conn] = {}
+        self._host: Any = None
+        self._notifee: _Notifee | None = None
+        self._wake = trio.Event()
+        self._trimmed = 0
+        self._trims = 0
+
+    # -- protection ------------------------------------------------------------------
+
+    def protect(self, peer_id: str, tag: str) -> None:
+        """Never trim connections to ``peer_id`` while it holds ``tag`` (or any other tag)."""
+        self._tags.setdefault(str(peer_id), set()).add(tag)
+
+    def unprotect(self, peer_id: str, tag: str) -> bool:
+        """Remove ``tag`` from ``peer_id``; returns whether the peer is still protected."""
+        tags = self._tags.get(str(peer_id))
+        if tags is None:
+            return False
+        tags.discard(tag)
+        if not tags:
+            del self._tags[str(peer_id)]
+            return False
+        return True
+
+    def protect_addrs(self, addrs: Iterable[str], tag: str) -> None:
+        """:meth:`protect` the peer each multiaddr names (``.../p2p/<id>``; others are skipped)."""
+        for addr in addrs:
+            peer_id = peer_id_of_addr(str(addr))
+            if peer_id is not None:
+                self.protect(peer_id, tag)
+
+    def is_protected(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` holds a tag or a source names it now."""
+        return str(peer_id) in self._tags or str(peer_id) in self._named_by_sources()
+
+    def keep(self, source: Callable[[], Iterable[str]]) -> None:
+        """Also protect, at each trim, the peer ids ``source()`` returns (it must be cheap).
+
+        Give sources after :meth:`start`: each start forgets those of the last run.
+        """
+        self._sources.append(source)
+
+    def _named_by_sources(self) -> set[str]:
+        named: set[str] = set()
+        for source in self._sources:
+            try:
+                named.update(str(p) for p in source())
+            except Exception as exc:  # a failing source protects nothing; it must not stop trims
+                log.debug("connection protection source failed: %r", exc)
+        return named
+
+    # -- events ------------------------------------------------------------------------
+
+    def connected(self, conn: INetConn) -> None:
+        now = trio.current_time()
+        self._conns.setdefault(id(conn.muxed_conn), _Conn(now, now))
+        if self._host is not None and len(self._conns) > self.high:
+            self._wake.set()
+
+    def disconnected(self, conn: INetConn) -> None:
+        self._conns.pop(id(conn.muxed_conn), None)
+
+    def used(self, stream: INetStream) -> None:
+        if _long_lived(stream):
+            return
+        record = self._conns.get(id(stream.muxed_conn))
+        if record is not None:
+            record.last_used = trio.current_time()
+
+    # -- running -----------------------------------------------------------------------
+
+    async def start(self, host: Any, nursery: trio.Nursery) -> None:
+        """Watch ``host``'s connections and trim them in ``nursery`` until it is cancelled."""
+        self._host = host
+        self._sources.clear()  # the services of the last run are gone
+        self._conns.clear()
+        self._wake = trio.Event()
+        self._notifee = _Notifee(self)
+        # INotifee is an interface the swarm calls by method name; the plain object serves.
+        host.get_network().register_notifee(cast(INotifee, self._notifee))
+        for conn in self._open_conns():
+            self.connected(conn)
+        nursery.start_soon(self._run)
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                with trio.move_on_after(self.check_interval):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+                if len(self._open_conns()) > self.high:
+                    await self.trim()
+                    await trio.sleep(MIN_CHECK_GAP)
+        finally:
+            host, self._host = self._host, None
+            if host is not None and self._notifee is not None:
+                try:
+                    host.get_network().remove_notifee(cast(INotifee, self._notifee))
+                except Exception:
+                    pass
+
+    def _open_conns(self) -> list[INetConn]:
+        if self._host is None:
+            return []
+        try:
+            conns: list[INetConn] = list(self._host.get_network().get_connections())
+        except Exception:
+            return []
+        return [c for c in conns if not c.is_closed]
+
+    def _in_use(self, conn: INetConn) -> bool:
+        try:
+            streams = conn.get_streams()
+        except Exception:
+            return True
+        return any(not _long_lived(s) for s in streams)
+
+    def candidates(self, protected: Collection[str] | None = None) -> list[INetConn]:
+        """The connections a trim may close now, the least recently used first."""
+        now = trio.current_time()
+        protected = self._protected_now() if protected is None else protected
+        out: list[tuple[float, INetConn]] = []
+        conns = self._open_conns()
+        live = {id(conn.muxed_conn) for conn in conns}
+        for key in [k for k in self._conns if k not in live]:
+            del self._conns[key]  # missed a disconnect: the id may be reused
+        for conn in conns:
+            record = self._conns.setdefault(id(conn.muxed_conn), _Conn(now, now))
+            if self._in_use(conn):
+                record.last_used = now
+                continue
+            if now - record.opened < self.grace_period or _conn_peer(conn) in protected:
+                continue
+            out.append((record.last_used, conn))
+        out.sort(key=lambda item: item[0])
+        return [conn for _, conn in out]
+
+    def _protected_now(self) -> set[str]:
+        return set(self._tags) | self._named_by_sources()
+
+    async def trim(self) -> int:
+        """Close idle unprotected connections down to ``low`` if more than ``high`` are open.
+
+        Returns how many were closed.
+        """
+        count = len(self._open_conns())
+        if count <= self.high:
+            return 0
+        victims = self.candidates()[: count - self.low]
+        if not victims:
+            return 0
+        log.debug("trimming %d of %d connections (low %d, high %d)", len(victims), count, self.low, self.high)
+        self._trimmed += len(victims)
+        self._trims += 1
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                for conn in victims:
+                    nursery.start_soon(self._close, conn)
+        return len(victims)
+
+    async def _close(self, conn: INetConn) -> None:
+        try:
+            await conn.close()
+        except Exception as exc:
+            log.debug("closing a trimmed connection failed: %r", exc)
+        self.disconnected(conn)
+
+    def stats(self) -> ConnStats:
+        """Counts for tests, benchmarks and ``modelnet status``."""
+        conns = self._open_conns()
+        protected = self._protected_now()
+        return ConnStats(
+            connections=len(conns),
+            in_use=sum(1 for c in conns if self._in_use(c)),
+            protected=sum(1 for c in conns if _conn_peer(c) in protected),
+            trimmed=self._trimmed,
+            trims=self._trims,
+            low=self.low,
+            high=self.high,
+        )
