@@ -369,40 +369,42 @@ class KadNode:
         Returns ``(answer, True)``, or ``(None, opened)`` on any failure, where ``opened``
         tells whether a stream was opened at all (a busy server resets excess streams).
         """
-        data = encode_request(req)
-        stream: INetStream | None = None
-        ok = False
-        try:
-            with trio.move_on_after(timeout):
-                stream = await self._open(peer_id)
-                await stream.write(encode_varint(len(data)) + data)
-                raw = await read_varint_prefixed_bytes_limited(stream, self._max_response_size)
-                resp = decode_response(raw, max_closer=self._max_closer, max_providers=self._max_providers)
-                ok = True
-                return resp, True
-        except Exception as exc:
-            log.debug("DHT request to %s failed: %r", peer_id, exc)
-        finally:
-            if stream is not None:
-                await _end(stream, ok)
-        return None, stream is not None
+        resp, ok, opened = await self._exchange(peer_id, req, timeout, answered=True)
+        return (resp, True) if ok else (None, opened)
 
     async def send(self, peer_id: str, req: KadRequest, timeout: float) -> bool:
         """Send a message that gets no answer we wait for (ADD_PROVIDER); True if written."""
+        _, ok, _ = await self._exchange(peer_id, req, timeout, answered=False)
+        return ok
+
+    async def _exchange(
+        self, peer_id: str, req: KadRequest, timeout: float, *, answered: bool
+    ) -> tuple[KadResponse | None, bool, bool]:
+        """Write ``req`` on a new stream (and read one answer if ``answered``) within ``timeout``.
+
+        Returns ``(answer, ok, opened)``: ``ok`` once everything asked for is done, ``opened``
+        whether a stream was opened at all. The stream is closed if ``ok``, else reset.
+        """
         data = encode_request(req)
         stream: INetStream | None = None
+        resp: KadResponse | None = None
         ok = False
         try:
             with trio.move_on_after(timeout):
                 stream = await self._open(peer_id)
                 await stream.write(encode_varint(len(data)) + data)
+                if answered:
+                    raw = await read_varint_prefixed_bytes_limited(stream, self._max_response_size)
+                    resp = decode_response(
+                        raw, max_closer=self._max_closer, max_providers=self._max_providers
+                    )
                 ok = True
         except Exception as exc:
-            log.debug("DHT message to %s failed: %r", peer_id, exc)
+            log.debug("DHT %s to %s failed: %r", "request" if answered else "message", peer_id, exc)
         finally:
             if stream is not None:
                 await _end(stream, ok)
-        return ok
+        return resp, ok, stream is not None
 
     async def _open(self, peer_id: str) -> INetStream:
         # Through the view, so the stream is counted; our id is named explicitly.
