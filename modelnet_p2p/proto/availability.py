@@ -32,7 +32,14 @@ from ..errors import ProtocolError
 from . import envelope as _env
 from .capability import capability_key
 from .envelope import Signer
-from .limits import MAX_CAPABILITY_LEN, MAX_PEER_ID_LEN, MAX_SEQ, MAX_VERSION_LEN, SIGNATURE_LEN
+from .limits import (
+    MAX_CAPABILITY_LEN,
+    MAX_PEER_ID_LEN,
+    MAX_SEQ,
+    MAX_UINT32,
+    MAX_VERSION_LEN,
+    SIGNATURE_LEN,
+)
 from .packing import canonical_packb as _canonical_packb
 from .peerid import parse_peer_id, peer_id_text
 
@@ -87,9 +94,9 @@ MAX_MESSAGE_SIZE = 4096
 #: Most capabilities one record may list (the size limit usually binds first).
 MAX_CAPABILITIES = 64
 #: Upper bound of the request counters (``inf``, ``q``, ``max``): uint32.
-MAX_COUNT = 2**32 - 1
+MAX_COUNT = MAX_UINT32
 #: Upper bound of the latency figure, in milliseconds (about 49 days: uint32).
-MAX_LATENCY_MS = 2**32 - 1
+MAX_LATENCY_MS = MAX_UINT32
 #: Upper bound of the tokens-per-second figure.
 MAX_TOKENS_PER_S = 1e12
 #: Shortest TTL a record may announce, in milliseconds, inclusive: below one second, a
