@@ -6,7 +6,7 @@ Usage::
 
 For each run ``N@P`` (N peers publishing every P seconds; by default 10, 20
 and 40 peers at the default 2 s, and 40 peers at 6 s) it starts N peers on
-127.0.0.1, spread over worker processes of ``benchmarks/availability_worker.py``
+127.0.0.1, spread over worker processes (``python -m modelnet_p2p.testing.worker``)
 (about 10 peers each), connects them as bootstrapping does (each peer dials 3
 random earlier ones), lets the mesh settle, and measures:
 
@@ -55,13 +55,16 @@ from typing import Any
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from availability_worker import NO_GOSSIP, Worker, open_worker, random_links
 
 from modelnet_p2p import Peer
 from modelnet_p2p.log import quiet_libp2p
 from modelnet_p2p.services.availability import AvailabilityConfig, start_availability
+from modelnet_p2p.testing import Worker, open_workers, random_links
+
+#: Passed to the provider: its availability service is attached by hand.
+NO_GOSSIP: dict[str, Any] = {"gossip": False}
+#: What every worker peer serves (it is in each availability record, so it sets their size).
+ECHO = {"name": "echo", "version": "1.0"}
 
 #: Peers per worker process.
 PEERS_PER_WORKER = 10
@@ -118,18 +121,14 @@ async def run_size(n: int, interval: float, settings: Settings, rng: random.Rand
     n_workers = max(1, math.ceil(n / PEERS_PER_WORKER))
     sizes = [n // n_workers + (1 if i < n % n_workers else 0) for i in range(n_workers)]
     result = Result(peers=n, interval=interval, workers=n_workers)
-    async with trio.open_nursery() as nursery:
-        workers: list[Worker] = []
-
-        async def run_worker(k: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-            async with open_worker(k, interval, max_seconds=900) as w:
-                workers.append(w)
-                task_status.started()
-                await trio.sleep_forever()
-
-        async with trio.open_nursery() as starting:
-            for k in sizes:
-                starting.start_soon(nursery.start, run_worker, k)
+    options = {
+        "dht_mode": "client",
+        "link": False,
+        "publish_interval": interval,
+        "serve": {"*": [ECHO]},
+        "max_seconds": 900,
+    }
+    async with open_workers(sizes, **options) as workers:
         where = [(w, i) for w in workers for i in range(len(w.peers))]
         rng.shuffle(where)
         plan: dict[int, list[list[Any]]] = {id(w): [] for w in workers}
@@ -187,7 +186,6 @@ async def run_size(n: int, interval: float, settings: Settings, rng: random.Rand
                 break  # saturated: further trials would only take TRIAL_LIMIT each
             await trio.sleep(interval)
         result.restarts = int((await _stats(workers))["restarts"])
-        nursery.cancel_scope.cancel()
     return result
 
 

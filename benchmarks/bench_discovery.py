@@ -5,7 +5,7 @@ Usage::
     python benchmarks/bench_discovery.py [--quick] [--sizes 10,20,50] [--repeats N]
 
 For each mesh size N, N peers run on 127.0.0.1 spread over several worker
-processes (``benchmarks/discovery_worker.py``), 3 of them serving a capability of the task
+processes (``python -m modelnet_p2p.testing.worker``), 3 of them serving a capability of the task
 ``chat``. Then, in this process, fresh peers that know one bootstrap address
 each (a different one each time, no listen address, so DHT clients) look up
 the task, and the benchmark reports:
@@ -27,17 +27,16 @@ shows. Ratios are modelnet / baseline. Nothing here asserts on timings.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from subprocess import DEVNULL
 from typing import Any
 
 import trio
@@ -47,8 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 from modelnet_p2p import Peer  # noqa: E402
 from modelnet_p2p.proto.card import task_key  # noqa: E402
+from modelnet_p2p.testing import open_worker, open_workers  # noqa: E402
 
-WORKER = ROOT / "benchmarks" / "discovery_worker.py"
 PROVIDERS = 3
 TASK = "chat"
 #: Seconds a worker may take to start its peers.
@@ -78,60 +77,6 @@ class SizeResult:
     stock: list[Sample] = field(default_factory=list)
     rss_kib: list[int] = field(default_factory=list)
     peers_per_worker: list[int] = field(default_factory=list)
-
-
-# -- worker processes -----------------------------------------------------------------
-
-
-class Worker:
-    def __init__(self, proc: trio.Process) -> None:
-        self.proc = proc
-        self.buf = b""
-        self.peers: list[dict[str, Any]] = []
-
-    async def read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        while b"\n" not in self.buf:
-            data = await self.proc.stdout.receive_some(65536)
-            if not data:
-                raise RuntimeError(f"mesh worker exited with {await self.proc.wait()}")
-            self.buf += data
-        line, self.buf = self.buf.split(b"\n", 1)
-        return json.loads(line)
-
-    async def command(self, text: str) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        await self.proc.stdin.send_all(text.encode() + b"\n")
-        return await self.read()
-
-    async def close(self) -> None:
-        assert self.proc.stdin is not None
-        with trio.CancelScope(shield=True):
-            try:
-                await self.proc.stdin.aclose()
-            except Exception:
-                pass
-            with trio.move_on_after(20):
-                await self.proc.wait()
-            if self.proc.returncode is None:
-                self.proc.kill()
-                await self.proc.wait()
-
-
-async def start_worker(
-    stack: AsyncExitStack, peers: int, bootstrap: list[str], serve: dict[int, Any]
-) -> Worker:
-    cmd = [sys.executable, str(WORKER), "--peers", str(peers), "--serve", json.dumps(serve)]
-    cmd += ["--bootstrap", ",".join(bootstrap), "--max-seconds", "900"]
-    proc = await trio.lowlevel.open_process(
-        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
-    )
-    worker = Worker(proc)
-    stack.push_async_callback(worker.close)
-    with trio.fail_after(STARTUP_LIMIT):
-        while "ready" not in (msg := await worker.read()):
-            worker.peers.append(msg)
-    return worker
 
 
 # -- lookups from fresh peers ----------------------------------------------------------------
@@ -185,21 +130,17 @@ async def measure(n: int, repeats: int, rng: random.Random) -> SizeResult:
     for k in range(PROVIDERS):
         serve[1 + k % (w - 1)][1 + k // (w - 1)] = [cap]
     t0 = time.perf_counter()
+    limits = {"max_seconds": 900, "startup_timeout": STARTUP_LIMIT, "stop_timeout": 20, "stderr": DEVNULL}
     async with AsyncExitStack() as stack:
-        workers: dict[int, Worker] = {0: await start_worker(stack, sizes[0], [], {})}
-        boot = [p["addrs"][0] for p in workers[0].peers]
-
-        async def start_rest(i: int) -> None:
-            workers[i] = await start_worker(stack, sizes[i], boot, serve[i])
-
-        async with trio.open_nursery() as nursery:
-            for i in range(1, w):
-                nursery.start_soon(start_rest, i)
+        first = await stack.enter_async_context(open_worker(sizes[0], **limits))
+        boot = [p["addrs"][0] for p in first.peers]
+        rest = [{"peers": sizes[i], "serve": serve[i]} for i in range(1, w)]
+        workers = [first, *await stack.enter_async_context(open_workers(rest, bootstrap=boot, **limits))]
         # Announce once the whole mesh is up, so records reach their closest peers.
         announced = 0
         for i in range(w):
             if serve[i]:
-                announced += (await workers[i].command("announce"))["announced"]
+                announced += (await workers[i].request({"cmd": "announce"}))["announced"]
         result.startup_s = time.perf_counter() - t0
         expected = {p["id"] for i in range(w) for p in workers[i].peers if p["peer"] in serve[i]}
         assert announced == PROVIDERS == len(expected), (announced, expected)
@@ -209,14 +150,13 @@ async def measure(n: int, repeats: int, rng: random.Random) -> SizeResult:
             result.modelnet.append(await modelnet_lookup(rng.choice(everyone), expected))
             result.stock.append(await stock_lookup(rng.choice(everyone), expected))
         for i in range(w):
-            result.rss_kib.append((await workers[i].command("stats"))["rss_kib"])
+            result.rss_kib.append((await workers[i].request({"cmd": "stats"}))["stats"]["rss_kib"])
     return result
 
 
 async def baseline_rss() -> int:
-    async with AsyncExitStack() as stack:
-        worker = await start_worker(stack, 0, [], {})
-        stats = await worker.command("stats")
+    async with open_worker(0, stderr=DEVNULL) as worker:
+        stats = (await worker.request({"cmd": "stats"}))["stats"]
         return int(stats["rss_kib"])
 
 

@@ -8,7 +8,7 @@ does it (host, identity, nursery, load from the inference server), and wait on e
 than on the clock wherever they can. Peers run their DHT in client mode: gossip does not use
 it, and 20 DHT servers in one process cost more CPU than the gossip under test.
 
-The 20-peer test spans two worker processes (``tests/availability_worker.py``):
+The 20-peer test spans two worker processes (:func:`modelnet_p2p.testing.open_worker`):
 py-libp2p gossip saturates one core at about 15-20 peers that all publish every
 2 s, and a saturated event loop measures the machine, not the protocol.
 """
@@ -18,13 +18,11 @@ from __future__ import annotations
 import itertools
 import math
 import random
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -61,9 +59,10 @@ from modelnet_p2p.services.availability import (
     start_availability,
 )
 from modelnet_p2p.services.availability.service import State
+from modelnet_p2p.testing import open_workers, random_links
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from availability_worker import NO_GOSSIP, open_worker, random_links
+#: Passed to a Peer whose availability service a test attaches by hand.
+NO_GOSSIP: dict[str, Any] = {"gossip": False}
 
 #: One publish per second, TTL 3 s: keeps the small tests short.
 FAST = AvailabilityConfig(publish_interval=1.0)
@@ -487,18 +486,8 @@ async def test_twenty_peers_see_a_new_provider_within_three_publish_periods():
     # benchmarks/bench_availability.py measures the default (t95 well under 1 s).
     interval = 4.0
     rng = random.Random(20)
-    async with trio.open_nursery() as nursery:
-        workers: list[Any] = []
-
-        async def run_worker(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-            async with open_worker(10, interval, max_seconds=120) as w:
-                workers.append(w)
-                task_status.started()
-                await trio.sleep_forever()
-
-        async with trio.open_nursery() as starting:
-            for _ in range(2):
-                starting.start_soon(nursery.start, run_worker)
+    options = {"dht_mode": "client", "link": False, "publish_interval": interval, "max_seconds": 120}
+    async with open_workers([10, 10], **options) as workers:
         where = [(w, i) for w in workers for i in range(len(w.peers))]
         rng.shuffle(where)
         assert len(where) == 20
@@ -546,7 +535,6 @@ async def test_twenty_peers_see_a_new_provider_within_three_publish_periods():
                 stats = (await w.request({"cmd": "stats"}))["stats"]
                 assert stats["restarts"] == 0
                 assert stats["rejected"].get("malformed", 0) == 0
-        nursery.cancel_scope.cancel()
 
 
 async def test_silent_peer_is_evicted_after_its_ttl():

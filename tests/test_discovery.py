@@ -1,21 +1,17 @@
 """Capability discovery over the DHT, with real peers on 127.0.0.1.
 
-The big mesh spans two OS processes (``tests/mesh_worker.py`` runs part of
-it). Lookups are shown to go over the network: they are made from a fresh
+The big mesh spans two OS processes (:func:`modelnet_p2p.testing.open_worker` runs part
+of it). Lookups are shown to go over the network: they are made from a fresh
 peer, or from one whose local stores were cleared, and the tests check that
 nothing was stored locally along the way.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any, TypeVar
 
 import multiaddr
@@ -41,9 +37,8 @@ from modelnet_p2p.proto.card import (
 )
 from modelnet_p2p.proto.framing import encode_varint
 from modelnet_p2p.services.discovery import DHT_PROTOCOL_ID, Discovery, Query
-from modelnet_p2p.testing import open_peers
+from modelnet_p2p.testing import open_peers, open_worker
 
-WORKER = Path(__file__).resolve().parent / "mesh_worker.py"
 T = TypeVar("T")
 
 
@@ -72,58 +67,6 @@ def stores_are_empty(peer: Peer) -> bool:
     return not kad.provider_keys() and all(k == own for k, _ in kad.local_values())
 
 
-# -- a worker process ---------------------------------------------------------------
-
-
-class Worker:
-    def __init__(self, proc: trio.Process) -> None:
-        self.proc = proc
-        self._buf = b""
-        self.peers: list[dict[str, Any]] = []
-
-    async def read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        while b"\n" not in self._buf:
-            data = await self.proc.stdout.receive_some(65536)
-            if not data:
-                raise RuntimeError("mesh worker exited")
-            self._buf += data
-        line, self._buf = self._buf.split(b"\n", 1)
-        return json.loads(line)
-
-    async def command(self, text: str) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        await self.proc.stdin.send_all(text.encode() + b"\n")
-        return await self.read()
-
-
-@asynccontextmanager
-async def mesh_worker(
-    peers: int, serve: dict[int, list[dict[str, Any]]], **opts: Any
-) -> AsyncIterator[Worker]:
-    cmd = [sys.executable, str(WORKER), "--peers", str(peers), "--serve", json.dumps(serve)]
-    cmd += ["--max-seconds", "120"]
-    for key, value in opts.items():
-        cmd += [f"--{key.replace('_', '-')}", str(value)]
-    proc = await trio.lowlevel.open_process(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    worker = Worker(proc)
-    try:
-        with trio.fail_after(60):
-            while "ready" not in (msg := await worker.read()):
-                worker.peers.append(msg)
-        yield worker
-    finally:
-        with trio.CancelScope(shield=True):
-            assert proc.stdin is not None
-            await proc.stdin.aclose()  # the worker leaves cleanly when stdin closes
-            with trio.move_on_after(15):
-                await proc.wait()
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-    assert proc.returncode == 0, f"mesh worker exited with {proc.returncode}"
-
-
 # -- the mesh over two processes -------------------------------------------------------
 
 LLAMA_8B = {"name": "llama3", "task": "chat", "version": "8b", "family": "llama", "tags": ["fast", "en"]}
@@ -138,7 +81,9 @@ async def test_fresh_peer_finds_every_provider_set_in_a_mesh_of_two_processes() 
     serving overlapping capabilities; a fresh peer that knows one address finds
     each provider set completely, by task, by model and by tag."""
     with trio.fail_after(180):  # ~35 s on a quiet 2-core machine; generous under load
-        async with mesh_worker(12, {4: [LLAMA_8B], 9: [LLAMA_70B, E5]}) as worker:
+        async with open_worker(
+            12, serve={4: [LLAMA_8B], 9: [LLAMA_70B, E5]}, max_seconds=120, startup_timeout=60
+        ) as worker:
             p1, p2 = worker.peers[4]["id"], worker.peers[9]["id"]
             boot = [w["addrs"][0] for w in worker.peers]
             async with open_peers(8, bootstrap=[boot[0]]) as local:
@@ -150,7 +95,7 @@ async def test_fresh_peer_finds_every_provider_set_in_a_mesh_of_two_processes() 
                     p3 = local[3].peer_id
                     # Announce once everyone is up, so the records reach the whole mesh.
                     assert (await local[3].announce()) is not None
-                    assert (await worker.command("announce"))["announced"] == 2
+                    assert (await worker.request({"cmd": "announce"}))["announced"] == 2
 
                     async with Peer(listen=[], bootstrap=[boot[7]]) as fresh:
                         assert fresh.discovery.mode == "client"  # auto: no listen address

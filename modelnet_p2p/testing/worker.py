@@ -1,0 +1,318 @@
+"""A process that runs K peers on 127.0.0.1, driven by JSON lines on stdin and stdout.
+
+One Python process runs out of CPU long before a large mesh does (py-libp2p gossip saturates a
+core at about 15-20 peers that all publish every 2 s), so meshes of tens or hundreds of peers
+are spread over several of these processes. The parent side, :func:`~modelnet_p2p.testing.open_worker`,
+starts them and speaks the protocol below; run one by hand with::
+
+    python -m modelnet_p2p.testing.worker --peers 10 --dht-mode client --unlinked \\
+        --serve '{"*": [{"name": "echo"}], "3": [{"name": "llama3", "tasks": ["chat"]}]}'
+
+Options: ``--peers K`` (0 runs none: a memory baseline); ``--bootstrap ADDR,ADDR...`` (peer ``i``
+bootstraps from address ``i mod n``; without it peer ``i > 0`` bootstraps from peer 0 of this
+process, and with ``--unlinked`` no peer bootstraps at all: use ``connect``); ``--dht-mode``
+(``auto``, ``server`` or ``client``); ``--no-gossip`` (no availability gossip);
+``--publish-interval S``; ``--card-ttl S``; ``--announce-interval S``; ``--serve JSON`` (peer
+index, or ``"*"`` for every peer, to a list of :class:`~modelnet_p2p.Capability` keyword
+arguments; each served capability answers ``"answer from <name>"``); ``--max-seconds S`` (a
+hard limit on the run).
+
+Stdout, one JSON object per line:
+
+- at start, one line per peer, ``{"peer": i, "id": ..., "addr": ..., "addrs": [...]}`` (``addr``
+  is the first of ``addrs``, with ``/p2p/<id>``), then ``{"ready": true}`` once every peer has
+  joined the DHT (at most 30 s);
+- exactly one reply per command, in command order: an object without an ``"event"`` key, with
+  an ``"error"`` key if the command failed;
+- events, at any time: ``{"event": "seen", "seen": ID, "peer": i, "t": T}`` when ``ID`` first
+  enters the availability table of local peer ``i`` (after ``watch``). ``T`` is
+  ``time.monotonic()``, one clock for every process of a Linux machine.
+
+Commands, one JSON object per stdin line (``"peer": i`` picks a local peer, default 0):
+
+- ``{"cmd": "connect", "links": [[i, addr], ...]}``: peer ``i`` dials ``addr``, all at once;
+  ``{"connected": n, "failed": m}``.
+- ``{"cmd": "watch", "id": ID}``: ``{"watching": ID}``, then a ``seen`` event per local peer.
+- ``{"cmd": "serve", "peer": i, "capability": {...}}``: ``{"serving": name}``.
+- ``{"cmd": "announce"}``: every peer that serves something announces its card now;
+  ``{"announced": n, "stored": m}`` (``m``: DHT peers that stored a card).
+- ``{"cmd": "discover", "peer": i, "task": ..., "model": ..., "version": ..., "tags": [...],
+  "timeout": S}``: ``{"cards": [{"id": ..., "addrs": [...], "capabilities": [names]}]}``.
+- ``{"cmd": "call", "peer": i, "target": ADDR or null, "capability": name, "input": text,
+  "timeout": S}``: ``{"text": ...}`` (``target`` null: routed over discovery and gossip).
+- ``{"cmd": "stop", "peer": i}``: peer ``i`` leaves the mesh; ``{"stopped": i}``.
+- ``{"cmd": "stats"}``: ``{"stats": {...}}``: ``peers`` still running, ``cpu`` (CPU seconds of
+  this process), ``wall`` (``time.monotonic()``), ``rss_kib``, ``requests`` (DHT requests sent),
+  and summed over the peers' gossip: ``bytes_sent``, ``published``, ``published_bytes``,
+  ``validated``, ``accepted``, ``rejected`` (by reason), ``restarts``, and ``min_mesh`` (the
+  smallest GossipSub mesh among them).
+
+The worker exits with status 0 when stdin closes or on SIGTERM, after stopping every peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from ..config import PeerConfig
+from ..errors import ModelNetError
+from ..peer import Peer
+from ..proto.capability import Capability
+from ..services.inference.handlers import InferenceRequest
+from .cluster import read_lines
+
+__all__ = ["main", "rss_kib", "run"]
+
+#: Seconds the worker waits for its peers to join the DHT before it reports ``ready``.
+JOIN_LIMIT = 30.0
+
+
+def emit(obj: dict[str, Any]) -> None:
+    """Write ``obj`` to stdout as one JSON line."""
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def rss_kib() -> int:
+    """This process's resident memory in KiB (0 where ``/proc`` is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+async def answer(request: InferenceRequest) -> str:
+    return f"answer from {request.capability.name}"
+
+
+class Node:
+    """The peers of this process and the command handlers."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.serve: dict[str, list[dict[str, Any]]] = json.loads(args.serve)
+        self.peers: dict[int, Peer] = {}
+        #: Per running peer: set it to stop the peer, then wait for the second event.
+        self.stops: dict[int, tuple[trio.Event, trio.Event]] = {}
+
+    def peer(self, cmd: dict[str, Any]) -> Peer:
+        return self.peers[int(cmd.get("peer", 0))]
+
+    async def run_peer(self, i: int, peer: Peer, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run ``peer`` until its stop event is set (each peer in its own task, so any may stop first)."""
+        stop, stopped = self.stops[i] = trio.Event(), trio.Event()
+        try:
+            async with peer:
+                task_status.started()
+                await stop.wait()
+        finally:
+            self.peers.pop(i, None)
+            stopped.set()
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        args = self.args
+        bootstrap = [a for a in args.bootstrap.split(",") if a]
+        for i in range(args.peers):
+            if args.unlinked:
+                boot: list[str] = []
+            elif bootstrap:
+                boot = [bootstrap[i % len(bootstrap)]]
+            else:
+                boot = [self.peers[0].addrs[0]] if i else []
+            peer = Peer(
+                listen=["/ip4/127.0.0.1/tcp/0"],
+                bootstrap=boot,
+                dht_mode=args.dht_mode,
+                gossip=args.gossip,
+                publish_interval=args.publish_interval,
+                card_ttl=args.card_ttl,
+                announce_interval=args.announce_interval,
+            )
+            await nursery.start(self.run_peer, i, peer)
+            self.peers[i] = peer
+            for cap in [*self.serve.get("*", []), *self.serve.get(str(i), [])]:
+                peer.serve(Capability(**cap), answer)
+            emit({"peer": i, "id": peer.peer_id, "addr": peer.addrs[0], "addrs": peer.addrs})
+        with trio.move_on_after(JOIN_LIMIT):
+            for peer in self.peers.values():
+                await peer.discovery.bootstrapped.wait()
+        emit({"ready": True})
+
+    async def handle(self, line: str, tasks: trio.Nursery) -> None:
+        try:
+            cmd = json.loads(line)
+            kind = cmd.get("cmd") if isinstance(cmd, dict) else None
+            method = getattr(self, f"cmd_{kind}", None) if isinstance(kind, str) else None
+            if method is None:
+                emit({"error": f"unknown command {line!r}"})
+                return
+            emit(await method(cmd, tasks))
+        except (ModelNetError, ValueError, KeyError, TypeError, trio.TooSlowError) as exc:
+            emit({"error": f"{type(exc).__name__}: {exc}"})
+
+    async def cmd_connect(self, cmd: dict[str, Any], _: trio.Nursery) -> dict[str, Any]:
+        outcomes: list[bool] = []
+
+        async def dial(i: int, addr: str) -> None:
+            try:
+                await self.peers[i].connect(addr)
+                outcomes.append(True)
+            except Exception:
+                outcomes.append(False)
+
+        async with trio.open_nursery() as dialing:
+            for i, addr in cmd["links"]:
+                dialing.start_soon(dial, int(i), addr)
+        return {"connected": outcomes.count(True), "failed": outcomes.count(False)}
+
+    async def cmd_watch(self, cmd: dict[str, Any], tasks: trio.Nursery) -> dict[str, Any]:
+        pid = str(cmd["id"])
+
+        async def watch(i: int, peer: Peer) -> None:
+            if peer.availability is not None:
+                await peer.availability.wait_for(pid, timeout=math.inf)
+                emit({"event": "seen", "seen": pid, "peer": i, "t": time.monotonic()})
+
+        if not self.args.gossip:
+            return {"error": "this worker runs without gossip"}
+        for i, peer in self.peers.items():
+            tasks.start_soon(watch, i, peer)
+        return {"watching": pid}
+
+    async def cmd_serve(self, cmd: dict[str, Any], _: trio.Nursery) -> dict[str, Any]:
+        cap = self.peer(cmd).serve(Capability(**cmd["capability"]), answer)
+        return {"serving": cap.name}
+
+    async def cmd_announce(self, cmd: dict[str, Any], _: trio.Nursery) -> dict[str, Any]:
+        serving = [p for p in self.peers.values() if p.capabilities]
+        stored = 0
+
+        async def announce(p: Peer) -> None:
+            nonlocal stored
+            result = await p.discovery.announce()
+            stored += result.value_stored if result else 0
+
+        async with trio.open_nursery() as announcing:
+            for p in serving:
+                announcing.start_soon(announce, p)
+        return {"announced": len(serving), "stored": stored}
+
+    async def cmd_discover(self, cmd: dict[str, Any], _: trio.Nursery) -> dict[str, Any]:
+        cards = await self.peer(cmd).discover(
+            cmd.get("task"),
+            model=cmd.get("model"),
+            version=cmd.get("version"),
+            tags=cmd.get("tags", ()),
+            timeout=float(cmd.get("timeout", 10.0)),
+        )
+        return {
+            "cards": [
+                {"id": c.peer_id, "addrs": list(c.addrs), "capabilities": [x.name for x in c.capabilities]}
+                for c in cards
+            ]
+        }
+
+    async def cmd_call(self, cmd: dict[str, Any], _: trio.Nursery) -> dict[str, Any]:
+        result = await self.peer(cmd).call(
+            cmd.get("target"), cmd["capability"], cmd.get("input"), timeout=float(cmd.get("timeout", 30.0))
+        )
+        return {"text": result.text}
+
+    async def cmd_stop(self, cmd: dict[str, Any], _: trio.Nursery) -> dict[str, Any]:
+        i = int(cmd.get("peer", 0))
+        stop, stopped = self.stops.pop(i)
+        stop.set()
+        await stopped.wait()
+        return {"stopped": i}
+
+    async def cmd_stats(self, cmd: dict[str, Any], _: trio.Nursery) -> dict[str, Any]:
+        services = [p.availability for p in self.peers.values() if p.availability is not None]
+        rejected: dict[str, int] = {}
+        for s in services:
+            for k, v in s.stats.rejected.items():
+                rejected[k] = rejected.get(k, 0) + v
+        return {
+            "stats": {
+                "peers": len(self.peers),
+                "cpu": time.process_time(),
+                "wall": time.monotonic(),
+                "rss_kib": rss_kib(),
+                "requests": sum(p.discovery.requests_sent for p in self.peers.values()),
+                "bytes_sent": sum(s.bytes_sent for s in services),
+                "published": sum(s.stats.published for s in services),
+                "published_bytes": sum(s.stats.published_bytes for s in services),
+                "validated": sum(s.stats.validated for s in services),
+                "accepted": sum(s.stats.accepted for s in services),
+                "rejected": rejected,
+                "restarts": sum(s.stats.pubsub_restarts for s in services),
+                "min_mesh": min((s.gossip.mesh_size(s.config.topic) for s in services), default=0),
+            }
+        }
+
+
+async def main(args: argparse.Namespace) -> None:
+    """Run the peers and answer commands until stdin closes or SIGTERM arrives."""
+    node = Node(args)
+    stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def on_signal() -> None:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(on_signal)
+            async with trio.open_nursery() as peers:
+                await node.start(peers)
+                async for line in read_lines(stdin):
+                    if line:
+                        await node.handle(line, nursery)
+                for stop, _ in node.stops.values():
+                    stop.set()  # each peer leaves in its own task
+            nursery.cancel_scope.cancel()
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m modelnet_p2p.testing.worker", description=(__doc__ or "").splitlines()[0]
+    )
+    parser.add_argument("--peers", type=int, required=True)
+    parser.add_argument("--bootstrap", default="", help="comma-separated multiaddrs")
+    parser.add_argument("--unlinked", action="store_true", help="no bootstrap at all; use 'connect'")
+    parser.add_argument("--dht-mode", choices=["auto", "server", "client"], default=PeerConfig.dht_mode)
+    parser.add_argument("--gossip", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--publish-interval", "--interval", type=float, default=PeerConfig.publish_interval)
+    parser.add_argument("--card-ttl", type=float, default=PeerConfig.card_ttl)
+    parser.add_argument("--announce-interval", type=float, default=PeerConfig.announce_interval)
+    parser.add_argument("--serve", default="{}", help='JSON: peer index or "*" -> Capability kwargs')
+    parser.add_argument("--max-seconds", type=float, default=600.0, help="hard limit on the run")
+    return parser.parse_args(argv)
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+    """Parse ``argv`` and run :func:`main` for at most ``--max-seconds``."""
+    args = parse_args(argv)
+
+    async def bounded() -> None:
+        with trio.move_on_after(args.max_seconds):
+            await main(args)
+
+    trio.run(bounded)
+
+
+if __name__ == "__main__":
+    run()
