@@ -303,6 +303,9 @@ class ConnManager:
         return len(victims)
 
     async def _close(self, conn: INetConn) -> None:
+        if self._in_use(conn):  # a stream opened since the choice: keep it
+            self._trimmed -= 1
+            return
         try:
             await conn.close()
         except Exception as exc:
