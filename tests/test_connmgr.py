@@ -89,7 +89,11 @@ def test_protect_tags_and_settings() -> None:
     assert cm.is_protected("q")
     with pytest.raises(ValueError):
         ConnManager(low=3, high=2, grace_period=0, check_interval=1)
-    for bad in ({"connections_low": 5, "connections_high": 4}, {"connection_check_interval": 0}):
+    bad_settings: list[dict[str, Any]] = [
+        {"connections_low": 5, "connections_high": 4},
+        {"connection_check_interval": 0},
+    ]
+    for bad in bad_settings:
         with pytest.raises(ConfigError):
             Peer(**bad)
 
@@ -205,3 +209,18 @@ async def test_trim_and_redial_leak_no_fds(fd_count: Any) -> None:
         gc.collect()
         after = fd_count()
         assert after <= before, f"fds went from {before} to {after} over 5 trim and redial cycles"
+
+
+async def test_relay_reservations_and_gossip_mesh_are_protected() -> None:
+    async with Peer(relay_hop=True) as relay:
+        async with Peer(bootstrap=[relay.addrs[0]], reachability="private") as private:
+            assert relay.relay is not None
+            with trio.fail_after(15):
+                while private.peer_id not in relay.relay.reserving_peers():
+                    await trio.sleep(0.05)
+            assert relay.connmgr.is_protected(private.peer_id)  # it holds a reservation here
+            with trio.fail_after(15):  # GossipSub grafts at its heartbeats (1 s)
+                while not private.connmgr.is_protected(relay.peer_id) or relay.peer_id not in (
+                    private.availability.gossip.mesh_peers() if private.availability else ()
+                ):
+                    await trio.sleep(0.05)
