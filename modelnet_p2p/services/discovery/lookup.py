@@ -177,8 +177,7 @@ class Lookups:
         Up to ALPHA requests are in flight, not counting slow ones (unanswered after
         :meth:`RttEstimator.patience`), which run on until the request timeout. It ends
         when the k closest peers known (failures excluded, and slow peers excluded once
-        QUORUM peers have answered) have all been asked and answered; with fewer answers
-        than QUORUM by then, the peers that ran out of time are asked once more. Each answer's closer
+        QUORUM peers have answered) have all been asked and answered. Each answer's closer
         peers join the candidates, and the answer goes to ``on_response``. A peer whose
         stream broke after opening is asked once more (busy py-libp2p servers reset
         excess streams).
@@ -206,8 +205,6 @@ class Lookups:
         retried: set[str] = set()
         pending: set[str] = set()
         slow: set[str] = set()
-        timed_out: set[str] = set()
-        revived: set[str] = set()
         request = KadRequest(kind, key)
         send_done, recv_done = trio.open_memory_channel[None](float("inf"))
 
@@ -231,8 +228,6 @@ class Lookups:
                     asked.discard(pid)
                 else:
                     failed.add(pid)
-                    if outcome.timed_out:
-                        timed_out.add(pid)
                     if not outcome.opened and not outcome.timed_out:
                         # unreachable (not merely slow): stop handing it out, as py-libp2p does
                         kad.forget(pid)
@@ -265,15 +260,7 @@ class Lookups:
                     nursery.start_soon(ask, pid)
                 waiting = [p for p in closest if p in pending and (patient or p not in slow)]
                 if not waiting and not (pending - slow):
-                    # Out of candidates with too few answers: ask the peers that ran out of
-                    # time once more (slow, not dead), with the allowance their time-outs grew.
-                    again = [] if len(answered) >= QUORUM else sorted(timed_out - revived - pending)
-                    if not again:
-                        break
-                    revived.update(again)
-                    failed.difference_update(again)
-                    asked.difference_update(again)
-                    continue
+                    break
                 await recv_done.receive()
             nursery.cancel_scope.cancel()  # the slow requests left behind
         return sorted(answered, key=distance.__getitem__)[:K]
