@@ -15,8 +15,7 @@ lookup finds. A server *acknowledges* a record:
 A target needs ``min(replication, peers found)`` acknowledgements. Targets short of that
 are placed again, with a fresh lookup (the routing table of a young mesh fills as it goes),
 after 0.25, 0.5, 1, 2, ... seconds on trio's clock, until the retry window (counted from
-the end of the first placement) closes or a newer card supersedes this one. The whole
-announce ends after its budget, with what was acknowledged by then.
+the end of the first placement) closes or a newer card supersedes this one.
 """
 
 from __future__ import annotations
@@ -99,13 +98,11 @@ async def publish(
     *,
     replication: int,
     retry_window: float,
-    budget: float,
     still_current: Callable[[], bool] = lambda: True,
 ) -> AnnounceResult:
     """Place ``card`` and its provider records at the closest servers until enough acknowledge.
 
-    Gives up after ``budget`` seconds in all (first placement and retries). The local
-    stores are the caller's business. Returns the acknowledgements counted.
+    The local stores are the caller's business. Returns the acknowledgements counted.
     """
     kad = lookups.kad
     me = KadPeer(card.peer_id, card.addrs)
@@ -161,16 +158,15 @@ async def publish(
                 nursery.start_soon(place, t, nursery)
 
     delay = FIRST_RETRY
-    with trio.move_on_after(budget):  # a busy machine: report what was acknowledged by then
-        await round_of(targets)
-        closes = trio.current_time() + retry_window  # from the end of the first round
-        while still_current():
-            short = [t for t in targets if len(t.acked) < t.need(replication)]
-            if not short or trio.current_time() + delay > closes:
-                break
-            await trio.sleep(delay)
-            delay = min(delay * 2, MAX_RETRY)
-            await round_of(short)
+    await round_of(targets)
+    closes = trio.current_time() + retry_window  # from the end of the first round, however long it took
+    while still_current():
+        short = [t for t in targets if len(t.acked) < t.need(replication)]
+        if not short or trio.current_time() + delay > closes:
+            break
+        await trio.sleep(delay)
+        delay = min(delay * 2, MAX_RETRY)
+        await round_of(short)
     for t in targets:
         result.acks[t.label] = len(t.acked)
         result.needed[t.label] = t.need(replication)

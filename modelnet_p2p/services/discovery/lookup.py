@@ -107,10 +107,10 @@ class RttEstimator:
 
     def timeout(self, base: float) -> float:
         """Seconds one request may run: ``base``, or twice the patience's formula when the
-        round trips are that long (a busy machine), at most ``2 * base``."""
+        round trips are that long (a busy machine), at most ``4 * base``."""
         if self.srtt is None:
             return base
-        return min(max(base, 2 * (self.srtt + 4 * self.rttvar)), 2 * base)
+        return min(max(base, 2 * (self.srtt + 4 * self.rttvar)), 4 * base)
 
 
 def _hash(data: bytes) -> int:

@@ -80,9 +80,6 @@ ANNOUNCE_REPLICATION = 5
 #: Seconds an announce keeps retrying records short of acknowledgements (at most half
 #: the announce interval).
 ANNOUNCE_RETRY_WINDOW = 10.0
-#: Seconds one announce may take in all, first placement and retries (at most half the
-#: announce interval); on a busy machine it ends with what was acknowledged by then.
-ANNOUNCE_BUDGET = 20.0
 #: Seconds a lookup keeps for itself when it waits for a fresh peer's join: the wait ends
 #: this long before the lookup's deadline, or at half the time left, whichever is later.
 LOOKUP_RESERVE = 3.0
@@ -416,7 +413,6 @@ class Discovery:
                 self.lookups,
                 replication=self.replication,
                 retry_window=min(self.announce_retry_window, self.announce_interval / 2),
-                budget=min(ANNOUNCE_BUDGET, self.announce_interval / 2),
                 still_current=lambda: self._generation == generation,
             )
             self.last_announce = result
