@@ -48,7 +48,6 @@ __all__ = [
     "Host",
     "KadKind",
     "KadNode",
-    "KadOutcome",
     "KadPeer",
     "KadRequest",
     "KadResponse",
@@ -102,16 +101,6 @@ class KadResponse:
     closer: tuple[KadPeer, ...] = ()
     providers: tuple[KadPeer, ...] = ()
     value: bytes | None = None
-
-
-@dataclass(frozen=True)
-class KadOutcome:
-    """How one request went: the ``answer`` (``None`` on failure), whether a stream was
-    ``opened``, and whether the request ``timed_out`` (slow, not necessarily gone)."""
-
-    answer: KadResponse | None
-    opened: bool
-    timed_out: bool
 
 
 class RecordPolicy(Protocol):
@@ -380,40 +369,28 @@ class KadNode:
         Returns ``(answer, True)``, or ``(None, opened)`` on any failure, where ``opened``
         tells whether a stream was opened at all (a busy server resets excess streams).
         """
-        outcome = await self.exchange(peer_id, req, timeout)
-        return outcome.answer, outcome.opened
-
-    async def exchange(self, peer_id: str, req: KadRequest, timeout: float) -> KadOutcome:
-        """Send ``req`` and read one answer within ``timeout``; say how it went.
-
-        A request that ran out of time (``timed_out``) met a slow peer or a busy machine;
-        one that failed before a stream was open, and not for lack of time, met a peer
-        that cannot be reached.
-        """
-        resp, ok, opened, timed_out = await self._exchange(peer_id, req, timeout, answered=True)
-        return KadOutcome(resp if ok else None, opened or ok, timed_out)
+        resp, ok, opened = await self._exchange(peer_id, req, timeout, answered=True)
+        return (resp, True) if ok else (None, opened)
 
     async def send(self, peer_id: str, req: KadRequest, timeout: float) -> bool:
         """Send a message that gets no answer we wait for (ADD_PROVIDER); True if written."""
-        _, ok, _, _ = await self._exchange(peer_id, req, timeout, answered=False)
+        _, ok, _ = await self._exchange(peer_id, req, timeout, answered=False)
         return ok
 
     async def _exchange(
         self, peer_id: str, req: KadRequest, timeout: float, *, answered: bool
-    ) -> tuple[KadResponse | None, bool, bool, bool]:
+    ) -> tuple[KadResponse | None, bool, bool]:
         """Write ``req`` on a new stream (and read one answer if ``answered``) within ``timeout``.
 
-        Returns ``(answer, ok, opened, timed_out)``: ``ok`` once everything asked for is done,
-        ``opened`` whether a stream was opened at all, ``timed_out`` whether ``timeout``
-        ran out. The stream is closed if ``ok``, else reset.
+        Returns ``(answer, ok, opened)``: ``ok`` once everything asked for is done, ``opened``
+        whether a stream was opened at all. The stream is closed if ``ok``, else reset.
         """
         data = encode_request(req)
         stream: INetStream | None = None
         resp: KadResponse | None = None
         ok = False
-        scope = trio.move_on_after(timeout)
         try:
-            with scope:
+            with trio.move_on_after(timeout):
                 stream = await self._open(peer_id)
                 await stream.write(encode_varint(len(data)) + data)
                 if answered:
@@ -427,7 +404,7 @@ class KadNode:
         finally:
             if stream is not None:
                 await _end(stream, ok)
-        return resp, ok, stream is not None, scope.cancelled_caught
+        return resp, ok, stream is not None
 
     async def _open(self, peer_id: str) -> INetStream:
         # Through the view, so the stream is counted; our id is named explicitly.

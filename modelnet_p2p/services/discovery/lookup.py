@@ -6,13 +6,6 @@ entries (duplicates included) have arrived, and look value keys up with FIND_NOD
 py-libp2p servers reject for keys that are not multihashes and longer than 50 bytes (ours
 are about 67). So every lookup here asks the network only (never the local store),
 de-duplicates by peer id, and runs until the k closest peers known have all been asked.
-
-Slow is not dead. A request that has not been answered within the *patience*
-(:class:`RttEstimator`: the smoothed round-trip time of recent answers plus four times its
-variation, so it grows when the machine is busy) stops holding one of the ALPHA slots, and
-the lookup asks the next candidate; the slow request itself runs on until the request
-timeout and its answer still counts. A peer whose stream cannot even be opened is dead:
-it is dropped from the candidates and from the routing table.
 """
 
 from __future__ import annotations
@@ -24,7 +17,7 @@ from collections.abc import Callable, Sequence
 import trio
 
 from ...errors import ProtocolError
-from ...p2p.kad import KadKind, KadNode, KadOutcome, KadPeer, KadRequest, KadResponse, peer_id_bytes
+from ...p2p.kad import KadKind, KadNode, KadPeer, KadRequest, KadResponse, peer_id_bytes
 from ...proto.card import CapabilityCard, value_key
 from .query import Query
 from .records import verified_card
@@ -39,7 +32,6 @@ __all__ = [
     "MAX_RESPONSE_SIZE",
     "RPC_TIMEOUT",
     "Lookups",
-    "RttEstimator",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,51 +58,6 @@ MAX_PROVIDERS_PER_LOOKUP = 1024
 ADDR_TTL = 600
 #: Seconds before a peer whose stream broke after opening is asked once more.
 RETRY_DELAY = 0.05
-#: Patience (seconds) before any answer has been timed, and its lower bound.
-INITIAL_PATIENCE = 1.0
-MIN_PATIENCE = 0.3
-#: Answers a lookup needs before it may end with slow requests still out (libp2p's beta).
-QUORUM = 3
-
-
-class RttEstimator:
-    """The smoothed round-trip time of DHT requests and its variation (the TCP estimator).
-
-    :meth:`patience` is how long a request may take before the lookup stops waiting for
-    it to go on (``srtt + 4 * rttvar``, between ``floor`` and ``ceiling``); it grows by
-    itself on a busy machine, whose answers all come late.
-    """
-
-    def __init__(self, *, initial: float, floor: float, ceiling: float) -> None:
-        self.initial = initial
-        self.floor = floor
-        self.ceiling = ceiling
-        self.srtt: float | None = None
-        self.rttvar = 0.0
-        self.samples = 0
-
-    def sample(self, rtt: float) -> None:
-        """Account for one answer that took ``rtt`` seconds."""
-        rtt = max(0.0, rtt)
-        if self.srtt is None:
-            self.srtt, self.rttvar = rtt, rtt / 2
-        else:
-            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
-            self.srtt = 0.875 * self.srtt + 0.125 * rtt
-        self.samples += 1
-
-    def patience(self) -> float:
-        """Seconds after which an unanswered request counts as slow."""
-        if self.srtt is None:
-            return min(max(self.initial, self.floor), self.ceiling)
-        return min(max(self.srtt + 4 * self.rttvar, self.floor), self.ceiling)
-
-    def timeout(self, base: float) -> float:
-        """Seconds one request may run: ``base``, or twice the patience's formula when the
-        round trips are that long (a busy machine), at most ``4 * base``."""
-        if self.srtt is None:
-            return base
-        return min(max(base, 2 * (self.srtt + 4 * self.rttvar)), 4 * base)
 
 
 def _hash(data: bytes) -> int:
@@ -130,37 +77,13 @@ class Lookups:
         self.kad = kad
         self.rpc_timeout = rpc_timeout
         self._wall_clock = wall_clock
-        #: Round-trip times of the answers so far: decides when a request is slow.
-        self.rtt = RttEstimator(initial=INITIAL_PATIENCE, floor=MIN_PATIENCE, ceiling=rpc_timeout)
-        #: Requests that were still unanswered after the patience (a slot went to another peer).
-        self.slow_requests = 0
 
     def _now_ms(self) -> int:
         return int(self._wall_clock() * 1000)
 
     async def request(self, peer_id: str, req: KadRequest) -> KadResponse | None:
         """Send one DHT request to ``peer_id`` and return its answer (``None`` on any failure)."""
-        return (await self.timed_request(peer_id, req))[0]
-
-    async def timed_request(
-        self, peer_id: str, req: KadRequest, timeout: float | None = None
-    ) -> tuple[KadResponse | None, bool]:
-        """One request that feeds the round-trip estimator; ``(answer, opened)``."""
-        outcome = await self.attempt(peer_id, req, timeout)
-        return outcome.answer, outcome.opened
-
-    async def attempt(self, peer_id: str, req: KadRequest, timeout: float | None = None) -> KadOutcome:
-        """One request within ``timeout`` (default: :meth:`RttEstimator.timeout`), timed.
-
-        Answers and time-outs feed the estimator (a time-out as the time it lasted, a
-        lower bound of the round trip), so the allowance grows on a busy machine.
-        """
-        t0 = trio.current_time()
-        allowed = self.rtt.timeout(self.rpc_timeout) if timeout is None else timeout
-        outcome = await self.kad.exchange(peer_id, req, allowed)
-        if outcome.answer is not None or outcome.timed_out:
-            self.rtt.sample(trio.current_time() - t0)
-        return outcome
+        return (await self.kad.request(peer_id, req, self.rpc_timeout))[0]
 
     async def send(self, peer_id: str, req: KadRequest) -> bool:
         """Send one DHT message that gets no answer we wait for; True if it was written."""
@@ -174,12 +97,10 @@ class Lookups:
     ) -> list[str]:
         """Iterative lookup of ``key`` with requests of ``kind``; returns the k closest peers that answered.
 
-        Up to ALPHA requests are in flight, not counting slow ones (unanswered after
-        :meth:`RttEstimator.patience`), which run on until the request timeout. It ends
-        when the k closest peers known (failures excluded, and slow peers excluded once
-        QUORUM peers have answered) have all been asked and answered. Each answer's closer
-        peers join the candidates, and the answer goes to ``on_response``. A peer whose
-        stream broke after opening is asked once more (busy py-libp2p servers reset
+        Up to ALPHA requests are in flight; it ends when the k closest peers known
+        (answered or not yet asked, failures excluded) have all been asked. Each answer's
+        closer peers join the candidates, and the answer goes to ``on_response``. A peer
+        whose stream broke after opening is asked once more (busy py-libp2p servers reset
         excess streams).
         """
         kad = self.kad
@@ -203,33 +124,20 @@ class Lookups:
         answered: set[str] = set()
         failed: set[str] = set()
         retried: set[str] = set()
-        pending: set[str] = set()
-        slow: set[str] = set()
         request = KadRequest(kind, key)
         send_done, recv_done = trio.open_memory_channel[None](float("inf"))
-
-        async def watch(pid: str, patience: float) -> None:
-            await trio.sleep(patience)
-            if pid in pending:
-                slow.add(pid)  # its slot goes to the next candidate
-                self.slow_requests += 1
-                send_done.send_nowait(None)
+        in_flight = 0
 
         async def ask(pid: str) -> None:
-            async with trio.open_nursery() as watchdog:
-                watchdog.start_soon(watch, pid, self.rtt.patience())
-                outcome = await self.attempt(pid, request)
-                watchdog.cancel_scope.cancel()
-            resp = outcome.answer
+            resp, opened = await kad.request(pid, request, self.rpc_timeout)
             if resp is None:
-                if outcome.opened and not outcome.timed_out and pid not in retried:
+                if opened and pid not in retried:
                     retried.add(pid)
-                    await trio.sleep(RETRY_DELAY)
                     asked.discard(pid)
+                    await trio.sleep(RETRY_DELAY)
                 else:
                     failed.add(pid)
-                    if not outcome.opened and not outcome.timed_out:
-                        # unreachable (not merely slow): stop handing it out, as py-libp2p does
+                    if not opened:  # unreachable: stop handing it out (as py-libp2p does)
                         kad.forget(pid)
             else:
                 answered.add(pid)
@@ -242,27 +150,20 @@ class Lookups:
                         log.debug("bad DHT answer from %s: %r", pid, exc)
                 with trio.move_on_after(1):
                     await kad.add_to_routing_table(pid)  # it answered: it serves the DHT
-            pending.discard(pid)
-            slow.discard(pid)
             send_done.send_nowait(None)
 
         async with trio.open_nursery() as nursery:
             while True:
-                patient = len(answered) < QUORUM  # too few answers to leave slow peers behind
-                closest = sorted(
-                    (p for p in distance if p not in failed and (patient or p not in slow)),
-                    key=distance.__getitem__,
-                )[:K]
+                closest = sorted((p for p in distance if p not in failed), key=distance.__getitem__)[:K]
                 todo = [p for p in closest if p not in asked]
-                for pid in todo[: max(0, ALPHA - len(pending - slow))]:
+                for pid in todo[: ALPHA - in_flight]:
                     asked.add(pid)
-                    pending.add(pid)
+                    in_flight += 1
                     nursery.start_soon(ask, pid)
-                waiting = [p for p in closest if p in pending and (patient or p not in slow)]
-                if not waiting and not (pending - slow):
+                if in_flight == 0:
                     break
                 await recv_done.receive()
-            nursery.cancel_scope.cancel()  # the slow requests left behind
+                in_flight -= 1
         return sorted(answered, key=distance.__getitem__)[:K]
 
     def _learn_peer(self, peer: KadPeer, learn: Callable[[str], None]) -> None:
