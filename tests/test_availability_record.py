@@ -19,6 +19,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from strategies import any_values
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -577,19 +578,6 @@ def test_arbitrary_bytes_only_raise_protocol_error(data):
         pass
 
 
-_leaf = (
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**63), 2**64 - 1)
-    | st.text(max_size=6)
-    | st.binary(max_size=40)
-    | st.floats()
-)
-_values = st.recursive(
-    _leaf,
-    lambda i: st.lists(i, max_size=3) | st.dictionaries(st.text(max_size=5), i, max_size=3),
-    max_leaves=10,
-)
 
 
 @settings(max_examples=300, deadline=None)
@@ -598,7 +586,7 @@ def test_correctly_signed_nonsense_only_raises_protocol_error(data):
     body = body_map(BASE)
     for _ in range(data.draw(st.integers(1, 3))):
         key = data.draw(st.sampled_from([*body, "zz"]))
-        body[key] = data.draw(_values | st.lists(st.lists(st.text(max_size=4), max_size=3), max_size=3))
+        body[key] = data.draw(any_values | st.lists(st.lists(st.text(max_size=4), max_size=3), max_size=3))
     try:
         open_envelope(signed(raw_pack(body)))
     except ProtocolError:

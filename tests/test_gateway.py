@@ -488,6 +488,13 @@ async def test_a_stream_taken_over_must_repeat_what_was_sent(mode: str):
         assert expected.startswith(result["text"]) and 0 < len(result["text"]) < len(expected)
 
 
+def chat_plain_and_streamed(url: str) -> list[Any]:
+    """One non-streamed and one streamed toy-chat request, raw (headers included)."""
+    with client(url) as c:
+        create = c.chat.completions.with_raw_response.create
+        return [create(model="toy-chat", messages=MESSAGES, stream=s) for s in (False, True)]
+
+
 async def test_a_failed_provider_before_the_first_chunk_is_skipped():
     calls = {"busy": 0}
 
@@ -503,12 +510,7 @@ async def test_a_failed_provider_before_the_first_chunk_is_skipped():
         route = ModelRoute(name="toy-chat", tasks=("chat",), providers=(first.addrs[0], second.addrs[0]))
         async with gateway_on(gw_peer, models=[route], policy="least-loaded") as (gw, url):
 
-            def work() -> list[Any]:
-                with client(url) as c:
-                    create = c.chat.completions.with_raw_response.create
-                    return [create(model="toy-chat", messages=MESSAGES, stream=s) for s in (False, True)]
-
-            raws = await call(work)
+            raws = await call(lambda: chat_plain_and_streamed(url))
         assert [r.headers["x-modelnet-peer"] for r in raws] == [second.peer_id] * 2
         assert calls["busy"] == 1 and gw.metrics.failovers == 1
 
@@ -519,12 +521,7 @@ async def test_a_listed_provider_that_no_longer_serves_the_model_is_passed_over(
         route = ModelRoute(name="toy-chat", tasks=("chat",), providers=(stale.addrs[0], provider.addrs[0]))
         async with gateway_on(gw_peer, models=[route], policy="least-loaded") as (gw, url):
 
-            def work() -> list[Any]:
-                with client(url) as c:
-                    create = c.chat.completions.with_raw_response.create
-                    return [create(model="toy-chat", messages=MESSAGES, stream=s) for s in (False, True)]
-
-            raws = await call(work)
+            raws = await call(lambda: chat_plain_and_streamed(url))
         assert [r.headers["x-modelnet-peer"] for r in raws] == [provider.peer_id] * 2
         assert gw.metrics.failovers >= 1  # the stale one, listed first, was tried first
 
