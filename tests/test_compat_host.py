@@ -91,7 +91,9 @@ async def test_stock_leaving_run_keeps_the_listener_open() -> None:
 # -- closing connections -----------------------------------------------------------------------
 
 
-async def test_stock_close_takes_a_fifth_of_a_second_per_connection() -> None:
+async def test_stock_close_takes_a_tenth_of_a_second_per_connection() -> None:
+    # SwarmConn._cleanup sleeps 0.1 s, and Swarm.close() closes connections one after another:
+    # at least 0.1 s each (about 0.2 s measured). A concurrent close would take about 0.1 s in all.
     others = [build_host(Identity.generate()) for _ in range(6)]
     host = stock_host()
     async with host.run(LOOPBACK):
@@ -104,7 +106,7 @@ async def test_stock_close_takes_a_fifth_of_a_second_per_connection() -> None:
             await host.close()
             took = trio.current_time() - start
             nursery.cancel_scope.cancel()
-    assert took >= 0.15 * len(others), f"host.close() took {took:.2f} s for {len(others)} connections"
+    assert took >= 0.1 * len(others), f"host.close() took {took:.2f} s for {len(others)} connections"
 
 
 async def _serve_until_cancelled(host: IHost, *, task_status: trio.TaskStatus[None]) -> None:
