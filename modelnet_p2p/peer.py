@@ -150,6 +150,7 @@ class Peer:
         self.inference.mesh_factory = self._mesh_context
         self._load = InferenceLoad(self.inference, cfg.max_concurrency)
         self.inference.on_request_done = self._load.on_request_done
+        self.inference.load_provider = self._load.snapshot  # answers carry it back (specs/inference.md)
         with _as_config_error():
             #: Capability discovery: the DHT, this peer's card, lookups (specs/capability.md).
             self.discovery = Discovery(

@@ -198,3 +198,70 @@ async def test_providers_join_cards_with_gossip_and_cache_cards(mock_clock):
     among = {c.peer_id: c for c in providers.among("echo", given)}
     assert set(among) == {"a", "z"} and among["a"].in_flight == 3 and among["z"].state is None
     assert given[0].in_flight == 0  # the caller's candidates are not changed
+
+
+# -- load hints from answers (specs/inference.md, "load") ----------------------------------------
+
+from modelnet_p2p.mesh.routing import LOAD_HINT_TTL  # noqa: E402
+from modelnet_p2p.proto.infer import Load  # noqa: E402
+
+
+def test_a_load_hint_routes_away_from_a_busy_provider_without_gossip():
+    router = Router("p2c", rng=random.Random(5))
+    pool = [Candidate("a"), Candidate("b")]  # no gossip: state and load unknown
+    router.observe_load("a", Load(in_flight=3, max_concurrency=4))
+    router.observe_load("b", Load(in_flight=0, max_concurrency=4))
+    assert all(router.choose(pool).peer_id == "b" for _ in range(20))
+    router.observe_load("a", Load(in_flight=4, max_concurrency=4))
+    router.observe_load("b", Load(in_flight=4, max_concurrency=4))
+    assert router.choose(pool) is None  # both at capacity, as their answers said
+
+
+def test_the_newer_of_gossip_and_hint_wins():
+    clock = Clock()
+    router = Router("least-loaded", clock=clock)
+    router.observe_load("a", Load(in_flight=7, max_concurrency=8))  # at 1000.0
+    older = Candidate("a", state="ready", in_flight=0, max_concurrency=8, load_at=999.0)
+    newer = Candidate("a", state="ready", in_flight=1, max_concurrency=8, load_at=1001.0)
+    unknown = Candidate("a", state="ready", in_flight=0, max_concurrency=8)
+    assert router.load_of(older) == (7, 0, 8, 0)  # the hint is newer than that gossip
+    assert router.load_of(newer) == (1, 0, 8, 0)  # gossip newer than the hint
+    assert router.load_of(unknown) == (7, 0, 8, 0)  # gossip of unknown age: the live hint
+    assert router.load_of(Candidate("z", in_flight=2)) == (2, 0, 0, 0)  # never heard of
+
+
+def test_a_hint_expires_so_a_busy_provider_is_not_shunned_for_good():
+    clock = Clock()
+    router = Router("least-loaded", clock=clock)
+    pool = [Candidate("a", state="ready", max_concurrency=4), Candidate("b", state="ready", in_flight=2)]
+    router.observe_load("a", Load(in_flight=4, max_concurrency=4))
+    assert router.choose(pool).peer_id == "b"  # a is full
+    clock.now += LOAD_HINT_TTL - 0.1
+    assert router.load_hint("a") is not None and router.choose(pool).peer_id == "b"
+    clock.now += 0.2
+    assert router.load_hint("a") is None  # dropped: back to what gossip says (idle)
+    assert router.choose(pool).peer_id == "a"
+    assert router.snapshot()["a"]["load_hint"] is None
+
+
+def test_with_a_hint_only_requests_started_after_it_are_added():
+    router = Router("least-loaded")
+    a = Candidate("a", state="ready", max_concurrency=8)
+    router.started("a")
+    router.started("a")  # two requests running when the provider answered
+    router.observe_load("a", Load(in_flight=5, max_concurrency=8))  # ... which counts them
+    assert router.load_of(a) == (5, 0, 8, 0)
+    router.started("a")
+    assert router.load_of(a) == (5, 0, 8, 1)  # one the hint cannot know of
+    for _ in range(3):
+        router.finished("a")
+    assert router.load_of(a) == (5, 0, 8, 0)
+    hint = router.snapshot()["a"]["load_hint"]
+    assert hint is not None and hint["in_flight"] == 5
+
+
+def test_a_hint_without_max_keeps_the_candidates_limit():
+    router = Router("least-loaded")
+    router.observe_load("a", Load(in_flight=1))
+    assert router.load_of(Candidate("a", max_concurrency=2)) == (1, 0, 2, 0)
+    assert router.load_score(Candidate("a", max_concurrency=2)) == pytest.approx(1.0)

@@ -17,6 +17,7 @@ from modelnet_p2p.errors import (
     DeadlineExceededError,
     InternalError,
     NotFoundError,
+    OverloadedError,
     ProtocolError,
     UnavailableError,
 )
@@ -768,3 +769,98 @@ def test_any_answer_arrives_whole_and_in_order_within_the_window(window, sizes, 
                 assert s.state is ServerState.IDLE
                 return
     raise AssertionError("stalled")
+
+
+# -- load carried back on answers (specs/inference.md, "load") -----------------------------------
+
+from modelnet_p2p.proto.infer import Load  # noqa: E402
+
+
+def loaded_server(figures: list[Load | None]) -> ServerSession:
+    """A server whose load provider returns ``figures[0]`` (a list, so a test can change it)."""
+    return ServerSession(0.0, Limits(), local_peer=ME, load=lambda: figures[0])
+
+
+def test_load_on_the_first_chunk_counts_the_request_and_on_end_does_not():
+    s = running(loaded_server([Load(3, 1, 8, 20, 5.0)]))
+    s.send_chunk("a")
+    s.send_chunk("b")
+    s.send_end()
+    first, second, end = decode(s.data_to_send(0))
+    assert first == Chunk(0, "a", Load(3, 1, 8, 20, 5.0))  # this request among the 3
+    assert second == Chunk(1, "b")  # only the first chunk carries it
+    assert end == End(2, load=Load(2, 1, 8, 20, 5.0))  # once done, this request is not counted
+
+
+def test_load_on_refusals_counts_nothing_to_remove():
+    figures: list[Load | None] = [Load(4, 0, 4)]
+    s = loaded_server(figures)
+    s.receive_data(frame(req()))
+    events(s)
+    s.reject(OverloadedError("peer is at its concurrency limit"))
+    (err,) = decode(s.data_to_send(0))
+    assert err.code == "overloaded" and err.load == Load(4, 0, 4)  # never admitted: all 4 are others
+    hop = loaded_server(figures)
+    hop.receive_data(frame(req(trace=TraceContext(hops=9))))
+    assert isinstance(events(hop)[0], RequestRejected)
+    assert decode(hop.data_to_send(0))[0].load == Load(4, 0, 4)
+
+
+def test_load_on_a_handler_error_a_deadline_and_a_kept_stream():
+    figures: list[Load | None] = [Load(1, 0, 8)]
+    s = running(loaded_server(figures))
+    s.send_error(UnavailableError("GPU gone"))
+    assert decode(s.data_to_send(0))[0].load == Load(0, 0, 8)
+    late = running(loaded_server(figures), req(timeout_ms=1000))
+    late.on_timeout(5.0)
+    assert decode(late.data_to_send(5.0))[0].load == Load(0, 0, 8)
+    kept = running(loaded_server(figures), req(keep=True))
+    kept.send_end()
+    assert decode(kept.data_to_send(0))[0] == End(0, keep=True, load=Load(0, 0, 8))
+    figures[0] = Load(2, 0, 8)  # the next request on the kept stream reports afresh
+    running(kept)
+    kept.send_chunk("x")
+    assert decode(kept.data_to_send(0))[0].load == Load(2, 0, 8)
+
+
+def test_no_load_provider_or_none_means_no_load_key():
+    for s in (running(), running(loaded_server([None]))):
+        s.send_chunk("a")
+        s.send_end()
+        assert all("load" not in body for body in FrameDecoder().feed(s.data_to_send(0)))
+
+
+def test_a_first_chunk_too_large_with_load_goes_without_it():
+    load = Load(1, 2, 3, 4, 5.0)
+    s = running(ServerSession(0.0, Limits(max_frame_size=1024), local_peer=ME, load=lambda: load))
+
+    def fits(chunk: Chunk) -> bool:
+        try:
+            pack_frame(chunk.to_wire(), 1024)
+        except ProtocolError:
+            return False
+        return True
+
+    data = b"x" * max(n for n in range(1100) if fits(Chunk(0, b"x" * n)))
+    assert not fits(Chunk(0, data, load))
+    assert s.send_chunk(data)
+    (chunk,) = decode(s.data_to_send(0))
+    assert chunk == Chunk(0, data)  # sent, without the load that would not fit
+
+
+def test_client_surfaces_the_load_of_chunk_end_and_err():
+    c = client()
+    c.send_request(0)
+    c.receive_data(frame(Chunk(0, "a", Load(2, 0, 4))) + frame(End(1, load=Load(1, 0, 4))))
+    first, done = events(c)
+    assert first == ChunkReceived(0, "a", Load(2, 0, 4))
+    assert done.end.load == Load(1, 0, 4)
+    c = client()
+    c.send_request(0)
+    c.receive_data(frame(ErrorFrame("overloaded", "full", True, 0, Load(4, 0, 4))))
+    (err,) = events(c)
+    assert isinstance(err.error, OverloadedError) and err.load == Load(4, 0, 4)
+    c = client()  # an old server: no load anywhere
+    c.send_request(0)
+    c.receive_data(frame(Chunk(0, "a")) + frame(End(1)))
+    assert [getattr(e, "load", None) for e in events(c)] == [None, None]

@@ -215,3 +215,16 @@ def test_server_session_vector(vector):
         assert vector["error"] in reply["msg"]
     expected = {"close": ServerState.CLOSED, "reset": ServerState.RESET}[vector["then"]]
     assert session.state is expected
+
+
+def test_vectors_cover_load_on_every_frame_that_carries_it():
+    """``load`` (r4) on a chunk, an end and an err; accepted and rejected forms of it."""
+    with_load = {v["message"]["t"] for v in VECTORS["valid"] if "load" in v["message"]}
+    assert with_load == {"chunk", "end", "err"}
+    for v in VECTORS["valid"]:
+        msg = parse_message(from_json(v["message"]))
+        assert (getattr(msg, "load", None) is not None) == ("load" in v["message"])
+    accepted = {v["name"] for v in VECTORS["accepted"]}
+    assert {"end_load_nil", "end_load_nil_and_unknown_keys", "chunk_load_tps_float32"} <= accepted
+    invalid = [v for v in VECTORS["invalid"] if "'load" in v["error"]]
+    assert {v["error"].split("'")[1] for v in invalid} >= {"load", "load.inf", "load.q", "load.tps"}

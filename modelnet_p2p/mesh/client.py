@@ -45,6 +45,11 @@ answers ``not_found`` (it no longer serves the capability) is passed over for th
 be replaced by a fresh request to another provider (the partial answer discarded), even
 for a capability that is not idempotent. The gateway uses it for non-streamed answers.
 
+Load feedback: a provider carries its load back on the first chunk and on the final frame
+(``load``, ``specs/inference.md``); every such hint, on a routed or a targeted request,
+goes to the router (:meth:`~.routing.Router.observe_load`), so the next choice sees the
+load of the providers this peer uses without waiting for their gossip.
+
 Errors (raised while iterating): :class:`NotFoundError` (no provider known),
 :class:`OverloadedError` (every live provider at capacity), :class:`UnavailableError`,
 :class:`DeadlineExceededError`, or the provider's own error when it is not retryable.
@@ -370,11 +375,22 @@ class MeshClient:
             max_frame_size=self.max_frame_size,
             window=self.window,
         )
+        seen = None
         try:
             async for chunk in answer:
+                if info.load is not seen:
+                    seen = info.load
+                    self._learn(info)
                 yield chunk
         finally:
             await answer.aclose()  # type: ignore[attr-defined]
+            if info.load is not seen:
+                self._learn(info)
+
+    def _learn(self, info: ResponseInfo) -> None:
+        """Hand the load hint an answer carried to the router."""
+        if info.load is not None and info.peer:
+            self.router.observe_load(info.peer, info.load)
 
     # -- routing -------------------------------------------------------------------
 

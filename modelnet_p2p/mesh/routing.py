@@ -20,6 +20,14 @@ where ``local_in_flight`` counts requests *this* peer has sent and not yet
 finished (fresher than gossip), and ``rtt_ms`` is an EWMA of measured
 round-trip times to the first chunk.
 
+Load comes from two places: the candidate's figures (availability gossip, received at
+``Candidate.load_at``) and the *hints* a provider carries back on its answers
+(``load`` of ``chunk``, ``end`` and ``err``, ``specs/inference.md``), which the mesh
+client passes to :meth:`Router.observe_load`. The newer of the two is used; a hint
+older than :data:`LOAD_HINT_TTL` is dropped, so a provider last seen busy is not
+shunned forever. With a hint, ``local_in_flight`` counts only this peer's requests
+started after the hint (the hint counts the earlier ones already).
+
 A provider that fails is banned for 15 s, doubling on each consecutive failure
 up to 5 minutes (the Petals scheme); one success clears it.
 """
@@ -36,10 +44,12 @@ from typing import Any
 import trio
 
 from ..config import PeerConfig
+from ..proto.infer import Load
 
 __all__ = [
     "BAN_BASE",
     "BAN_MAX",
+    "LOAD_HINT_TTL",
     "Candidate",
     "Policy",
     "Router",
@@ -56,6 +66,10 @@ BAN_BASE = 15.0
 BAN_MAX = 300.0
 #: Weight of a new RTT sample in the moving average.
 RTT_ALPHA = 0.3
+#: Seconds a load hint from an answer is used. A provider's in-flight count turns over about
+#: as fast as its requests finish (seconds for a chat answer), and a provider the hint shows
+#: busy may get no request, hence no newer hint, until the hint is dropped.
+LOAD_HINT_TTL = 5.0
 
 
 @dataclass
@@ -65,6 +79,8 @@ class Candidate:
     ``state``, ``in_flight``, ``queue`` and ``max_concurrency`` come from
     availability gossip when known (``state`` is ``None`` if no gossip has been
     heard yet: such a provider is eligible but ranked after known-ready ones).
+    ``load_at`` is when those load figures were received (router clock), ``None`` if
+    unknown: then a live load hint (:meth:`Router.observe_load`) takes precedence.
     """
 
     peer_id: str
@@ -77,6 +93,7 @@ class Candidate:
     card: Any = None
     #: The capability's name as the provider spells it (names compare without case).
     name: str | None = None
+    load_at: float | None = None
 
 
 @dataclass
@@ -86,6 +103,11 @@ class _Stats:
     banned_until: float = 0.0
     local_in_flight: int = 0
     successes: int = 0
+    #: Requests this peer started to the provider, ever, and how many when the hint came.
+    started: int = 0
+    hint: Load | None = None
+    hint_at: float = 0.0
+    started_at_hint: int = 0
 
 
 #: A policy picks one candidate from a non-empty list of eligible ones.
@@ -170,7 +192,33 @@ class Router:
         return max(0.0, stats.banned_until - self.clock()) if stats else 0.0
 
     def started(self, peer_id: str) -> None:
-        self._s(peer_id).local_in_flight += 1
+        stats = self._s(peer_id)
+        stats.local_in_flight += 1
+        stats.started += 1
+
+    def observe_load(self, peer_id: str, load: Load) -> None:
+        """A provider's answer said how loaded it is (received now, by the router's clock)."""
+        stats = self._s(peer_id)
+        stats.hint, stats.hint_at, stats.started_at_hint = load, self.clock(), stats.started
+
+    def load_hint(self, peer_id: str) -> Load | None:
+        """The provider's last load hint, if younger than :data:`LOAD_HINT_TTL`."""
+        stats = self._stats.get(peer_id)
+        if stats is None or stats.hint is None or self.clock() - stats.hint_at > LOAD_HINT_TTL:
+            return None
+        return stats.hint
+
+    def load_of(self, c: Candidate) -> tuple[int, int, int, int]:
+        """``(in_flight, queue, max_concurrency, local_in_flight)`` as routing counts them: from
+        the newer of the candidate's figures and the provider's live load hint."""
+        stats = self._stats.get(c.peer_id)
+        if stats is None:
+            return c.in_flight, c.queue, c.max_concurrency, 0
+        hint = self.load_hint(c.peer_id)
+        if hint is not None and (c.load_at is None or stats.hint_at >= c.load_at):
+            since = min(stats.local_in_flight, stats.started - stats.started_at_hint)
+            return hint.in_flight, hint.queue, hint.max_concurrency or c.max_concurrency, since
+        return c.in_flight, c.queue, c.max_concurrency, stats.local_in_flight
 
     def finished(self, peer_id: str) -> None:
         stats = self._s(peer_id)
@@ -202,9 +250,8 @@ class Router:
     # -- scoring ------------------------------------------------------------------
 
     def load_score(self, c: Candidate) -> float:
-        local = self._stats[c.peer_id].local_in_flight if c.peer_id in self._stats else 0
-        capacity = c.max_concurrency or 8
-        return (c.in_flight + c.queue + local + 1) / capacity
+        in_flight, queue, capacity, local = self.load_of(c)
+        return (in_flight + queue + local + 1) / (capacity or 8)
 
     def score(self, c: Candidate) -> float:
         stats = self._stats.get(c.peer_id)
@@ -223,7 +270,8 @@ class Router:
                 continue
             if c.state is not None and c.state != "ready":
                 continue
-            if c.max_concurrency and c.in_flight + self._s(c.peer_id).local_in_flight >= c.max_concurrency:
+            in_flight, _, capacity, local = self.load_of(c)
+            if capacity and in_flight + local >= capacity:
                 continue
             out.append(c)
         return out
@@ -251,6 +299,9 @@ class Router:
                 "banned_for_s": max(0.0, s.banned_until - now),
                 "in_flight": s.local_in_flight,
                 "successes": s.successes,
+                "load_hint": None
+                if (hint := self.load_hint(pid)) is None
+                else {"age_s": now - s.hint_at, "in_flight": hint.in_flight, "queue": hint.queue},
             }
             for pid, s in self._stats.items()
         }

@@ -11,11 +11,13 @@ Pure code: no I/O, no clock.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ERROR_CODES, ProtocolError
+from .availability import MAX_COUNT, MAX_LATENCY_MS, MAX_TOKENS_PER_S
 from .limits import MAX_CAPABILITY_LEN
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "Credit",
     "End",
     "ErrorFrame",
+    "Load",
     "Message",
     "Request",
     "TraceContext",
@@ -90,6 +93,89 @@ MAX_VIA_ENTRY_LEN = 128
 def via_entry(peer_id: str, capability: str) -> str:
     """The ``tc.via`` entry for a hop: ``<peer id>/<capability>``, cut to 128 characters."""
     return f"{peer_id}/{capability}"[:MAX_VIA_ENTRY_LEN]
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """A provider's load, carried back on answers (``load`` of ``chunk``, ``end`` and ``err``).
+
+    The figures mean what the availability record's ``inf``, ``q``, ``max``, ``lat`` and
+    ``tps`` mean (``specs/availability.md``), within the same bounds, except that
+    ``in_flight`` does not count the request the frame answers: it is the load a new
+    request would find.
+    """
+
+    in_flight: int = 0
+    queue: int = 0
+    #: Requests the provider serves at once (``0``: not stated).
+    max_concurrency: int = 0
+    latency_ms: int = 0
+    tokens_per_s: float = 0.0
+
+    @classmethod
+    def clamped(
+        cls,
+        in_flight: float = 0,
+        queue: float = 0,
+        max_concurrency: float = 0,
+        latency_ms: float = 0,
+        tokens_per_s: float = 0.0,
+    ) -> Load:
+        """The figures rounded and clamped into the ranges the wire allows (bad values become 0)."""
+
+        def count(value: float, limit: int) -> int:
+            return min(round(value), limit) if math.isfinite(value) and value > 0 else 0
+
+        tps = float(tokens_per_s)
+        return cls(
+            in_flight=count(in_flight, MAX_COUNT),
+            queue=count(queue, MAX_COUNT),
+            max_concurrency=count(max_concurrency, MAX_COUNT),
+            latency_ms=count(latency_ms, MAX_LATENCY_MS),
+            tokens_per_s=min(tps, MAX_TOKENS_PER_S) if math.isfinite(tps) and tps > 0 else 0.0,
+        )
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"inf": self.in_flight, "q": self.queue, "max": self.max_concurrency}
+        if self.latency_ms:
+            out["lat"] = self.latency_ms
+        if self.tokens_per_s:
+            out["tps"] = float(self.tokens_per_s)
+        return out
+
+    @classmethod
+    def from_wire(cls, obj: Any) -> Load | None:
+        """The ``load`` value of a frame: ``None`` when absent or ``nil``."""
+        if obj is None:
+            return None
+        _need(isinstance(obj, dict), "field 'load' must be a map")
+
+        def count(key: str, limit: int) -> int:
+            value = _opt(obj, key, 0)
+            _need(
+                isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit,
+                f"field 'load.{key}' must be an unsigned 32-bit integer",
+            )
+            return int(value)
+
+        tps = _opt(obj, "tps", 0.0)
+        _need(
+            isinstance(tps, float) and math.isfinite(tps) and 0.0 <= tps <= MAX_TOKENS_PER_S,
+            f"field 'load.tps' must be a float from 0 to {MAX_TOKENS_PER_S:g}",
+        )
+        return cls(
+            count("inf", MAX_COUNT),
+            count("q", MAX_COUNT),
+            count("max", MAX_COUNT),
+            count("lat", MAX_LATENCY_MS),
+            tps,
+        )
+
+
+def _with_load(out: dict[str, Any], load: Load | None) -> dict[str, Any]:
+    if load is not None:
+        out["load"] = load.to_wire()
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,9 +261,11 @@ class Chunk:
 
     seq: int
     data: Any
+    #: The provider's load (the reference server sends it on the first chunk only).
+    load: Load | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {"t": "chunk", "seq": self.seq, "d": self.data}
+        return _with_load({"t": "chunk", "seq": self.seq, "d": self.data}, self.load)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,12 +277,14 @@ class End:
     usage: dict[str, Any] = field(default_factory=dict)
     #: The server keeps the stream open for another request (only if the request asked).
     keep: bool = False
+    #: The provider's load once this request is done.
+    load: Load | None = None
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"t": "end", "n": self.chunks, "fin": self.finish_reason, "use": self.usage}
         if self.keep:
             out["keep"] = True
-        return out
+        return _with_load(out, self.load)
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,15 +296,18 @@ class ErrorFrame:
     retryable: bool = False
     #: Chunks sent before the error.
     chunks: int = 0
+    #: The provider's load (say, at capacity, on ``overloaded``).
+    load: Load | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        out = {
             "t": "err",
             "code": self.code,
             "msg": self.message[:MAX_ERROR_MESSAGE_LEN],
             "rt": self.retryable,
             "n": self.chunks,
         }
+        return _with_load(out, self.load)
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,7 +367,7 @@ def _parse_request(obj: dict[str, Any]) -> Request:
 
 def _parse_chunk(obj: dict[str, Any]) -> Chunk:
     _need("d" in obj, "chunk frame has no data")
-    return Chunk(_uint(obj, "seq"), obj["d"])
+    return Chunk(_uint(obj, "seq"), obj["d"], Load.from_wire(obj.get("load")))
 
 
 def _parse_end(obj: dict[str, Any]) -> End:
@@ -282,7 +375,7 @@ def _parse_end(obj: dict[str, Any]) -> End:
     _need(isinstance(fin, str) and len(fin) <= 64, "finish reason must be short text")
     usage = _opt(obj, "use", {})
     _need(isinstance(usage, dict), "field 'use' must be a map")
-    return End(_uint(obj, "n"), fin, usage, keep=_bool(obj, "keep"))
+    return End(_uint(obj, "n"), fin, usage, keep=_bool(obj, "keep"), load=Load.from_wire(obj.get("load")))
 
 
 def _parse_error(obj: dict[str, Any]) -> ErrorFrame:
@@ -290,7 +383,13 @@ def _parse_error(obj: dict[str, Any]) -> ErrorFrame:
     _need(isinstance(code, str) and len(code) <= 64, "error code must be short text")
     msg = _opt(obj, "msg", "")
     _need(isinstance(msg, str), "error message must be text")
-    return ErrorFrame(code, msg[:MAX_ERROR_MESSAGE_LEN], _bool(obj, "rt"), _uint(obj, "n", optional=True))  # type: ignore[arg-type]
+    return ErrorFrame(
+        code,  # type: ignore[arg-type]
+        msg[:MAX_ERROR_MESSAGE_LEN],
+        _bool(obj, "rt"),
+        _uint(obj, "n", optional=True),
+        Load.from_wire(obj.get("load")),
+    )
 
 
 def _parse_credit(obj: dict[str, Any]) -> Credit:

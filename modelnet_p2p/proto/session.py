@@ -27,6 +27,7 @@ from __future__ import annotations
 import enum
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -49,6 +50,7 @@ from .infer import (
     Credit,
     End,
     ErrorFrame,
+    Load,
     Message,
     Request,
     parse_message,
@@ -247,12 +249,24 @@ class ServerSession:
     """The server end of one inference stream (one request at a time, several with ``keep``).
 
     ``now`` is the time the stream was accepted. ``local_peer`` (base58 text) is used for
-    the loop check against ``tc.via``.
+    the loop check against ``tc.via``. ``load``, if given, returns the provider's load, an
+    accepted request counted in ``in_flight`` until it is done; the session writes it into
+    the first chunk, ``end`` and ``err`` of every request (the last two without the request
+    they end).
     """
 
-    def __init__(self, now: float, limits: Limits | None = None, *, local_peer: str = "") -> None:
+    def __init__(
+        self,
+        now: float,
+        limits: Limits | None = None,
+        *,
+        local_peer: str = "",
+        load: Callable[[], Load | None] | None = None,
+    ) -> None:
         self.limits = limits or Limits()
         self.local_peer = local_peer
+        self._load_of = load
+        self._accepted = False
         self.state = ServerState.AWAIT_REQUEST
         #: The current (or last) request.
         self.request: Request | None = None
@@ -360,6 +374,7 @@ class ServerSession:
         self.request = req
         self._window = req.window
         self._sent = self._acked = self._queued_chunks = self._written_chunks = 0
+        self._accepted = False
         self.final_code = None
         self.deadline = math.inf
         error = self._check_path(req)
@@ -402,6 +417,7 @@ class ServerSession:
         ttl = self.request.timeout_ms / 1000.0
         self.deadline = now + (min(ttl, max_time) if ttl else max_time)
         self.state = ServerState.RUNNING
+        self._accepted = True
         self.requests_served += 1
         return self.deadline
 
@@ -434,6 +450,13 @@ class ServerSession:
         """Bytes handed out and not yet acknowledged by credit."""
         return self._sent - self._acked
 
+    def _load(self, final: bool = True) -> Load | None:
+        """The load to report; a final frame's does not count its request (``specs/inference.md``)."""
+        load = self._load_of() if self._load_of is not None else None
+        if load is not None and final and self._accepted and load.in_flight:
+            load = replace(load, in_flight=load.in_flight - 1)
+        return load
+
     def _need_running(self, what: str) -> None:
         if self.state is not ServerState.RUNNING:
             raise SessionStateError(f"{what} in state {self.state.name}")
@@ -442,8 +465,15 @@ class ServerSession:
         """Queue one chunk. Returns ``False`` if it could not be encoded: then the request
         fails with ``internal`` (queued as its final frame) and the handler should stop."""
         self._need_running("send_chunk")
+        chunk = Chunk(self._queued_chunks, data)
         try:
-            frame = pack_frame(Chunk(self._queued_chunks, data).to_wire(), self.limits.max_frame_size)
+            if chunk.seq == 0 and (load := self._load(final=False)) is not None:
+                try:  # the first chunk carries the load, unless that makes it too large
+                    frame = pack_frame(replace(chunk, load=load).to_wire(), self.limits.max_frame_size)
+                except ProtocolError:
+                    frame = pack_frame(chunk.to_wire(), self.limits.max_frame_size)
+            else:
+                frame = pack_frame(chunk.to_wire(), self.limits.max_frame_size)
         except ProtocolError as exc:
             self.send_error(InternalError(f"handler produced a chunk too large to send: {exc.message}"))
             return False
@@ -459,7 +489,7 @@ class ServerSession:
         self._need_running("send_end")
         assert self.request is not None
         keep = self.request.keep
-        end = End(self._queued_chunks, finish_reason[:64], _plain_usage(usage), keep=keep)
+        end = End(self._queued_chunks, finish_reason[:64], _plain_usage(usage), keep=keep, load=self._load())
         try:
             frame = pack_frame(end.to_wire(), self.limits.max_frame_size)
         except Exception as exc:
@@ -476,6 +506,7 @@ class ServerSession:
         self._finish(ErrorFrame(error.code, error.message, error.retryable, self._queued_chunks), keep=False)
 
     def _finish(self, frame: ErrorFrame, *, keep: bool, exempt: bool = False) -> None:
+        frame = replace(frame, load=self._load())
         self.final_code = frame.code
         self._keep = keep
         self._out.append((pack_frame(frame.to_wire(), self.limits.max_frame_size), False, True, exempt))
@@ -581,6 +612,8 @@ class ClientState(enum.Enum):
 class ChunkReceived:
     seq: int
     data: Any
+    #: The provider's load, if the chunk carried it.
+    load: Load | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -595,6 +628,8 @@ class ErrorReceived:
     """The ``err`` frame, as the exception for its code (``chunks_delivered`` set)."""
 
     error: ModelNetError
+    #: The provider's load, if the frame carried it.
+    load: Load | None = None
 
 
 ClientEvent = ChunkReceived | Finished | ErrorReceived
@@ -705,7 +740,7 @@ class ClientSession:
             if msg.seq != self.chunks:
                 raise self._fail(f"chunk sequence {msg.seq} where {self.chunks} was expected")
             self.chunks += 1
-            return ChunkReceived(msg.seq, msg.data)
+            return ChunkReceived(msg.seq, msg.data, msg.load)
         if isinstance(msg, End):
             if msg.chunks != self.chunks:
                 raise self._fail(f"end frame says {msg.chunks} chunks but {self.chunks} arrived")
@@ -717,7 +752,7 @@ class ClientSession:
             error = error_from_code(
                 msg.code, msg.message, retryable=msg.retryable, chunks_delivered=self.chunks
             )
-            return ErrorReceived(error)
+            return ErrorReceived(error, msg.load)
         raise self._fail(f"unexpected {_frame_name(msg)} frame from server")
 
     @property

@@ -4,13 +4,14 @@ for them, :mod:`.handlers` runs every kind of handler. The protocol itself is
 
 from .client import ResponseInfo, StaleStreamError, StreamSource, new_request_id, request_on_peer, run_request
 from .handlers import Handler, InferenceRequest
-from .server import InferenceServer, Limits
+from .server import InferenceServer, Limits, LoadFigures
 
 __all__ = [
     "Handler",
     "InferenceRequest",
     "InferenceServer",
     "Limits",
+    "LoadFigures",
     "ResponseInfo",
     "StaleStreamError",
     "StreamSource",

@@ -29,7 +29,7 @@ from ...p2p.stream import (
     write_whole,
 )
 from ...proto.framing import DEFAULT_MAX_FRAME_SIZE
-from ...proto.infer import Request, TraceContext
+from ...proto.infer import Load, Request, TraceContext
 from ...proto.session import (
     DEFAULT_WINDOW,
     NEED_DATA,
@@ -75,6 +75,10 @@ class ResponseInfo:
     ended: float | None = None
     #: Bytes read from the provider so far.
     received: int = 0
+    #: The provider's load, as its latest frame that carried one said (``specs/inference.md``).
+    load: Load | None = None
+    #: When :attr:`load` arrived.
+    load_at: float | None = None
     #: With routing: each provider tried, ``{"peer", "status", "chunks", "ms", "error"}``.
     attempts: list[dict[str, Any]] = field(default_factory=list)
 
@@ -158,16 +162,22 @@ async def run_request(
                     # Before handing chunks out: these bytes are already off the stream.
                     await write_whole(stream, credit)
             elif isinstance(event, ChunkReceived):
+                if event.load is not None:
+                    info.load, info.load_at = event.load, trio.current_time()
                 info.chunks = session.chunks
                 if info.first_chunk_at is None:
                     info.first_chunk_at = trio.current_time()
                 yield event.data
             elif isinstance(event, Finished):
+                if event.end.load is not None:
+                    info.load, info.load_at = event.end.load, trio.current_time()
                 info.finish_reason = event.end.finish_reason
                 info.usage = event.end.usage
                 info.ended = trio.current_time()
                 return
             elif isinstance(event, ErrorReceived):
+                if event.load is not None:
+                    info.load, info.load_at = event.load, trio.current_time()
                 raise event.error
             else:  # PAUSED: the session ended without an event; cannot happen while receiving
                 raise session.connection_lost("the answer ended unexpectedly")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -40,7 +40,7 @@ from ...p2p.stream import (
     write_whole,
 )
 from ...proto.capability import Capability, capability_key
-from ...proto.infer import Request, via_entry
+from ...proto.infer import Load, Request, via_entry
 from ...proto.session import (
     DEADLINE_GRACE,
     IDLE_STREAM_TIMEOUT,
@@ -68,6 +68,7 @@ __all__ = [
     "REQUEST_READ_TIMEOUT",
     "InferenceServer",
     "Limits",
+    "LoadFigures",
     "ResponseInfo",
     "new_request_id",
     "run_request",
@@ -85,6 +86,21 @@ FAREWELL_TIMEOUT = 0.5
 
 _WRITE_ERRORS: tuple[type[BaseException], ...] = (UnavailableError, *STREAM_ERRORS)
 _IN_REQUEST = (ServerState.ADMITTING, ServerState.RUNNING, ServerState.FINISHING)
+
+
+class LoadFigures(Protocol):
+    """A provider's load figures, as the availability service's ``LoadSnapshot`` holds them."""
+
+    @property
+    def in_flight(self) -> float: ...
+    @property
+    def queue(self) -> float: ...
+    @property
+    def max_concurrency(self) -> float: ...
+    @property
+    def latency_ms(self) -> float: ...
+    @property
+    def tokens_per_s(self) -> float: ...
 
 
 @dataclass
@@ -214,6 +230,11 @@ class InferenceServer:
         self.mesh_factory: Callable[[InferenceRequest], Any] | None = None
         #: Called after each admitted request: (capability, remote peer, seconds, chunks, error code).
         self.on_request_done: Callable[[str, str, float, int, str | None], None] | None = None
+        #: The load written into every answer (``specs/inference.md``, "Load"), counting each
+        #: admitted request until it is done. ``None``: this server's own in-flight count and
+        #: concurrency limit. The Peer passes its availability load (queue, latency, rate too).
+        self.load_provider: Callable[[], LoadFigures] | None = None
+        self._load_failed = False
 
     # -- registry ------------------------------------------------------------
 
@@ -243,6 +264,19 @@ class InferenceServer:
     def in_flight(self) -> int:
         return self._in_flight
 
+    def current_load(self) -> Load | None:
+        """The load answers carry now (``None`` if the load provider fails)."""
+        provider = self.load_provider
+        if provider is None:
+            return Load.clamped(self._in_flight, 0, self.limits.max_concurrency)
+        try:
+            f = provider()
+            return Load.clamped(f.in_flight, f.queue, f.max_concurrency, f.latency_ms, f.tokens_per_s)
+        except Exception as exc:  # a broken provider must not break answers: they go without
+            log.log(logging.DEBUG if self._load_failed else logging.WARNING, "load provider failed: %r", exc)
+            self._load_failed = True
+            return None
+
     async def wait_idle(self) -> None:
         """Return once no request is running."""
         while self._in_flight:
@@ -262,7 +296,9 @@ class InferenceServer:
 
     async def _serve_stream(self, stream: Stream) -> None:
         # This must never raise: an exception escaping a handler stops the host.
-        session = ServerSession(trio.current_time(), self.limits, local_peer=self.local_peer)
+        session = ServerSession(
+            trio.current_time(), self.limits, local_peer=self.local_peer, load=self.current_load
+        )
         link = _Link(stream, session)
         try:
             await self._serve(link)
