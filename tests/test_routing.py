@@ -236,6 +236,8 @@ async def test_draining_peer_finishes_in_flight_and_takes_no_new_requests():
             nursery.start_soon(in_flight)
             while not counts["draining"]:
                 await trio.sleep(0.01)
+            # a caller of "task" (it looks its providers up): it follows that capability's gossip
+            await client.providers("task", refresh=True)
             drained = trio.Event()
 
             async def drain() -> None:
