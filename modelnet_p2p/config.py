@@ -85,7 +85,8 @@ class PeerConfig:
         announce_interval: seconds between re-announces of the capability card.
         card_ttl: seconds a capability card stays valid after each announce.
         gossip: run availability gossip (``specs/availability.md``).
-        publish_interval: seconds between availability records when nothing changes.
+        publish_interval: seconds between availability records of a serving peer when
+            nothing changes (a change publishes at once; a peer that serves nothing is silent).
         routing_policy: how requests without a target pick a provider:
             ``"p2c"``, ``"least-loaded"``, ``"lowest-latency"`` or a function
             (see :mod:`modelnet_p2p.mesh.routing`).
@@ -121,7 +122,7 @@ class PeerConfig:
     #: Models come and go in minutes, not days (IPFS: 48 h provider records).
     card_ttl: float = 300.0
     gossip: bool = True
-    publish_interval: float = 2.0
+    publish_interval: float = 30.0
     routing_policy: str | Callable[..., Any] = "p2c"
     reachability: Reachability = "auto"
     relay_hop: bool = False

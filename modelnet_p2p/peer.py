@@ -23,6 +23,7 @@ from .errors import BadRequestError, ConfigError
 from .log import quiet_libp2p
 from .mesh.client import InferenceStream, MeshClient, Response
 from .mesh.context import MeshContext
+from .mesh.interest import Interest
 from .mesh.providers import (
     LOOKUP_TIMEOUT,
     PROVIDERS_TIMEOUT,
@@ -39,7 +40,7 @@ from .p2p.host import Host, build_host, running_host
 from .p2p.identity import Identity
 from .p2p.network import get_network, protocol_id, topic
 from .p2p.pool import StreamPool
-from .proto.availability import TOPIC as AVAILABILITY_TOPIC
+from .proto.availability import LEGACY_TOPIC, TOPIC_PREFIX
 from .proto.capability import Capability
 from .proto.card import CapabilityCard
 from .proto.infer import PROTOCOL_ID as INFER_PROTOCOL_ID
@@ -130,7 +131,9 @@ class Peer:
         #: Availability gossip (``specs/availability.md``); ``None`` while stopped or if disabled.
         self.availability: AvailabilityService | None = None
         self._availability_config = AvailabilityConfig(
-            publish_interval=cfg.publish_interval, topic=topic(AVAILABILITY_TOPIC, self.network)
+            publish_interval=cfg.publish_interval,
+            topic_prefix=topic(TOPIC_PREFIX, self.network),
+            legacy_topic=topic(LEGACY_TOPIC, self.network),
         )
         self.limits = Limits(**cfg.server_limits())
         self._host: Host | None = None
@@ -161,10 +164,16 @@ class Peer:
                 card_ttl=cfg.card_ttl,
                 announce_interval=cfg.announce_interval,
             )
+        #: Follows the gossip of the capabilities routing looks up (``mesh/interest.py``).
+        self.interest = Interest(
+            lambda: self.availability, lambda p: self.dialer.is_connected(p), self.connect,
+            lambda: self.nursery, self.peer_id, lambda name: self._providers.candidates(name),
+        )  # fmt: skip
         self._providers = Providers(
             lambda capability, timeout: self.discover(model=capability, timeout=timeout),
             lambda: self.availability.table() if self.availability is not None else {},
             self.peer_id,
+            interest=self.interest.note,
         )
 
     # -- lifecycle -------------------------------------------------------------
@@ -313,6 +322,7 @@ class Peer:
         self.discovery.check_capabilities([*others, cap])
         if self.availability is not None:
             self.availability.set_capabilities([*others, cap])
+            self.interest.meet(cap.name)  # link with the other providers' gossip
         self.inference.add(cap, handler)
         self.discovery.changed()  # announce the new card soon
         return cap
@@ -455,18 +465,12 @@ class Peer:
     ) -> InferenceStream:
         """Stream the answer of ``target``'s ``capability`` to ``input``, chunk by chunk.
 
-        ``target`` is a multiaddr ending in ``/p2p/<id>``, or the id of a peer this
-        peer already knows, or ``None``: then the mesh picks a provider (load-aware
-        routing over discovery and gossip) and fails over; a provider that fails
-        mid-stream is replaced only if the capability is idempotent (or
-        ``replay=True``), skipping the chunks already delivered.
-        ``stream.info.attempts`` records every provider tried; ``avoid`` lists peer
-        ids routing must not choose. ``timeout`` is the whole request's deadline
-        (failovers included), sent to the provider so it stops too. Other keyword
-        arguments are request parameters. See :mod:`modelnet_p2p.mesh.client`.
-
-        Raises (while iterating) a :class:`ModelNetError` subclass; never ends
-        silently before the provider's end frame.
+        ``target``: a multiaddr ending in ``/p2p/<id>``, a known peer's id, or ``None``: the
+        mesh picks a provider (load-aware routing) and fails over, mid-stream only if the
+        capability is idempotent (or ``replay=True``). ``avoid``: peer ids not to choose.
+        ``timeout``: the whole request's deadline, failovers included, sent to the provider.
+        Other keyword arguments are request parameters. See :mod:`modelnet_p2p.mesh.client`.
+        Raises (while iterating) a :class:`ModelNetError` subclass; never ends silently.
         """
         if capability is None:
             raise BadRequestError("capability is required")

@@ -30,15 +30,17 @@ from modelnet_p2p.proto.availability import (
     MAX_TTL_MS,
     MIN_TTL_MS,
     SIGNING_DOMAIN,
-    TOPIC,
+    TOPIC_PREFIX,
     AvailabilityRecord,
     State,
     canonical_packb,
     encode_envelope,
     encode_record,
+    message_id,
     open_envelope,
     seal,
     signing_input,
+    topic_for,
 )
 from modelnet_p2p.proto.capability import capability_key
 
@@ -127,6 +129,10 @@ BASE = AvailabilityRecord(
     tokens_per_s=37.5,
     ttl_ms=6000,
 )
+
+
+#: " Embed " in fullwidth letters, with spaces: normalize() makes it "embed".
+FULLWIDTH_EMBED = "  \uff25\uff4d\uff42\uff45\uff44 "
 
 
 def build_vectors() -> dict[str, Any]:
@@ -317,7 +323,15 @@ def build_vectors() -> dict[str, Any]:
     ]
     accepted_body = variant(zz_future="a field from a later minor revision")
     return {
-        "topic": TOPIC,
+        "topic_prefix": TOPIC_PREFIX,
+        "topics": [
+            {"capability": name, "topic": topic_for(name)}
+            for name in ("llama3", "Llama3-8B-Instruct", FULLWIDTH_EMBED, "whisper/large-v3")
+        ],
+        "message_ids": [
+            {"data_hex": data.hex(), "message_id_hex": message_id(data).hex()}
+            for data in (b"", bytes.fromhex(valid[0]["envelope_hex"]))
+        ],
         "description": (
             "Test vectors for availability records (specs/availability.md). Keys are Ed25519 "
             "seeds (hex); the peer id is derived as libp2p does. 'valid': body_hex is exactly "
@@ -370,7 +384,20 @@ def test_vector_keys(vectors):
         ident = Identity(ed25519.Ed25519PrivateKey.from_private_bytes(bytes.fromhex(k["seed_hex"])))
         assert str(ident.peer_id) == k["peer_id"]
     assert vectors["signing_domain"].encode() == SIGNING_DOMAIN
-    assert vectors["topic"] == "/modelnet/availability/1"
+    assert vectors["topic_prefix"] == "/modelnet/availability/2/"
+
+
+def test_topic_and_message_id_vectors(vectors):
+    for t in vectors["topics"]:
+        assert topic_for(t["capability"]) == t["topic"]
+        assert t["topic"].startswith("/modelnet/availability/2/") and t["topic"] == t["topic"].strip()
+    assert topic_for("LLAMA3") == topic_for("llama3")
+    for m in vectors["message_ids"]:
+        assert message_id(bytes.fromhex(m["data_hex"])).hex() == m["message_id_hex"]
+    with pytest.raises(ValueError):
+        topic_for("   ")
+    with pytest.raises(ValueError):
+        topic_for("x" * 257)
 
 
 def test_valid_vectors(vectors):

@@ -41,7 +41,7 @@ from modelnet_p2p.p2p._compat.pubsub import (
 )
 from modelnet_p2p.p2p.host import build_host, running_host
 from modelnet_p2p.p2p.identity import Identity
-from modelnet_p2p.p2p.pubsub import Gossip
+from modelnet_p2p.p2p.pubsub import Gossip, GossipSettings
 
 LOOPBACK = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
 TOPIC = "/modelnet-test/compat/1"
@@ -432,3 +432,45 @@ async def test_stock_pubsub_stops_when_any_of_its_tasks_fails() -> None:
                 await trio.sleep_forever()
     assert "one task failed" in repr(caught.value)
     stop_stock(stock)
+
+
+# -- messages on several topics ---------------------------------------------------------------
+
+
+async def test_stock_runs_one_validator_per_topic_with_the_same_message() -> None:
+    """Why :class:`Gossip` remembers its last verdict: py-libp2p calls each topic's validator."""
+    host = build_host(Identity.generate())
+    stock = Pubsub(host, stock_router())
+    calls: list[Any] = []
+    for topic in ("/t/a", "/t/b"):
+        stock.set_topic_validator(topic, lambda f, m: calls.append(m) or True, is_async_validator=False)
+    msg = rpc_pb2.Message(
+        data=b"x", topicIDs=["/t/a", "/t/b"], from_id=host.get_id().to_bytes(), seqno=b"\0" * 8
+    )
+    await stock.validate_msg(host.get_id(), msg)
+    assert len(calls) == 2 and calls[0] is msg and calls[1] is msg
+    stop_stock(stock)
+
+
+async def test_gossip_judges_a_message_on_several_topics_once() -> None:
+    host = build_host(Identity.generate())
+    async with running_host(host, LOOPBACK):
+        settings = GossipSettings(signed=False, message_id=lambda data: data)
+        gossip = Gossip(host, settings)
+        calls: list[bytes] = []
+        for topic in ("/t/a", "/t/b"):
+            gossip.join(topic, lambda m: calls.append(m.data) is None)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gossip.run)
+            await gossip.publish(["/t/a", "/t/b"], b"one")
+            assert calls == [b"one"]
+            # Topics come and go while running.
+            gossip.leave("/t/b")
+            assert gossip.topics() == {"/t/a"}
+            gossip.join("/t/c", lambda m: True)
+            with trio.fail_after(5):
+                while (
+                    "/t/c" not in gossip.libp2p_pubsub.topic_ids or "/t/b" in gossip.libp2p_pubsub.topic_ids
+                ):
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()

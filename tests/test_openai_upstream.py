@@ -233,6 +233,7 @@ async def test_upstream_down_turns_the_peer_not_ready_and_back():
             upstream = await serve_upstream(provider, url, health_interval=0.2, retry_interval=0.2)
             pid = provider.peer_id
             seen = observer.availability
+            seen.follow("llama3.2:latest")  # the observer cares (as routing would make it)
 
             def state_is(state: State) -> Any:
                 return lambda e: e is not None and e.state is state

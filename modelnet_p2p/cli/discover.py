@@ -7,8 +7,10 @@ from contextlib import nullcontext
 from typing import Any
 
 import click
+import trio
 
 from ..config import Config
+from ..peer import Peer
 from .common import make_peer, run_async
 from .options import PeerOptions, State, pass_state, peer_options, require_bootstrap
 
@@ -16,6 +18,8 @@ __all__ = ["card_rows", "discover_command"]
 
 #: Seconds to search unless --timeout says otherwise.
 DISCOVER_TIMEOUT = 10.0
+#: Most seconds spent waiting for the found providers' availability records.
+HEAR_TIMEOUT = 2.0
 
 
 def card_rows(
@@ -74,6 +78,18 @@ def discover_command(
     run_async(_discover, cfg, task, model, model_version, tags, limit, timeout, as_json)
 
 
+async def _hear_providers(peer: Peer, cards: list[Any]) -> None:
+    """Follow the found capabilities' gossip and wait (briefly) for their providers' records."""
+    if peer.availability is None or not cards:
+        return
+    for name in sorted({c.name for card in cards for c in card.capabilities}):
+        peer.interest.note(name, cards)
+    wanted = {card.peer_id for card in cards}
+    with trio.move_on_after(HEAR_TIMEOUT):
+        while not wanted <= set(peer.availability_table()):
+            await trio.sleep(0.05)
+
+
 async def _discover(
     cfg: Config,
     task: str | None,
@@ -92,6 +108,7 @@ async def _discover(
             cards = await peer.discover(
                 task, model=model, version=version, tags=tags, limit=limit, timeout=timeout
             )
+            await _hear_providers(peer, cards)
         availability = peer.availability_table()
     rows = card_rows(cards, availability, {"task": task, "model": model, "version": version, "tags": tags})
     if as_json:

@@ -25,6 +25,8 @@ GOSSIP_WAIT = 3.0
 #: Seconds the mesh view and each ping may take.
 VIEW_TIMEOUT = 5.0
 PING_TIMEOUT = 2.0
+#: Seconds between two rounds of following the neighbours' capabilities.
+FOLLOW_INTERVAL = 0.5
 
 
 async def _status_rows(peer: Peer, ping: bool) -> list[dict[str, Any]]:
@@ -102,6 +104,14 @@ def status_command(
         pass
 
 
+async def _follow_neighbours(peer: Peer) -> None:
+    # A view of the mesh follows every capability its neighbours serve (availability costs
+    # in proportion to interest: a peer hears only the capabilities it follows).
+    while peer.availability is not None:
+        peer.availability.follow_neighbours()
+        await trio.sleep(FOLLOW_INTERVAL)
+
+
 async def _status(cfg: Config, watch: bool, interval: float, wait: float, ping: bool, as_json: bool) -> None:
     from rich.console import Console
     from rich.live import Live
@@ -116,6 +126,7 @@ async def _status(cfg: Config, watch: bool, interval: float, wait: float, ping: 
                     return
 
             nursery.start_soon(stop_on_signal)
+            nursery.start_soon(_follow_neighbours, peer)
             if as_json:
                 await trio.sleep(wait)
                 while True:

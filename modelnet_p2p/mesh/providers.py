@@ -186,6 +186,8 @@ class Providers:
         gossip: the availability table, or ``None`` without gossip.
         local_peer: this peer's id, never a candidate.
         cache_ttl: seconds a lookup's cards are reused.
+        interest: called with the capability and its cards on every lookup, cached or not
+            (:meth:`~modelnet_p2p.mesh.interest.Interest.note`: follow its gossip).
     """
 
     def __init__(
@@ -195,8 +197,10 @@ class Providers:
         local_peer: str,
         *,
         cache_ttl: float = PROVIDER_CACHE_TTL,
+        interest: Callable[[str, list[CapabilityCard]], None] | None = None,
     ) -> None:
         self._discover = discover
+        self.interest = interest
         self._gossip = gossip
         self.local_peer = local_peer
         self.cache_ttl = cache_ttl
@@ -223,7 +227,10 @@ class Providers:
     ) -> list[Candidate]:
         """Every known provider of ``capability`` other than this peer, as routing candidates."""
         found: dict[str, Candidate] = {}
-        for card in await self.cards(capability, timeout=timeout, refresh=refresh):
+        cards = await self.cards(capability, timeout=timeout, refresh=refresh)
+        if self.interest is not None:
+            self.interest(capability, cards)
+        for card in cards:
             if card.peer_id == self.local_peer:
                 continue
             cap = next((c for c in card.capabilities if same_capability(c.name, capability)), None)

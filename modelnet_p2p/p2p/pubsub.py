@@ -4,9 +4,13 @@
 workaround of :mod:`modelnet_p2p.p2p._compat.pubsub` applied, and shows the services only small
 types of its own (:class:`GossipMessage`, :class:`GossipSettings`, :class:`GossipStats`):
 
-* :meth:`Gossip.join` registers a topic and its validator. The validator sees every new message
-  of the topic exactly once, before it is delivered or forwarded, and a rejected message goes no
-  further; for soft state that the validator records, it *is* the delivery.
+* :meth:`Gossip.join` subscribes to a topic with its validator, before or while running, and
+  :meth:`Gossip.leave` unsubscribes. The validator sees every new message of the topic exactly
+  once, before it is delivered or forwarded, and a rejected message goes no further; for soft
+  state that the validator records, it *is* the delivery.
+* With ``GossipSettings(signed=False)`` messages are published unsigned and a message's id is a
+  function of its data (``message_id``): for payloads that carry their own signature, so that a
+  receiver verifies one signature per message instead of two.
 * :meth:`Gossip.run` runs until cancelled. If py-libp2p's pubsub service dies after it was
   ready, the failure is logged and pubsub is restarted with backoff (topics re-joined,
   connections re-attached) instead of taking the peer down.
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -95,6 +99,10 @@ class GossipSettings:
         max_messages_per_topic_per_second: py-libp2p's rate limit per forwarder and topic; it
             counts relayed messages too.
         stream_setup_timeout: seconds spent opening a pubsub stream to a connected peer.
+        signed: sign every message and require signatures (py-libp2p's ``strict_signing``).
+            ``False`` publishes unsigned messages and ignores signatures; then ``message_id``
+            must be set.
+        message_id: the message id of a message's data; ``None``: py-libp2p's (origin, seqno).
     """
 
     heartbeat_interval: int = 1
@@ -103,8 +111,12 @@ class GossipSettings:
     degree_high: int = 12
     max_messages_per_topic_per_second: float = 100.0
     stream_setup_timeout: float = 15.0
+    signed: bool = True
+    message_id: Callable[[bytes], bytes] | None = None
 
     def __post_init__(self) -> None:
+        if not self.signed and self.message_id is None:
+            raise ConfigError("unsigned gossip needs a content-based message_id")
         if self.heartbeat_interval < 1:
             raise ConfigError("heartbeat_interval must be at least 1 s")
         if not 0 < self.degree_low <= self.degree <= self.degree_high:
@@ -159,6 +171,10 @@ class Gossip:
         self._on_ready: list[Callable[[], None]] = []
         self._running = False
         self._ready_once = False
+        self._nursery: trio.Nursery | None = None
+        #: Joined topics with a live subscription, and the scope of the task that drains it.
+        self._subscribed: dict[str, trio.CancelScope] = {}
+        self._last_verdict: tuple[rpc_pb2.Message, bool] | None = None
 
     def check_host_free(self) -> None:
         """Raise :class:`ConfigError` if a pubsub service already runs on the host."""
@@ -170,10 +186,39 @@ class Gossip:
             )
 
     def join(self, topic: str, validator: Validator) -> None:
-        """Subscribe to ``topic``, with ``validator``, when running (call before :meth:`run`)."""
-        if self._running:
-            raise RuntimeError("join topics before running the gossip service")
+        """Subscribe to ``topic`` with ``validator``: at once if running, else when it runs.
+
+        Joining a joined topic replaces its validator.
+        """
         self._topics[topic] = validator
+        if self._nursery is not None and topic not in self._subscribed:
+            self._nursery.start_soon(self._subscribe, topic)
+
+    def leave(self, topic: str) -> None:
+        """Unsubscribe from ``topic`` (no-op if not joined)."""
+        if self._topics.pop(topic, None) is None:
+            return
+        scope = self._subscribed.pop(topic, None)
+        if scope is not None:
+            scope.cancel()
+        if self._nursery is not None:
+            self._nursery.start_soon(self._unsubscribe, topic)
+
+    def topics(self) -> frozenset[str]:
+        """The joined topics."""
+        return frozenset(self._topics)
+
+    def announced_topics(self) -> frozenset[str]:
+        """Every topic some neighbour has announced a subscription to."""
+        ps = self._pubsub
+        if ps is None:
+            return frozenset()
+        return frozenset(t for t, peers in list(ps.peer_topics.items()) if peers)
+
+    def subscribers(self, topic: str) -> frozenset[str]:
+        """Base58 ids of the neighbours that announced a subscription to ``topic``."""
+        ps = self._pubsub
+        return frozenset(str(p) for p in ps.peer_topics.get(topic, ())) if ps is not None else frozenset()
 
     def on_ready(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` each time pubsub is (re)started and subscribed."""
@@ -210,13 +255,16 @@ class Gossip:
             return frozenset()
         return frozenset(str(p) for peers in list(router.mesh.values()) for p in peers)
 
-    async def publish(self, topic: str, data: bytes) -> None:
-        """Sign and publish ``data`` on ``topic``; raises :class:`UnavailableError` if pubsub is down."""
+    async def publish(self, topics: str | Sequence[str], data: bytes) -> None:
+        """Publish ``data`` as one message on ``topics`` (signed if the settings say so).
+
+        Raises :class:`UnavailableError` if pubsub is down.
+        """
         ps = self._pubsub
         if ps is None:
             raise UnavailableError("gossip is not running")
         try:
-            await ps.publish(topic, data)
+            await ps.publish(topics if isinstance(topics, str) else list(topics), data)
         except Exception as exc:
             raise UnavailableError(f"publishing failed: {describe_error(exc)}") from None
 
@@ -295,18 +343,17 @@ class Gossip:
             on_write=self._count_write,
             on_dropped=self._count_dropped,
             wall_clock=self._wall_clock,
+            strict_signing=s.signed,
+            message_id=s.message_id,
         )
         try:
             async with background_trio_service(pubsub), background_trio_service(router):
                 await pubsub.wait_until_ready()
-                subscriptions = []
-                for topic, validator in self._topics.items():
-                    pubsub.set_topic_validator(topic, _guarded(validator), is_async_validator=False)
-                    subscriptions.append(await pubsub.subscribe(topic))
                 self._pubsub, self._router = pubsub, router
                 async with trio.open_nursery() as nursery:
-                    for subscription in subscriptions:
-                        nursery.start_soon(_drain, subscription)
+                    for topic in list(self._topics):
+                        await self._subscribe(topic, nursery)
+                    self._nursery = nursery
                     # Pubsub only notices connections made after it started.
                     for peer_id in list(self._host.get_network().get_connections_map()):
                         nursery.start_soon(pubsub.ensure_stream, peer_id)
@@ -316,8 +363,55 @@ class Gossip:
                     self._ready_once = True
                     task_status.started()
         finally:
-            self._pubsub = self._router = None
+            self._pubsub = self._router = self._nursery = None
+            self._subscribed.clear()
             await stop_pubsub(self._host, pubsub, router, notifees)
+
+    async def _subscribe(self, topic: str, nursery: trio.Nursery | None = None) -> None:
+        # Subscribe, then drain the subscription in a task of its own until left.
+        ps, validator = self._pubsub, self._topics.get(topic)
+        if ps is None or validator is None or topic in self._subscribed:
+            return
+        scope = trio.CancelScope()
+        self._subscribed[topic] = scope
+        try:
+            ps.set_topic_validator(topic, self._validator_of(topic), is_async_validator=False)
+            subscription = await ps.subscribe(topic)
+        except Exception as exc:
+            self._subscribed.pop(topic, None)
+            log.debug("subscribing to %s failed: %s", topic, describe_error(exc))
+            return
+        (nursery or self._nursery or _missing()).start_soon(_drain, subscription, scope)
+
+    def _validator_of(self, topic: str) -> Callable[[ID, rpc_pb2.Message], bool]:
+        # py-libp2p runs one validator per topic of a message, one after another with the same
+        # message object: a message on several topics is judged once, by its first topic's.
+        def validate(forwarder: ID, msg: rpc_pb2.Message) -> bool:
+            last = self._last_verdict
+            if last is not None and last[0] is msg:
+                return last[1]
+            validator = self._topics.get(topic)
+            try:
+                ok = validator is not None and bool(
+                    validator(GossipMessage(bytes(msg.data), bytes(msg.from_id), str(forwarder)))
+                )
+            except Exception as exc:  # one that raises would stop py-libp2p's whole pubsub
+                log.debug("gossip validator failed: %s", describe_error(exc))
+                ok = False
+            self._last_verdict = (msg, ok)
+            return ok
+
+        return validate
+
+    async def _unsubscribe(self, topic: str) -> None:
+        ps = self._pubsub
+        if ps is None or topic in self._topics:
+            return
+        try:
+            await ps.unsubscribe(topic)
+            ps.remove_topic_validator(topic)
+        except Exception as exc:
+            log.debug("unsubscribing from %s failed: %s", topic, describe_error(exc))
 
     def _count_write(self, size: int) -> None:
         self.stats.bytes_sent += size
@@ -329,7 +423,7 @@ class Gossip:
     async def _maintenance(self, pubsub: GuardedPubsub, router: GossipSub) -> None:
         await trio.sleep(FIRST_SUBSCRIPTION_REFRESH)
         while True:
-            for topic in self._topics:
+            for topic in list(self._topics):
                 try:
                     await announce_subscription(pubsub, topic)
                 except Exception as exc:
@@ -338,20 +432,15 @@ class Gossip:
             await trio.sleep(MAINTENANCE_INTERVAL)
 
 
-def _guarded(validator: Validator) -> Callable[[ID, rpc_pb2.Message], bool]:
-    # A synchronous validator that raises stops py-libp2p's whole pubsub service.
-    def validate(forwarder: ID, msg: rpc_pb2.Message) -> bool:
-        try:
-            return bool(validator(GossipMessage(bytes(msg.data), bytes(msg.from_id), str(forwarder))))
-        except Exception as exc:
-            log.debug("gossip validator failed: %s", describe_error(exc))
-            return False
-
-    return validate
 
 
-async def _drain(subscription: Any) -> None:
+async def _drain(subscription: Any, scope: trio.CancelScope) -> None:
     # The validators see every message; the subscription only has to be emptied so that its
     # 32-slot buffer never overflows.
-    async for _ in subscription:
-        pass
+    with scope:
+        async for _ in subscription:
+            pass
+
+
+def _missing() -> trio.Nursery:
+    raise RuntimeError("gossip is not running")

@@ -1,4 +1,4 @@
-"""Signed availability records of ``/modelnet/availability/1`` (see ``specs/availability.md``).
+"""Signed availability records of ``/modelnet/availability/2/<capability>`` (see ``specs/availability.md``).
 
 Sans-I/O: this module turns an :class:`AvailabilityRecord` into the bytes a
 peer publishes on the gossip topic, and those bytes back into a verified
@@ -8,10 +8,11 @@ The published bytes are an *envelope*, a canonical msgpack map
 ``{"rec": <record body>, "sig": <Ed25519 signature>}``. The record body is
 itself a canonical msgpack map, and the signature covers
 ``SIGNING_DOMAIN + body``, made with the key of the peer the record names.
-The gossip layer signs every message as well, but that signature belongs to
-the gossip message: the record's own signature lets a record be stored,
-relayed or handed to a router and still be checked on its own, and binds the
-record's peer id to the key that vouches for it.
+The gossip messages that carry records are not signed (the record's own
+signature is the only one a receiver checks, once per record): the record's
+signature lets a record be stored, relayed or handed to a router and still be
+checked on its own, and binds the record's peer id to the key that vouches for
+it. A gossip message's id is :func:`message_id` of its data.
 
 Canonical msgpack (:mod:`~modelnet_p2p.proto.packing`) and the envelope
 (:mod:`~modelnet_p2p.proto.envelope`) are the ones capability cards use, with
@@ -22,6 +23,7 @@ No nil, no extension types, nesting of at most
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -57,8 +59,9 @@ __all__ = [
     "RECORD_FORMAT",
     "RECORD_VERSION",
     "SIGNATURE_LEN",
+    "LEGACY_TOPIC",
     "SIGNING_DOMAIN",
-    "TOPIC",
+    "TOPIC_PREFIX",
     "AvailabilityRecord",
     "Signer",
     "SignedRecord",
@@ -67,17 +70,23 @@ __all__ = [
     "capabilities_of",
     "encode_envelope",
     "encode_record",
+    "message_id",
     "open_envelope",
     "parse_record",
     "seal",
     "signing_input",
+    "topic_for",
 ]
 
-#: The GossipSub topic. The trailing number is the major version: a record
-#: layout that old peers cannot read gets a new topic, so that old and new
-#: peers never reject each other's records as malformed.
-TOPIC = "/modelnet/availability/1"
-#: Value of the record's ``v`` field.
+#: Records of a capability are published on ``TOPIC_PREFIX + capability_key(name)``
+#: (:func:`topic_for`). The number is the major version of the *topic scheme*:
+#: a change that old peers cannot follow gets a new number, so that old and new
+#: peers never reject each other's messages.
+TOPIC_PREFIX = "/modelnet/availability/2/"
+#: The single topic of version 1, on which every peer published every 2 s. Version 2
+#: peers neither publish nor subscribe there; they log a peer that still does.
+LEGACY_TOPIC = "/modelnet/availability/1"
+#: Value of the record's ``v`` field (the record layout did not change in topic version 2).
 RECORD_VERSION = 1
 #: Prepended to the record body before signing. It names this record type, so
 #: that a signature made here can never be replayed as one of the other
@@ -116,6 +125,26 @@ RECORD_FORMAT = _env.EnvelopeFormat(
 )
 
 
+def topic_for(capability: str, prefix: str = TOPIC_PREFIX) -> str:
+    """The gossip topic of ``capability``'s records: ``prefix`` + its normalized name.
+
+    Raises :class:`ValueError` for a name that no record may carry.
+    """
+    key = capability_key(capability)
+    if not 0 < len(key.encode()) <= MAX_CAPABILITY_LEN:
+        raise ValueError(f"capability name must be 1-{MAX_CAPABILITY_LEN} bytes of text")
+    return prefix + key
+
+
+def message_id(data: bytes) -> bytes:
+    """The gossip message id of a message with ``data``: its SHA-256 digest (32 bytes).
+
+    Content-addressed, so that copies of one record are one message whoever relays them,
+    and a forged ``from``/``seqno`` pair cannot shadow a real record.
+    """
+    return hashlib.sha256(data).digest()
+
+
 class State(StrEnum):
     """What a peer says about itself."""
 
@@ -140,7 +169,7 @@ def _is_uint(value: object, limit: int) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class AvailabilityRecord:
-    """One peer's availability, as published on :data:`TOPIC`.
+    """One peer's availability, as published on the topics of :func:`topic_for`.
 
     Attributes:
         peer_id: the publishing peer, base58 text.

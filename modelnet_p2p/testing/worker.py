@@ -259,7 +259,7 @@ class Node:
                 "accepted": sum(s.stats.accepted for s in services),
                 "rejected": rejected,
                 "restarts": sum(s.stats.pubsub_restarts for s in services),
-                "min_mesh": min((s.gossip.mesh_size(s.config.topic) for s in services), default=0),
+                "min_mesh": min((s.mesh_size() for s in services), default=0),
             }
         }
 

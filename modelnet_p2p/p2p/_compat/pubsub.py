@@ -128,8 +128,20 @@ class GuardedPubsub(Pubsub):
         stream_setup_timeout: float,
         on_write: Callable[[int], None],
         on_dropped: Callable[[], None],
+        *,
+        strict_signing: bool = True,
+        message_id: Callable[[bytes], bytes] | None = None,
     ) -> None:
-        super().__init__(host, router)
+        if message_id is None:
+            super().__init__(host, router, strict_signing=strict_signing)
+        else:
+            content_id = message_id
+            super().__init__(
+                host,
+                router,
+                strict_signing=strict_signing,
+                msg_id_constructor=lambda msg: content_id(bytes(msg.data)),
+            )
         self.stream_setup_timeout = stream_setup_timeout
         self.on_write = on_write
         self.on_dropped = on_dropped
@@ -249,6 +261,8 @@ def build_pubsub(
     on_write: Callable[[int], None],
     on_dropped: Callable[[], None],
     wall_clock: Callable[[], float] = time.time,
+    strict_signing: bool = True,
+    message_id: Callable[[bytes], bytes] | None = None,
 ) -> tuple[GuardedPubsub, list[INotifee]]:
     """A :class:`GuardedPubsub` on ``host``, and the notifees it registered (for :func:`stop_pubsub`).
 
@@ -256,7 +270,15 @@ def build_pubsub(
     """
     network = host.get_network()
     before = list(getattr(network, "notifees", []))
-    pubsub = GuardedPubsub(host, router, stream_setup_timeout, on_write, on_dropped)
+    pubsub = GuardedPubsub(
+        host,
+        router,
+        stream_setup_timeout,
+        on_write,
+        on_dropped,
+        strict_signing=strict_signing,
+        message_id=message_id,
+    )
     notifees = [n for n in getattr(network, "notifees", []) if n not in before]
     pubsub.counter = int(wall_clock() * 1_000_000)
     return pubsub, notifees

@@ -12,17 +12,22 @@ from dataclasses import dataclass
 from ...config import PeerConfig
 from ...errors import ConfigError
 from ...p2p.pubsub import GossipSettings
-from ...proto.availability import MAX_TTL_MS, MIN_TTL_MS, TOPIC, State
+from ...proto.availability import MAX_TTL_MS, MIN_TTL_MS, TOPIC_PREFIX, State, message_id
 
 __all__ = ["AvailabilityConfig"]
 
 
 @dataclass(frozen=True)
 class AvailabilityConfig:
-    """Tuning of the availability service. Defaults suit meshes of up to a few hundred peers.
+    """Tuning of the availability service.
+
+    Only a peer that serves something publishes, on one topic per served capability; a peer
+    receives the records of the capabilities it serves or follows. So the cost of a peer
+    follows its interest, not the size of the mesh.
 
     Attributes:
-        publish_interval: seconds between records when nothing changes.
+        publish_interval: seconds between records when nothing changes (the slow refresh;
+            changes of state, capabilities and load level, and new subscribers, publish at once).
         ttl: seconds a record stays valid without a newer one (announced in the
             record); ``None``: three publish intervals.
         min_publish_gap: fewest seconds between two records of this peer.
@@ -46,7 +51,13 @@ class AvailabilityConfig:
             the ``leaving`` record to be handed to the network.
         stream_setup_timeout: seconds spent opening pubsub streams to peers
             that were connected before the service started.
-        topic: the gossip topic (tests may isolate meshes with another one).
+        topic_prefix: the gossip topics' prefix; a capability's topic is the prefix and its
+            normalized name (tests may isolate meshes with another prefix).
+        follow_idle: seconds a followed capability's topic stays joined after its last use.
+        max_topics: most topics joined at once, served and followed (py-libp2p's receivers
+            ignore a neighbour's subscriptions beyond 100); the least recently used followed
+            topic is left first.
+        legacy_topic: the version 1 topic; a neighbour still subscribed to it is logged once.
     """
 
     publish_interval: float = PeerConfig.publish_interval
@@ -65,7 +76,10 @@ class AvailabilityConfig:
     leaving_linger: float = 2.0
     leave_flush_timeout: float = 1.0
     stream_setup_timeout: float = GossipSettings.stream_setup_timeout
-    topic: str = TOPIC
+    topic_prefix: str = TOPIC_PREFIX
+    follow_idle: float = 600.0
+    max_topics: int = 96
+    legacy_topic: str | None = None
 
     def __post_init__(self) -> None:
         if self.min_publish_gap < 1.0:
@@ -81,6 +95,8 @@ class AvailabilityConfig:
             raise ConfigError("poll and sweep intervals must be positive")
         if self.max_peers < 1:
             raise ConfigError("max_peers must be at least 1")
+        if self.follow_idle <= 0 or not 1 <= self.max_topics <= 100:
+            raise ConfigError("follow_idle must be positive and max_topics between 1 and 100")
         if self.leaving_linger < 0 or self.seq_memory < 0:
             raise ConfigError("leaving_linger and seq_memory must not be negative")
         _ = self.gossip_settings  # checks the GossipSub settings
@@ -101,4 +117,6 @@ class AvailabilityConfig:
             degree_high=self.degree_high,
             max_messages_per_topic_per_second=self.max_messages_per_topic_per_second,
             stream_setup_timeout=self.stream_setup_timeout,
+            signed=False,
+            message_id=message_id,
         )

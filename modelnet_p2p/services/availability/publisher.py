@@ -7,11 +7,13 @@ builds :class:`~modelnet_p2p.proto.availability.AvailabilityRecord` values and h
 * when the publisher starts, and whenever :meth:`Publisher.poke` is called (a restart of
   gossip, for example);
 * at once on a significant change: state, capabilities, the load crossing a level (see
-  :func:`~modelnet_p2p.services.availability.load.load_level`), a new neighbour;
-* every ``publish_interval`` seconds otherwise;
+  :func:`~modelnet_p2p.services.availability.load.load_level`), a new subscriber to one of
+  its topics;
+* every ``publish_interval`` seconds otherwise (a slow refresh: tens of seconds);
 
-but never more often than once per ``min_publish_gap`` (py-libp2p drops bursts silently), and
-never after :meth:`Publisher.leave` until the state is set again.
+but only while it serves something (once more after its last capability is withdrawn, so
+that followers learn it), never more often than once per ``min_publish_gap`` (py-libp2p drops
+bursts silently), and never after :meth:`Publisher.leave` until the state is set again.
 
 Monotonic time is trio's (:func:`trio.current_time`, :func:`trio.sleep`); sequence numbers come
 from the injected wall clock, so that they keep increasing across restarts.
@@ -46,7 +48,7 @@ class Publisher:
         peer_id: this peer's id (base58), named in every record.
         config: publishing intervals, TTL and initial state.
         send: publishes a record; returns whether it went out.
-        neighbours: how many neighbours share the topic (a new one triggers a record).
+        neighbours: the neighbours subscribed to this peer's topics (a new one triggers a record).
         load_provider: polled for the current load; ``None``: the figures given to :meth:`report`.
         wall_clock: wall-clock seconds, for sequence numbers.
     """
@@ -57,7 +59,7 @@ class Publisher:
         config: AvailabilityConfig,
         send: Send,
         *,
-        neighbours: Callable[[], int] = lambda: 0,
+        neighbours: Callable[[], frozenset[str]] = frozenset,
         load_provider: LoadProvider | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -74,6 +76,8 @@ class Publisher:
         self._wake = trio.Event()
         self._force = True
         self._silent = False
+        #: A record is still owed to the followers of withdrawn capabilities.
+        self._withdrawn = False
         self._lock = trio.Lock()
 
     # -- local state --------------------------------------------------------------------
@@ -91,6 +95,11 @@ class Publisher:
         """Whether publishing stopped (after :meth:`leave`)."""
         return self._silent
 
+    @property
+    def serving(self) -> bool:
+        """Whether this peer serves something, and so publishes."""
+        return bool(self._caps)
+
     def set_state(self, state: State | str) -> None:
         """Set this peer's state; published at once (within the rate limit).
 
@@ -106,6 +115,7 @@ class Publisher:
     def set_capabilities(self, caps: tuple[tuple[str, str], ...]) -> None:
         """Set the served capabilities (normalized ``(name, version)`` pairs, sorted by name)."""
         if caps != self._caps:
+            self._withdrawn = self._withdrawn or (bool(self._caps) and not caps)
             self._caps = caps
             self.poke()
 
@@ -164,13 +174,18 @@ class Publisher:
             except (ValueError, TypeError) as exc:
                 log.warning("cannot build an availability record: %r", exc)
                 return False
-            return await self._send(record)
+            sent = await self._send(record)
+            if sent and not record.capabilities:
+                self._withdrawn = False
+            return sent
 
     async def leave(self) -> bool:
-        """Publish ``leaving`` and stop publishing; returns whether the record went out."""
+        """Publish ``leaving`` (if serving) and stop publishing; returns whether a record went out."""
         self._state = State.LEAVING
         self._silent = True
         self._wake.set()
+        if not (self._caps or self._withdrawn):
+            return False
         return await self.publish_now()
 
     async def drain(self, timeout: float | None = None, poll: float = 0.05) -> bool:
@@ -193,19 +208,20 @@ class Publisher:
         last_publish = -math.inf
         next_periodic = -math.inf
         last_key: tuple[Any, ...] | None = None
-        last_neighbours = 0
+        last_neighbours: frozenset[str] = frozenset()
         while True:
             self._wake = trio.Event()
             now = trio.current_time()
-            if self._silent:
+            if self._silent or not (self._caps or self._withdrawn):
+                # Nothing to say: a peer that serves nothing publishes nothing.
                 await self._wake.wait()
                 self._force = True
                 continue
             load = self.current_load()
             key = (load_level(load), load.max_concurrency)
             neighbours = self._neighbours()
-            if neighbours > last_neighbours:
-                # A new neighbour: publish so it learns about us without waiting a period.
+            if not neighbours <= last_neighbours:
+                # A new subscriber: publish so it learns about us without waiting a period.
                 self._force = True
             last_neighbours = neighbours
             due = self._force or key != last_key or now >= next_periodic

@@ -1,15 +1,19 @@
 """Availability gossip: who is up, what it serves, how busy it is (``specs/availability.md``).
 
-Every peer running an :class:`AvailabilityService` joins the GossipSub topic
-:data:`~modelnet_p2p.proto.availability.TOPIC`, publishes its own signed
-availability record, and keeps a soft-state table of everyone else's. The service
-composes three parts, each usable on its own:
+A peer running an :class:`AvailabilityService` publishes its signed availability record
+only if it serves something, on one GossipSub topic per served capability
+(:func:`~modelnet_p2p.proto.availability.topic_for`), and keeps a soft-state table of the
+records of the capabilities it serves or *follows* (:meth:`AvailabilityService.follow`,
+which routing calls for every capability it looks up; a followed topic is left after
+``follow_idle`` seconds without use). The service composes three parts, each usable on
+its own:
 
 * :class:`~modelnet_p2p.p2p.pubsub.Gossip`: GossipSub on the host (the only part that
-  touches py-libp2p, through :mod:`modelnet_p2p.p2p`);
+  touches py-libp2p, through :mod:`modelnet_p2p.p2p`), with unsigned, content-addressed
+  messages: the record's own signature is the only one checked, once per record;
 * :class:`~.publisher.Publisher`: when to publish and what (at start, at once on a
-  significant change, every ``publish_interval`` otherwise, never more than once per
-  ``min_publish_gap``);
+  significant change or a new subscriber, every ``publish_interval`` otherwise, never more
+  than once per ``min_publish_gap``);
 * :class:`~.table.AvailabilityTable`: the topic validator (size, strict encoding, origin,
   record signature, sequence number) and the table it fills, whose entries expire when
   their TTL passes without a newer record.
@@ -44,6 +48,7 @@ from ...proto.availability import (
     State,
     capabilities_of,
     seal,
+    topic_for,
 )
 from .config import AvailabilityConfig
 from .load import InferenceLoad, LoadProvider, LoadSnapshot
@@ -156,17 +161,21 @@ class AvailabilityService:
             raise ConfigError("the host does not run with this identity")
         self._table = AvailabilityTable(self.peer_id, self.config)
         self.stats = AvailabilityStats(table=self._table.stats, gossip=self.gossip.stats)
-        topic = self.config.topic
+        #: Topics of the served capabilities; of withdrawn ones still owed a record.
+        self._served: frozenset[str] = frozenset()
+        self._retiring: set[str] = set()
+        #: Followed topics and when they were last used (trio time).
+        self._followed: dict[str, float] = {}
+        self._legacy_logged: set[str] = set()
         self._publisher = Publisher(
             self.peer_id,
             self.config,
             self._send,
-            neighbours=lambda: self.gossip.neighbours(topic),
+            neighbours=self._subscribers,
             load_provider=load_provider,
             wall_clock=wall_clock,
         )
         self.set_capabilities(capabilities)
-        self.gossip.join(topic, self._validate)
         self.gossip.on_ready(self._publisher.poke)
         self._running = False
 
@@ -186,6 +195,7 @@ class AvailabilityService:
                 await nursery.start(self.gossip.run)
                 nursery.start_soon(self._table.run_sweeper)
                 nursery.start_soon(self._publisher.run)
+                nursery.start_soon(self._tend_topics)
                 task_status.started()
         finally:
             self._running = False
@@ -248,7 +258,104 @@ class AvailabilityService:
             seal(probe, self._identity)
         except ProtocolError as exc:
             raise ConfigError(f"capabilities do not fit in an availability record: {exc.message}") from None
+        served = frozenset(self.topic(name) for name, _ in caps)
+        if len(served) > self.config.max_topics:
+            raise ConfigError(f"at most {self.config.max_topics} capabilities can be served")
+        self._retiring |= self._served - served
+        self._served = served
+        for t in served:
+            self.gossip.join(t, self._validate)
+        self._trim_followed()
         self._publisher.set_capabilities(caps)
+
+    # -- interest -------------------------------------------------------------------------
+
+    def topic(self, capability: str) -> str:
+        """The gossip topic of ``capability``'s records."""
+        try:
+            return topic_for(capability, self.config.topic_prefix)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def follow(self, capability: str) -> None:
+        """Receive the records of ``capability``'s providers from now on (idempotent).
+
+        Routing calls it for every capability it looks up; each call counts as a use, and
+        a followed capability is left after ``follow_idle`` seconds without one.
+        """
+        t = self.topic(capability)
+        self._followed[t] = trio.current_time()
+        self._followed[t] = self._followed.pop(t)  # most recently used last
+        self.gossip.join(t, self._validate)
+        self._trim_followed()
+
+    def unfollow(self, capability: str) -> None:
+        """Stop receiving ``capability``'s records, unless this peer serves it."""
+        t = self.topic(capability)
+        if self._followed.pop(t, None) is not None and t not in self._served:
+            self.gossip.leave(t)
+
+    def follow_neighbours(self) -> int:
+        """Follow every capability a neighbour serves or follows (for views of the mesh).
+
+        Their topics are known from the neighbours' subscriptions. Returns how many topics
+        are joined afterwards (at most ``max_topics``).
+        """
+        prefix = self.config.topic_prefix
+        for t in sorted(self.gossip.announced_topics()):
+            if t.startswith(prefix) and len(t) > len(prefix):
+                self._followed[t] = trio.current_time()
+                self.gossip.join(t, self._validate)
+        self._trim_followed()
+        return len(self.gossip.topics())
+
+    def following(self) -> frozenset[str]:
+        """The joined topics: those of served and of followed capabilities."""
+        return self.gossip.topics()
+
+    def mesh_size(self) -> int:
+        """The smallest GossipSub mesh among the joined topics (0 if none is joined)."""
+        return min((self.gossip.mesh_size(t) for t in self.gossip.topics()), default=0)
+
+    def needs_neighbours(self, capability: str) -> bool:
+        """Whether fewer than ``degree_low`` neighbours share ``capability``'s topic.
+
+        Then the caller should connect to some of its providers (from discovery), so that
+        their records can reach this peer.
+        """
+        return len(self.gossip.subscribers(self.topic(capability))) < self.config.degree_low
+
+    def _trim_followed(self) -> None:
+        while self._followed and len(self._served | set(self._followed)) > self.config.max_topics:
+            oldest = next(iter(self._followed))
+            del self._followed[oldest]
+            if oldest not in self._served:
+                self.gossip.leave(oldest)
+
+    def _subscribers(self) -> frozenset[str]:
+        return frozenset().union(*(self.gossip.subscribers(t) for t in self._served))
+
+    async def _tend_topics(self) -> None:
+        # Leave followed topics idle for follow_idle; log neighbours that only speak version 1.
+        cfg = self.config
+        while True:
+            await trio.sleep(min(cfg.follow_idle, 30.0))
+            idle_since = trio.current_time() - cfg.follow_idle
+            for t in [t for t, used in self._followed.items() if used <= idle_since]:
+                del self._followed[t]
+                if t not in self._served:
+                    self.gossip.leave(t)
+            if cfg.legacy_topic is not None:
+                for pid in self.gossip.subscribers(cfg.legacy_topic) - self._legacy_logged:
+                    if len(self._legacy_logged) >= cfg.max_peers:
+                        break
+                    self._legacy_logged.add(pid)
+                    log.warning(
+                        "peer %s speaks %s only, which this version no longer uses: it does not see "
+                        "this peer's availability and this peer does not see its; upgrade it",
+                        pid,
+                        cfg.legacy_topic,
+                    )
 
     def report(
         self,
@@ -285,12 +392,21 @@ class AvailabilityService:
             self.stats.publish_errors += 1
             log.warning("cannot build an availability record: %s", describe_error(exc))
             return False
+        retiring = self._retiring - self._served
+        topics = sorted(self._served | retiring)
+        if not topics:
+            return False
         try:
-            await self.gossip.publish(self.config.topic, data)
+            await self.gossip.publish(topics, data)
         except UnavailableError as exc:
             self.stats.publish_errors += 1
             log.debug("publishing the availability record failed: %s", exc)
             return False
+        # Followers of withdrawn capabilities have had their record; leave those topics.
+        self._retiring -= retiring
+        for t in retiring:
+            if t not in self._followed:
+                self.gossip.leave(t)
         self.stats.published += 1
         self.stats.published_bytes += len(data)
         return True

@@ -132,6 +132,9 @@ class TableStats:
     """Counters of the receiving side."""
 
     validated: int = 0
+    #: Record signatures checked: at most one per distinct record received (duplicates are
+    #: dropped by message id before validation), none for malformed or misattributed ones.
+    verified: int = 0
     accepted: int = 0
     #: Rejections by reason: oversized, malformed, origin_mismatch, bad_signature, stale,
     #: table_full, internal.
@@ -199,6 +202,7 @@ class AvailabilityTable:
         if signed.peer_id_bytes != origin:
             return self._reject("origin_mismatch", origin)
         # 4. the record's own signature, by the key behind its peer id.
+        self.stats.verified += 1
         if not signed.verify():
             return self._reject("bad_signature", origin)
         # 5. newer than anything accepted from that peer.
