@@ -251,6 +251,9 @@ def topology(peers: int = 3) -> Iterator[Topology]:
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELNET_")}
     env["PYTHONUNBUFFERED"] = "1"
+    # A 2 s availability refresh (TTL 6 s) instead of the 30 s default: the link-cut test
+    # waits for a TTL to pass.
+    env["MODELNET_PUBLISH_INTERVAL"] = "2"
     env.update(extra)
     return env
 

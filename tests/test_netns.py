@@ -51,7 +51,8 @@ TARGET = "modelnet_p2p.demo_models:ALL"
 #: Besides "echo", which every peer host serves, each serves one model of its own.
 PEER_MODELS = {1: "translate", 2: "arithmetic", 3: "topic-classifier"}
 HIDDEN_MODEL = "summarize"
-#: Availability records are published every 2 s and live 3 publish periods (each carries its TTL).
+#: The mesh's hosts refresh availability every 2 s (netns_util.clean_env) and records live 3
+#: refresh periods (each carries its TTL).
 DEFAULT_TTL = 6.0
 #: Allowed on top of the TTL: the table's sweep (0.5 s), and the age of a `status --watch` view
 #: when printed (its table is read before a discovery lookup of up to 5 s) plus one refresh.
