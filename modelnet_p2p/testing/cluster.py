@@ -168,16 +168,20 @@ async def open_worker(
     startup_timeout: float = 120.0,
     stop_timeout: float = 15.0,
     stderr: int | None = None,
+    command: Sequence[str] | None = None,
     **options: Any,
 ) -> AsyncIterator[Worker]:
     """Start a worker process with ``peers`` peers; stop it (by closing its stdin) on exit.
 
     ``options`` are those of :func:`worker_command`. ``stderr`` is passed to the process
-    (e.g. ``subprocess.DEVNULL``). Yields once every peer runs (``startup_timeout``). Raises
-    :class:`WorkerError` if the worker exits early, or if the block ends normally but the
-    worker does not exit with status 0 within ``stop_timeout`` (it is then killed).
+    (e.g. ``subprocess.DEVNULL``). ``command`` replaces the whole command line (then
+    ``peers`` and ``options`` are ignored): any program that speaks the worker's protocol,
+    such as a baseline written against another stack. Yields once every peer runs
+    (``startup_timeout``). Raises :class:`WorkerError` if the worker exits early, or if the
+    block ends normally but the worker does not exit with status 0 within ``stop_timeout``
+    (it is then killed).
     """
-    cmd = worker_command(peers, **options)
+    cmd = list(command) if command is not None else worker_command(peers, **options)
     # The worker imports this very package, installed or not.
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}

@@ -32,8 +32,20 @@ Commands, one JSON object per stdin line (``"peer": i`` picks a local peer, defa
 
 - ``{"cmd": "connect", "links": [[i, addr], ...]}``: peer ``i`` dials ``addr``, all at once;
   ``{"connected": n, "failed": m}``.
-- ``{"cmd": "watch", "id": ID}``: ``{"watching": ID}``, then a ``seen`` event per local peer.
-- ``{"cmd": "serve", "peer": i, "capability": {...}}``: ``{"serving": name}``.
+- ``{"cmd": "watch", "id": ID, "capability": name}``: ``{"watching": ID, "following": n}``, then
+  a ``seen`` event per local peer. With ``capability`` (optional) each local peer first follows
+  that capability's availability records (``n``: how many did), and ``seen`` waits for a
+  record of ``ID`` that lists the capability.
+- ``{"cmd": "serve", "peer": i, "capability": {...}}``: ``{"serving": name, "t": T}`` (``T``:
+  ``time.monotonic()`` just before the peer started serving).
+- ``{"cmd": "find", "peer": i, "model": name, "id": ID, "timeout": S}``: peer ``i`` looks up
+  ``model`` again and again until ``ID``'s card is among the results; ``{"t": T or null,
+  "lookups": n}`` (``T``: when the card arrived; null: not within ``S``).
+- ``{"cmd": "fresh", "bootstrap": ADDR, "task": ..., "model": ..., "expect": [ID, ...],
+  "timeout": S}``: a new peer (DHT client, no listen address) starts in this process with
+  ``ADDR`` as its only bootstrap, looks up the task (or model) once and stops; ``{"start_s":
+  seconds to start, "all_s": seconds from the lookup's start until every ``expect`` card
+  arrived (null: not all), "done_s": until the lookup ended, "found": how many of ``expect``}``.
 - ``{"cmd": "announce"}``: every peer that serves something announces its card now;
   ``{"announced": n, "stored": m}`` (``m``: DHT peers that stored a card).
 - ``{"cmd": "discover", "peer": i, "task": ..., "model": ..., "version": ..., "tags": [...],
@@ -44,8 +56,10 @@ Commands, one JSON object per stdin line (``"peer": i`` picks a local peer, defa
 - ``{"cmd": "stats"}``: ``{"stats": {...}}``: ``peers`` still running, ``cpu`` (CPU seconds of
   this process), ``wall`` (``time.monotonic()``), ``rss_kib``, ``requests`` (DHT requests sent),
   and summed over the peers' gossip: ``bytes_sent``, ``published``, ``published_bytes``,
-  ``validated``, ``accepted``, ``rejected`` (by reason), ``restarts``, and ``min_mesh`` (the
-  smallest GossipSub mesh among them).
+  ``validated``, ``accepted``, ``rejected`` (by reason), ``restarts``, ``min_mesh`` (the
+  smallest GossipSub mesh among them), ``conns``: per running peer, the number of peers it
+  has a connection to, and ``tcp``: per TCP socket of this process (by inode), its bytes sent
+  (acknowledged) and received, from the kernel (``TCP_INFO``), whatever wrote them.
 
 The worker exits with status 0 when stdin closes or on SIGTERM, after stopping every peer.
 """
@@ -57,6 +71,8 @@ import json
 import math
 import os
 import signal
+import socket
+import struct
 import sys
 import time
 from collections.abc import Sequence
@@ -75,6 +91,9 @@ __all__ = ["main", "rss_kib", "run"]
 
 #: Seconds the worker waits for its peers to join the DHT before it reports ``ready``.
 JOIN_LIMIT = 30.0
+#: Seconds one lookup of ``find`` may take, and the pause between two lookups.
+FIND_LOOKUP_LIMIT = 5.0
+FIND_PAUSE = 0.05
 
 
 def emit(obj: dict[str, Any]) -> None:
@@ -93,6 +112,35 @@ def rss_kib() -> int:
     except OSError:
         pass
     return 0
+
+
+#: Offsets of ``tcpi_bytes_acked`` and ``tcpi_bytes_received`` in Linux's ``struct tcp_info``.
+_TCPI_BYTES = struct.Struct("=QQ")
+_TCPI_BYTES_AT = 120
+
+
+def tcp_bytes() -> dict[str, list[int]]:
+    """Socket inode -> ``[bytes sent and acknowledged, bytes received]`` of each TCP socket of
+    this process (Linux ``TCP_INFO``; empty elsewhere)."""
+    out: dict[str, list[int]] = {}
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if not link.startswith("socket:"):
+                continue
+            with socket.socket(fileno=os.dup(int(fd))) as sock:
+                if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+                    continue
+                info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+        except OSError:
+            continue
+        if len(info) >= _TCPI_BYTES_AT + _TCPI_BYTES.size:
+            out[link[8:-1]] = list(_TCPI_BYTES.unpack_from(info, _TCPI_BYTES_AT))
+    return out
 
 
 async def answer(request: InferenceRequest) -> str:
@@ -180,22 +228,64 @@ class Node:
         return {"connected": outcomes.count(True), "failed": outcomes.count(False)}
 
     async def cmd_watch(self, cmd: dict[str, Any], tasks: trio.Nursery) -> dict[str, Any]:
-        pid = str(cmd["id"])
+        pid, name = str(cmd["id"]), cmd.get("capability")
+
+        def serves(entry: Any) -> bool:  # with a capability: the record must list it
+            return entry is not None and (name is None or any(c[0] == name for c in entry.capabilities))
 
         async def watch(i: int, peer: Peer) -> None:
             if peer.availability is not None:
-                await peer.availability.wait_for(pid, timeout=math.inf)
+                await peer.availability.wait_for(pid, serves, timeout=math.inf)
                 emit({"event": "seen", "seen": pid, "peer": i, "t": time.monotonic()})
 
         if not self.args.gossip:
             return {"error": "this worker runs without gossip"}
+        following = 0
+        if name is not None:
+            for peer in self.peers.values():
+                service = peer.availability
+                if service is not None:
+                    service.follow(str(name))
+                    following += 1
         for i, peer in self.peers.items():
             tasks.start_soon(watch, i, peer)
-        return {"watching": pid}
+        return {"watching": pid, "following": following}
 
     async def cmd_serve(self, cmd: dict[str, Any], _: trio.Nursery) -> dict[str, Any]:
+        t = time.monotonic()
         cap = self.peer(cmd).serve(Capability(**cmd["capability"]), answer)
-        return {"serving": cap.name}
+        return {"serving": cap.name, "t": t}
+
+    async def cmd_find(self, cmd: dict[str, Any], _: trio.Nursery) -> dict[str, Any]:
+        peer, pid, model = self.peer(cmd), str(cmd["id"]), str(cmd["model"])
+        lookups = 0
+        with trio.move_on_after(float(cmd.get("timeout", 10.0))):
+            while True:
+                lookups += 1
+                async for card in peer.discover_iter(model=model, timeout=FIND_LOOKUP_LIMIT):
+                    if card.peer_id == pid:
+                        return {"t": time.monotonic(), "lookups": lookups}
+                await trio.sleep(FIND_PAUSE)
+        return {"t": None, "lookups": lookups}
+
+    async def cmd_fresh(self, cmd: dict[str, Any], _: trio.Nursery) -> dict[str, Any]:
+        expect, timeout = set(cmd.get("expect", ())), float(cmd.get("timeout", 10.0))
+        found: set[str] = set()
+        all_s: float | None = None
+        t0 = time.monotonic()
+        with trio.fail_after(timeout + JOIN_LIMIT):
+            async with Peer(listen=[], bootstrap=[str(cmd["bootstrap"])], dht_mode="client") as peer:
+                t1 = time.monotonic()
+                with trio.move_on_after(timeout):
+                    async for card in peer.discover_iter(
+                        cmd.get("task"), model=cmd.get("model"), timeout=timeout
+                    ):
+                        found.add(card.peer_id)
+                        if all_s is None and expect <= found:
+                            all_s = time.monotonic() - t1
+                            break
+                done_s = time.monotonic() - t1
+        return {"start_s": t1 - t0, "all_s": all_s, "done_s": done_s, "found": len(found & expect)}
 
     async def cmd_announce(self, cmd: dict[str, Any], _: trio.Nursery) -> dict[str, Any]:
         serving = [p for p in self.peers.values() if p.capabilities]
@@ -260,6 +350,8 @@ class Node:
                 "rejected": rejected,
                 "restarts": sum(s.stats.pubsub_restarts for s in services),
                 "min_mesh": min((s.mesh_size() for s in services), default=0),
+                "conns": [len(p.host.get_connected_peers()) for p in self.peers.values()],
+                "tcp": tcp_bytes(),
             }
         }
 
