@@ -32,6 +32,7 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.tools.anyio_service import background_trio_service
 
 from modelnet_p2p import Capability, Peer
+from modelnet_p2p.p2p._compat.kad import KadHostView
 from modelnet_p2p.p2p.host import build_host, running_host
 from modelnet_p2p.p2p.identity import Identity
 from modelnet_p2p.p2p.kad import KadNode, PrivateProtocolError
@@ -281,3 +282,52 @@ def _known_addrs(host: IHost, peer_id: ID) -> list[multiaddr.Multiaddr]:
 
 def _info(addr: str) -> PeerInfo:
     return info_from_p2p_addr(multiaddr.Multiaddr(addr))
+
+
+# -- a connection being closed -----------------------------------------------------------
+
+ECHO = TProtocol("/modelnet-test/echo/1")
+
+
+async def _closing_connection(client: IHost, server: IHost, nursery: trio.Nursery) -> None:
+    """Connect ``client`` to ``server``, start closing the connection, and return while the
+    closed connection is still registered in the client's swarm."""
+    await client.connect(PeerInfo(server.get_id(), server.get_addrs()))
+    (conn,) = client.get_network().get_connections(server.get_id())
+    nursery.start_soon(conn.close)
+    while not conn.is_closed:
+        await trio.sleep(0)
+    assert client.get_network().get_connections(server.get_id()) == [conn]
+
+
+async def _echo(stream: INetStream) -> None:
+    try:
+        await stream.write(await stream.read(64))
+        await stream.close()
+    except Exception:
+        await stream.reset()
+
+
+async def test_stock_new_stream_fails_while_a_connection_is_closing() -> None:
+    """Shim: KadHostView.new_stream (wait_out_closing). A peer whose only connection is
+    being closed (a dial cancelled half-way ends like this) looks unreachable: no redial."""
+    server, client = new_host(), new_host()
+    server.set_stream_handler(ECHO, _echo)
+    with trio.fail_after(20):
+        async with listening(server), listening(client), trio.open_nursery() as nursery:
+            await _closing_connection(client, server, nursery)
+            with pytest.raises(Exception, match="No valid connections"):
+                await client.new_stream(server.get_id(), [ECHO])
+
+
+async def test_ours_view_waits_for_the_closing_connection_and_dials_again() -> None:
+    server, client = new_host(), new_host()
+    server.set_stream_handler(ECHO, _echo)
+    view = KadHostView(client, DHT_PROTOCOL_ID)
+    with trio.fail_after(20):
+        async with listening(server), listening(client), trio.open_nursery() as nursery:
+            await _closing_connection(client, server, nursery)
+            stream = await view.new_stream(server.get_id(), [ECHO])
+            await stream.write(b"ping")
+            assert await stream.read(64) == b"ping"
+            await stream.close()

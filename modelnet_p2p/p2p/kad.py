@@ -45,9 +45,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IPFS_KAD_PROTOCOL_ID",
+    "MAX_DETACHED_REQUESTS",
     "Host",
     "KadKind",
     "KadNode",
+    "KadOutcome",
     "KadPeer",
     "KadRequest",
     "KadResponse",
@@ -57,6 +59,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Requests that may go on in the background after their caller stopped waiting (see
+#: :meth:`KadNode.exchange`); past this many, a caller's cancellation cancels its request.
+MAX_DETACHED_REQUESTS = 256
 
 #: The host type :class:`KadNode` runs on (services pass it through without looking inside).
 Host = IHost
@@ -101,6 +107,16 @@ class KadResponse:
     closer: tuple[KadPeer, ...] = ()
     providers: tuple[KadPeer, ...] = ()
     value: bytes | None = None
+
+
+@dataclass(frozen=True)
+class KadOutcome:
+    """How one request went: the ``answer`` (``None`` on failure), whether a stream was
+    ``opened``, and whether the request ``timed_out`` (slow, not necessarily gone)."""
+
+    answer: KadResponse | None
+    opened: bool
+    timed_out: bool
 
 
 class RecordPolicy(Protocol):
@@ -206,6 +222,9 @@ class KadNode:
         self._view = KadHostView(host, protocol)
         self._dht: MeshKadDHT | None = None
         self._manager: ManagerAPI | None = None
+        self._background: trio.Nursery | None = None
+        #: Requests running in the background now (at most MAX_DETACHED_REQUESTS).
+        self.detached = 0
         self.peer_id = str(host.get_id())
 
     # -- lifecycle -----------------------------------------------------------
@@ -241,6 +260,7 @@ class KadNode:
         )
         dht.refresher = refresher
         self._dht = dht
+        self._background = nursery
         self.check_protocols()
         self._manager = await nursery.start(self._run, dht)
 
@@ -369,28 +389,65 @@ class KadNode:
         Returns ``(answer, True)``, or ``(None, opened)`` on any failure, where ``opened``
         tells whether a stream was opened at all (a busy server resets excess streams).
         """
-        resp, ok, opened = await self._exchange(peer_id, req, timeout, answered=True)
-        return (resp, True) if ok else (None, opened)
+        outcome = await self.exchange(peer_id, req, timeout)
+        return outcome.answer, outcome.opened
+
+    async def exchange(self, peer_id: str, req: KadRequest, timeout: float) -> KadOutcome:
+        """Send ``req`` and read one answer within ``timeout``; say how it went.
+
+        A request that ran out of time (``timed_out``) met a slow peer or a busy machine;
+        one that failed before a stream was open, and not for lack of time, met a peer
+        that cannot be reached.
+
+        The request runs in the DHT's nursery, so a caller that stops waiting (a lookup
+        that ended, a deadline) does not cancel it: it goes on until answered or until
+        ``timeout``, and then closes or resets its stream. Cancelling a dial half-way
+        makes py-libp2p drop the new connection, and streams to that peer fail until
+        the swarm has removed it (see :mod:`._compat.kad`). At most
+        ``MAX_DETACHED_REQUESTS`` run like that; past it a request is cancelled with
+        its caller.
+        """
+        background = self._background
+        if background is None or self.detached >= MAX_DETACHED_REQUESTS:
+            resp, ok, opened, timed_out = await self._exchange(peer_id, req, timeout, answered=True)
+            return KadOutcome(resp if ok else None, opened or ok, timed_out)
+        box: list[KadOutcome] = []
+        done = trio.Event()
+
+        async def run() -> None:
+            try:
+                resp, ok, opened, timed_out = await self._exchange(peer_id, req, timeout, answered=True)
+                box.append(KadOutcome(resp if ok else None, opened or ok, timed_out))
+            finally:
+                self.detached -= 1
+                done.set()
+
+        self.detached += 1
+        background.start_soon(run)
+        await done.wait()
+        return box[0] if box else KadOutcome(None, False, False)
 
     async def send(self, peer_id: str, req: KadRequest, timeout: float) -> bool:
         """Send a message that gets no answer we wait for (ADD_PROVIDER); True if written."""
-        _, ok, _ = await self._exchange(peer_id, req, timeout, answered=False)
+        _, ok, _, _ = await self._exchange(peer_id, req, timeout, answered=False)
         return ok
 
     async def _exchange(
         self, peer_id: str, req: KadRequest, timeout: float, *, answered: bool
-    ) -> tuple[KadResponse | None, bool, bool]:
+    ) -> tuple[KadResponse | None, bool, bool, bool]:
         """Write ``req`` on a new stream (and read one answer if ``answered``) within ``timeout``.
 
-        Returns ``(answer, ok, opened)``: ``ok`` once everything asked for is done, ``opened``
-        whether a stream was opened at all. The stream is closed if ``ok``, else reset.
+        Returns ``(answer, ok, opened, timed_out)``: ``ok`` once everything asked for is done,
+        ``opened`` whether a stream was opened at all, ``timed_out`` whether ``timeout``
+        ran out. The stream is closed if ``ok``, else reset.
         """
         data = encode_request(req)
         stream: INetStream | None = None
         resp: KadResponse | None = None
         ok = False
+        scope = trio.move_on_after(timeout)
         try:
-            with trio.move_on_after(timeout):
+            with scope:
                 stream = await self._open(peer_id)
                 await stream.write(encode_varint(len(data)) + data)
                 if answered:
@@ -404,7 +461,7 @@ class KadNode:
         finally:
             if stream is not None:
                 await _end(stream, ok)
-        return resp, ok, stream is not None
+        return resp, ok, stream is not None, scope.cancelled_caught
 
     async def _open(self, peer_id: str) -> INetStream:
         # Through the view, so the stream is counted; our id is named explicitly.

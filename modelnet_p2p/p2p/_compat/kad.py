@@ -18,6 +18,10 @@ per shim that fails once upstream changes that behaviour:
   republish, which would re-send a card after we stopped announcing it.
 - :func:`refuse_streams`: the DHT's stream handler stays registered after the service
   stops, and removing a handler races multistream-select (``KeyError`` inside the swarm).
+- :meth:`KadHostView.new_stream` waits out a connection the swarm is still closing: while
+  ``SwarmConn.close()`` runs (after a dial was cancelled half-way, for one), the closed
+  connection stays registered, and ``Swarm.new_stream`` fails at once with "No valid
+  connections available" instead of dialing again, so a live peer looks unreachable.
 """
 
 from __future__ import annotations
@@ -38,12 +42,15 @@ from libp2p.peer.peerinfo import PeerInfo
 from .host import guard_handler, retire_stream_handler
 
 __all__ = [
+    "CLOSING_WAIT",
     "IPFS_KAD_PROTOCOL_ID",
     "KadHostView",
     "MeshKadDHT",
     "MeshProviderStore",
+    "closing_only",
     "refuse_streams",
     "store_value",
+    "wait_out_closing",
 ]
 
 log = logging.getLogger("modelnet_p2p.p2p.kad")
@@ -96,6 +103,7 @@ class KadHostView:
         mapped = [self._map(p) for p in protocol_ids]
         if self.protocol in mapped:
             self.requests += 1
+        await wait_out_closing(self._host, peer_id)
         return await self._host.new_stream(peer_id, mapped)
 
     def set_stream_handler(
@@ -115,6 +123,31 @@ class KadHostView:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._host, name)
+
+
+#: Seconds a stream waits for the swarm to finish closing a peer's connections, at most.
+CLOSING_WAIT = 2.0
+#: Seconds between two looks at a closing connection.
+CLOSING_POLL = 0.01
+
+
+def closing_only(host: IHost, peer_id: ID) -> bool:
+    """True if the swarm holds connections to ``peer_id`` and every one of them is closed."""
+    conns = host.get_network().get_connections(peer_id)
+    return bool(conns) and all(c.is_closed for c in conns)
+
+
+async def wait_out_closing(host: IHost, peer_id: ID, limit: float = CLOSING_WAIT) -> None:
+    """Wait (at most ``limit`` seconds) until the swarm no longer holds only closed
+    connections to ``peer_id``, so that ``new_stream`` dials again.
+
+    Upstream: ``SwarmConn.close()`` marks the connection closed first and removes it from
+    the swarm only after the muxer has closed (about 0.1 s on loopback, longer on a busy
+    machine); meanwhile ``Swarm.new_stream`` raises "No valid connections available".
+    """
+    with trio.move_on_after(limit):
+        while closing_only(host, peer_id):
+            await trio.sleep(CLOSING_POLL)
 
 
 class MeshProviderStore(ProviderStore):

@@ -1,8 +1,9 @@
 """Capability discovery over the mesh's own Kademlia DHT (``specs/capability.md``).
 
-:mod:`.service` runs the DHT and announces this peer's card, :mod:`.lookup` finds
-providers over the network and fetches their cards, :mod:`.query` says what is looked for,
-and :mod:`.records` decides which cards are stored and believed.
+:mod:`.service` runs the DHT and announces this peer's card, :mod:`.announce` places
+the card's records until enough servers acknowledge them, :mod:`.lookup` finds
+providers over the network (going on past slow peers) and fetches their cards,
+:mod:`.query` says what is looked for, and :mod:`.records` decides which cards are stored and believed.
 """
 
 from .lookup import Lookups

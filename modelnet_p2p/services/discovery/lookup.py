@@ -5,7 +5,17 @@ py-libp2p's own lookups return early from the local store (``find_providers``,
 entries (duplicates included) have arrived, and look value keys up with FIND_NODE, which
 py-libp2p servers reject for keys that are not multihashes and longer than 50 bytes (ours
 are about 67). So every lookup here asks the network only (never the local store),
-de-duplicates by peer id, and runs until the k closest peers known have all been asked.
+de-duplicates by peer id, and runs until the k closest peers known (failures excluded)
+have all answered: Kademlia's termination rule.
+
+Slow is not dead. A request that has not been answered within the *patience*
+(:class:`RttEstimator`: the smoothed round-trip time of recent answers plus four times its
+variation, so it grows when the machine is busy) stops holding one of the ALPHA slots, and
+the lookup asks the next candidate; the slow request itself runs on until the request
+timeout (which grows with the measured round trips too), its answer still counts, and a
+slow peer among the k closest is waited for. Answers are used as they arrive: providers
+are fetched and delivered while the lookup goes on. A peer whose stream cannot even be
+opened is dead: it is dropped from the candidates and from the routing table.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ from collections.abc import Callable, Sequence
 import trio
 
 from ...errors import ProtocolError
-from ...p2p.kad import KadKind, KadNode, KadPeer, KadRequest, KadResponse, peer_id_bytes
+from ...p2p.kad import KadKind, KadNode, KadOutcome, KadPeer, KadRequest, KadResponse, peer_id_bytes
 from ...proto.card import CapabilityCard, value_key
 from .query import Query
 from .records import verified_card
@@ -32,6 +42,7 @@ __all__ = [
     "MAX_RESPONSE_SIZE",
     "RPC_TIMEOUT",
     "Lookups",
+    "RttEstimator",
 ]
 
 log = logging.getLogger(__name__)
@@ -58,6 +69,49 @@ MAX_PROVIDERS_PER_LOOKUP = 1024
 ADDR_TTL = 600
 #: Seconds before a peer whose stream broke after opening is asked once more.
 RETRY_DELAY = 0.05
+#: Patience (seconds) before any answer has been timed, and its lower bound.
+INITIAL_PATIENCE = 1.0
+MIN_PATIENCE = 0.3
+
+
+class RttEstimator:
+    """The smoothed round-trip time of DHT requests and its variation (the TCP estimator).
+
+    :meth:`patience` is how long a request may take before the lookup stops waiting for
+    it to go on (``srtt + 4 * rttvar``, between ``floor`` and ``ceiling``); it grows by
+    itself on a busy machine, whose answers all come late.
+    """
+
+    def __init__(self, *, initial: float, floor: float, ceiling: float) -> None:
+        self.initial = initial
+        self.floor = floor
+        self.ceiling = ceiling
+        self.srtt: float | None = None
+        self.rttvar = 0.0
+        self.samples = 0
+
+    def sample(self, rtt: float) -> None:
+        """Account for one answer that took ``rtt`` seconds."""
+        rtt = max(0.0, rtt)
+        if self.srtt is None:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+        self.samples += 1
+
+    def patience(self) -> float:
+        """Seconds after which an unanswered request counts as slow."""
+        if self.srtt is None:
+            return min(max(self.initial, self.floor), self.ceiling)
+        return min(max(self.srtt + 4 * self.rttvar, self.floor), self.ceiling)
+
+    def timeout(self, base: float) -> float:
+        """Seconds one request may run: ``base``, or twice the patience's formula when the
+        round trips are that long (a busy machine), at most ``2 * base``."""
+        if self.srtt is None:
+            return base
+        return min(max(base, 2 * (self.srtt + 4 * self.rttvar)), 2 * base)
 
 
 def _hash(data: bytes) -> int:
@@ -77,13 +131,37 @@ class Lookups:
         self.kad = kad
         self.rpc_timeout = rpc_timeout
         self._wall_clock = wall_clock
+        #: Round-trip times of the answers so far: decides when a request is slow.
+        self.rtt = RttEstimator(initial=INITIAL_PATIENCE, floor=MIN_PATIENCE, ceiling=rpc_timeout)
+        #: Requests that were still unanswered after the patience (a slot went to another peer).
+        self.slow_requests = 0
 
     def _now_ms(self) -> int:
         return int(self._wall_clock() * 1000)
 
     async def request(self, peer_id: str, req: KadRequest) -> KadResponse | None:
         """Send one DHT request to ``peer_id`` and return its answer (``None`` on any failure)."""
-        return (await self.kad.request(peer_id, req, self.rpc_timeout))[0]
+        return (await self.timed_request(peer_id, req))[0]
+
+    async def timed_request(
+        self, peer_id: str, req: KadRequest, timeout: float | None = None
+    ) -> tuple[KadResponse | None, bool]:
+        """One request that feeds the round-trip estimator; ``(answer, opened)``."""
+        outcome = await self.attempt(peer_id, req, timeout)
+        return outcome.answer, outcome.opened
+
+    async def attempt(self, peer_id: str, req: KadRequest, timeout: float | None = None) -> KadOutcome:
+        """One request within ``timeout`` (default: :meth:`RttEstimator.timeout`), timed.
+
+        Answers and time-outs feed the estimator (a time-out as the time it lasted, a
+        lower bound of the round trip), so the allowance grows on a busy machine.
+        """
+        t0 = trio.current_time()
+        allowed = self.rtt.timeout(self.rpc_timeout) if timeout is None else timeout
+        outcome = await self.kad.exchange(peer_id, req, allowed)
+        if outcome.answer is not None or outcome.timed_out:
+            self.rtt.sample(trio.current_time() - t0)
+        return outcome
 
     async def send(self, peer_id: str, req: KadRequest) -> bool:
         """Send one DHT message that gets no answer we wait for; True if it was written."""
@@ -97,11 +175,17 @@ class Lookups:
     ) -> list[str]:
         """Iterative lookup of ``key`` with requests of ``kind``; returns the k closest peers that answered.
 
-        Up to ALPHA requests are in flight; it ends when the k closest peers known
-        (answered or not yet asked, failures excluded) have all been asked. Each answer's
-        closer peers join the candidates, and the answer goes to ``on_response``. A peer
-        whose stream broke after opening is asked once more (busy py-libp2p servers reset
-        excess streams).
+        Kademlia's rule ends it: the lookup is over once each of the k peers closest to
+        ``key`` among those known and not failed has answered. Up to ALPHA requests are
+        in flight, not counting slow ones (unanswered after :meth:`RttEstimator.patience`):
+        a slow request gives its slot to the next candidate but runs on until the request
+        timeout, and the lookup waits for it while its peer is among the k closest. A peer
+        fails by running out of time, by being unreachable (no stream could be opened:
+        it is also dropped from the routing table), or by breaking a stream twice (a
+        broken stream is asked once more: busy py-libp2p servers reset excess streams).
+        Each answer's closer peers join the candidates, and the answer goes to
+        ``on_response`` at once. Requests still out when the lookup ends are not cancelled
+        (:meth:`KadNode.exchange`); their answers are not waited for.
         """
         kad = self.kad
         me = kad.peer_id
@@ -124,20 +208,33 @@ class Lookups:
         answered: set[str] = set()
         failed: set[str] = set()
         retried: set[str] = set()
+        pending: set[str] = set()
+        slow: set[str] = set()
         request = KadRequest(kind, key)
         send_done, recv_done = trio.open_memory_channel[None](float("inf"))
-        in_flight = 0
+
+        async def watch(pid: str, patience: float) -> None:
+            await trio.sleep(patience)
+            if pid in pending:
+                slow.add(pid)  # its slot goes to the next candidate
+                self.slow_requests += 1
+                send_done.send_nowait(None)
 
         async def ask(pid: str) -> None:
-            resp, opened = await kad.request(pid, request, self.rpc_timeout)
+            async with trio.open_nursery() as watchdog:
+                watchdog.start_soon(watch, pid, self.rtt.patience())
+                outcome = await self.attempt(pid, request)
+                watchdog.cancel_scope.cancel()
+            resp = outcome.answer
             if resp is None:
-                if opened and pid not in retried:
+                if outcome.opened and not outcome.timed_out and pid not in retried:
                     retried.add(pid)
-                    asked.discard(pid)
                     await trio.sleep(RETRY_DELAY)
+                    asked.discard(pid)
                 else:
                     failed.add(pid)
-                    if not opened:  # unreachable: stop handing it out (as py-libp2p does)
+                    if not outcome.opened and not outcome.timed_out:
+                        # unreachable (not merely slow): stop handing it out, as py-libp2p does
                         kad.forget(pid)
             else:
                 answered.add(pid)
@@ -150,20 +247,22 @@ class Lookups:
                         log.debug("bad DHT answer from %s: %r", pid, exc)
                 with trio.move_on_after(1):
                     await kad.add_to_routing_table(pid)  # it answered: it serves the DHT
+            pending.discard(pid)
+            slow.discard(pid)
             send_done.send_nowait(None)
 
         async with trio.open_nursery() as nursery:
             while True:
                 closest = sorted((p for p in distance if p not in failed), key=distance.__getitem__)[:K]
+                if all(p in answered for p in closest):
+                    break  # the k closest have all answered (or there is nobody left to ask)
                 todo = [p for p in closest if p not in asked]
-                for pid in todo[: ALPHA - in_flight]:
+                for pid in todo[: max(0, ALPHA - len(pending - slow))]:
                     asked.add(pid)
-                    in_flight += 1
+                    pending.add(pid)
                     nursery.start_soon(ask, pid)
-                if in_flight == 0:
-                    break
                 await recv_done.receive()
-                in_flight -= 1
+            nursery.cancel_scope.cancel()  # stop waiting for peers no longer among the k closest
         return sorted(answered, key=distance.__getitem__)[:K]
 
     def _learn_peer(self, peer: KadPeer, learn: Callable[[str], None]) -> None:

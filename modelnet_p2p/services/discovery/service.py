@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import trio
@@ -39,6 +38,7 @@ from ...proto.card import (
     seal,
     value_key,
 )
+from .announce import AnnounceResult, publish
 from .lookup import MAX_PROVIDERS_PER_KEY, MAX_RESPONSE_SIZE, RPC_TIMEOUT, K, Lookups
 from .query import Query
 from .records import CardValidator
@@ -75,8 +75,17 @@ MAX_INBOUND_STREAMS = 32
 #: Seconds a peer that opened a DHT stream to us may take to complete identify
 #: before we decide whether it serves the DHT (and belongs in the routing table).
 IDENTIFY_WAIT = 5.0
-#: Provider lookups one announce runs at once (one per provider key).
-ANNOUNCE_CONCURRENCY = 4
+#: Servers that must acknowledge each record of an announce (fewer if fewer are found).
+ANNOUNCE_REPLICATION = 5
+#: Seconds an announce keeps retrying records short of acknowledgements (at most half
+#: the announce interval).
+ANNOUNCE_RETRY_WINDOW = 10.0
+#: Seconds one announce may take in all, first placement and retries (at most half the
+#: announce interval); on a busy machine it ends with what was acknowledged by then.
+ANNOUNCE_BUDGET = 20.0
+#: Seconds a lookup keeps for itself when it waits for a fresh peer's join: the wait ends
+#: this long before the lookup's deadline, or at half the time left, whichever is later.
+LOOKUP_RESERVE = 3.0
 #: Seconds a burst of serve() calls may take to settle into one card.
 SETTLE = 0.05
 #: Longest pause between housekeeping rounds, in seconds.
@@ -85,16 +94,6 @@ HOUSEKEEPING_INTERVAL = 30.0
 JOIN_TIMEOUT = 30.0
 
 DhtModeName = Literal["auto", "server", "client"]
-
-
-@dataclass
-class AnnounceResult:
-    """What one announce did: the card, and how many DHT servers were sent what."""
-
-    card: CapabilityCard
-    value_stored: int = 0
-    provider_keys: int = 0
-    provider_sends: int = 0
 
 
 class Discovery:
@@ -110,6 +109,8 @@ class Discovery:
         card_ttl: seconds a card (and a provider record on this server) stays valid.
         announce_interval: seconds between re-announces; less than ``card_ttl``.
         rpc_timeout: seconds allowed for one DHT request.
+        replication: servers that must acknowledge each record of an announce.
+        announce_retry_window: seconds an announce retries records short of that.
         wall_clock: seconds since the epoch, for card issue and expiry times.
     """
 
@@ -123,6 +124,8 @@ class Discovery:
         card_ttl: float = DEFAULT_CARD_TTL,
         announce_interval: float = DEFAULT_ANNOUNCE_INTERVAL,
         rpc_timeout: float = RPC_TIMEOUT,
+        replication: int = ANNOUNCE_REPLICATION,
+        announce_retry_window: float = ANNOUNCE_RETRY_WINDOW,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if mode not in ("auto", "server", "client"):
@@ -131,6 +134,10 @@ class Discovery:
             raise ValueError("card_ttl must be between 1 s and 24 h")
         if not 0 < announce_interval < card_ttl:
             raise ValueError("announce_interval must be positive and shorter than card_ttl")
+        if not 1 <= replication <= K:
+            raise ValueError(f"replication must be between 1 and {K}")
+        if announce_retry_window < 0:
+            raise ValueError("announce_retry_window must not be negative")
         self.identity = identity
         self.peer_id = str(identity.peer_id)
         self._capabilities = capabilities
@@ -141,6 +148,8 @@ class Discovery:
         self.card_ttl = card_ttl
         self.announce_interval = announce_interval
         self.rpc_timeout = rpc_timeout
+        self.replication = replication
+        self.announce_retry_window = announce_retry_window
         self.wall_clock = wall_clock
         #: Refresh the routing table right after bootstrapping (benchmarks turn it off).
         self.refresh_on_start = True
@@ -160,6 +169,8 @@ class Discovery:
         self._extra_addrs: list[str] = []
         #: Announces made so far (explicit and by the announce loop).
         self.announces = 0
+        #: What the latest announce achieved (acknowledgements per record), once there was one.
+        self.last_announce: AnnounceResult | None = None
 
     def _now_ms(self) -> int:
         return int(self.wall_clock() * 1000)
@@ -238,6 +249,26 @@ class Discovery:
             log.debug("routing table refresh failed: %r", exc)
         finally:
             self.bootstrapped.set()
+
+    async def joined(self) -> bool:
+        """Wait until the first routing-table fill after bootstrap is done; False if the wait ran out.
+
+        The wait ends early enough for the caller's own work: at the deadline of the
+        enclosing cancel scope minus :const:`LOOKUP_RESERVE` (or minus half the time
+        left, if that is later), and after ``JOIN_TIMEOUT`` seconds without a deadline.
+        """
+        if self.bootstrapped.is_set():
+            return True
+        now = trio.current_time()
+        deadline = trio.current_effective_deadline()
+        if deadline == float("inf"):
+            until = now + JOIN_TIMEOUT
+        else:
+            left = deadline - now
+            until = max(deadline - LOOKUP_RESERVE, now + left / 2)
+        with trio.move_on_at(until):
+            await self.bootstrapped.wait()
+        return self.bootstrapped.is_set()
 
     async def _periodic_refresh(self) -> None:
         # py-libp2p's maintenance loop refreshes at start and every 10 minutes;
@@ -355,8 +386,13 @@ class Discovery:
         return seal(card, self.identity)
 
     async def announce(self) -> AnnounceResult | None:
-        """Publish a fresh card now: store it at the k closest peers and send provider records.
+        """Publish a fresh card now: store it at the closest peers and send provider records.
 
+        Each record goes at once to the closest peers of the routing table, then to the
+        k closest a lookup finds, and is retried until ``min(replication, peers found)``
+        servers have acknowledged it (:mod:`.announce`), for at most
+        ``announce_retry_window`` seconds and only while no newer change is pending. The
+        result counts the acknowledgements (also kept as :attr:`last_announce`).
         Returns ``None`` (and announces nothing) if the peer has no address
         others could dial.
         """
@@ -369,53 +405,21 @@ class Discovery:
             self.card = card
             self._announced_generation = generation
             self.announces += 1
-            result = AnnounceResult(card)
-            kad, lookups = self.kad, self.lookups
+            kad = self.kad
             vkey = value_key(card.peer_id).encode()
             kad.store_value(vkey, card.envelope, card.expires_at / 1000)
             me = KadPeer(self.peer_id, card.addrs)
-            keys = card_keys(card.capabilities)
-            result.provider_keys = len(keys)
-            for _label, key in keys:
+            for _label, key in card_keys(card.capabilities):
                 kad.add_local_provider(key, me)
-
-            async def put_card() -> None:
-                put = KadRequest(KadKind.PUT_VALUE, vkey, value=card.envelope)
-                closest = await lookups.closest(vkey, KadKind.GET_VALUE)
-
-                async def store_at(pid: str) -> None:
-                    if await lookups.request(pid, put) is not None:
-                        result.value_stored += 1
-
-                async with trio.open_nursery() as n:
-                    for pid in closest:
-                        n.start_soon(store_at, pid)
-
-            async def provide(key: bytes, limiter: trio.CapacityLimiter) -> None:
-                async with limiter:
-                    closest = await lookups.closest(key, KadKind.FIND_NODE)
-                msg = KadRequest(KadKind.ADD_PROVIDER, key, provider=me)
-
-                async def send(pid: str) -> None:
-                    if await lookups.send(pid, msg):
-                        result.provider_sends += 1
-
-                async with trio.open_nursery() as n:
-                    for pid in closest:
-                        n.start_soon(send, pid)
-
-            limiter = trio.CapacityLimiter(ANNOUNCE_CONCURRENCY)
-            async with trio.open_nursery() as n:
-                n.start_soon(put_card)
-                for _label, key in keys:
-                    n.start_soon(provide, key, limiter)
-            log.debug(
-                "announced card seq %d: stored at %d peers, %d keys, %d provider records sent",
-                card.seq,
-                result.value_stored,
-                result.provider_keys,
-                result.provider_sends,
+            result = await publish(
+                card,
+                self.lookups,
+                replication=self.replication,
+                retry_window=min(self.announce_retry_window, self.announce_interval / 2),
+                budget=min(ANNOUNCE_BUDGET, self.announce_interval / 2),
+                still_current=lambda: self._generation == generation,
             )
+            self.last_announce = result
             return result
 
     async def _housekeeping(self) -> None:
@@ -456,5 +460,11 @@ class Discovery:
         The provider records come from the network only (never this peer's own
         store); each provider's card is asked of the provider itself first, then
         of the DHT. Stops after ``limit`` cards; the caller bounds the time.
+
+        A peer that has not finished joining (its first routing-table fill after
+        bootstrap) waits for that first, until :const:`LOOKUP_RESERVE` seconds (or half
+        the time left) before the deadline of the enclosing cancel scope at the latest,
+        rather than search a routing table that is still empty.
         """
+        await self.joined()
         await self.lookups.find(query, send, limit=limit, own_card=lambda: self.card)

@@ -1,0 +1,189 @@
+"""Placing a card's records in the DHT until enough servers have acknowledged them (``specs/capability.md``).
+
+An announce has one *target* per record: the card itself under its value key (``PUT_VALUE``)
+and one provider record per provider key (``ADD_PROVIDER``). Each target goes at once to
+the closest peers of the routing table, and then to the k closest peers an iterative
+lookup finds. A server *acknowledges* a record:
+
+- ``PUT_VALUE``: by its answer (a server answers only once it has validated and stored the
+  value);
+- ``ADD_PROVIDER``: by its echo of the message (py-libp2p 0.8.1 servers echo it once the
+  record is stored); a server that sends no echo within the request's patience (the libp2p
+  spec gives ``ADD_PROVIDER`` no answer) acknowledges if a ``GET_PROVIDERS`` of the key
+  sent to that same server lists this peer.
+
+A target needs ``min(replication, peers found)`` acknowledgements. Targets short of that
+are placed again, with a fresh lookup (the routing table of a young mesh fills as it goes),
+after 0.25, 0.5, 1, 2, ... seconds on trio's clock, until the retry window (counted from
+the end of the first placement) closes or a newer card supersedes this one. The whole
+announce ends after its budget, with what was acknowledged by then.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from ...p2p.kad import KadKind, KadPeer, KadRequest
+from ...proto.card import CapabilityCard, card_keys, value_key
+from .lookup import K, Lookups
+
+__all__ = ["ANNOUNCE_CONCURRENCY", "FIRST_RETRY", "MAX_RETRY", "AnnounceResult", "publish"]
+
+log = logging.getLogger(__name__)
+
+#: Lookups one announce runs at once (one per record).
+ANNOUNCE_CONCURRENCY = 4
+#: Seconds before the first retry of a record short of acknowledgements; doubled each time.
+FIRST_RETRY = 0.25
+#: Longest pause between two retries, in seconds.
+MAX_RETRY = 4.0
+#: Record deliveries one announce has in flight at once.
+DELIVERY_CONCURRENCY = 32
+
+
+@dataclass
+class AnnounceResult:
+    """What one announce did: the card, and how many DHT servers acknowledged what.
+
+    ``value_stored``: servers that acknowledged storing the card. ``provider_sends``:
+    ``ADD_PROVIDER`` messages written. ``provider_acks``: provider records acknowledged,
+    over all keys. ``acks`` and ``needed``: per record label (``card`` for the card,
+    e.g. ``task:chat`` for a provider key), the acknowledgements got and needed.
+    ``rounds``: placements tried (1 when every record was acknowledged at once).
+    """
+
+    card: CapabilityCard
+    value_stored: int = 0
+    provider_keys: int = 0
+    provider_sends: int = 0
+    provider_acks: int = 0
+    replication: int = 0
+    rounds: int = 0
+    acks: dict[str, int] = field(default_factory=dict)
+    needed: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def confirmed(self) -> bool:
+        """Every record reached the servers it needed, and at least one server was found."""
+        return bool(self.needed) and all(
+            self.acks.get(label, 0) >= need > 0 for label, need in self.needed.items()
+        )
+
+    @property
+    def min_acks(self) -> int:
+        """The fewest acknowledgements any record got."""
+        return min(self.acks.values(), default=0)
+
+
+@dataclass
+class _Target:
+    label: str
+    key: bytes
+    request: KadRequest
+    lookup_kind: KadKind
+    acked: set[str] = field(default_factory=set)
+    found: set[str] = field(default_factory=set)
+    busy: set[str] = field(default_factory=set)
+
+    def need(self, replication: int) -> int:
+        return min(replication, len(self.found | self.acked))
+
+
+async def publish(
+    card: CapabilityCard,
+    lookups: Lookups,
+    *,
+    replication: int,
+    retry_window: float,
+    budget: float,
+    still_current: Callable[[], bool] = lambda: True,
+) -> AnnounceResult:
+    """Place ``card`` and its provider records at the closest servers until enough acknowledge.
+
+    Gives up after ``budget`` seconds in all (first placement and retries). The local
+    stores are the caller's business. Returns the acknowledgements counted.
+    """
+    kad = lookups.kad
+    me = KadPeer(card.peer_id, card.addrs)
+    vkey = value_key(card.peer_id).encode()
+    put = KadRequest(KadKind.PUT_VALUE, vkey, value=card.envelope)
+    targets = [_Target("card", vkey, put, KadKind.GET_VALUE)]
+    keys = card_keys(card.capabilities)
+    for label, key in keys:
+        provide = KadRequest(KadKind.ADD_PROVIDER, key, provider=me)
+        targets.append(_Target(label, key, provide, KadKind.FIND_NODE))
+    result = AnnounceResult(card, provider_keys=len(keys), replication=replication)
+    lookup_limiter = trio.CapacityLimiter(ANNOUNCE_CONCURRENCY)
+    delivery_limiter = trio.CapacityLimiter(DELIVERY_CONCURRENCY)
+
+    async def acknowledged(t: _Target, pid: str) -> bool:
+        if t.request.kind is KadKind.PUT_VALUE:
+            return await lookups.request(pid, t.request) is not None
+        echo, opened = await lookups.timed_request(pid, t.request, lookups.rtt.patience())
+        if opened:
+            result.provider_sends += 1
+        if echo is not None:
+            return True
+        if not opened:
+            return False
+        check = await lookups.request(pid, KadRequest(KadKind.GET_PROVIDERS, t.key))
+        return check is not None and any(p.peer_id == me.peer_id for p in check.providers)
+
+    async def deliver(t: _Target, pid: str) -> None:
+        try:
+            async with delivery_limiter:
+                if await acknowledged(t, pid):
+                    t.acked.add(pid)
+        finally:
+            t.busy.discard(pid)
+
+    def start(nursery: trio.Nursery, t: _Target, peers: list[str]) -> None:
+        for pid in peers:
+            if pid != me.peer_id and pid not in t.acked and pid not in t.busy:
+                t.busy.add(pid)
+                nursery.start_soon(deliver, t, pid)
+
+    async def place(t: _Target, nursery: trio.Nursery) -> None:
+        start(nursery, t, kad.closest_known(t.key, K))  # at once, before any lookup
+        async with lookup_limiter:
+            found = await lookups.closest(t.key, t.lookup_kind)
+        t.found.update(found)
+        start(nursery, t, found)
+
+    async def round_of(batch: list[_Target]) -> None:
+        result.rounds += 1
+        async with trio.open_nursery() as nursery:
+            for t in batch:
+                nursery.start_soon(place, t, nursery)
+
+    delay = FIRST_RETRY
+    with trio.move_on_after(budget):  # a busy machine: report what was acknowledged by then
+        await round_of(targets)
+        closes = trio.current_time() + retry_window  # from the end of the first round
+        while still_current():
+            short = [t for t in targets if len(t.acked) < t.need(replication)]
+            if not short or trio.current_time() + delay > closes:
+                break
+            await trio.sleep(delay)
+            delay = min(delay * 2, MAX_RETRY)
+            await round_of(short)
+    for t in targets:
+        result.acks[t.label] = len(t.acked)
+        result.needed[t.label] = t.need(replication)
+        if t.request.kind is KadKind.PUT_VALUE:
+            result.value_stored = len(t.acked)
+        else:
+            result.provider_acks += len(t.acked)
+    log.debug(
+        "announced card seq %d in %d rounds: stored at %d peers, %d keys, %d provider records acknowledged",
+        card.seq,
+        result.rounds,
+        result.value_stored,
+        result.provider_keys,
+        result.provider_acks,
+    )
+    return result
