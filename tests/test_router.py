@@ -244,20 +244,45 @@ def test_a_hint_expires_so_a_busy_provider_is_not_shunned_for_good():
     assert router.snapshot()["a"]["load_hint"] is None
 
 
-def test_with_a_hint_only_requests_started_after_it_are_added():
+def test_a_hint_stands_for_other_callers_and_own_requests_count_once():
     router = Router("least-loaded")
     a = Candidate("a", state="ready", max_concurrency=8)
     router.started("a")
-    router.started("a")  # two requests running when the provider answered
-    router.observe_load("a", Load(in_flight=5, max_concurrency=8))  # ... which counts them
-    assert router.load_of(a) == (5, 0, 8, 0)
+    router.started("a")  # two requests of ours running there when the provider answered...
+    router.observe_load("a", Load(in_flight=5, max_concurrency=8, own=2))  # ... which it counts
+    assert router.load_of(a) == (3, 0, 8, 2)  # three of other callers, two of ours
     router.started("a")
-    assert router.load_of(a) == (5, 0, 8, 1)  # one the hint cannot know of
+    assert router.load_of(a) == (3, 0, 8, 3)
     for _ in range(3):
         router.finished("a")
-    assert router.load_of(a) == (5, 0, 8, 0)
+    assert router.load_of(a) == (3, 0, 8, 0)  # ours are done; the others stay until a newer hint
     hint = router.snapshot()["a"]["load_hint"]
     assert hint is not None and hint["in_flight"] == 5
+
+
+def test_answers_read_out_of_order_leave_no_phantom_load():
+    """The provider wrote A's end (B still running: ``own`` 1) before B's, but B's is read first."""
+    router = Router("least-loaded")
+    c = Candidate("a", state="ready", max_concurrency=4)
+    router.started("a")
+    router.started("a")  # A and B
+    router.observe_load("a", Load(in_flight=0, max_concurrency=4, own=0))  # B's end
+    router.finished("a")
+    router.observe_load("a", Load(in_flight=1, max_concurrency=4, own=1))  # A's end: B counted, as ours
+    router.finished("a")
+    assert router.load_of(c) == (0, 0, 4, 0)
+
+
+def test_a_hint_without_own_counts_every_request_in_flight_as_ours():
+    router = Router("least-loaded")
+    c = Candidate("a", state="ready", max_concurrency=4)
+    router.started("a")
+    router.started("a")
+    router.observe_load("a", Load(in_flight=3, max_concurrency=4))  # an end: 1 of ours, 2 others
+    router.finished("a")
+    assert router.load_of(c) == (1, 0, 4, 1)  # errs low by the request that ended
+    router.observe_load("a", Load(in_flight=0, max_concurrency=4))
+    assert router.load_of(c) == (0, 0, 4, 1)  # never below zero
 
 
 def test_a_hint_without_max_keeps_the_candidates_limit():

@@ -792,6 +792,20 @@ def test_load_on_the_first_chunk_counts_the_request_and_on_end_does_not():
     assert end == End(2, load=Load(2, 1, 8, 20, 5.0))  # once done, this request is not counted
 
 
+def test_own_is_counted_like_in_flight():
+    s = running(loaded_server([Load(3, 0, 8, own=2)]))  # this request and one more of the caller's
+    s.send_chunk("a")
+    s.send_end()
+    first, end = decode(s.data_to_send(0))
+    assert (first.load.in_flight, first.load.own) == (3, 2)
+    assert (end.load.in_flight, end.load.own) == (2, 1)
+    refused = loaded_server([Load(4, 0, 4, own=1)])
+    refused.receive_data(frame(req()))
+    events(refused)
+    refused.reject(OverloadedError("full"))
+    assert decode(refused.data_to_send(0))[0].load == Load(4, 0, 4, own=1)
+
+
 def test_load_on_refusals_counts_nothing_to_remove():
     figures: list[Load | None] = [Load(4, 0, 4)]
     s = loaded_server(figures)

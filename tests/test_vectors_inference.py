@@ -225,6 +225,18 @@ def test_vectors_cover_load_on_every_frame_that_carries_it():
         msg = parse_message(from_json(v["message"]))
         assert (getattr(msg, "load", None) is not None) == ("load" in v["message"])
     accepted = {v["name"] for v in VECTORS["accepted"]}
-    assert {"end_load_nil", "end_load_nil_and_unknown_keys", "chunk_load_tps_float32"} <= accepted
+    assert {
+        "end_load_nil",
+        "end_load_nil_and_unknown_keys",
+        "chunk_load_tps_float32",
+        "end_load_own_nil",
+    } <= accepted
+    assert any("own" in v["message"].get("load", {}) for v in VECTORS["valid"])
     invalid = [v for v in VECTORS["invalid"] if "'load" in v["error"]]
-    assert {v["error"].split("'")[1] for v in invalid} >= {"load", "load.inf", "load.q", "load.tps"}
+    assert {v["error"].split("'")[1] for v in invalid} >= {
+        "load",
+        "load.inf",
+        "load.q",
+        "load.own",
+        "load.tps",
+    }

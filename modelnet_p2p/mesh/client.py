@@ -48,7 +48,8 @@ for a capability that is not idempotent. The gateway uses it for non-streamed an
 Load feedback: a provider carries its load back on the first chunk and on the final frame
 (``load``, ``specs/inference.md``); every such hint, on a routed or a targeted request,
 goes to the router (:meth:`~.routing.Router.observe_load`), so the next choice sees the
-load of the providers this peer uses without waiting for their gossip.
+load of the providers this peer uses without waiting for their gossip. Every request,
+routed or targeted, counts in the router's in-flight figures while it runs.
 
 Errors (raised while iterating): :class:`NotFoundError` (no provider known),
 :class:`OverloadedError` (every live provider at capacity), :class:`UnavailableError`,
@@ -376,16 +377,18 @@ class MeshClient:
             window=self.window,
         )
         seen = None
+        self.router.started(info.peer)  # every request of this peer, routed or not
         try:
             async for chunk in answer:
-                if info.load is not seen:
+                if info.load is not seen:  # the first chunk's
                     seen = info.load
                     self._learn(info)
                 yield chunk
         finally:
             await answer.aclose()  # type: ignore[attr-defined]
-            if info.load is not seen:
+            if info.load is not seen:  # the final frame's
                 self._learn(info)
+            self.router.finished(info.peer)
 
     def _learn(self, info: ResponseInfo) -> None:
         """Hand the load hint an answer carried to the router."""
@@ -455,17 +458,17 @@ class MeshClient:
             sub = ResponseInfo()
             skip = plan.delivered
             started = trio.current_time()
-            self.router.started(pid)
+            direct = self._direct(
+                target,
+                chosen.name or plan.capability,
+                plan.input,
+                plan.params,
+                remaining(plan.deadline),
+                plan.trace,
+                sub,
+            )
             try:
-                async for chunk in self._direct(
-                    target,
-                    chosen.name or plan.capability,
-                    plan.input,
-                    plan.params,
-                    remaining(plan.deadline),
-                    plan.trace,
-                    sub,
-                ):
+                async for chunk in direct:
                     attempt["chunks"] += 1
                     if attempt["chunks"] == 1:
                         self.router.observe_rtt(pid, (trio.current_time() - started) * 1000)
@@ -485,7 +488,7 @@ class MeshClient:
                 self._failed(plan, chosen, attempt, exc, started, len(info.attempts))
                 continue
             finally:
-                self.router.finished(pid)
+                await direct.aclose()  # type: ignore[attr-defined]  # at once, if the consumer stopped
             attempt.update(status="ok", ms=round((trio.current_time() - started) * 1000, 1))
             self.router.success(pid)
             info.peer = pid

@@ -25,8 +25,10 @@ Load comes from two places: the candidate's figures (availability gossip, receiv
 (``load`` of ``chunk``, ``end`` and ``err``, ``specs/inference.md``), which the mesh
 client passes to :meth:`Router.observe_load`. The newer of the two is used; a hint
 older than :data:`LOAD_HINT_TTL` is dropped, so a provider last seen busy is not
-shunned forever. With a hint, ``local_in_flight`` counts only this peer's requests
-started after the hint (the hint counts the earlier ones already).
+shunned forever. A hint counts this peer's own requests to the provider too; the router
+takes them out (the hint's ``own``, which the provider counts by caller) and adds
+``local_in_flight`` as it is now, so that its own requests are counted once, exactly,
+and the hint stands only for the other callers' load.
 
 A provider that fails is banned for 15 s, doubling on each consecutive failure
 up to 5 minutes (the Petals scheme); one success clears it.
@@ -103,11 +105,10 @@ class _Stats:
     banned_until: float = 0.0
     local_in_flight: int = 0
     successes: int = 0
-    #: Requests this peer started to the provider, ever, and how many when the hint came.
-    started: int = 0
     hint: Load | None = None
     hint_at: float = 0.0
-    started_at_hint: int = 0
+    #: This peer's requests the hint counts (its own, in flight there when it was written).
+    hint_own: int = 0
 
 
 #: A policy picks one candidate from a non-empty list of eligible ones.
@@ -192,14 +193,19 @@ class Router:
         return max(0.0, stats.banned_until - self.clock()) if stats else 0.0
 
     def started(self, peer_id: str) -> None:
-        stats = self._s(peer_id)
-        stats.local_in_flight += 1
-        stats.started += 1
+        self._s(peer_id).local_in_flight += 1
 
     def observe_load(self, peer_id: str, load: Load) -> None:
-        """A provider's answer said how loaded it is (received now, by the router's clock)."""
+        """A provider's answer said how loaded it is (received now, by the router's clock).
+
+        The hint's ``own`` says how many of its ``in_flight`` are this peer's. A hint without
+        it is taken to count every request this router has in flight there now: that errs
+        low (the provider's admission then decides), where anything tighter errs high, on
+        answers read out of order, and refuses requests locally on load that has gone.
+        """
         stats = self._s(peer_id)
-        stats.hint, stats.hint_at, stats.started_at_hint = load, self.clock(), stats.started
+        own = load.own if load.own is not None else stats.local_in_flight
+        stats.hint, stats.hint_at, stats.hint_own = load, self.clock(), own
 
     def load_hint(self, peer_id: str) -> Load | None:
         """The provider's last load hint, if younger than :data:`LOAD_HINT_TTL`."""
@@ -216,8 +222,8 @@ class Router:
             return c.in_flight, c.queue, c.max_concurrency, 0
         hint = self.load_hint(c.peer_id)
         if hint is not None and (c.load_at is None or stats.hint_at >= c.load_at):
-            since = min(stats.local_in_flight, stats.started - stats.started_at_hint)
-            return hint.in_flight, hint.queue, hint.max_concurrency or c.max_concurrency, since
+            others = max(0, hint.in_flight - stats.hint_own)
+            return others, hint.queue, hint.max_concurrency or c.max_concurrency, stats.local_in_flight
         return c.in_flight, c.queue, c.max_concurrency, stats.local_in_flight
 
     def finished(self, peer_id: str) -> None:

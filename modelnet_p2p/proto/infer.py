@@ -100,9 +100,10 @@ class Load:
     """A provider's load, carried back on answers (``load`` of ``chunk``, ``end`` and ``err``).
 
     The figures mean what the availability record's ``inf``, ``q``, ``max``, ``lat`` and
-    ``tps`` mean (``specs/availability.md``), within the same bounds, except that
-    ``in_flight`` does not count the request the frame answers: it is the load a new
-    request would find.
+    ``tps`` mean (``specs/availability.md``), within the same bounds; ``in_flight`` of an
+    ``end`` or ``err`` frame leaves out the request it ends (the load a new request would
+    find). ``own`` is how many of ``in_flight`` are the receiving caller's own requests,
+    so that a caller that counts its own can count them once (``None``: not stated).
     """
 
     in_flight: int = 0
@@ -111,6 +112,7 @@ class Load:
     max_concurrency: int = 0
     latency_ms: int = 0
     tokens_per_s: float = 0.0
+    own: int | None = None
 
     @classmethod
     def clamped(
@@ -120,23 +122,29 @@ class Load:
         max_concurrency: float = 0,
         latency_ms: float = 0,
         tokens_per_s: float = 0.0,
+        own: float | None = None,
     ) -> Load:
-        """The figures rounded and clamped into the ranges the wire allows (bad values become 0)."""
+        """The figures rounded and clamped into the ranges the wire allows (bad values become 0;
+        ``own`` at most ``in_flight``)."""
 
         def count(value: float, limit: int) -> int:
             return min(round(value), limit) if math.isfinite(value) and value > 0 else 0
 
         tps = float(tokens_per_s)
+        inf = count(in_flight, MAX_COUNT)
         return cls(
-            in_flight=count(in_flight, MAX_COUNT),
+            in_flight=inf,
             queue=count(queue, MAX_COUNT),
             max_concurrency=count(max_concurrency, MAX_COUNT),
             latency_ms=count(latency_ms, MAX_LATENCY_MS),
             tokens_per_s=min(tps, MAX_TOKENS_PER_S) if math.isfinite(tps) and tps > 0 else 0.0,
+            own=None if own is None else count(own, inf),
         )
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"inf": self.in_flight, "q": self.queue, "max": self.max_concurrency}
+        if self.own is not None:
+            out["own"] = self.own
         if self.latency_ms:
             out["lat"] = self.latency_ms
         if self.tokens_per_s:
@@ -163,12 +171,11 @@ class Load:
             isinstance(tps, float) and math.isfinite(tps) and 0.0 <= tps <= MAX_TOKENS_PER_S,
             f"field 'load.tps' must be a float from 0 to {MAX_TOKENS_PER_S:g}",
         )
+        inf = count("inf", MAX_COUNT)
+        own = None if obj.get("own") is None else count("own", MAX_COUNT)
+        _need(own is None or own <= inf, "field 'load.own' must not exceed 'load.inf'")
         return cls(
-            count("inf", MAX_COUNT),
-            count("q", MAX_COUNT),
-            count("max", MAX_COUNT),
-            count("lat", MAX_LATENCY_MS),
-            tps,
+            inf, count("q", MAX_COUNT), count("max", MAX_COUNT), count("lat", MAX_LATENCY_MS), tps, own
         )
 
 

@@ -250,9 +250,9 @@ class ServerSession:
 
     ``now`` is the time the stream was accepted. ``local_peer`` (base58 text) is used for
     the loop check against ``tc.via``. ``load``, if given, returns the provider's load, an
-    accepted request counted in ``in_flight`` until it is done; the session writes it into
-    the first chunk, ``end`` and ``err`` of every request (the last two without the request
-    they end).
+    accepted request counted in ``in_flight`` (and ``own``) until it is done; the session
+    writes it into the first chunk, ``end`` and ``err`` of every request (the last two
+    without the request they end).
     """
 
     def __init__(
@@ -454,7 +454,8 @@ class ServerSession:
         """The load to report; a final frame's does not count its request (``specs/inference.md``)."""
         load = self._load_of() if self._load_of is not None else None
         if load is not None and final and self._accepted and load.in_flight:
-            load = replace(load, in_flight=load.in_flight - 1)
+            own = None if load.own is None else max(0, load.own - 1)
+            load = replace(load, in_flight=load.in_flight - 1, own=own)
         return load
 
     def _need_running(self, what: str) -> None:

@@ -264,14 +264,16 @@ class InferenceServer:
     def in_flight(self) -> int:
         return self._in_flight
 
-    def current_load(self) -> Load | None:
-        """The load answers carry now (``None`` if the load provider fails)."""
+    def current_load(self, remote: str | None = None) -> Load | None:
+        """The load answers to ``remote`` carry now, with ``own``: its requests among those in
+        flight (``None`` if the load provider fails)."""
+        own = None if remote is None else self._per_peer.get(remote, 0)
         provider = self.load_provider
         if provider is None:
-            return Load.clamped(self._in_flight, 0, self.limits.max_concurrency)
+            return Load.clamped(self._in_flight, 0, self.limits.max_concurrency, own=own)
         try:
             f = provider()
-            return Load.clamped(f.in_flight, f.queue, f.max_concurrency, f.latency_ms, f.tokens_per_s)
+            return Load.clamped(f.in_flight, f.queue, f.max_concurrency, f.latency_ms, f.tokens_per_s, own)
         except Exception as exc:  # a broken provider must not break answers: they go without
             log.log(logging.DEBUG if self._load_failed else logging.WARNING, "load provider failed: %r", exc)
             self._load_failed = True
@@ -296,8 +298,12 @@ class InferenceServer:
 
     async def _serve_stream(self, stream: Stream) -> None:
         # This must never raise: an exception escaping a handler stops the host.
+        remote = remote_peer(stream)
         session = ServerSession(
-            trio.current_time(), self.limits, local_peer=self.local_peer, load=self.current_load
+            trio.current_time(),
+            self.limits,
+            local_peer=self.local_peer,
+            load=lambda: self.current_load(remote),
         )
         link = _Link(stream, session)
         try:
