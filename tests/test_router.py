@@ -290,3 +290,24 @@ def test_a_hint_without_max_keeps_the_candidates_limit():
     router.observe_load("a", Load(in_flight=1))
     assert router.load_of(Candidate("a", max_concurrency=2)) == (1, 0, 2, 0)
     assert router.load_score(Candidate("a", max_concurrency=2)) == pytest.approx(1.0)
+
+
+async def test_providers_date_gossip_so_the_newer_of_gossip_and_hint_wins(mock_clock):
+    mock_clock.autojump_threshold = 0
+    gossip = {"a": entry(("echo",), in_flight=1, max_concurrency=4)}
+    gossip["a"].last_seen = trio.current_time()
+
+    async def discover(capability: str, timeout: float) -> list[Any]:
+        return []
+
+    providers = Providers(discover, lambda: gossip, "me")
+    router = Router("least-loaded")
+    (a,) = await providers.candidates("echo")
+    assert a.load_at == trio.current_time()
+    await trio.sleep(1)
+    router.observe_load("a", Load(in_flight=3, max_concurrency=4))  # an answer, after the record
+    assert router.load_of(a) == (3, 0, 4, 0)
+    await trio.sleep(1)
+    gossip["a"].last_seen = trio.current_time()  # a newer record (same figures)
+    (a,) = await providers.candidates("echo")
+    assert router.load_of(a) == (1, 1, 4, 0)

@@ -264,6 +264,7 @@ class Providers:
             cand.state = str(entry.state)
             cand.in_flight = entry.record.in_flight
             cand.queue = entry.record.queue
+            cand.load_at = getattr(entry, "last_seen", None)  # against answers' load hints (routing)
             if entry.record.max_concurrency:
                 cand.max_concurrency = entry.record.max_concurrency
 
