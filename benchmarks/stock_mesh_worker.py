@@ -175,6 +175,11 @@ class StockPeer:
                         task_status.started()
                         await self.stop.wait()
                 nursery.cancel_scope.cancel()
+        except Exception as exc:
+            if not self.stop.is_set():
+                raise
+            # py-libp2p's pubsub may still schedule a stream handler into its closed nursery
+            logging.getLogger(__name__).info("peer %d failed while stopping: %r", self.index, exc)
         finally:
             self.stopped.set()
 
