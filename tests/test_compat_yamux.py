@@ -1,7 +1,11 @@
 """Canaries of ``modelnet_p2p.p2p._compat.yamux``: they fail once py-libp2p reports a remote
-reset to a reader as ``StreamReset`` on its own (then the shim can go)."""
+reset to a reader as ``StreamReset`` on its own, builds the yamux class it is given, or stops
+running timer loops per connection (then the shims can go); and tests of the keepalive that
+replaces those loops."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import trio
 from libp2p.custom_types import TProtocol
@@ -48,3 +52,154 @@ async def test_remote_close_reads_as_end_of_stream_without_the_reset_flag():
     raised, flag = await _ending(b"close")
     assert raised is StreamEOF
     assert not flag
+
+
+# -- the timers of every connection (LeanYamux, run_keepalive, ClassHonouringMuxer) -----------
+
+
+async def test_upstream_builds_a_plain_yamux_whatever_class_is_configured() -> None:
+    """Canary: ``MuxerMultistream.new_conn`` ignores the class ``muxer_opt`` names for yamux."""
+    from libp2p.stream_muxer.muxer_multistream import MuxerMultistream
+    from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID, Yamux
+
+    class Mine(Yamux):
+        pass
+
+    built: list[type] = []
+    original = MuxerMultistream._annotate_connection
+
+    def spy(muxed_conn: Any, secured_conn: Any, protocol: Any) -> Any:
+        built.append(type(muxed_conn))
+        return original(muxed_conn, secured_conn, protocol)
+
+    muxer = MuxerMultistream({TProtocol(PROTOCOL_ID): Mine})
+    assert muxer.transports[TProtocol(PROTOCOL_ID)] is Mine
+    # Drive new_conn over an in-memory pair: both sides negotiate yamux.
+    left, right = _pipe()
+    MuxerMultistream._annotate_connection = staticmethod(spy)  # type: ignore[method-assign]
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(muxer.new_conn, left, _an_id())
+                nursery.start_soon(MuxerMultistream({TProtocol(PROTOCOL_ID): Mine}).new_conn, right, _an_id())
+    finally:
+        MuxerMultistream._annotate_connection = staticmethod(original)  # type: ignore[method-assign]
+    assert built == [Yamux, Yamux]  # the upstream bug: not Mine
+
+
+def test_upstream_yamux_starts_two_timer_loops_per_connection() -> None:
+    """Canary: ``Yamux.start`` runs an RTT ping loop (every 30 s) and a stale-stream sweeper
+    for each connection; LeanYamux overrides both by name."""
+    import inspect
+
+    from libp2p.stream_muxer.yamux import yamux
+
+    source = inspect.getsource(yamux.Yamux.start)
+    assert "self._measure_rtt_loop" in source and "self._stale_stream_sweeper" in source
+    assert yamux.RTT_MEASURE_INTERVAL == 30
+    loop = inspect.getsource(yamux.Yamux._measure_rtt_loop)
+    assert "while not self.event_shutting_down.is_set()" in loop  # pings forever, busy or not
+
+
+async def test_peers_get_lean_connections_pinged_only_by_the_dialer(monkeypatch: Any) -> None:
+    from modelnet_p2p.p2p._compat import yamux as compat
+
+    pings: list[bool] = []  # is_initiator of the side that sent a ping
+    original = compat.LeanYamux._write_frame
+
+    async def counting(self: Any, data: bytes) -> None:
+        if data[1] == 2 and data[3] & 1:  # TYPE_PING with FLAG_SYN
+            pings.append(self.is_initiator)
+        await original(self, data)
+
+    monkeypatch.setattr(compat.LeanYamux, "_write_frame", counting)
+    async with open_peers(2, gossip=False) as (a, b):
+        await a.connect(b.addrs[0])
+        (conn,) = a.host.get_network().get_connections()
+        (back,) = b.host.get_network().get_connections()
+        assert isinstance(conn.muxed_conn, compat.LeanYamux)
+        assert isinstance(back.muxed_conn, compat.LeanYamux)
+        await trio.sleep(1)  # each side's one first RTT sample
+        pings.clear()
+        async with trio.open_nursery() as nursery:
+            for host in (a.host, b.host):
+                nursery.start_soon(
+                    lambda h=host: compat.run_keepalive(h.get_network(), interval=0.5, slack=0.1, timeout=5)
+                )
+            await trio.sleep(3)
+            nursery.cancel_scope.cancel()
+        dialer = conn.muxed_conn if conn.muxed_conn.is_initiator else back.muxed_conn
+        assert pings and all(pings), pings  # only the dialing side pinged
+        assert 2 <= len(pings) <= 8  # about one per 0.5 s of silence, not one per pass
+        assert dialer.rtt() > 0
+        assert not conn.is_closed and not back.is_closed
+
+
+async def test_a_connection_whose_pings_go_unanswered_is_closed() -> None:
+    from modelnet_p2p.p2p._compat import yamux as compat
+
+    async with open_peers(2, gossip=False) as (a, b):
+        await a.connect(b.addrs[0])
+        (conn,) = a.host.get_network().get_connections()
+        (back,) = b.host.get_network().get_connections()
+        mute: Any = back.muxed_conn
+        write = mute._write_frame
+
+        async def no_pongs(data: bytes) -> None:
+            if data[1] == 2 and data[3] & 2:  # TYPE_PING with FLAG_ACK: swallowed
+                return
+            await write(data)
+
+        vars(mute)["_write_frame"] = no_pongs
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    lambda: compat.run_keepalive(a.host.get_network(), interval=0.3, slack=0.1, timeout=0.5)
+                )
+                while not conn.is_closed:
+                    await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()
+
+
+async def test_keepalive_runs_in_the_swarms_background_nursery() -> None:
+    """Canary of the assumption start_keepalive rests on (a public attribute of the swarm)."""
+    from modelnet_p2p.p2p._compat.yamux import start_keepalive
+
+    async with open_peers(1, gossip=False) as (a,):
+        network = a.host.get_network()
+        assert isinstance(getattr(network, "background_nursery", None), trio.Nursery)
+        assert start_keepalive(network, interval=60.0)
+
+
+def _an_id() -> Any:
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.peer.id import ID
+
+    return ID.from_pubkey(create_new_key_pair().public_key)
+
+
+class _Half:
+    """One end of an in-memory duplex byte pipe with the ``ISecureConn`` calls multiselect uses."""
+
+    def __init__(self, send: Any, receive: Any, initiator: bool) -> None:
+        self._send, self._receive, self.is_initiator = send, receive, initiator
+        self._buf = b""
+
+    async def write(self, data: bytes) -> None:
+        await self._send.send(bytes(data))
+
+    async def read(self, n: int | None = None) -> bytes:
+        if not self._buf:
+            self._buf = await self._receive.receive()
+        size = len(self._buf) if n is None else n
+        out, self._buf = self._buf[:size], self._buf[size:]
+        return out
+
+    async def close(self) -> None:
+        await self._send.aclose()
+
+
+def _pipe() -> tuple[Any, Any]:
+    a_send, a_receive = trio.open_memory_channel[bytes](100)
+    b_send, b_receive = trio.open_memory_channel[bytes](100)
+    return _Half(a_send, b_receive, True), _Half(b_send, a_receive, False)

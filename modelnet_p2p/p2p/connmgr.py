@@ -23,13 +23,15 @@ ever met. The rule (``specs/network.md``, "Connection management"):
 "Used" is the opening or closing of a stream other than a pubsub stream. A trimmed peer is
 not forgotten: its addresses stay in the peerstore and the next stream to it redials. Times
 are :func:`trio.current_time` values, so tests can drive the manager with a mock clock.
-The manager checks every ``check_interval`` seconds, and at once (at most once a second)
-when a new connection takes the count over ``high``; a check is a count while under ``high``.
+The manager checks at once (at most once a second) when a new connection takes the count
+over ``high``, and then every ``check_interval`` seconds for as long as the count stays over
+``high``; under it, the manager sleeps (an idle peer pays no wake-ups for it).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -137,7 +139,7 @@ class ConnManager:
         if grace_period < 0 or check_interval <= 0:
             raise ValueError("grace_period must be >= 0 and check_interval positive")
         self.low = low
-        self.high = high
+        self._high = high
         self.grace_period = grace_period
         self.check_interval = check_interval
         self._tags: dict[str, set[str]] = {}
@@ -148,6 +150,18 @@ class ConnManager:
         self._wake = trio.Event()
         self._trimmed = 0
         self._trims = 0
+
+    @property
+    def high(self) -> int:
+        """A trim starts when more than this many connections are open (settable; a lower
+        mark is checked at once)."""
+        return self._high
+
+    @high.setter
+    def high(self, value: int) -> None:
+        self._high = value
+        if self._host is not None:
+            self._wake.set()
 
     # -- protection ------------------------------------------------------------------
 
@@ -227,13 +241,19 @@ class ConnManager:
         nursery.start_soon(self._run)
 
     async def _run(self) -> None:
+        over = False
         try:
             while True:
-                with trio.move_on_after(self.check_interval):
+                # Under the high mark nothing can be trimmed: sleep until a new connection
+                # takes the count over it. Over it (a trim left more than ``high``: the rest
+                # were young, in use or protected), look again every check_interval.
+                with trio.move_on_after(self.check_interval if over else math.inf):
                     await self._wake.wait()
                 self._wake = trio.Event()
-                if len(self._open_conns()) > self.high:
+                over = len(self._open_conns()) > self.high
+                if over:
                     await self.trim()
+                    over = len(self._open_conns()) > self.high
                     await trio.sleep(MIN_CHECK_GAP)
         finally:
             host, self._host = self._host, None

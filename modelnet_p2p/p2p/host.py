@@ -4,10 +4,16 @@ py-libp2p's default ``new_host()`` also accepts plaintext and secio
 connections, and offers mplex. A modelnet peer offers exactly one security
 protocol (Noise) and one muxer (yamux), so an unauthenticated or downgraded
 connection cannot be negotiated at all.
+
+Its yamux connections have no timers of their own (:class:`~._compat.yamux.LeanYamux`): one
+task per host pings only the connections that have been silent for 30 s and sweeps their
+stale streams (:func:`~._compat.yamux.run_keepalive`), so what an idle peer spends does not
+grow with a timer per connection.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeAlias
@@ -17,21 +23,23 @@ import trio
 from libp2p import new_swarm
 from libp2p.abc import IHost
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
-from libp2p.custom_types import TProtocol
+from libp2p.custom_types import TMuxerOptions, TProtocol
 from libp2p.host.basic_host import BasicHost
 from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.rcmgr import new_resource_manager
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
 
 from ..errors import ConfigError
 from ._compat.host import check_port_free, close_connections, disable_auto_connector
+from ._compat.yamux import LeanYamux, start_keepalive, use_muxer_classes
 from .addresses import parse_multiaddr
 from .identity import Identity
 
 __all__ = ["DEFAULT_DIAL_TIMEOUT", "Host", "build_host", "listen_addrs", "parse_multiaddr", "running_host"]
+
+log = logging.getLogger(__name__)
 
 #: The host type the layers above see (they never import libp2p themselves).
 Host: TypeAlias = IHost
@@ -62,15 +70,18 @@ def build_host(identity: Identity, *, dial_timeout: float = DEFAULT_DIAL_TIMEOUT
     )
     # What new_host() would do, but new_host() does not pass retry_config on to the swarm.
     resource_manager = new_resource_manager()
+    muxers: TMuxerOptions = {TProtocol(YAMUX_PROTOCOL_ID): LeanYamux}
     swarm = new_swarm(
         key_pair=identity.key_pair,
         sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
-        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        muxer_opt=muxers,
         connection_config=config,
         retry_config=RetryConfig(max_retries=0),
         resource_manager=resource_manager,
         enable_tcp=True,
     )
+    if not use_muxer_classes(swarm, muxers):  # upstream would build a plain Yamux
+        log.warning("cannot choose the yamux class: connections keep upstream's timers")
     host = BasicHost(network=swarm, resource_manager=resource_manager)
     disable_auto_connector(host)
     return host
@@ -105,6 +116,8 @@ async def running_host(host: IHost, listen: Sequence[multiaddr.Multiaddr]) -> As
                     "is the address in use or not local?"
                 )
             else:
+                if not start_keepalive(host.get_network()):
+                    log.warning("the swarm has no background nursery: idle connections will not be pinged")
                 try:
                     yield host
                 finally:

@@ -11,8 +11,10 @@ a stream that saw an error, a reset or an end of stream is never handed back.
 
 Every parked stream is closed after :data:`POOL_IDLE` seconds, before the
 server's own idle timeout (60 s), and at most :data:`POOL_PER_PEER` are kept
-per peer, so yamux's per-connection stream slots are never hoarded. Times are
-:func:`trio.current_time` values, so tests can drive the pool with a mock clock.
+per peer, so yamux's per-connection stream slots are never hoarded. The sweeper sleeps
+until the oldest parked stream falls due (and while the pool is empty, until a stream is
+parked), so an idle pool costs no wake-ups. Times are :func:`trio.current_time` values, so
+tests can drive the pool with a mock clock.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ __all__ = ["POOL_IDLE", "POOL_PER_PEER", "PoolStats", "StreamPool"]
 POOL_IDLE = 20.0
 #: Idle streams kept per peer.
 POOL_PER_PEER = 8
-#: Seconds between two sweeps of :meth:`StreamPool.sweep_forever`.
-SWEEP_INTERVAL = 5.0
+#: Seconds a due stream may wait for its sweep, so that one wake-up closes several.
+SWEEP_SLACK = 1.0
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class StreamPool:
         self._parked = 0
         self._reused = 0
         self._closed = 0
+        self._parked_event = trio.Event()
 
     def acquire(self, peer: str) -> Stream | None:
         """The most recently parked stream to ``peer`` that has not idled too long, or ``None``."""
@@ -82,6 +85,7 @@ class StreamPool:
         streams = self._idle.setdefault(peer, [])
         streams.append((stream, trio.current_time()))
         self._parked += 1
+        self._parked_event.set()
         while len(streams) > self.per_peer:
             old, _ = streams.pop(0)
             self._closing.append(old)
@@ -103,10 +107,24 @@ class StreamPool:
     def stats(self) -> PoolStats:
         return PoolStats(self.idle_count(), self._parked, self._reused, self._closed)
 
-    async def sweep_forever(self, interval: float = SWEEP_INTERVAL) -> None:
-        """Close streams idle longer than :attr:`max_idle` (runs in the peer's nursery)."""
+    def next_due(self) -> float | None:
+        """When the oldest parked stream will have idled :attr:`max_idle` (``None``: none parked)."""
+        oldest = min((t for streams in self._idle.values() for _, t in streams), default=None)
+        return None if oldest is None else oldest + self.max_idle
+
+    async def sweep_forever(self, slack: float = SWEEP_SLACK) -> None:
+        """Close streams idle longer than :attr:`max_idle` (runs in the peer's nursery).
+
+        Sleeps until the oldest parked stream is due (plus ``slack``, so that streams due
+        close together go in one sweep), or while none is parked, until one is.
+        """
         while True:
-            await trio.sleep(interval)
+            due = self.next_due()
+            if due is None:
+                self._parked_event = trio.Event()
+                await self._parked_event.wait()
+                continue
+            await trio.sleep_until(due + slack)
             await self.sweep()
 
     async def sweep(self, max_idle: float | None = None) -> None:

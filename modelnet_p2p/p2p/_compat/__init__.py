@@ -30,7 +30,11 @@ that fail once upstream changes that behaviour; then the shim can go.
     ``MeshProviderStore``, ``MeshKadDHT``, ``store_value``, ``refuse_streams``.
 
 :mod:`.yamux` (the stream muxer; canaries in ``tests/test_compat_yamux.py``)
-    ``reset_by_remote``: a remote reset reads as ``StreamEOF``, not ``StreamReset``.
+    - ``reset_by_remote``: a remote reset reads as ``StreamEOF``, not ``StreamReset``.
+    - ``LeanYamux``, ``run_keepalive``, ``start_keepalive``: every connection runs its own RTT
+      ping loop and stale-stream sweeper; one task per host does their work instead, pinging
+      only silent connections.
+    - ``use_muxer_classes``: the yamux class configured in ``muxer_opt`` is ignored.
 
 :mod:`.pubsub` (GossipSub; canaries in ``tests/test_compat_pubsub.py``)
     ``BufferedReads``, ``GuardedPubsub``, ``LeanGossipSub``, ``build_router``,
