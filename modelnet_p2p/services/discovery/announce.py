@@ -12,7 +12,10 @@ lookup finds. A server *acknowledges* a record:
   spec gives ``ADD_PROVIDER`` no answer) acknowledges if a ``GET_PROVIDERS`` of the key
   sent to that same server lists this peer.
 
-A target needs ``min(replication, peers found)`` acknowledgements. Targets short of that
+A target needs ``min(replication, peers found)`` acknowledgements, where the peers found
+are those that answered any lookup of this announce or acknowledged any of its records
+(one record's lookup may fail on a busy machine while another's gets through; the mesh is
+the same). Targets short of that
 are placed again, with a fresh lookup (the routing table of a young mesh fills as it goes),
 after 0.25, 0.5, 1, 2, ... seconds on trio's clock, until the retry window (counted from
 the end of the first placement) closes or a newer card supersedes this one. The whole
@@ -89,8 +92,8 @@ class _Target:
     found: set[str] = field(default_factory=set)
     busy: set[str] = field(default_factory=set)
 
-    def need(self, replication: int) -> int:
-        return min(replication, len(self.found | self.acked))
+    def need(self, replication: int, found: set[str]) -> int:
+        return min(replication, len(found | self.acked))
 
 
 async def publish(
@@ -117,6 +120,7 @@ async def publish(
         provide = KadRequest(KadKind.ADD_PROVIDER, key, provider=me)
         targets.append(_Target(label, key, provide, KadKind.FIND_NODE))
     result = AnnounceResult(card, provider_keys=len(keys), replication=replication)
+    found_any: set[str] = set()  # answered a lookup of this announce
     lookup_limiter = trio.CapacityLimiter(ANNOUNCE_CONCURRENCY)
     delivery_limiter = trio.CapacityLimiter(DELIVERY_CONCURRENCY)
 
@@ -152,6 +156,7 @@ async def publish(
         async with lookup_limiter:
             found = await lookups.closest(t.key, t.lookup_kind)
         t.found.update(found)
+        found_any.update(found)
         start(nursery, t, found)
 
     async def round_of(batch: list[_Target]) -> None:
@@ -160,20 +165,25 @@ async def publish(
             for t in batch:
                 nursery.start_soon(place, t, nursery)
 
+    def peers_found() -> set[str]:
+        return found_any.union(*(t.acked for t in targets))
+
     delay = FIRST_RETRY
     with trio.move_on_after(budget):  # a busy machine: report what was acknowledged by then
         await round_of(targets)
         closes = trio.current_time() + retry_window  # from the end of the first round
         while still_current():
-            short = [t for t in targets if len(t.acked) < t.need(replication)]
+            found = peers_found()
+            short = [t for t in targets if len(t.acked) < t.need(replication, found)]
             if not short or trio.current_time() + delay > closes:
                 break
             await trio.sleep(delay)
             delay = min(delay * 2, MAX_RETRY)
             await round_of(short)
+    found = peers_found()
     for t in targets:
         result.acks[t.label] = len(t.acked)
-        result.needed[t.label] = t.need(replication)
+        result.needed[t.label] = t.need(replication, found)
         if t.request.kind is KadKind.PUT_VALUE:
             result.value_stored = len(t.acked)
         else:

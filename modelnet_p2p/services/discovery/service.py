@@ -311,8 +311,9 @@ class Discovery:
     async def _announcer(self) -> None:
         """Announce soon after each change, and every ``announce_interval``.
 
-        An announce that reached no other peer (a peer alone, or its contacts
-        not up yet) is retried after 1, 2, 4, ... seconds, up to the interval.
+        An announce with a record that no server acknowledged (a peer alone, its
+        contacts not up yet, or too busy to answer in time) is made again after 1, 2,
+        4, ... seconds, up to the interval.
         A peer that stops serving everything announces one empty card, which
         replaces its last one everywhere, and then stays quiet.
         """
@@ -332,7 +333,7 @@ class Discovery:
                 except Exception as exc:
                     log.warning("announcing the capability card failed: %r", exc)
                     result = None
-                if result is not None and result.value_stored == 0 and result.provider_sends == 0:
+                if result is not None and result.min_acks == 0:  # a record reached nobody
                     interval, backoff = min(backoff, interval), min(backoff * 2, interval)
                 else:
                     backoff = 1.0
