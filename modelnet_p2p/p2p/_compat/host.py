@@ -143,3 +143,8 @@ def guard_handler(handler: StreamHandler, name: str = "stream handler") -> Strea
 def retire_stream_handler(host: IHost, protocol: TProtocol) -> None:
     """Stop serving ``protocol``: new streams are reset; ``host.close()`` drops the handler."""
     host.set_stream_handler(protocol, _reset)
+
+
+def is_retired(host: IHost, protocol: TProtocol) -> bool:
+    """Whether ``protocol``'s handler is one :func:`retire_stream_handler` left."""
+    return host.get_mux().handlers.get(protocol) is _reset

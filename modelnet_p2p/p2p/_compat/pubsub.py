@@ -39,7 +39,9 @@ once upstream changes it.
 - :func:`registered_pubsub_protocols`: two pubsubs on one host fight over the stream handlers
   (each sees some of the streams), and py-libp2p does not refuse the second.
 - :func:`stop_pubsub`: a stopped pubsub keeps its network notifee, its stream handlers and the
-  sweeper thread of its seen-message cache.
+  sweeper thread of its seen-message cache. Its handlers are retired (new streams reset), not
+  removed: a removal during a neighbour's protocol negotiation stops the host
+  (:func:`~modelnet_p2p.p2p._compat.host.retire_stream_handler`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 
 from ..stream import reset_quietly
+from .host import is_retired, retire_stream_handler
 
 __all__ = [
     "IDONTWANT_THRESHOLD",
@@ -307,7 +310,7 @@ def pending_rpcs(pubsub: Pubsub) -> int:
 def registered_pubsub_protocols(host: IHost) -> list[TProtocol]:
     """The pubsub protocols that have a stream handler on ``host`` (another pubsub runs there)."""
     registered = set(host.get_mux().get_protocols())
-    return [p for p in PUBSUB_PROTOCOLS if p in registered]
+    return [p for p in PUBSUB_PROTOCOLS if p in registered and not is_retired(host, p)]
 
 
 async def stop_pubsub(
@@ -325,7 +328,7 @@ async def stop_pubsub(
             remove(notifee)
     for proto in router.get_protocols():
         try:
-            host.remove_stream_handler(proto)
+            retire_stream_handler(host, proto)  # removing it could crash the host (a race)
         except Exception:
             pass
     with trio.CancelScope(shield=True), trio.move_on_after(STOP_TIMEOUT):
