@@ -219,6 +219,10 @@ async def test_relay_reservations_and_gossip_mesh_are_protected() -> None:
                 while private.peer_id not in relay.relay.reserving_peers():
                     await trio.sleep(0.05)
             assert relay.connmgr.is_protected(private.peer_id)  # it holds a reservation here
+            # The relay serves echo and the private peer calls it: they share echo's gossip topic.
+            relay.serve("echo", lambda request: "echo")
+            assert private.availability is not None
+            private.availability.follow("echo")
             with trio.fail_after(15):  # GossipSub grafts at its heartbeats (1 s)
                 while not private.connmgr.is_protected(relay.peer_id) or relay.peer_id not in (
                     private.availability.gossip.mesh_peers() if private.availability else ()
