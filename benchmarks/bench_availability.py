@@ -161,7 +161,8 @@ async def run_size(n: int, interval: float, settings: Settings, rng: random.Rand
         for trial in range(settings.trials):
             async with Peer(listen=["/ip4/127.0.0.1/tcp/0"], dht_mode="client", **NO_GOSSIP) as provider:
                 for w in workers:
-                    await w.request({"cmd": "watch", "id": provider.peer_id})
+                    # Every worker peer cares about the new capability (routing follows what it calls).
+                    await w.request({"cmd": "watch", "id": provider.peer_id, "capability": "new"})
                 started = time.monotonic()
                 service = await start_availability(
                     provider.host, provider.identity, provider.nursery, config, capabilities=[("new", "1")]
