@@ -31,8 +31,9 @@ reported as not measured (the benchmark never hangs). Then, for each mesh:
 3. **serve() to discoverable**: an existing peer starts serving something new (modelnet:
    ``serve()`` of a new capability; stock: ``provide()`` of a new key); another existing peer, in
    another process, looks it up again and again; the time from the call until the lookup returns it.
-4. **State-change propagation**: every peer follows the providers' capability (modelnet: the
-   worker's ``watch`` with ``capability``; stock: every peer is subscribed to the one topic),
+4. **State-change propagation**: every peer follows the providers' capability (modelnet: as
+   routing does, by looking its providers up, the worker's ``watch`` with ``capability`` and
+   ``lookup``; stock: every peer is subscribed to the one topic from the start),
    and 3 s later a new provider starts serving it; the time until each other peer has its record.
 5. **Under load**: the lookups of 2. again while two busy processes burn both cores.
 
@@ -167,7 +168,7 @@ class Modelnet(Side):
         return {"cmd": "fresh", "bootstrap": boot, "task": TASK, "expect": expect, "timeout": timeout}
 
     def watch(self, pid: str) -> dict[str, Any]:
-        return {"cmd": "watch", "id": pid, "capability": CAPABILITY}
+        return {"cmd": "watch", "id": pid, "capability": CAPABILITY, "lookup": True}
 
 
 class Stock(Side):
@@ -325,8 +326,9 @@ async def propagation(
     side: Side, workers: list[Worker], ids: dict[tuple[int, int], str], publisher: tuple[int, int]
 ) -> list[float]:
     pid = ids[publisher]
-    for w in workers:
-        await request(w, side.watch(pid))
+    async with trio.open_nursery() as watching:  # all at once: modelnet's peers look up the providers
+        for w in workers:
+            watching.start_soon(request, w, side.watch(pid), 90.0)
     await trio.sleep(FOLLOW_SETTLE)  # the followers have joined the topic's mesh by the change
     served = await request(workers[publisher[0]], side.serve(publisher[1], CAPABILITY, TASK))
     followers = len(ids) - 1

@@ -46,6 +46,13 @@ async def test_serve_find_fresh_watch_and_stats() -> None:
             await w.request({"cmd": "serve", "peer": 3, "capability": {"name": "late2"}})
             await w.wait_seen(ids[3], 4, timeout=60)  # every local peer, peer 3 itself included
 
+            # following as routing does: a lookup of the providers (peer 3 serves late2 now)
+            looked = await w.request(
+                {"cmd": "watch", "id": ids[2], "capability": "late", "lookup": True}, timeout=60
+            )
+            assert looked["following"] == 4
+            await w.wait_seen(ids[2], 4, timeout=60)
+
 
 async def test_open_worker_runs_a_given_command() -> None:
     cmd = [sys.executable, "-m", "modelnet_p2p.testing.worker", "--peers", "1", "--max-seconds", "60"]

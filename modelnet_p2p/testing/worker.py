@@ -35,7 +35,10 @@ Commands, one JSON object per stdin line (``"peer": i`` picks a local peer, defa
 - ``{"cmd": "watch", "id": ID, "capability": name}``: ``{"watching": ID, "following": n}``, then
   a ``seen`` event per local peer. With ``capability`` (optional) each local peer first follows
   that capability's availability records (``n``: how many did), and ``seen`` waits for a
-  record of ``ID`` that lists the capability.
+  record of ``ID`` that lists the capability. With ``"lookup": true`` as well, each local peer
+  follows as routing does: it looks the capability's providers up (``Peer.providers``, which
+  follows and connects to providers if no neighbour shares the topic), all at once, each for
+  at most 20 s; the reply comes when they are done.
 - ``{"cmd": "serve", "peer": i, "capability": {...}}``: ``{"serving": name, "t": T}`` (``T``:
   ``time.monotonic()`` just before the peer started serving).
 - ``{"cmd": "find", "peer": i, "model": name, "id": ID, "timeout": S}``: peer ``i`` looks up
@@ -94,6 +97,8 @@ JOIN_LIMIT = 30.0
 #: Seconds one lookup of ``find`` may take, and the pause between two lookups.
 FIND_LOOKUP_LIMIT = 5.0
 FIND_PAUSE = 0.05
+#: Seconds each peer's provider lookup of ``watch`` with ``lookup`` may take.
+WATCH_LOOKUP_LIMIT = 20.0
 
 
 def emit(obj: dict[str, Any]) -> None:
@@ -241,7 +246,21 @@ class Node:
         if not self.args.gossip:
             return {"error": "this worker runs without gossip"}
         following = 0
-        if name is not None:
+        if name is not None and cmd.get("lookup"):
+
+            async def look_up(peer: Peer) -> None:
+                nonlocal following
+                with trio.move_on_after(WATCH_LOOKUP_LIMIT):
+                    try:
+                        await peer.providers(str(name))
+                        following += 1
+                    except ModelNetError:
+                        pass
+
+            async with trio.open_nursery() as looking:
+                for peer in self.peers.values():
+                    looking.start_soon(look_up, peer)
+        elif name is not None:
             for peer in self.peers.values():
                 service = peer.availability
                 if service is not None:
