@@ -34,7 +34,8 @@ class AvailabilityConfig:
             py-libp2p drops bursts silently, so below 1 s is refused.
         load_poll_interval: seconds between polls of the load provider and the
             neighbour count, to publish early on a significant change.
-        sweep_interval: seconds between sweeps that evict expired entries.
+        sweep_interval: fewest seconds between two sweeps that evict expired entries (the
+            sweeper sleeps until the earliest expiry).
         initial_state: the state published at start.
         heartbeat_interval: GossipSub heartbeat, whole seconds (py-libp2p's default is 120).
         degree, degree_low, degree_high: GossipSub mesh degree D, D_lo, D_hi.

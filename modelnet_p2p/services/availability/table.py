@@ -12,6 +12,7 @@ like any other trio code.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,9 @@ from .config import AvailabilityConfig
 __all__ = ["AvailabilityChange", "AvailabilityEntry", "AvailabilityTable", "TableStats"]
 
 log = logging.getLogger(__name__)
+
+#: Longest sleep of the sweeper, in seconds (it also forgets old sequence numbers).
+SWEEP_IDLE = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,9 +242,21 @@ class AvailabilityTable:
     # -- expiry -------------------------------------------------------------------------
 
     async def run_sweeper(self) -> None:
-        """Sweep every ``config.sweep_interval`` seconds, until cancelled."""
+        """Sweep when the earliest entry expires (at most every ``config.sweep_interval``
+        seconds, and at least every :data:`SWEEP_IDLE` seconds), until cancelled.
+
+        An idle table costs no wake-ups: the sweeper sleeps until the next expiry, or until a
+        change brings an earlier one.
+        """
         while True:
-            await trio.sleep(self.config.sweep_interval)
+            now = trio.current_time()
+            earliest = min((e.expires_at for e in self._entries.values()), default=math.inf)
+            wake = max(min(earliest, now + SWEEP_IDLE), now + self.config.sweep_interval)
+            changed = self._changed
+            with trio.move_on_at(wake):
+                await changed.wait()
+            if trio.current_time() < wake:  # a change: sleep again with its expiry counted
+                await trio.sleep(self.config.sweep_interval)
             self.sweep()
 
     def sweep(self) -> int:
