@@ -474,3 +474,19 @@ async def test_gossip_judges_a_message_on_several_topics_once() -> None:
                 ):
                     await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("kind", ["stock", "lean"])
+def test_own_messages_flood_to_every_subscribed_neighbour(kind: str) -> None:
+    """py-libp2p sends a peer's own message to its mesh (D peers) only; ours floods it."""
+    router = stock_router() if kind == "stock" else lean_router()
+    me, in_mesh, *others = [Identity.generate().peer_id for _ in range(5)]
+
+    fake = type("FakePubsub", (), {"my_id": me, "peer_topics": {TOPIC: {in_mesh, *others}}})
+    router.pubsub = fake()
+    router.mesh = {TOPIC: {in_mesh}}
+    router.peer_protocol = {p: PROTOCOL_ID_V12 for p in (in_mesh, *others)}
+    own = set(router._get_peers_to_send([TOPIC], msg_forwarder=me, origin=me))
+    relayed = set(router._get_peers_to_send([TOPIC], msg_forwarder=others[0], origin=others[1]))
+    assert relayed == {in_mesh}  # a relayed message goes to the mesh only, both ways
+    assert own == ({in_mesh} if kind == "stock" else {in_mesh, *others})

@@ -23,7 +23,8 @@ once upstream changes it.
 
 - :class:`LeanGossipSub`: an IDONTWANT goes to every mesh peer for every message received,
   whatever its size; for records of about 200 bytes that costs as much as the duplicates it
-  saves (go-libp2p sends it only above 1 KiB).
+  saves (go-libp2p sends it only above 1 KiB). And py-libp2p has no flood publishing: a peer's
+  own message goes to its D mesh peers only, even when more neighbours subscribe to the topic.
 - :func:`build_router`: GossipSub's heartbeat defaults to 120 s; adaptive gossip, on by default,
   sets a 1 s heartbeat to 30-60 s when it judges the network unhealthy; spam protection drops
   anything over 10 messages per second per forwarder and topic, counting relays.
@@ -226,7 +227,21 @@ def _varint_len(n: int) -> int:
 
 
 class LeanGossipSub(GossipSub):
-    """GossipSub that sends IDONTWANT only for messages of :data:`IDONTWANT_THRESHOLD` bytes or more."""
+    """GossipSub that sends IDONTWANT only for messages of :data:`IDONTWANT_THRESHOLD` bytes or
+    more, and flood-publishes this peer's own messages (GossipSub v1.1; py-libp2p sends them to
+    its mesh of D peers only, so a topic's other subscribers wait for relays or gossip)."""
+
+    def _get_peers_to_send(
+        self, topic_ids: Iterable[str], msg_forwarder: ID, origin: ID, msg_id: bytes | None = None
+    ) -> Iterable[ID]:
+        topics = list(topic_ids)
+        peers = set(super()._get_peers_to_send(topics, msg_forwarder, origin, msg_id))
+        pubsub = self.pubsub
+        if pubsub is not None and origin == pubsub.my_id:
+            for topic in topics:
+                peers.update(p for p in pubsub.peer_topics.get(topic, ()) if p in self.peer_protocol)
+            peers.discard(origin)
+        yield from peers
 
     async def _emit_idontwant_for_message(self, msg_id: bytes, topic_ids: Iterable[str]) -> None:
         msg = self.mcache.get(msg_id)
