@@ -283,10 +283,7 @@ class AvailabilityService:
         Routing calls it for every capability it looks up; each call counts as a use, and
         a followed capability is left after ``follow_idle`` seconds without one.
         """
-        t = self.topic(capability)
-        self._followed[t] = trio.current_time()
-        self._followed[t] = self._followed.pop(t)  # most recently used last
-        self.gossip.join(t, self._validate)
+        self._use(self.topic(capability))
         self._trim_followed()
 
     def unfollow(self, capability: str) -> None:
@@ -304,8 +301,7 @@ class AvailabilityService:
         prefix = self.config.topic_prefix
         for t in sorted(self.gossip.announced_topics()):
             if t.startswith(prefix) and len(t) > len(prefix):
-                self._followed[t] = trio.current_time()
-                self.gossip.join(t, self._validate)
+                self._use(t)
         self._trim_followed()
         return len(self.gossip.topics())
 
@@ -324,6 +320,12 @@ class AvailabilityService:
         their records can reach this peer.
         """
         return len(self.gossip.subscribers(self.topic(capability))) < self.config.degree_low
+
+    def _use(self, t: str) -> None:
+        # Join topic t (if not yet) and mark it used now: most recently used last.
+        self._followed.pop(t, None)
+        self._followed[t] = trio.current_time()
+        self.gossip.join(t, self._validate)
 
     def _trim_followed(self) -> None:
         while self._followed and len(self._served | set(self._followed)) > self.config.max_topics:
