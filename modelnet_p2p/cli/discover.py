@@ -84,10 +84,10 @@ async def _hear_providers(peer: Peer, cards: list[Any]) -> None:
         return
     for name in sorted({c.name for card in cards for c in card.capabilities}):
         peer.interest.note(name, cards)
-    wanted = {card.peer_id for card in cards}
+    wanted, availability = {card.peer_id for card in cards}, peer.availability
     with trio.move_on_after(HEAR_TIMEOUT):
-        while not wanted <= set(peer.availability_table()):
-            await trio.sleep(0.05)
+        while not wanted <= set(availability.table()):
+            await availability.wait_changed(availability.version)
 
 
 async def _discover(

@@ -369,8 +369,8 @@ class Gossip:
 
     async def _subscribe(self, topic: str, nursery: trio.Nursery | None = None) -> None:
         # Subscribe, then drain the subscription in a task of its own until left.
-        ps, validator = self._pubsub, self._topics.get(topic)
-        if ps is None or validator is None or topic in self._subscribed:
+        ps, validator, tasks = self._pubsub, self._topics.get(topic), nursery or self._nursery
+        if ps is None or tasks is None or validator is None or topic in self._subscribed:
             return
         scope = trio.CancelScope()
         self._subscribed[topic] = scope
@@ -381,7 +381,7 @@ class Gossip:
             self._subscribed.pop(topic, None)
             log.debug("subscribing to %s failed: %s", topic, describe_error(exc))
             return
-        (nursery or self._nursery or _missing()).start_soon(_drain, subscription, scope)
+        tasks.start_soon(_drain, subscription, scope)
 
     def _validator_of(self, topic: str) -> Callable[[ID, rpc_pb2.Message], bool]:
         # py-libp2p runs one validator per topic of a message, one after another with the same
@@ -441,6 +441,3 @@ async def _drain(subscription: Any, scope: trio.CancelScope) -> None:
         async for _ in subscription:
             pass
 
-
-def _missing() -> trio.Nursery:
-    raise RuntimeError("gossip is not running")
