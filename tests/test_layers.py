@@ -37,7 +37,7 @@ RANKS: dict[str, int] = {
 }
 
 MAX_LINES = 800
-PEER_MAX_LINES = 500
+PEER_MAX_LINES = 580
 
 
 def _modules() -> dict[str, Path]:
