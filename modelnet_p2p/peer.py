@@ -53,6 +53,7 @@ from .services.availability import (
     start_availability,
 )
 from .services.discovery import DHT_PROTOCOL_ID, Discovery
+from .services.discovery.index import find_or_browse
 from .services.inference.handlers import Handler, InferenceRequest
 from .services.inference.server import InferenceServer, Limits
 from .services.relay import RelayService, keep_reservations
@@ -379,6 +380,7 @@ class Peer:
         one of ``tags`` among its tags (compared case-insensitively). The lookup goes
         to the network, each card is checked (signature, expiry, limits) and each peer
         appears once. Returns when ``limit`` cards are found or after ``timeout`` s.
+        With no criterion at all, every capability of the mesh (specs/capability.md, "Browse index").
         """
         found = self.discover_iter(
             task, model=model, version=version, tags=tags, limit=limit, timeout=timeout
@@ -409,7 +411,7 @@ class Peer:
         Leaving the loop early stops the search.
         """
         return search_cards(
-            self.discovery.find,
+            find_or_browse(self.discovery),  # no criteria: every card (browse index)
             self.nursery,
             task=task,
             model=model,

@@ -21,8 +21,9 @@ from libp2p.custom_types import TProtocol
 from modelnet_p2p import Capability, Peer
 from modelnet_p2p.p2p.host import build_host, running_host
 from modelnet_p2p.p2p.identity import Identity
-from modelnet_p2p.proto.card import card_keys, task_key
+from modelnet_p2p.proto.card import task_key
 from modelnet_p2p.services.discovery import DHT_PROTOCOL_ID
+from modelnet_p2p.services.discovery.index import announced_keys
 from modelnet_p2p.services.discovery.lookup import RPC_TIMEOUT, RttEstimator
 
 #: The peers here run discovery only: with availability gossip on as well, 14 peers in one
@@ -102,7 +103,7 @@ async def test_announce_reports_how_many_servers_acknowledged_each_record() -> N
             provider.serve(Capability(name="acked", tasks=("chat",), tags=("en",)), answer)
             result = await provider.discovery.announce()
             assert result is not None
-            labels = {label for label, _key in card_keys(result.card.capabilities)}
+            labels = {label for label, _key in announced_keys(result.card.capabilities)}
             assert {"task:chat", "model:acked", "tag:en"} <= labels
             assert set(result.acks) == {"card", *labels}
             # Seven other servers exist; the replication is 5: each record needs 5.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -14,7 +15,7 @@ from ..peer import Peer
 from .common import make_peer, run_async
 from .options import PeerOptions, State, pass_state, peer_options, require_bootstrap
 
-__all__ = ["card_rows", "discover_command"]
+__all__ = ["card_rows", "discover_command", "sort_rows"]
 
 #: Seconds to search unless --timeout says otherwise.
 DISCOVER_TIMEOUT = 10.0
@@ -47,6 +48,29 @@ def card_rows(
     return rows
 
 
+#: Seconds allowed for each ping of ``--sort latency``.
+PING_TIMEOUT = 2.0
+#: Pings ``--sort latency`` has in flight at once.
+PING_CONCURRENCY = 16
+SORT_KEYS = ("load", "latency")
+
+
+def _load_key(row: dict[str, Any]) -> tuple[int, float]:
+    """Ready providers first, then by in-flight requests per slot; no gossip last."""
+    if row["state"] is None:
+        return (2, 0.0)
+    slots = max(1, row.get("max_concurrency") or 1)
+    return (0 if row["state"] == "ready" else 1, ((row["in_flight"] or 0) + (row.get("queue") or 0)) / slots)
+
+
+def sort_rows(rows: list[dict[str, Any]], by: str) -> list[dict[str, Any]]:
+    """``rows`` ordered by ``load`` (state, then load per slot) or ``latency`` (ping; unknown last)."""
+    if by == "load":
+        return sorted(rows, key=lambda r: (_load_key(r), r["peer_id"]))
+    inf = float("inf")
+    return sorted(rows, key=lambda r: (inf if r.get("latency_ms") is None else r["latency_ms"], r["peer_id"]))
+
+
 @click.command("discover")
 @click.option("--task", help="Only capabilities with this task.")
 @click.option("--model", help="Only capabilities with this name.")
@@ -57,6 +81,17 @@ def card_rows(
 @click.option("--limit", type=click.IntRange(1), help="Stop after this many peers.")
 @click.option("--timeout", default=DISCOVER_TIMEOUT, show_default=True, help="Seconds to search.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--stream",
+    is_flag=True,
+    help="Print each capability as soon as its card is verified (with --json: one JSON object a line).",
+)
+@click.option(
+    "--sort",
+    "sort_by",
+    type=click.Choice(SORT_KEYS),
+    help="Join the cards with availability: order by load (gossip) or latency (ping).",
+)
 @peer_options()
 @pass_state
 def discover_command(
@@ -68,14 +103,41 @@ def discover_command(
     limit: int | None,
     timeout: float,
     as_json: bool,
+    stream: bool,
+    sort_by: str | None,
     peer: PeerOptions,
 ) -> None:
-    """Find models in the mesh: a table of verified capability cards, with their availability."""
-    if not (task or model or tags):
-        raise click.UsageError("give at least one of --task, --model or --tag")
+    """Find models in the mesh: a table of verified capability cards, with their availability.
+
+    With no --task, --model or --tag, browse: every capability the mesh offers
+    (the DHT's browse index, see specs/capability.md).
+    """
+    if model_version and not model:
+        raise click.UsageError("--version needs --model")
+    if stream and sort_by:
+        raise click.UsageError("--stream prints as cards arrive; --sort needs them all: give one of them")
     cfg, _ = state.config(peer)
     require_bootstrap(cfg)
-    run_async(_discover, cfg, task, model, model_version, tags, limit, timeout, as_json)
+    opts = _Options(task, model, model_version, tags, limit, timeout, as_json, stream, sort_by)
+    run_async(_discover, cfg, opts)
+
+
+@dataclass(frozen=True)
+class _Options:
+    task: str | None
+    model: str | None
+    version: str | None
+    tags: tuple[str, ...]
+    limit: int | None
+    timeout: float
+    as_json: bool
+    stream: bool
+    sort_by: str | None
+
+    def query(self) -> dict[str, Any] | None:
+        if not (self.task or self.model or self.tags):
+            return None  # a browse: every capability of each card
+        return {"task": self.task, "model": self.model, "version": self.version, "tags": self.tags}
 
 
 async def _hear_providers(peer: Peer, cards: list[Any]) -> None:
@@ -90,28 +152,70 @@ async def _hear_providers(peer: Peer, cards: list[Any]) -> None:
             await availability.wait_changed(availability.version)
 
 
-async def _discover(
-    cfg: Config,
-    task: str | None,
-    model: str | None,
-    version: str | None,
-    tags: tuple[str, ...],
-    limit: int | None,
-    timeout: float,
-    as_json: bool,
-) -> None:
+async def _latencies(peer: Peer, cards: list[Any]) -> dict[str, float | None]:
+    """Ping round trips (ms) to the found peers, at most PING_CONCURRENCY at once."""
+    out: dict[str, float | None] = {}
+    limiter = trio.CapacityLimiter(PING_CONCURRENCY)
+
+    async def one(pid: str) -> None:
+        async with limiter:
+            out[pid] = await peer.ping(pid, timeout=PING_TIMEOUT)
+
+    async with trio.open_nursery() as nursery:
+        for card in cards:
+            if card.peer_id != peer.peer_id:
+                nursery.start_soon(one, card.peer_id)
+    return out
+
+
+def _print_line(row: dict[str, Any]) -> None:
+    tasks = ", ".join(row["tasks"])
+    click.echo(
+        f"…{row['peer_id'][-8:]}  {row['capability']} {row['version']}  [{tasks}]  {row['description']}"
+    )
+
+
+async def _discover(cfg: Config, o: _Options) -> None:
     from rich.console import Console
 
+    query = o.query()
+    cards: list[Any] = []
     async with make_peer(cfg, require_bootstrap=True) as peer:
-        spinner = nullcontext() if as_json else Console(stderr=True).status("looking up the DHT...")
+        label = "browsing the mesh..." if query is None else "looking up the DHT..."
+        quiet = o.as_json or o.stream
+        spinner = nullcontext() if quiet else Console(stderr=True).status(label)
         with spinner:
-            cards = await peer.discover(
-                task, model=model, version=version, tags=tags, limit=limit, timeout=timeout
+            found = peer.discover_iter(
+                o.task, model=o.model, version=o.version, tags=o.tags, limit=o.limit, timeout=o.timeout
             )
+            async for card in found:
+                cards.append(card)
+                if o.stream:
+                    for row in card_rows([card], {}, query):
+                        if o.as_json:
+                            click.echo(json.dumps({"event": "capability", **row}))
+                        else:
+                            _print_line(row)
+            if o.stream:
+                rows = card_rows(cards, {}, query)
+                if o.as_json:
+                    click.echo(json.dumps({"event": "done", "peers": len(cards), "capabilities": len(rows)}))
+                elif not rows:
+                    click.echo("no matching capability found")
+                return
             await _hear_providers(peer, cards)
+            latency = await _latencies(peer, cards) if o.sort_by == "latency" else {}
         availability = peer.availability_table()
-    rows = card_rows(cards, availability, {"task": task, "model": model, "version": version, "tags": tags})
-    if as_json:
+    rows = card_rows(cards, availability, query)
+    for r in rows:
+        entry = availability.get(r["peer_id"])
+        r["max_concurrency"] = entry.to_dict().get("max_concurrency") if entry is not None else None
+        r["queue"] = entry.to_dict().get("queue") if entry is not None else None
+        if o.sort_by == "latency":
+            r["latency_ms"] = latency.get(r["peer_id"])
+    if o.sort_by:
+        rows = sort_rows(rows, o.sort_by)
+    if o.as_json:
         click.echo(json.dumps({"peers": len(cards), "capabilities": rows}, indent=2))
         return
     if not rows:
@@ -120,17 +224,20 @@ async def _discover(
     from rich.table import Table
 
     table = Table(title=f"{len(cards)} peers, {len(rows)} capabilities")
-    for col in ("peer", "capability", "version", "tasks", "tags", "state"):
+    cols = ["peer", "capability", "version", "tasks", "tags", "state"]
+    if o.sort_by:
+        cols.append("load" if o.sort_by == "load" else "latency")
+    for col in cols:
         table.add_column(col, no_wrap=col in ("peer", "capability"))
     table.add_column("description", max_width=40, overflow="ellipsis", no_wrap=True)
     for r in rows:
-        table.add_row(
-            "…" + r["peer_id"][-8:],
-            r["capability"],
-            r["version"],
-            ", ".join(r["tasks"]),
-            ", ".join(r["tags"]),
-            r["state"] or "-",
-            r["description"],
-        )
+        cells = ["…" + r["peer_id"][-8:], r["capability"], r["version"], ", ".join(r["tasks"]),
+                 ", ".join(r["tags"]), r["state"] or "-"]  # fmt: skip
+        if o.sort_by == "load":
+            cells.append(
+                "-" if r["state"] is None else f"{r['in_flight'] or 0}/{r['max_concurrency'] or '?'}"
+            )
+        elif o.sort_by == "latency":
+            cells.append("-" if r.get("latency_ms") is None else f"{r['latency_ms']:.0f} ms")
+        table.add_row(*cells, r["description"])
     Console().print(table)

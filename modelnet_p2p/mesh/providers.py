@@ -124,8 +124,6 @@ async def search_cards(
     tag_list = (tags,) if isinstance(tags, str) else tuple(tags)
     if version is not None and model is None:
         raise BadRequestError("version needs model")
-    if task is None and model is None and not tag_list:
-        raise BadRequestError("give at least one of task, model or tags")
     if limit is not None and limit < 1:
         raise BadRequestError("limit must be at least 1")
     query = Query(task=task, model=model, version=version, tags=tag_list)

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 import trio
 
 from ...p2p.kad import KadKind, KadPeer, KadRequest
-from ...proto.card import CapabilityCard, card_keys, value_key
+from ...proto.card import CapabilityCard, value_key
+from .index import announced_keys
 from .lookup import K, Lookups
 
 __all__ = ["ANNOUNCE_CONCURRENCY", "FIRST_RETRY", "MAX_RETRY", "AnnounceResult", "publish"]
@@ -115,7 +116,7 @@ async def publish(
     vkey = value_key(card.peer_id).encode()
     put = KadRequest(KadKind.PUT_VALUE, vkey, value=card.envelope)
     targets = [_Target("card", vkey, put, KadKind.GET_VALUE)]
-    keys = card_keys(card.capabilities)
+    keys = announced_keys(card.capabilities)  # the card's keys and the browse index
     for label, key in keys:
         provide = KadRequest(KadKind.ADD_PROVIDER, key, provider=me)
         targets.append(_Target(label, key, provide, KadKind.FIND_NODE))

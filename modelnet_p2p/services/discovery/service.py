@@ -33,12 +33,12 @@ from ...proto.card import (
     MIN_TTL_MS,
     VALUE_NAMESPACE,
     CapabilityCard,
-    card_keys,
     open_card,
     seal,
     value_key,
 )
 from .announce import AnnounceResult, publish
+from .index import announced_keys
 from .lookup import MAX_PROVIDERS_PER_KEY, MAX_RESPONSE_SIZE, RPC_TIMEOUT, K, Lookups
 from .query import Query
 from .records import CardValidator
@@ -410,7 +410,7 @@ class Discovery:
             vkey = value_key(card.peer_id).encode()
             kad.store_value(vkey, card.envelope, card.expires_at / 1000)
             me = KadPeer(self.peer_id, card.addrs)
-            for _label, key in card_keys(card.capabilities):
+            for _label, key in announced_keys(card.capabilities):
                 kad.add_local_provider(key, me)
             result = await publish(
                 card,
