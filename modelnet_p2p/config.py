@@ -90,6 +90,12 @@ class PeerConfig:
         routing_policy: how requests without a target pick a provider:
             ``"p2c"``, ``"least-loaded"``, ``"lowest-latency"`` or a function
             (see :mod:`modelnet_p2p.mesh.routing`).
+        request_timeout: seconds a request may take when its caller gives no timeout.
+        stall_timeout: seconds a provider may send nothing mid-stream (after its first
+            chunk) before it counts as failed: the request fails over and it is banned.
+        pin_peers, allow_peers, block_peers: peer ids routing prefers, is limited to (if
+            any are given) and never chooses (see :mod:`modelnet_p2p.mesh.reputation`).
+        reputation: keep the providers' scores in a file beside the key file.
         reachability: ``"auto"``, ``"public"`` or ``"private"``: whether others
             can dial this peer. A private peer runs the DHT as a client,
             reserves a circuit relay slot on its bootstrap peers and announces
@@ -124,6 +130,12 @@ class PeerConfig:
     gossip: bool = True
     publish_interval: float = 30.0
     routing_policy: str | Callable[..., Any] = "p2c"
+    request_timeout: float = 300.0
+    stall_timeout: float = 30.0
+    pin_peers: Sequence[str] = ()
+    allow_peers: Sequence[str] = ()
+    block_peers: Sequence[str] = ()
+    reputation: bool = True
     reachability: Reachability = "auto"
     relay_hop: bool = False
     #: GossipSub's mesh (D_hi = 12) and the providers in use fit well under the low mark.
@@ -182,6 +194,8 @@ class PeerConfig:
         for name in ("connect_timeout", "announce_interval", "card_ttl", "publish_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if not 0 < self.stall_timeout <= self.request_timeout:
+            raise ConfigError("stall_timeout must be positive and at most request_timeout")
         if not 0 <= self.connections_low <= self.connections_high or self.connections_high < 1:
             raise ConfigError("connection watermarks need 0 <= connections_low <= connections_high >= 1")
         if self.connection_grace < 0 or self.connection_check_interval <= 0:
@@ -192,7 +206,7 @@ class PeerConfig:
 PEER_SETTINGS = frozenset(f.name for f in fields(PeerConfig))
 
 #: Fields that hold lists; in the environment they are comma-separated.
-_LIST_FIELDS = {"listen", "bootstrap"}
+_LIST_FIELDS = {"listen", "bootstrap", "pin_peers", "allow_peers", "block_peers"}
 #: TOML tables whose keys are flattened into the config (``[limits] max_concurrency = 8``).
 _TABLES = {"limits", "logging", "discovery", "availability", "routing"}
 
@@ -216,6 +230,11 @@ class Config:
     dht_mode: str = PeerConfig.dht_mode
     reachability: str = PeerConfig.reachability
     routing_policy: str = str(PeerConfig.routing_policy)
+    request_timeout: float = PeerConfig.request_timeout
+    stall_timeout: float = PeerConfig.stall_timeout
+    pin_peers: list[str] = field(default_factory=list)
+    allow_peers: list[str] = field(default_factory=list)
+    block_peers: list[str] = field(default_factory=list)
     log_level: str = "warning"
 
     def peer_kwargs(self) -> dict[str, Any]:
@@ -342,7 +361,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{name} must be at least 1")
     if cfg.max_frame_size < 1024:
         raise ConfigError("max_frame_size must be at least 1024 bytes")
-    for name in ("connect_timeout", "announce_interval", "card_ttl", "publish_interval"):
+    timeouts = ("request_timeout", "stall_timeout")
+    for name in ("connect_timeout", "announce_interval", "card_ttl", "publish_interval", *timeouts):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"{name} must be positive")
     for name, allowed in (

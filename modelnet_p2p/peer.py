@@ -32,6 +32,7 @@ from .mesh.providers import (
     mesh_rows,
     search_cards,
 )
+from .mesh.reputation import PeerLists, Reputation, reputation_path
 from .mesh.routing import Candidate, Router
 from .p2p.addresses import parse_multiaddr
 from .p2p.connmgr import ConnManager
@@ -148,8 +149,13 @@ class Peer:
         self.connmgr = ConnManager(**cfg.connmgr_settings())
         self.connmgr.protect_addrs(cfg.bootstrap, "bootstrap")
         #: Picks providers for requests without a target (see :mod:`modelnet_p2p.mesh.routing`).
+        #: This peer's scores of the providers it uses, and the operator's lists (mesh/reputation.py).
+        self.reputation = Reputation(
+            reputation_path(cfg.identity) if cfg.reputation else None,
+            lists=PeerLists.of(cfg.pin_peers, cfg.allow_peers, cfg.block_peers),
+        )
         with _as_config_error():
-            self.router = Router(cfg.routing_policy)
+            self.router = Router(cfg.routing_policy, reputation=self.reputation)
         self.inference = InferenceServer(str(self.identity.peer_id), self.limits)
         self.inference.mesh_factory = self._mesh_context
         self._load = InferenceLoad(self.inference, cfg.max_concurrency)
@@ -197,10 +203,14 @@ class Peer:
                 self.router,
                 max_frame_size=self.limits.max_frame_size,
                 window=cfg.window,
+                request_timeout=cfg.request_timeout,
+                stall_timeout=cfg.stall_timeout,
             )
+            stack.callback(self.reputation.save_if_dirty)  # once the nursery has stopped
             self._nursery = nursery = await stack.enter_async_context(trio.open_nursery())
             self.inference.bind(nursery)
             nursery.start_soon(self.stream_pool.sweep_forever)
+            nursery.start_soon(self.reputation.save_forever)
             await self.connmgr.start(host, nursery)
             host.set_stream_handler(self.infer_protocol, self.inference.handle_stream)  # type: ignore[arg-type]
             # The DHT handler must be registered before the first connection: identify

@@ -11,7 +11,8 @@ Interface (stable; everything else here is private)::
     stream = client.stream(
         capability, input,
         params={...},          # request parameters (default: none)
-        timeout=30.0,          # seconds for the whole request, failovers included; None: no deadline
+        timeout=30.0,          # seconds for the whole request, failovers included;
+                               # None: the client's request_timeout (every call has a deadline)
         target=None,           # a multiaddr or peer id: call exactly that peer, no routing
         among=None,            # a static provider list (Candidate objects or targets): route among these
         avoid=(),              # peer ids routing must not choose
@@ -33,7 +34,21 @@ Routing (``target`` is ``None``): candidates come from :class:`~.providers.Provi
 (cards joined with gossip) or from ``among``; the :class:`~.routing.Router` picks one.
 A retryable failure before the first chunk is retried on another provider (the failed
 one is banned with a doubling backoff, an ``overloaded`` one skipped briefly), up to
-``max_attempts`` providers and never past the deadline. A failure after chunks went
+``max_attempts`` providers and never past the deadline. A failure that is the provider's
+fault but not retryable (``internal``, a broken protocol, the provider's own
+``deadline_exceeded``) bans it too, and is retried elsewhere before the first chunk when
+the capability is idempotent (or ``replay=True``); otherwise it goes to the caller.
+
+Deadlines and stalls: a request without a ``timeout`` gets the client's
+``request_timeout`` (``PeerConfig.request_timeout``), so none waits forever. Once the first
+chunk has arrived, a provider that sends nothing for ``stall_timeout`` seconds
+(``PeerConfig.stall_timeout``, inside the deadline) has failed: the attempt ends with a
+retryable ``StalledError``, the provider is banned, and the request fails over as below.
+
+Reputation: every outcome of every request, routed or targeted (a success, an error, a
+timeout, a stall), goes to the router's :class:`~.reputation.Reputation`;
+:meth:`MeshClient.report` takes the outcomes only a caller can judge (a verifier's
+rejection, a lost vote). Routing weighs each provider's load by it. A failure after chunks went
 out is replayed on another provider only if the capability is idempotent (or
 ``replay=True``); the chunks already delivered are skipped, so the consumer sees each
 chunk once, in order. Otherwise the error (an :class:`UnavailableError`) carries
@@ -70,6 +85,7 @@ import trio
 from ..errors import (
     BadRequestError,
     DeadlineExceededError,
+    InternalError,
     ModelNetError,
     NotFoundError,
     OverloadedError,
@@ -80,6 +96,7 @@ from ..p2p.dialer import Target
 from ..p2p.stream import Stream
 from ..proto.infer import TraceContext
 from ..services.inference import ResponseInfo, StreamSource, new_request_id, request_on_peer
+from ..services.inference.client import StalledError
 from .providers import PROVIDERS_TIMEOUT, Providers
 from .routing import Candidate, Policy, Router
 
@@ -101,6 +118,23 @@ MAX_ROUTING_ATTEMPTS = 4
 #: Longest a provider lookup may take inside a routed request, in seconds. A provider's
 #: card can take one RPC timeout (5 s) plus a DHT query to arrive.
 MAX_LOOKUP_TIME = 10.0
+#: Seconds a request may take when the caller gives no timeout (``PeerConfig.request_timeout``).
+REQUEST_TIMEOUT = 300.0
+#: Seconds without a chunk, mid-stream, after which a provider has failed (``PeerConfig.stall_timeout``).
+STALL_TIMEOUT = 30.0
+
+
+def outcome_of(exc: ModelNetError) -> str | None:
+    """The reputation event a failed attempt counts as against its provider, or ``None`` if it
+    was not the provider's fault (an ``overloaded`` answer is honest backpressure; a bad request,
+    a capability not served or a refusal are the caller's)."""
+    if isinstance(exc, StalledError):
+        return "stall"
+    if isinstance(exc, DeadlineExceededError):
+        return "timeout"
+    if isinstance(exc, (InternalError, ProtocolError, UnavailableError)):
+        return "error"
+    return None
 
 
 class Connector(Protocol):
@@ -206,6 +240,9 @@ class MeshClient:
         max_frame_size: largest frame sent or accepted.
         window: the flow-control window granted to providers, in bytes.
         max_attempts: providers tried for one routed request, by default.
+        request_timeout: seconds for a request whose caller gives no timeout.
+        stall_timeout: seconds without a chunk, once one has arrived, before the provider
+            is taken to have failed (``None``: never).
     """
 
     def __init__(
@@ -218,6 +255,8 @@ class MeshClient:
         max_frame_size: int,
         window: int,
         max_attempts: int = MAX_ROUTING_ATTEMPTS,
+        request_timeout: float = REQUEST_TIMEOUT,
+        stall_timeout: float | None = STALL_TIMEOUT,
     ) -> None:
         self.connector = connector
         self.pool = pool
@@ -226,6 +265,13 @@ class MeshClient:
         self.max_frame_size = max_frame_size
         self.window = window
         self.max_attempts = max_attempts
+        self.request_timeout = request_timeout
+        self.stall_timeout = stall_timeout
+
+    def report(self, peer_id: str, event: str) -> None:
+        """Tell the reputation what only the caller can judge about a provider's answer:
+        ``"rejected"`` (a verifier said no), ``"disagreed"`` (it lost a majority vote)."""
+        self.router.report(peer_id, event)
 
     async def providers(
         self, capability: str, *, timeout: float = PROVIDERS_TIMEOUT, refresh: bool = False
@@ -253,6 +299,7 @@ class MeshClient:
             raise BadRequestError("capability is required")
         info = ResponseInfo()
         params = dict(params or {})
+        timeout = self.request_timeout if timeout is None else timeout
         if target is not None:
             direct = self._direct(target, capability, input, params, timeout, trace, info)
             return InferenceStream(direct, info)
@@ -291,7 +338,7 @@ class MeshClient:
         With ``restart`` (and routing), a provider that fails after some chunks is
         replaced by a fresh request elsewhere even if the capability is not idempotent.
         """
-        deadline = deadline_of(timeout)
+        deadline = deadline_of(self.request_timeout if timeout is None else timeout)
         tried = set(avoid)
         attempts: list[dict[str, Any]] = []
         budget = max_attempts or self.max_attempts
@@ -356,7 +403,10 @@ class MeshClient:
         timeout: float | None,
         trace: TraceContext | None,
         info: ResponseInfo,
+        record: bool = True,
     ) -> AsyncIterator[Any]:
+        """One request to one peer. With ``record``, its outcome goes to the reputation (a
+        routed attempt records its own, with the ban)."""
         deadline = deadline_of(timeout)
         info.peer = self.connector.peer_of(target)
         source = StreamSource(
@@ -375,6 +425,7 @@ class MeshClient:
             info=info,
             max_frame_size=self.max_frame_size,
             window=self.window,
+            stall_timeout=self.stall_timeout,
         )
         seen = None
         self.router.started(info.peer)  # every request of this peer, routed or not
@@ -384,6 +435,13 @@ class MeshClient:
                     seen = info.load
                     self._learn(info)
                 yield chunk
+            if record:
+                self.router.reputation.record(info.peer, "success")
+        except ModelNetError as exc:
+            event = outcome_of(exc)
+            if record and event is not None:
+                self.router.reputation.record(info.peer, event)
+            raise
         finally:
             await answer.aclose()  # type: ignore[attr-defined]
             if info.load is not seen:  # the final frame's
@@ -418,7 +476,12 @@ class MeshClient:
             cands = await self._candidates(plan, lookup, refresh=True)
             chosen = self.router.choose(cands, exclude=tried, policy=plan.policy)
         if chosen is None and plan.among is not None:
-            banned = [c for c in cands if c.peer_id not in tried and self.router.banned(c.peer_id)]
+            lists = self.router.reputation.lists
+            banned = [
+                c
+                for c in cands
+                if c.peer_id not in tried and self.router.banned(c.peer_id) and lists.permits(c.peer_id)
+            ]
             if banned:  # every listed provider is banned: try the one banned least long
                 chosen = min(banned, key=lambda c: self.router.ban_remaining(c.peer_id))
         if chosen is not None:
@@ -466,6 +529,7 @@ class MeshClient:
                 remaining(plan.deadline),
                 plan.trace,
                 sub,
+                record=False,
             )
             try:
                 async for chunk in direct:
@@ -509,17 +573,22 @@ class MeshClient:
         """Record a failed attempt; re-raise unless another provider may be tried."""
         pid = chosen.peer_id
         attempt.update(status="error", error=str(exc), ms=round((trio.current_time() - started) * 1000, 1))
+        event = outcome_of(exc)
         if isinstance(exc, OverloadedError):
             self.router.overloaded(pid)
-        elif exc.retryable:
-            self.router.failure(pid)
+        elif event is not None:
+            self.router.failure(pid, event)  # a ban, and a mark against its reputation
         exc.chunks_delivered = plan.delivered
+        idempotent = plan.replay if plan.replay is not None else chosen.idempotent
         # A listed provider that does not serve the capability (the caller's list is stale):
         # the request never ran there, so the next one may be tried (without a ban).
         stale = plan.among is not None and isinstance(exc, NotFoundError) and not plan.delivered
-        if not (exc.retryable or stale) or isinstance(exc, DeadlineExceededError):
+        # The provider's fault, not retryable as such (an internal error, a broken protocol, its
+        # own deadline): an idempotent request that has delivered nothing may run elsewhere.
+        elsewhere = event is not None and idempotent and not plan.delivered
+        if not (exc.retryable or stale or elsewhere) or trio.current_time() >= plan.deadline:
             raise exc
-        if plan.delivered and not (plan.replay if plan.replay is not None else chosen.idempotent):
+        if plan.delivered and not idempotent:
             raise UnavailableError(
                 f"provider {pid} failed after {plan.delivered} chunks and {plan.capability!r} is not "
                 f"idempotent, so the request was not replayed elsewhere: {exc.message}",

@@ -12,13 +12,20 @@ gossip at once.
 
 Score (lower is better)::
 
-    score = (in_flight + queue + local_in_flight + 1) / max_concurrency
+    load  = (in_flight + queue + local_in_flight + 1) / max_concurrency
+    score = (1 + LOAD_WEIGHT * load)
             * (1 + rtt_ms / 100)
             * (1 + recent_failures)
+            * (1.5 if the provider's state is not known to be ready)
+            / trust ** 2
 
 where ``local_in_flight`` counts requests *this* peer has sent and not yet
-finished (fresher than gossip), and ``rtt_ms`` is an EWMA of measured
-round-trip times to the first chunk.
+finished (fresher than gossip), ``rtt_ms`` is an EWMA of measured
+round-trip times to the first chunk, and ``trust`` is the provider's reputation
+(below). The load is what the provider says of itself, so it only ever scales the
+measured latency (by at most ``1 + LOAD_WEIGHT`` for a provider at capacity): claiming
+an idle provider with room for hundreds wins nothing over an honest one that answers
+faster.
 
 Load comes from two places: the candidate's figures (availability gossip, received at
 ``Candidate.load_at``) and the *hints* a provider carries back on its answers
@@ -32,6 +39,15 @@ and the hint stands only for the other callers' load.
 
 A provider that fails is banned for 15 s, doubling on each consecutive failure
 up to 5 minutes (the Petals scheme); one success clears it.
+
+Self-reported load is only a hint. It is weighed against what this peer measures itself:
+the RTT above, the bans, and the provider's :class:`~.reputation.Reputation` (successes
+against errors, timeouts, stalls, verifier rejections and ensemble disagreement, kept
+across restarts). The score is divided by ``trust ** 2`` (``trust`` in ``(0, 1]``, 1 for a
+provider never measured), so a provider that claims to be idle and answers wrong loses to
+an honest busy one after a wrong answer or two. The operator's lists
+(:class:`~.reputation.PeerLists`) come first: blocked peers are never chosen, a non-empty
+allow list limits the choice to its peers, and an eligible pinned peer is always preferred.
 """
 
 from __future__ import annotations
@@ -47,6 +63,7 @@ import trio
 
 from ..config import PeerConfig
 from ..proto.infer import Load
+from .reputation import Reputation
 
 __all__ = [
     "BAN_BASE",
@@ -66,6 +83,9 @@ __all__ = [
 BAN_BASE = 15.0
 #: Longest ban, in seconds.
 BAN_MAX = 300.0
+#: How much a full provider's score grows (x 1 + LOAD_WEIGHT) against an idle one's: being at
+#: capacity weighs like 400 ms of extra latency to the first chunk.
+LOAD_WEIGHT = 4.0
 #: Weight of a new RTT sample in the moving average.
 RTT_ALPHA = 0.3
 #: Seconds a load hint from an answer is used. A provider's in-flight count turns over about
@@ -125,12 +145,15 @@ def trio_clock() -> float:
 
 def least_loaded(cands: Sequence[Candidate], router: Router) -> Candidate:
     """Always the candidate with the lowest load score."""
-    return min(cands, key=router.load_score)
+    return min(cands, key=lambda c: router.load_score(c) * router.penalty(c.peer_id))
 
 
 def lowest_latency(cands: Sequence[Candidate], router: Router) -> Candidate:
     """The candidate with the lowest measured RTT (unknown RTTs last), then load."""
-    return min(cands, key=lambda c: (router.rtt(c.peer_id) or 1e9, router.load_score(c)))
+    return min(
+        cands,
+        key=lambda c: ((router.rtt(c.peer_id) or 1e9) * router.penalty(c.peer_id), router.load_score(c)),
+    )
 
 
 def power_of_two(cands: Sequence[Candidate], router: Router) -> Candidate:
@@ -158,7 +181,11 @@ def resolve_policy(policy: str | Policy) -> Policy:
 
 
 class Router:
-    """Keeps per-provider measurements and picks providers."""
+    """Keeps per-provider measurements and picks providers.
+
+    ``reputation`` holds the providers' scores and the operator's lists (a fresh in-memory
+    one if not given); ``router.reputation`` is shared with whoever reports outcomes.
+    """
 
     def __init__(
         self,
@@ -166,10 +193,12 @@ class Router:
         *,
         rng: random.Random | None = None,
         clock: Callable[[], float] = trio_clock,
+        reputation: Reputation | None = None,
     ) -> None:
         self.policy: Policy = resolve_policy(policy)
         self.rng = rng or random.Random()
         self.clock = clock
+        self.reputation = reputation if reputation is not None else Reputation()
         self._stats: dict[str, _Stats] = {}
 
     def _s(self, peer_id: str) -> _Stats:
@@ -239,9 +268,12 @@ class Router:
         stats.failures = 0
         stats.banned_until = 0.0
         stats.successes += 1
+        self.reputation.record(peer_id, "success")
 
-    def failure(self, peer_id: str) -> float:
-        """Record a failure; ban the provider with doubling backoff. Returns the ban length."""
+    def failure(self, peer_id: str, event: str = "error") -> float:
+        """Record a failure (a reputation ``event``: ``error``, ``timeout``, ``stall``); ban the
+        provider with doubling backoff. Returns the ban length."""
+        self.reputation.record(peer_id, event)
         stats = self._s(peer_id)
         stats.failures += 1
         length = min(BAN_MAX, BAN_BASE * 2 ** (stats.failures - 1))
@@ -253,7 +285,16 @@ class Router:
         stats = self._s(peer_id)
         stats.banned_until = max(stats.banned_until, self.clock() + 1.0)
 
+    def report(self, peer_id: str, event: str) -> None:
+        """An outcome found above the transport (a verifier's rejection, a lost vote...): it
+        goes to the reputation only (no ban: the provider answered, just not well)."""
+        self.reputation.record(peer_id, event)
+
     # -- scoring ------------------------------------------------------------------
+
+    def penalty(self, peer_id: str) -> float:
+        """What this peer's distrust multiplies a provider's score by: ``1 / trust ** 2``."""
+        return 1.0 / self.reputation.trust(peer_id) ** 2
 
     def load_score(self, c: Candidate) -> float:
         in_flight, queue, capacity, local = self.load_of(c)
@@ -263,16 +304,19 @@ class Router:
         stats = self._stats.get(c.peer_id)
         rtt = stats.rtt_ms if stats and stats.rtt_ms is not None else 10.0
         failures = stats.failures if stats else 0
-        unknown_state = 0.0 if c.state == "ready" else 0.5
-        return self.load_score(c) * (1 + rtt / 100) * (1 + failures) + unknown_state
+        unknown_state = 1.0 if c.state == "ready" else 1.5
+        load = 1 + LOAD_WEIGHT * self.load_score(c)
+        return load * (1 + rtt / 100) * (1 + failures) * unknown_state * self.penalty(c.peer_id)
 
     def eligible(
         self, cands: Sequence[Candidate], exclude: AbstractSet[str] = frozenset()
     ) -> list[Candidate]:
-        """Candidates that are not excluded, not banned, not draining/leaving and not at capacity."""
+        """Candidates that are not excluded, not blocked (or outside a non-empty allow list),
+        not banned, not draining/leaving and not at capacity."""
         out = []
+        lists = self.reputation.lists
         for c in cands:
-            if c.peer_id in exclude or self.banned(c.peer_id):
+            if c.peer_id in exclude or self.banned(c.peer_id) or not lists.permits(c.peer_id):
                 continue
             if c.state is not None and c.state != "ready":
                 continue
@@ -289,10 +333,15 @@ class Router:
         *,
         policy: str | Policy | None = None,
     ) -> Candidate | None:
-        """Pick a provider (by ``policy``, or the router's own), or ``None`` if none is eligible."""
+        """Pick a provider (by ``policy``, or the router's own), or ``None`` if none is eligible.
+
+        An eligible pinned provider is always preferred to the others.
+        """
         pool = self.eligible(cands, exclude)
         if not pool:
             return None
+        pinned = [c for c in pool if c.peer_id in self.reputation.lists.pin]
+        pool = pinned or pool
         return (self.policy if policy is None else resolve_policy(policy))(pool, self)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
@@ -305,6 +354,7 @@ class Router:
                 "banned_for_s": max(0.0, s.banned_until - now),
                 "in_flight": s.local_in_flight,
                 "successes": s.successes,
+                "trust": round(self.reputation.trust(pid), 3),
                 "load_hint": None
                 if (hint := self.load_hint(pid)) is None
                 else {"age_s": now - s.hint_at, "in_flight": hint.in_flight, "queue": hint.queue},

@@ -13,13 +13,19 @@ Small specialised models together do what none does alone:
 Each takes a :class:`Mesh`: a :class:`~modelnet_p2p.Peer`, or ``request.mesh``
 inside a handler (then every call inherits the request's deadline, cancellation
 and trace). Either way the calls go through the peer's one mesh client.
+
+What only a pattern can judge goes to the providers' reputation
+(:mod:`modelnet_p2p.mesh.reputation`) through the mesh client's ``report``: a draft the
+verifier rejects counts ``"rejected"`` against the drafter's provider, and an ensemble
+member that loses a strict majority vote (at least three answers) counts ``"disagreed"``.
+A mesh without a reporter (:func:`reporter_of`) just isn't told.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -48,6 +54,7 @@ __all__ = [
     "ensemble",
     "label_of",
     "pipeline",
+    "reporter_of",
     "route",
 ]
 
@@ -69,6 +76,26 @@ class Mesh(Protocol):
     async def find_providers(
         self, capability: str, *, timeout: float = LOOKUP_TIMEOUT, limit: int | None = None
     ) -> list[str]: ...
+
+
+#: ``report(peer_id, event)``: an outcome for a provider's reputation (``MeshClient.report``).
+Reporter = Callable[[str, str], None]
+
+
+def reporter_of(mesh: Mesh) -> Reporter | None:
+    """The reputation reporter behind ``mesh``: a Peer's ``mesh_client.report``, or a
+    ``request.mesh``'s client's; ``None`` for a mesh that has none."""
+    for name in ("mesh_client", "client"):
+        report = getattr(getattr(mesh, name, None), "report", None)
+        if callable(report):
+            return report  # type: ignore[no-any-return]
+    return None
+
+
+def _report(mesh: Mesh, peer_id: str | None, event: str) -> None:
+    report = reporter_of(mesh)
+    if report is not None and peer_id:
+        report(peer_id, event)
 
 
 # -- calling one capability with a trace node ----------------------------------------
@@ -317,6 +344,7 @@ async def ensemble(
     else:
         members = [(c, None) for c in capability]
     answers: dict[int, Any] = {}
+    answered_by: dict[int, str | None] = {}
     first_done = trio.Event()
 
     finished = 0
@@ -326,6 +354,7 @@ async def ensemble(
         node = root.child("member", cap, member=i)
         try:
             answers[i] = await call_step(peer, node, cap, input, params, member_deadline, target)
+            answered_by[i] = node.peer
         except ModelNetError:
             pass  # recorded in the node; the others still count
         finally:
@@ -362,6 +391,10 @@ async def ensemble(
         )
         output = next(answers[i] for i in took_part if _normalise(answers[i]) == best)
         root.detail["vote"] = f"{count}/{len(took_part)}"
+        if len(took_part) >= 3 and 2 * count > len(took_part):  # a strict majority: the rest lost
+            for i in took_part:
+                if _normalise(answers[i]) != best:
+                    _report(peer, answered_by.get(i), "disagreed")
     elif aggregate == "first":
         output = answers[took_part[0]] if len(took_part) == 1 else answers[min(took_part)]
     elif aggregate == "all":
@@ -475,6 +508,7 @@ async def draft_verify(
         root.children[-1].detail["verdict"] = "accept" if ok else "reject"
         if not ok and node.peer:
             rejected.add(node.peer)
+            _report(peer, node.peer, "rejected")
         if ok:
             root.detail["round"] = attempt
             root.finish("ok")

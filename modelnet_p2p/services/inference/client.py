@@ -5,11 +5,18 @@ be kept) is :class:`~modelnet_p2p.proto.session.ClientSession`; :func:`run_reque
 drives it with trio, and :func:`request_on_peer` adds the idle-stream pool: it takes a
 kept stream if there is one, and resends on a new stream only when the server
 provably never read the request.
+
+A provider that stops sending mid-stream is caught by the *stall timeout*: once the first
+chunk has arrived, a read that waits ``stall_timeout`` seconds for the next one (counted
+from the later of the last chunk and the consumer's last pull, so a slow consumer is not
+taken for a stalled provider) ends the request with :class:`StalledError`, a retryable
+:class:`UnavailableError` the mesh client fails over on and bans for.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -45,6 +52,7 @@ __all__ = [
     "READ_SIZE",
     "ResponseInfo",
     "StaleStreamError",
+    "StalledError",
     "StreamSource",
     "new_request_id",
     "request_on_peer",
@@ -88,6 +96,10 @@ class StaleStreamError(UnavailableError):
     while idle and never read the request, so it may be sent again on a new stream."""
 
 
+class StalledError(UnavailableError):
+    """The provider sent nothing for ``stall_timeout`` seconds after its first chunk."""
+
+
 def new_request_id() -> bytes:
     return os.urandom(16)
 
@@ -106,6 +118,7 @@ async def run_request(
     request_id: bytes | None = None,
     release: Callable[[Stream], None] | None = None,
     reused: bool = False,
+    stall_timeout: float | None = None,
 ) -> AsyncIterator[Any]:
     """Send a request on ``stream`` and yield the answer's chunks.
 
@@ -113,8 +126,10 @@ async def run_request(
     :class:`ProtocolError` for any breach of the protocol (including a stream
     that ends without an end frame, or an end frame whose count disagrees),
     :class:`DeadlineExceededError` at ``deadline`` (trio time), and
-    :class:`UnavailableError` if the stream breaks; :class:`StaleStreamError` if
-    ``reused`` and the stream ended before any byte of the answer. The stream is always
+    :class:`UnavailableError` if the stream breaks; :class:`StalledError` if, after the first
+    chunk, nothing arrives for ``stall_timeout`` seconds (``None``: no stall timeout);
+    :class:`StaleStreamError` if ``reused`` and the stream ended before any byte of the
+    answer. The stream is always
     closed (after a complete answer) or reset (otherwise), even if the consumer stops
     iterating early, which cancels the remote handler.
 
@@ -139,13 +154,18 @@ async def run_request(
         await reset_quietly(stream)
         raise
     info.started = trio.current_time()
+    #: When the stall clock last restarted (a chunk arrived, or the consumer pulled again).
+    progress_at = info.started
     try:
         await write_whole(stream, frame)
         while True:
             event = session.next_event()
             if event is NEED_DATA:
                 data = b""
-                with trio.move_on_at(deadline) as scope:
+                stall_at = math.inf
+                if stall_timeout is not None and session.chunks:
+                    stall_at = progress_at + stall_timeout
+                with trio.move_on_at(min(deadline, stall_at)) as scope:
                     try:
                         data = await stream.read(READ_SIZE)
                     except StreamEOF:
@@ -154,6 +174,11 @@ async def run_request(
                         session.receive_eof()
                         continue
                 if scope.cancelled_caught:
+                    if stall_at < deadline:
+                        raise StalledError(
+                            f"provider sent nothing for {stall_timeout:g} s after {session.chunks} chunks",
+                            chunks_delivered=session.chunks,
+                        )
                     raise session.deadline_exceeded()
                 session.receive_data(data)
                 info.received += len(data)
@@ -168,6 +193,7 @@ async def run_request(
                 if info.first_chunk_at is None:
                     info.first_chunk_at = trio.current_time()
                 yield event.data
+                progress_at = trio.current_time()
             elif isinstance(event, Finished):
                 if event.end.load is not None:
                     info.load, info.load_at = event.end.load, trio.current_time()
@@ -237,6 +263,7 @@ async def request_on_peer(
     info: ResponseInfo,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     window: int = DEFAULT_WINDOW,
+    stall_timeout: float | None = None,
 ) -> AsyncIterator[Any]:
     """:func:`run_request` on a kept stream to ``peer`` if the pool has one, else on a new one.
 
@@ -262,6 +289,7 @@ async def request_on_peer(
             window=window,
             release=source.release_to(peer),
             reused=reused,
+            stall_timeout=stall_timeout,
         )
         try:
             async for chunk in agen:
