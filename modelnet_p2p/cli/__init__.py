@@ -24,6 +24,7 @@ from .ask import ask_command, parse_params
 from .config import config_group, id_command
 from .demo import demo_command
 from .discover import discover_command
+from .doctor import doctor_command
 from .gateway import gateway_command
 from .mesh import mesh_assignment, mesh_group
 from .options import State
@@ -92,6 +93,7 @@ for _command in (
     gateway_command,
     ask_command,
     discover_command,
+    doctor_command,
     status_command,
     demo_command,
     run_command,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
@@ -28,9 +28,6 @@ from ...proto.capability import Capability, normalize
 from ...proto.card import CapabilityCard, card_keys, provider_key, task_key
 from .lookup import CARD_FETCH_CONCURRENCY, MAX_PROVIDERS_PER_KEY, Lookups
 from .query import Query
-
-if TYPE_CHECKING:
-    from .service import Discovery
 
 __all__ = [
     "INDEX_KEY",
@@ -64,6 +61,22 @@ MAX_TASK_KEYS = 64
 FULL_AT = MAX_PROVIDERS_PER_KEY
 
 FindCards = Callable[..., Awaitable[None]]
+
+
+class Discovery(Protocol):
+    """What :func:`find_or_browse` uses of :class:`~.service.Discovery`."""
+
+    card: CapabilityCard | None
+    wall_clock: Callable[[], float]
+
+    @property
+    def lookups(self) -> Lookups: ...
+
+    async def joined(self) -> bool: ...
+
+    async def find(
+        self, query: Query, send: trio.MemorySendChannel[CapabilityCard], *, limit: int | None = None
+    ) -> None: ...
 
 
 def announced_keys(capabilities: Iterable[Capability]) -> list[tuple[str, bytes]]:
