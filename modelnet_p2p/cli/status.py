@@ -1,4 +1,8 @@
-"""``modelnet status``: the mesh as this peer sees it (gossip joined with cards, round-trip times)."""
+"""``modelnet status``: the mesh as this peer sees it (gossip joined with cards, round-trip times),
+and this peer's reputation of the providers it has used (``mesh/reputation.py``): a ``trust``
+column in the mesh table, and a section with every scored or listed (pinned, allowed, blocked)
+peer and its counts. A peer run with the same key file (``--identity``) reads the scores that
+``modelnet serve`` or any other run of that key saved beside it."""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from ..peer import Peer
 from .common import make_peer, run_async
 from .options import PeerOptions, State, pass_state, peer_options, require_bootstrap
 
-__all__ = ["status_command"]
+__all__ = ["reputation_rows", "reputation_table", "status_command"]
 
 #: Seconds between refreshes with --watch.
 WATCH_INTERVAL = 2.0
@@ -44,17 +48,23 @@ async def _status_rows(peer: Peer, ping: bool) -> list[dict[str, Any]]:
                 "tokens_per_s": a.get("tokens_per_s"),
                 "age_s": a.get("age_s"),
                 "rtt_ms": (await peer.ping(row.peer_id, timeout=PING_TIMEOUT)) if ping else None,
+                "trust": _trust(peer, row.peer_id),
             }
         )
         rows.append(d)
     return rows
 
 
+def _trust(peer: Peer, peer_id: str) -> float | None:
+    """This peer's trust in ``peer_id``, ``None`` if it has never scored it."""
+    return round(peer.reputation.trust(peer_id), 3) if peer_id in peer.reputation else None
+
+
 def _status_table(rows: list[dict[str, Any]], me: str) -> Any:
     from rich.table import Table
 
     table = Table(title=f"mesh seen from …{me[-8:]}: {len(rows)} peers")
-    for col in ("peer", "state", "capabilities", "load", "latency", "tok/s", "rtt", "age"):
+    for col in ("peer", "state", "capabilities", "load", "latency", "tok/s", "rtt", "age", "trust"):
         table.add_column(col, no_wrap=col != "capabilities")
     for r in rows:
         load = f"{r['in_flight']}/{r['max_concurrency']}" if r["in_flight"] is not None else "-"
@@ -67,8 +77,37 @@ def _status_table(rows: list[dict[str, Any]], me: str) -> Any:
             f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-",
             f"{r['rtt_ms']:.1f} ms" if r["rtt_ms"] is not None else "-",
             f"{r['age_s']:.1f} s" if r["age_s"] is not None else "-",
+            f"{r['trust']:.2f}" if r.get("trust") is not None else "-",
         )
     return table
+
+
+#: Counts shown in the reputation section, in order.
+REPUTATION_COUNTS = ("success", "error", "timeout", "stall", "rejected", "disagreed", "broken_receipt")
+
+
+def reputation_rows(peer: Peer) -> list[dict[str, Any]]:
+    """This peer's reputation of every provider it has scored or its config lists, lowest trust first."""
+    return peer.reputation.snapshot()
+
+
+def reputation_table(rows: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"reputation: {len(rows)} providers (lowest trust first)")
+    for col in ("peer", "trust", "list", *REPUTATION_COUNTS):
+        table.add_column(col, no_wrap=True)
+    for r in rows:
+        counts = [str(r.get(name, 0)) for name in REPUTATION_COUNTS]
+        table.add_row("…" + r["peer_id"][-8:], f"{r['trust']:.2f}", r["list"] or "-", *counts)
+    return table
+
+
+def _views(rows: list[dict[str, Any]], peer: Peer) -> Any:
+    from rich.console import Group
+
+    scores = reputation_rows(peer)
+    return Group(_status_table(rows, peer.peer_id), *([reputation_table(scores)] if scores else []))
 
 
 @click.command("status")
@@ -131,7 +170,8 @@ async def _status(cfg: Config, watch: bool, interval: float, wait: float, ping: 
                 await trio.sleep(wait)
                 while True:
                     rows = await _status_rows(peer, ping)
-                    click.echo(json.dumps({"peer_id": peer.peer_id, "time": time.time(), "peers": rows}))
+                    view = {"peer_id": peer.peer_id, "time": time.time(), "peers": rows}
+                    click.echo(json.dumps({**view, "reputation": reputation_rows(peer)}))
                     sys.stdout.flush()
                     if not watch:
                         break
@@ -141,11 +181,11 @@ async def _status(cfg: Config, watch: bool, interval: float, wait: float, ping: 
                     await trio.sleep(wait)
                     rows = await _status_rows(peer, ping)
                 if not watch:
-                    console.print(_status_table(rows, peer.peer_id))
+                    console.print(_views(rows, peer))
                 else:
-                    with Live(_status_table(rows, peer.peer_id), console=console, auto_refresh=False) as live:
+                    with Live(_views(rows, peer), console=console, auto_refresh=False) as live:
                         while True:
                             await trio.sleep(interval)
                             rows = await _status_rows(peer, ping)
-                            live.update(_status_table(rows, peer.peer_id), refresh=True)
+                            live.update(_views(rows, peer), refresh=True)
             nursery.cancel_scope.cancel()
