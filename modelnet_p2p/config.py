@@ -28,7 +28,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError
-from .p2p.addresses import Reachability, needs_relay, parse_multiaddr
+from .p2p.addresses import (
+    Reachability,
+    needs_relay,
+    parse_bootstrap_list,
+    parse_multiaddr,
+    read_bootstrap_file,
+)
 from .p2p.host import DEFAULT_DIAL_TIMEOUT
 from .p2p.identity import Identity
 from .p2p.network import NETWORKS, get_network
@@ -43,6 +49,7 @@ __all__ = [
     "DhtMode",
     "PeerConfig",
     "load_config",
+    "network_bootstrap_var",
 ]
 
 try:
@@ -219,6 +226,8 @@ class Config:
     identity: str | None = None
     listen: list[str] = field(default_factory=lambda: list(DEFAULT_LISTEN))
     bootstrap: list[str] = field(default_factory=list)
+    #: A bootstrap list file (docs/testnet.md); used unless bootstrap is given another way.
+    bootstrap_file: str | None = None
     max_concurrency: int = PeerConfig.max_concurrency
     max_concurrency_per_peer: int = PeerConfig.max_concurrency_per_peer
     max_frame_size: int = PeerConfig.max_frame_size
@@ -336,8 +345,12 @@ def load_config(
 
     cfg = Config()
     sources = {name: "default" for name in _FIELD_TYPES}
+    net_defaults = net.defaults()
+    listed = network_bootstrap_var(net.name)  # MODELNET_TESTNET_BOOTSTRAP: the network's list
+    if env.get(listed):
+        net_defaults["bootstrap"] = parse_bootstrap_list(env[listed], listed)
     layers: list[tuple[str, dict[str, Any]]] = [
-        (f"network {net.name}", net.defaults()),
+        (f"network {net.name}", net_defaults),
         (f"file {config_file}", file_values),
         ("environment", env_values),
         ("flag", dict(flags)),
@@ -349,8 +362,16 @@ def load_config(
             setattr(cfg, name, _coerce(name, value, source))
             sources[name] = source
     cfg.network = net.name
+    if cfg.bootstrap_file and sources["bootstrap"] in ("default", f"network {net.name}"):
+        cfg.bootstrap = read_bootstrap_file(cfg.bootstrap_file)
+        sources["bootstrap"] = f"bootstrap list {cfg.bootstrap_file}"
     _validate(cfg)
     return cfg, sources
+
+
+def network_bootstrap_var(network: str) -> str:
+    """The environment variable holding ``network``'s bootstrap list: ``MODELNET_TESTNET_BOOTSTRAP``."""
+    return f"{ENV_PREFIX}{network.upper().replace('-', '_')}_BOOTSTRAP"
 
 
 def _validate(cfg: Config) -> None:

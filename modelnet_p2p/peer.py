@@ -41,6 +41,7 @@ from .p2p.host import Host, build_host, running_host
 from .p2p.identity import Identity
 from .p2p.network import get_network, protocol_id, topic
 from .p2p.pool import StreamPool
+from .p2p.resolve import resolve_addrs
 from .proto.availability import LEGACY_TOPIC, TOPIC_PREFIX
 from .proto.capability import Capability
 from .proto.card import CapabilityCard
@@ -232,6 +233,7 @@ class Peer:
                     capabilities=self.inference.capabilities(),
                 )
                 self.connmgr.keep(self.availability.gossip.mesh_peers)
+            self._bootstrap = await resolve_addrs(self._bootstrap)  # /dns4/, /dns6/ names to IPs
             await self._dialer.connect_bootstrap(self._bootstrap, required=cfg.require_bootstrap)
             await self.discovery.bootstrap(self._dialer.connected_among(self._bootstrap))
             if self.needs_relay:  # announce only relayed addresses: the direct ones are unreachable

@@ -69,6 +69,11 @@ def test_a_healthy_setup_exits_0_and_sees_the_serving_peer(boot: str, tmp_path: 
         # the human form says the same in sentences
         human = modelnet("doctor", "-b", boot, "--no-browse", cwd=tmp_path)
         assert human.returncode == 0 and "all is well" in human.stdout
+        # a DNS name (localhost: no query leaves the machine) is resolved, then dialed
+        named = boot.replace("/ip4/127.0.0.1/", "/dns4/localhost/")
+        code, doc = doctor("doctor", "-b", named, "--no-browse", cwd=tmp_path)
+        assert code == 0, failed(doc)
+        assert doc["facts"]["bootstrap"][0]["resolved"] == [boot]
 
 
 def test_a_bootstrap_peer_that_is_down(tmp_path: Path) -> None:

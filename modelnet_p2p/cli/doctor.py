@@ -43,6 +43,7 @@ from ..p2p.addresses import expand_wildcard, is_circuit_addr, parse_multiaddr, p
 from ..p2p.network import protocol_id
 from ..p2p.probe import PeerIdentity, identify, port_taken
 from ..p2p.relay import HOP_PROTOCOL_ID, RelayLink
+from ..p2p.resolve import is_dns_addr, resolve_addr
 from ..peer import Peer
 from ..services.discovery import DHT_PROTOCOL_ID
 from ..services.relay import DEFAULT_RESERVATION_TTL
@@ -93,6 +94,7 @@ class BootstrapFacts:
     relay_expires: float | None = None  # the relay's clock
     relay_asked_at: float | None = None  # our clock, the middle of the request
     relay_error: str | None = None
+    resolved: list[str] = field(default_factory=list)  # the IP addresses of a /dns*/ address
 
 
 @dataclass
@@ -279,6 +281,8 @@ def _judge_bootstrap(f: Facts) -> list[Finding]:
         reached += 1
         status: Status = "warn" if b.dial_ms > SLOW_DIAL_MS else "ok"
         speed = f"dialed in {b.dial_ms:.0f} ms"
+        if b.resolved:
+            speed = f"resolved to {', '.join(b.resolved)}; {speed}"
         out.append(
             Finding(
                 "bootstrap",
@@ -519,10 +523,18 @@ def _key_facts(identity: Any) -> tuple[str | None, int | None]:
 
 
 async def _probe_bootstrap(peer: Peer, b: BootstrapFacts) -> None:
+    maddr = parse_multiaddr(b.addr)
+    candidates = [str(a) for a in await resolve_addr(maddr, timeout=PROBE_TIMEOUT)]
+    if is_dns_addr(maddr):
+        b.resolved = candidates
+        if not candidates:
+            b.dial_error = "its host name does not resolve (check the spelling, and your DNS)"
+            return
+    dial_addr = candidates[0] if candidates else b.addr
     t0 = trio.current_time()
     try:
         with trio.fail_after(PROBE_TIMEOUT):
-            b.peer_id = await peer.connect(b.addr)
+            b.peer_id = await peer.connect(dial_addr)
     except trio.TooSlowError:
         b.dial_error = f"no answer within {PROBE_TIMEOUT:.0f} s"
         return
@@ -541,7 +553,7 @@ async def _probe_bootstrap(peer: Peer, b: BootstrapFacts) -> None:
     if HOP_PROTOCOL_ID in b.protocols:
         before = time.time()
         try:
-            b.relay_expires = await RelayLink(peer.host, b.addr).reserve(PROBE_TIMEOUT)
+            b.relay_expires = await RelayLink(peer.host, dial_addr).reserve(PROBE_TIMEOUT)
             b.relay_asked_at = (before + time.time()) / 2
         except ModelNetError as exc:
             b.relay_error = exc.message

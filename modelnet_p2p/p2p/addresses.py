@@ -1,7 +1,8 @@
 """Multiaddrs as a modelnet peer reads them: parsing, relayed addresses, and how far an address reaches.
 
-Pure address logic, no I/O (the one exception: a wildcard listen address is expanded to the
-machine's interface addresses). See ``specs/network.md`` ("Peers that cannot be dialed").
+Pure address logic, no I/O (the exceptions: a wildcard listen address is expanded to the
+machine's interface addresses, and a bootstrap list may be read from a file). See
+``specs/network.md`` ("Peers that cannot be dialed").
 
 A relayed (circuit) address names a relay and a target behind it::
 
@@ -11,7 +12,9 @@ A relayed (circuit) address names a relay and a target behind it::
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Literal
 
 import multiaddr
@@ -23,15 +26,19 @@ from multiaddr.protocols import P_P2P
 from ..errors import ConfigError
 
 __all__ = [
+    "BOOTSTRAP_HOST_PROTOCOLS",
+    "MAX_BOOTSTRAP_ADDRS",
     "Reachability",
     "circuit_addr",
     "expand_wildcard",
     "is_circuit_addr",
     "needs_relay",
+    "parse_bootstrap_list",
     "parse_circuit_addr",
     "parse_multiaddr",
     "parse_peer_addr",
     "publicly_dialable",
+    "read_bootstrap_file",
 ]
 
 Reachability = Literal["auto", "public", "private"]
@@ -195,3 +202,50 @@ def needs_relay(
     if reachability != "auto":
         raise ConfigError(f"reachability must be 'auto', 'public' or 'private', not {reachability!r}")
     return not publicly_dialable(listen_addrs, bootstrap)
+
+
+# -- bootstrap lists ---------------------------------------------------------------------
+
+#: What a bootstrap address may start with: an IP, or a DNS name resolved at start
+#: (:mod:`.resolve`; ``/dns4/`` gives IPv4 addresses, ``/dns6/`` IPv6, ``/dns/`` both).
+BOOTSTRAP_HOST_PROTOCOLS = ("ip4", "ip6", "dns", "dns4", "dns6")
+#: Addresses one bootstrap list may hold (a peer dials each at start).
+MAX_BOOTSTRAP_ADDRS = 64
+
+
+def parse_bootstrap_list(text: str, source: str = "bootstrap list") -> list[str]:
+    """The addresses of a bootstrap list, in order and without duplicates (``docs/testnet.md``).
+
+    One address per line, or several separated by commas or spaces; ``#`` starts a
+    comment; blank lines are ignored. Each address is
+    ``/<ip4|ip6|dns|dns4|dns6>/<host>/tcp/<port>/p2p/<peer id>``. Raises
+    :class:`ConfigError` naming ``source`` and the line for anything else.
+    """
+    out: list[str] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        for item in line.split("#", 1)[0].replace(",", " ").split():
+            where = f"{source}, line {lineno}"
+            try:
+                maddr = multiaddr.Multiaddr(item)
+            except Exception:
+                raise ConfigError(f"{where}: {item!r} is not a multiaddr") from None
+            names = [p.name for p in maddr.protocols()]
+            if len(names) != 3 or names[0] not in BOOTSTRAP_HOST_PROTOCOLS or names[1:] != ["tcp", "p2p"]:
+                raise ConfigError(
+                    f"{where}: {item} is not /<ip4|ip6|dns4|dns6|dns>/<host>/tcp/<port>/p2p/<peer id>"
+                )
+            parse_peer_addr(maddr, f"{where}: bootstrap")  # checks the peer id
+            if str(maddr) not in out:
+                out.append(str(maddr))
+    if len(out) > MAX_BOOTSTRAP_ADDRS:
+        raise ConfigError(f"{source}: {len(out)} addresses; at most {MAX_BOOTSTRAP_ADDRS}")
+    return out
+
+
+def read_bootstrap_file(path: str | os.PathLike[str]) -> list[str]:
+    """The addresses of the bootstrap list file at ``path`` (:func:`parse_bootstrap_list`)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read bootstrap list {path}: {exc.strerror}") from None
+    return parse_bootstrap_list(text, f"bootstrap list {path}")
