@@ -39,6 +39,7 @@ from .p2p.host import DEFAULT_DIAL_TIMEOUT
 from .p2p.identity import Identity
 from .p2p.network import NETWORKS, get_network
 from .proto.session import DEFAULT_WINDOW, Limits
+from .proto.swarmkey import parse_swarm_key
 
 __all__ = [
     "DEFAULT_LISTEN",
@@ -113,6 +114,9 @@ class PeerConfig:
             ``connections_low`` are left (``specs/network.md``, "Connection management").
         connection_grace: seconds a new connection is safe from that trimming.
         connection_check_interval: seconds between two checks of the connection count.
+        psk: a private mesh's swarm key: a ``/key/swarm/psk/1.0.0/`` file (path), its
+            contents, or the 32 raw bytes; only peers with the same key can connect
+            (``specs/network.md``, "Private networks").
     """
 
     identity: str | os.PathLike[str] | Identity | None = None
@@ -150,6 +154,7 @@ class PeerConfig:
     connections_high: int = 32
     connection_grace: float = 30.0
     connection_check_interval: float = 15.0
+    psk: bytes | str | os.PathLike[str] | None = None
 
     def with_overrides(self, **overrides: Any) -> PeerConfig:
         """A copy with some settings replaced (``TypeError`` for an unknown name, as for a call)."""
@@ -165,6 +170,17 @@ class PeerConfig:
         if isinstance(self.identity, Identity):
             return self.identity
         return Identity.load_or_create(Path(self.identity), self.passphrase)
+
+    def load_psk(self) -> bytes | None:
+        """The 32-byte swarm key, read from its file if ``psk`` is a path (``ConfigError`` if bad)."""
+        if self.psk is None or (isinstance(self.psk, bytes) and len(self.psk) == 32):
+            return self.psk
+        if isinstance(self.psk, bytes):
+            return parse_swarm_key(self.psk)
+        try:
+            return parse_swarm_key(Path(self.psk).read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"cannot read swarm key file {self.psk}: {exc.strerror}") from None
 
     def needs_relay(self) -> bool:
         """Whether this peer must reserve relay slots on its bootstrap peers (others cannot dial it).
@@ -244,12 +260,15 @@ class Config:
     pin_peers: list[str] = field(default_factory=list)
     allow_peers: list[str] = field(default_factory=list)
     block_peers: list[str] = field(default_factory=list)
+    psk_file: str | None = None
     log_level: str = "warning"
 
     def peer_kwargs(self) -> dict[str, Any]:
         """Arguments for :class:`~modelnet_p2p.Peer` built from this configuration."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name in PEER_SETTINGS}
         out["listen"], out["bootstrap"] = list(self.listen), list(self.bootstrap)
+        if self.psk_file:
+            out["psk"] = self.psk_file
         return out
 
     def peer_config(self) -> PeerConfig:

@@ -193,7 +193,7 @@ class Peer:
         stack = AsyncExitStack()
         await stack.__aenter__()
         try:
-            host = build_host(self.identity, dial_timeout=cfg.connect_timeout)
+            host = build_host(self.identity, dial_timeout=cfg.connect_timeout, psk=cfg.load_psk())
             await stack.enter_async_context(running_host(host, self._listen))
             self._host = host
             self._dialer = Dialer(host, connect_timeout=cfg.connect_timeout)

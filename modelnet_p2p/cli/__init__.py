@@ -28,6 +28,7 @@ from .doctor import doctor_command
 from .gateway import gateway_command
 from .mesh import mesh_assignment, mesh_group
 from .options import State
+from .psk import psk_group
 from .run import run_command
 from .serve import bootstrap_command, resolve_serve_target, serve_command
 from .status import status_command
@@ -97,6 +98,7 @@ for _command in (
     status_command,
     demo_command,
     run_command,
+    psk_group,
 ):
     cli.add_command(_command)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import trio
 from ..demo.models import ALL
 from ..errors import ConfigError
 from .common import run_async
-from .options import State, pass_state
+from .options import PSK_HELP, State, pass_state
 
 __all__ = ["mesh_assignment", "mesh_group"]
 
@@ -95,22 +96,24 @@ def mesh_group() -> None:
 @click.option("-n", "count", default=4, show_default=True, type=click.IntRange(1, 64), help="Model peers.")
 @click.option("--json", "as_json", is_flag=True, help="Print the mesh as one JSON object.")
 @click.option("--port", default=0, type=click.IntRange(0, 65535), help="Bootstrap node's TCP port (0: any).")
+@click.option("--psk-file", type=click.Path(dir_okay=False, exists=True), help=PSK_HELP)
 @pass_state
-def mesh_up(state: State, count: int, as_json: bool, port: int) -> None:
+def mesh_up(state: State, count: int, as_json: bool, port: int, psk_file: str | None) -> None:
     """Start a bootstrap node and N peers serving the example models, until Ctrl-C.
 
     Prints the bootstrap address to give other peers (--bootstrap). Ctrl-C stops
     every process; nothing is left running.
     """
     try:
-        run_async(_mesh_up, state, count, as_json, port)
+        run_async(_mesh_up, state, count, as_json, port, psk_file)
     except KeyboardInterrupt:
         pass
 
 
-async def _mesh_up(state: State, count: int, as_json: bool, port: int) -> None:
+async def _mesh_up(state: State, count: int, as_json: bool, port: int, psk_file: str | None) -> None:
     children: list[_Child] = []
     net = ["--network", state.network] if state.network else []
+    psk = ["--psk-file", os.path.abspath(psk_file)] if psk_file else []
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         try:
             boot = await _spawn(
@@ -121,6 +124,7 @@ async def _mesh_up(state: State, count: int, as_json: bool, port: int) -> None:
                     "--exit-on-stdin-eof",
                     "--listen",
                     f"/ip4/127.0.0.1/tcp/{port}",
+                    *psk,
                 ],
                 "bootstrap node",
                 state.verbose,
@@ -143,6 +147,7 @@ async def _mesh_up(state: State, count: int, as_json: bool, port: int) -> None:
                             "--bootstrap",
                             boot_addr,
                             *only,
+                            *psk,
                         ],
                         f"peer {i}",
                         state.verbose,

@@ -35,6 +35,7 @@ LISTEN_HELP = "Listen multiaddr (repeatable)."
 BOOTSTRAP_HELP = "Bootstrap multiaddr (repeatable)."
 REACHABILITY_HELP = "Can others dial this peer? private: reserve a relay slot on the bootstrap peers."
 REACHABILITY_CHOICES = ("auto", "public", "private")
+PSK_HELP = "Swarm key file of a private mesh (`modelnet psk new`): only peers with the same key connect."
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class PeerOptions:
     listen: tuple[str, ...] = ()
     bootstrap: tuple[str, ...] = ()
     reachability: str | None = None
+    psk_file: str | None = None
 
     def config_flags(self) -> dict[str, Any]:
         """These flags as :func:`load_config` ``flags`` (only the ones given take effect)."""
@@ -53,6 +55,7 @@ class PeerOptions:
             "listen": list(self.listen),
             "bootstrap": list(self.bootstrap),
             "reachability": self.reachability,
+            **({"psk_file": self.psk_file} if self.psk_file else {}),
         }
 
 
@@ -102,6 +105,7 @@ def peer_options(
                 listen=tuple(kwargs.pop("listen")),
                 bootstrap=tuple(kwargs.pop("bootstrap")),
                 reachability=kwargs.pop("reachability", None),
+                psk_file=kwargs.pop("psk_file"),
             )
             return fn(*args, peer=peer, **kwargs)
 
@@ -111,6 +115,7 @@ def peer_options(
             identity_option(),
             click.option(*listen, "listen", multiple=True, help=listen_help),
             click.option("--bootstrap", "-b", multiple=True, help=BOOTSTRAP_HELP),
+            click.option("--psk-file", "psk_file", type=click.Path(dir_okay=False), help=PSK_HELP),
         ]
         if reachability:
             decorators.append(

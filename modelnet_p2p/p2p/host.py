@@ -32,6 +32,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 
 from ..errors import ConfigError
+from ._compat import pnet
 from ._compat.host import check_port_free, close_connections, disable_auto_connector
 from ._compat.yamux import LeanYamux, start_keepalive, use_muxer_classes
 from .addresses import parse_multiaddr
@@ -49,8 +50,14 @@ Host: TypeAlias = IHost
 DEFAULT_DIAL_TIMEOUT = 10.0
 
 
-def build_host(identity: Identity, *, dial_timeout: float = DEFAULT_DIAL_TIMEOUT) -> IHost:
+def build_host(
+    identity: Identity, *, dial_timeout: float = DEFAULT_DIAL_TIMEOUT, psk: bytes | None = None
+) -> IHost:
     """A TCP host with Noise as its only security transport and yamux as its only muxer.
+
+    With ``psk`` (a 32-byte swarm key) every connection, relayed ones too, first runs
+    the libp2p private-network protector (:mod:`._compat.pnet`, ``specs/network.md``,
+    "Private networks"): peers without the key cannot complete a connection.
 
     ``max_connections_per_peer=1`` avoids py-libp2p's 250 ms "happy eyeballs"
     wait on every dial (measured: 5-10 ms per connect instead of 250 ms).
@@ -70,6 +77,10 @@ def build_host(identity: Identity, *, dial_timeout: float = DEFAULT_DIAL_TIMEOUT
     )
     # What new_host() would do, but new_host() does not pass retry_config on to the swarm.
     resource_manager = new_resource_manager()
+    if psk is not None:
+        if len(psk) != 32:
+            raise ConfigError("a swarm key has 32 bytes")
+        pnet.install()
     muxers: TMuxerOptions = {TProtocol(YAMUX_PROTOCOL_ID): LeanYamux}
     swarm = new_swarm(
         key_pair=identity.key_pair,
@@ -79,6 +90,7 @@ def build_host(identity: Identity, *, dial_timeout: float = DEFAULT_DIAL_TIMEOUT
         retry_config=RetryConfig(max_retries=0),
         resource_manager=resource_manager,
         enable_tcp=True,
+        psk=psk.hex() if psk is not None else None,
     )
     if not use_muxer_classes(swarm, muxers):  # upstream would build a plain Yamux
         log.warning("cannot choose the yamux class: connections keep upstream's timers")

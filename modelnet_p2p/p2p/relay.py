@@ -36,6 +36,7 @@ from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_ms
 from libp2p.tools.anyio_service import background_trio_service
 
 from ..errors import ConfigError, UnavailableError
+from ._compat.pnet import protect_outbound
 from ._compat.relay import CircuitLimiter, CircuitRelay, relay_limits
 from .addresses import circuit_addr, parse_circuit_addr, parse_multiaddr, parse_peer_addr
 
@@ -247,7 +248,8 @@ async def dial_via_relay(host: IHost, circuit_addr: str, timeout: float = 10.0) 
             addresses=[parse_multiaddr(circuit_addr)],
         )
         try:
-            await host.upgrade_outbound_connection(raw, target)
+            # upstream protects inbound relayed connections of a private mesh, not outbound ones
+            await host.upgrade_outbound_connection(protect_outbound(host, raw), target)
         except Exception as exc:
             await _close(stream)
             raise UnavailableError(f"cannot secure the relayed connection to {target}: {_why(exc)}") from None

@@ -36,6 +36,11 @@ that fail once upstream changes that behaviour; then the shim can go.
       only silent connections.
     - ``use_muxer_classes``: the yamux class configured in ``muxer_opt`` is ignored.
 
+:mod:`.pnet` (the private-network protector; canaries in ``tests/test_compat_pnet.py``)
+    ``PnetConn``, ``protect``, ``install``, ``protect_outbound``: upstream's pnet uses Salsa20
+    with an 8-byte nonce (no other implementation speaks it), reads the nonce with one short
+    read, and leaves outbound relayed connections unprotected.
+
 :mod:`.pubsub` (GossipSub; canaries in ``tests/test_compat_pubsub.py``)
     ``BufferedReads``, ``GuardedPubsub``, ``LeanGossipSub``, ``build_router``,
     ``build_pubsub``, ``announce_subscription``, ``trim_delivery_log``,
