@@ -534,7 +534,8 @@ def test_empty_message_defaults_to_code():
 
 
 def test_frame_bodies_obey_the_msgpack_limits():
-    from modelnet_p2p.proto.packing import MAX_CONTAINERS, MAX_DEPTH
+    from modelnet_p2p.proto.framing import MAX_FRAME_OBJECTS
+    from modelnet_p2p.proto.packing import MAX_CONTAINERS, MAX_DEPTH, unpackb
 
     def nested(depth: int) -> dict:
         value: Any = []
@@ -545,12 +546,27 @@ def test_frame_bodies_obey_the_msgpack_limits():
     assert FrameDecoder().feed(pack_frame(nested(MAX_DEPTH))) == [nested(MAX_DEPTH)]
     with pytest.raises(ProtocolError, match="nesting deeper than 32"):
         FrameDecoder().feed(pack_frame(nested(MAX_DEPTH + 1)))
-    # The body map and the list "d" count too: 65,536 containers in all.
-    many = {"t": "chunk", "seq": 0, "d": [[] for _ in range(MAX_CONTAINERS - 2)]}
-    assert len(FrameDecoder().feed(pack_frame(many))[0]["d"]) == MAX_CONTAINERS - 2
+    # Frames count values, scalars included: the body map, its 3 keys and 3 values, and the
+    # items of "d": 65,536 in all.
+    many = {"t": "chunk", "seq": 0, "d": [[] for _ in range(MAX_FRAME_OBJECTS - 7)]}
+    assert len(FrameDecoder().feed(pack_frame(many))[0]["d"]) == MAX_FRAME_OBJECTS - 7
     many["d"].append([])
-    with pytest.raises(ProtocolError, match="more than 65536 maps and arrays"):
+    with pytest.raises(ProtocolError, match="more than 65536 values"):
         FrameDecoder().feed(pack_frame(many))
+    scalars = {"t": "chunk", "seq": 0, "d": [-100] * (MAX_FRAME_OBJECTS - 6)}
+    with pytest.raises(ProtocolError, match="more than 65536 values"):
+        FrameDecoder().feed(pack_frame(scalars))
+    deep = {"t": "chunk", "seq": 0, "d": [[1, 2, 3, 4]] * 13_107}  # many small arrays: 65,543
+    with pytest.raises(ProtocolError, match="more than 65536 values"):
+        FrameDecoder().feed(pack_frame(deep))
+    # A lowered limit applies from the next frame on.
+    decoder = FrameDecoder()
+    decoder.max_objects = 16
+    with pytest.raises(ProtocolError, match="more than 16 values"):
+        decoder.feed(pack_frame({"t": "credit", "b": 1, "junk": list(range(20))}))
+    assert len(unpackb(msgpack.packb([[] for _ in range(MAX_CONTAINERS - 1)]))) == MAX_CONTAINERS - 1
+    with pytest.raises(ProtocolError, match="more than 65536 maps and arrays"):
+        unpackb(msgpack.packb([[] for _ in range(MAX_CONTAINERS)]))
     body = msgpack.packb({"t": "chunk", "seq": 0, "d": msgpack.ExtType(1, b"z")}, use_bin_type=True)
     ext = encode_varint(len(body)) + body
     with pytest.raises(ProtocolError, match="extension type"):

@@ -203,3 +203,111 @@ def _pipe() -> tuple[Any, Any]:
     a_send, a_receive = trio.open_memory_channel[bytes](100)
     b_send, b_receive = trio.open_memory_channel[bytes](100)
     return _Half(a_send, b_receive, True), _Half(b_send, a_receive, False)
+
+
+# -- the receive window and unread data (LeanYamux, discard_incoming) -------------------------
+
+
+async def _overrun(receiver_class: type, total: int) -> tuple[Any, Any, int]:
+    """Open a stream from a plain Yamux to a ``receiver_class`` over an in-memory pipe and send
+    ``total`` bytes on it in 64 KiB DATA frames, ignoring the receive window (nothing reads).
+    Returns both connections and the receiver's largest buffer seen."""
+    import struct
+
+    from libp2p.stream_muxer.yamux.yamux import TYPE_DATA, YAMUX_HEADER_FORMAT, Yamux
+
+    left, right = _pipe()
+    sender = Yamux(left, _an_id(), is_initiator=True)
+    receiver = receiver_class(right, _an_id(), is_initiator=False)
+    most = 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender.start)
+        nursery.start_soon(receiver.start)
+        await sender.event_started.wait()
+        await receiver.event_started.wait()
+        stream = await sender.open_stream()
+        chunk = b"x" * 65536
+        sent = 0
+        with trio.move_on_after(10):
+            while sent < total and not receiver.event_shutting_down.is_set():
+                header = struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_DATA, 0, stream.stream_id, len(chunk))
+                try:
+                    await sender._write_frame(header + chunk)
+                except trio.ClosedResourceError:  # the receiver closed the connection
+                    break
+                sent += len(chunk)
+                await trio.sleep(0)
+                most = max(most, sum(len(b) for b in receiver.stream_buffers.values()))
+            await trio.sleep(0.2)
+        most = max(most, sum(len(b) for b in receiver.stream_buffers.values()))
+        nursery.cancel_scope.cancel()
+    return sender, receiver, most
+
+
+async def test_upstream_yamux_buffers_data_past_the_receive_window() -> None:
+    """Canary: upstream appends a DATA frame that overruns the window and only logs it."""
+    from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE, Yamux
+
+    _, receiver, most = await _overrun(Yamux, 4 << 20)
+    assert most > 2 * DEFAULT_WINDOW_SIZE  # the upstream bug: 4 MiB held against a 256 KiB window
+    assert not receiver.event_shutting_down.is_set()
+
+
+async def test_lean_yamux_enforces_the_receive_window_and_goes_away() -> None:
+    from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE
+
+    from modelnet_p2p.p2p._compat.yamux import LeanYamux
+
+    sender, receiver, most = await _overrun(LeanYamux, 4 << 20)
+    assert most <= DEFAULT_WINDOW_SIZE
+    assert receiver.window_violations >= 1
+    assert receiver.event_shutting_down.is_set()  # the connection is closed
+    assert sender.event_shutting_down.is_set()  # GO_AWAY arrived (or the pipe closed)
+
+
+def test_upstream_keeps_unread_data_of_reset_streams_until_a_sweep() -> None:
+    """Canary: ``_finalize_stream_locked`` keeps a fully closed stream's unread buffer, to be
+    swept after a 60 s grace; LeanYamux drops it when the stream was reset."""
+    import inspect
+
+    from libp2p.stream_muxer.yamux import yamux
+
+    source = inspect.getsource(yamux.Yamux._finalize_stream_locked)
+    assert "if not self.stream_buffers.get(sid):" in source and "_closed_at = trio.current_time()" in source
+    assert yamux._STALE_STREAM_GRACE_SECONDS == 60.0
+    assert yamux.MAX_WINDOW_SIZE == 16 * 1024 * 1024  # auto-tuning's ceiling, capped by LeanYamux
+
+
+async def test_unread_data_of_a_stream_reset_locally_is_dropped_at_once() -> None:
+    from modelnet_p2p.p2p._compat.yamux import MAX_STREAM_WINDOW, LeanYamux, buffered_bytes, discard_incoming
+
+    async with open_peers(2, gossip=False) as (a, b):
+        held: list[Any] = []
+        got = trio.Event()
+
+        async def handler(stream: Any) -> None:
+            held.append(stream)
+            got.set()
+            await trio.sleep(30)
+
+        b.host.set_stream_handler(PROBE, handler)
+        await a.connect(b.addrs[0])
+        for how in ("reset", "discard"):
+            got = trio.Event()
+            stream = await a.host.new_stream(b.identity.peer_id, [PROBE])
+            await stream.write(b"y" * 200_000)  # within the window; nobody reads it
+            with trio.fail_after(5):
+                await got.wait()
+                while buffered_bytes(held[-1].muxed_conn) < 200_000:
+                    await trio.sleep(0.01)
+            conn = held[-1].muxed_conn
+            assert isinstance(conn, LeanYamux)
+            assert held[-1].muxed_stream.target_recv_window <= MAX_STREAM_WINDOW
+            if how == "reset":
+                await held[-1].reset()
+            else:
+                assert discard_incoming(held[-1])
+                await stream.write(b"z" * 10_000)  # arrives after: discarded too
+                await trio.sleep(0.2)
+            assert buffered_bytes(conn) == 0, how
+            await stream.reset()

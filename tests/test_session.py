@@ -509,10 +509,46 @@ def test_end_of_stream_while_idle_closes_but_inside_a_frame_resets():
     assert s2.state is ServerState.RESET
 
 
-def test_many_leftover_frames_do_not_recurse():
+def test_many_leftover_frames_do_not_recurse_and_are_bounded():
+    s = kept()
+    s.receive_data(frame(Credit(1)) * 20)  # a few leftovers: ignored
+    assert s.next_event() is NEED_DATA
     s = kept()
     s.receive_data(frame(Credit(1)) * 20_000)
-    assert s.next_event() is NEED_DATA
+    (event,) = events(s)
+    assert isinstance(event, ProtocolViolation) and "control frames" in event.error.message
+    assert s.state is ServerState.FINISHING
+
+
+def test_control_frames_are_bounded_by_the_bytes_sent():
+    from modelnet_p2p.proto.framing import BYTES_PER_CONTROL_FRAME, MAX_CONTROL_FRAMES
+
+    s = running(request=req(window=1 << 20))
+    for _ in range(40):
+        s.send_chunk("x" * 1000)
+    sent = len(s.data_to_send(1.0))
+    allowed = MAX_CONTROL_FRAMES + sent // BYTES_PER_CONTROL_FRAME
+    s.receive_data(frame(Credit(1)) * allowed)  # each acknowledges a byte: progress, counted
+    assert len(events(s)) == allowed
+    s.receive_data(frame(Credit(1)))
+    (event,) = events(s)
+    assert isinstance(event, ProtocolViolation) and "control frames" in event.error.message
+
+
+def test_a_running_request_reads_only_small_control_frames():
+    from modelnet_p2p.proto.framing import MAX_CONTROL_FRAME_SIZE, MAX_CONTROL_OBJECTS
+
+    s = running()
+    s.receive_data(pack_frame({"t": "credit", "b": 1, "junk": "j" * MAX_CONTROL_FRAME_SIZE}))
+    (event,) = events(s)
+    assert isinstance(event, ProtocolViolation) and "exceeds the limit" in event.error.message
+    s = running()
+    s.receive_data(pack_frame({"t": "credit", "b": 1, "junk": [0] * MAX_CONTROL_OBJECTS}))
+    (event,) = events(s)
+    assert isinstance(event, ProtocolViolation) and "values" in event.error.message
+    s = running()  # a credit with a few unknown keys is fine
+    s.receive_data(pack_frame({"t": "credit", "b": 1, "x": [1, 2, 3]}))
+    assert events(s) == [CreditReceived(1)]
 
 
 # -- client ------------------------------------------------------------------------------------

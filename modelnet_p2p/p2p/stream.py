@@ -10,6 +10,9 @@ part-way leaves half a Noise message on the connection and breaks every stream o
 yamux holds a backlog slot per stream until the local side closes or resets it. So every
 write is shielded and bounded, and every stream is ended exactly once, shielded, with a
 timeout.
+A stream this side has closed is not read again, so :func:`close_quietly` also discards
+whatever the remote still sends on it (yamux would otherwise buffer it, up to the window,
+until the remote ends its side).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from libp2p.exceptions import BaseLibp2pError
 from libp2p.network.stream.exceptions import StreamClosed, StreamEOF, StreamError, StreamReset
 
 from ..errors import UnavailableError
-from ._compat.yamux import reset_by_remote
+from ._compat.yamux import discard_incoming, remote_ended, reset_by_remote
 
 __all__ = [
     "CLOSE_TIMEOUT",
@@ -33,6 +36,8 @@ __all__ = [
     "StreamError",
     "StreamReset",
     "close_quietly",
+    "discard_incoming",
+    "remote_ended",
     "remote_peer",
     "reset_by_remote",
     "reset_quietly",
@@ -89,7 +94,8 @@ async def close_quietly(stream: Stream, timeout: float = CLOSE_TIMEOUT, *, data:
     """Write ``data`` (if any) and close ``stream``, shielded, within ``timeout``.
 
     Resets the stream instead if the write or close fails or takes too long. Returns whether
-    the stream was closed cleanly. Never raises.
+    the stream was closed cleanly. Never raises. The caller is done reading ``stream``: what
+    it holds unread, and whatever arrives later, is dropped.
     """
     with trio.CancelScope(shield=True):
         with trio.move_on_after(timeout):
@@ -97,6 +103,7 @@ async def close_quietly(stream: Stream, timeout: float = CLOSE_TIMEOUT, *, data:
                 if data:
                     await stream.write(data)
                 await stream.close()
+                discard_incoming(stream)
                 return True
             except Exception:
                 pass

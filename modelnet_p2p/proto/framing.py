@@ -9,7 +9,10 @@ This module is pure: :func:`pack_frame` turns a map into bytes and
 Bodies are decoded by :func:`modelnet_p2p.proto.packing.unpackb`, so every frame
 obeys its limits: at most :data:`~modelnet_p2p.proto.limits.MAX_DEPTH` levels of
 nesting, at most :data:`~modelnet_p2p.proto.limits.MAX_CONTAINERS` maps and arrays,
-and no msgpack extension types.
+at most :data:`MAX_FRAME_OBJECTS` values in all, and no msgpack extension types.
+A decoder's limits may be lowered between frames: a server expects only small
+control frames (:data:`MAX_CONTROL_FRAME_SIZE`, :data:`MAX_CONTROL_OBJECTS`) while
+a request runs.
 """
 
 from __future__ import annotations
@@ -20,7 +23,13 @@ from ..errors import ProtocolError
 from .packing import packb, unpackb
 
 __all__ = [
+    "BYTES_PER_CONTROL_FRAME",
     "DEFAULT_MAX_FRAME_SIZE",
+    "MAX_ANSWER_SIZE",
+    "MAX_CONTROL_FRAMES",
+    "MAX_CONTROL_FRAME_SIZE",
+    "MAX_CONTROL_OBJECTS",
+    "MAX_FRAME_OBJECTS",
     "MAX_VARINT_LEN",
     "FrameDecoder",
     "decode_varint",
@@ -41,6 +50,31 @@ DEFAULT_MAX_FRAME_SIZE = 1 << 20
 
 #: A varint longer than this cannot describe a sane frame (10 bytes hold 2**64).
 MAX_VARINT_LEN = 10
+
+#: Most values one frame body may hold in all: the body map, every key, every container and
+#: every scalar at any depth. A byte limit alone lets a 1 MiB frame decode into about 80 MiB
+#: (empty arrays) or 20 MiB (short strings, small negative ints); 65,536 values cost at most
+#: about 5 MiB decoded, whatever they are, and hold any message of ``specs/inference.md``
+#: with room (a prompt is one string; large numeric data belongs in ``bin``).
+MAX_FRAME_OBJECTS = 65_536
+#: Largest ``credit`` or ``cancel`` frame a server reads while a request runs, in bytes: a
+#: ``cancel`` reason is cut to 4,096 characters (at most 16 KiB of UTF-8); a ``credit`` is
+#: about 15 bytes. Junk in a control frame costs a server its decoding, so it stays small.
+MAX_CONTROL_FRAME_SIZE = 32 * 1024
+#: Most values a control frame may hold (unknown keys are allowed, a few of them).
+MAX_CONTROL_OBJECTS = 256
+#: ``credit`` and ``cancel`` frames a client may send per request (leftovers before the next
+#: one included) beyond one per :data:`BYTES_PER_CONTROL_FRAME` bytes the server sent; more is
+#: a ``protocol_error``. A client credits once per quarter window (of at least 1024 bytes), so
+#: junk frames that carry no progress cannot keep a server decoding
+#: (:class:`~modelnet_p2p.proto.session.ServerSession` counts them).
+MAX_CONTROL_FRAMES = 64
+BYTES_PER_CONTROL_FRAME = 256
+#: Default most bytes a client reads of one answer (frames, prefixes included) before it fails
+#: the request as a ``protocol_error``: a provider that streams without end would otherwise
+#: grow a collecting caller (``Peer.call``) until the deadline. Half the 64 MiB budget a peer
+#: grants one remote; a local setting (``ClientSession(max_answer_size=...)``).
+MAX_ANSWER_SIZE = 32 << 20
 
 
 def encode_varint(value: int) -> bytes:
@@ -98,15 +132,15 @@ def pack_frame(body: dict[str, Any], max_frame_size: int = DEFAULT_MAX_FRAME_SIZ
     return encode_varint(len(payload)) + payload
 
 
-def unpack_body(payload: bytes) -> dict[str, Any]:
+def unpack_body(payload: bytes, max_objects: int = MAX_FRAME_OBJECTS) -> dict[str, Any]:
     """Decode a frame body into a map with string keys, or raise :class:`ProtocolError`.
 
     The body must be one msgpack value within the limits of
-    :func:`~modelnet_p2p.proto.packing.unpackb` (nesting depth, container count, no
-    extension types) with nothing after it.
+    :func:`~modelnet_p2p.proto.packing.unpackb` (nesting depth, container count, at most
+    ``max_objects`` values, no extension types) with nothing after it.
     """
     try:
-        obj = unpackb(payload, what="frame body")
+        obj = unpackb(payload, max_objects=max_objects, what="frame body")
     except ProtocolError as exc:
         raise ProtocolError(f"malformed msgpack frame: {exc.message}") from None
     if not isinstance(obj, dict):
@@ -129,13 +163,27 @@ class FrameDecoder:
     A frame whose announced length exceeds ``max_frame_size`` is rejected as
     soon as its length prefix is read, before its body is buffered, so a peer
     cannot make us buffer more than one frame's worth of bytes. After an error
-    the decoder is poisoned: every later call raises the same error.
+    the decoder is poisoned: every later call raises the same error. The limits
+    (``max_frame_size``, ``max_objects``) may be changed between frames; they apply
+    from the next frame on.
     """
 
-    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+    def __init__(
+        self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, max_objects: int = MAX_FRAME_OBJECTS
+    ) -> None:
         self.max_frame_size = max_frame_size
+        self.max_objects = max_objects
+        self._limits = (max_frame_size, max_objects)
         self._buf = bytearray()
         self._error: ProtocolError | None = None
+
+    def expect_control(self, control: bool) -> None:
+        """From the next frame on, accept only control frames (:data:`MAX_CONTROL_FRAME_SIZE`,
+        :data:`MAX_CONTROL_OBJECTS`), or, with ``False``, the limits the decoder was made with."""
+        size, objects = self._limits
+        if control:
+            size, objects = min(size, MAX_CONTROL_FRAME_SIZE), min(objects, MAX_CONTROL_OBJECTS)
+        self.max_frame_size, self.max_objects = size, objects
 
     @property
     def buffered(self) -> int:
@@ -167,7 +215,7 @@ class FrameDecoder:
                 )
             if len(self._buf) - start < length:
                 return None
-            body = unpack_body(bytes(self._buf[start : start + length]))
+            body = unpack_body(bytes(self._buf[start : start + length]), self.max_objects)
             del self._buf[: start + length]
             return body
         except ProtocolError as exc:

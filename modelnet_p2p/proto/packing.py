@@ -11,9 +11,16 @@ Every byte a remote sends is decoded here, so the limits live here:
   message in ``specs/`` needs (the deepest is 4) and leaves room for request
   ``params``.
 * :data:`MAX_CONTAINERS`: how many maps and arrays one decoded object may hold.
-  A frame limit counts bytes, not objects, and an empty array is one byte on the
-  wire but about 56 bytes decoded; capping containers bounds that
-  amplification (65,536 containers cost at most about 4 MiB).
+  A byte limit does not bound objects: an empty array is one byte on the wire
+  but about 80 bytes decoded (74x measured); capping containers bounds that
+  amplification (65,536 containers cost at most about 5 MiB).
+* ``max_objects`` (frames pass :data:`~modelnet_p2p.proto.limits.MAX_FRAME_OBJECTS`):
+  how many values one decoded object may hold in all, scalars included. Scalars
+  amplify too (a two-character string is 3 bytes on the wire and about 64
+  decoded, an int8 2 and 36), so a 1 MiB frame of them decodes to about 20 MiB.
+  Every value but the root sits in a map or an array, so the hooks that count
+  containers also count their entries, at no extra cost; msgpack's own
+  ``max_array_len``/``max_map_len`` stop a single container before it is built.
 
 Canonical msgpack (cards, availability records, receipts, tokens) means: map
 keys are text, sorted by their UTF-8 bytes, without duplicates; integers,
@@ -81,6 +88,7 @@ def unpackb(
     *,
     max_depth: int = MAX_DEPTH,
     max_containers: int = MAX_CONTAINERS,
+    max_objects: int | None = None,
     allow_ext: bool = False,
     what: str = "msgpack value",
 ) -> Any:
@@ -90,25 +98,33 @@ def unpackb(
     arrays as lists. Map keys may be of any hashable type here; callers that
     need text keys check them. Extension types (timestamps, type -1,
     included) are refused unless ``allow_ext``. Trailing bytes after the
-    value are an error.
+    value are an error. With ``max_objects``, the value may hold at most that
+    many values in all (the root, every container, every key and every item).
     """
     count = 0
+    objects = 1
+    limit = max_objects if max_objects is not None else 2**62
+    native: dict[str, int] = {}
+    if max_objects is not None:
+        native = {"max_array_len": max_objects, "max_map_len": max_objects // 2}
 
     # msgpack-python decodes extension type -1 (timestamps) itself, without
     # calling ext_hook, so the hooks below look for what it made.
     def counted_list(value: list[Any]) -> Any:
-        nonlocal count
+        nonlocal count, objects
         count += 1
-        if count > max_containers:
+        objects += len(value)
+        if count > max_containers or objects > limit:
             raise _TooMany
         if not allow_ext and any(type(v) is _Timestamp for v in value):
             raise _ExtType(-1)
         return value
 
     def counted_map(value: dict[Any, Any]) -> Any:
-        nonlocal count
+        nonlocal count, objects
         count += 1
-        if count > max_containers:
+        objects += 2 * len(value)
+        if count > max_containers or objects > limit:
             raise _TooMany
         if not allow_ext and any(type(v) is _Timestamp for kv in value.items() for v in kv):
             raise _ExtType(-1)
@@ -123,13 +139,20 @@ def unpackb(
             list_hook=counted_list,
             object_hook=counted_map,
             ext_hook=_msgpack.ExtType if allow_ext else _no_ext,
+            **native,
         )
         if not allow_ext and type(obj) is _Timestamp:
             raise _ExtType(-1)
     except _TooMany:
+        if objects > limit:
+            raise ProtocolError(f"{what} holds more than {limit} values") from None
         raise ProtocolError(f"{what} holds more than {max_containers} maps and arrays") from None
     except _ExtType as exc:
         raise ProtocolError(f"{what} holds a msgpack extension type ({exc.args[0]})") from None
+    except ValueError as exc:
+        if "exceeds max_" in str(exc):  # msgpack's own max_array_len / max_map_len
+            raise ProtocolError(f"{what} holds more than {limit} values") from None
+        raise ProtocolError(f"{what} is not valid msgpack ({type(exc).__name__})") from None
     except Exception as exc:  # msgpack raises ExtraData, ValueError, UnicodeDecodeError, ...
         raise ProtocolError(f"{what} is not valid msgpack ({type(exc).__name__})") from None
     if count > max_depth:  # fewer containers than the limit cannot nest deeper than it

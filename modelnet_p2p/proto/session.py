@@ -42,7 +42,14 @@ from ..errors import (
     error_from_code,
 )
 from .capability import capability_key
-from .framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, pack_frame
+from .framing import (
+    BYTES_PER_CONTROL_FRAME,
+    DEFAULT_MAX_FRAME_SIZE,
+    MAX_ANSWER_SIZE,
+    MAX_CONTROL_FRAMES,
+    FrameDecoder,
+    pack_frame,
+)
 from .infer import (
     MAX_HOPS,
     Cancel,
@@ -278,7 +285,7 @@ class ServerSession:
         self._since = now
         self._out: deque[_Out] = deque()
         self._window = 0
-        self._sent = 0
+        self._sent = self._controls = 0
         self._acked = 0
         self._queued_chunks = 0
         self._written_chunks = 0
@@ -319,6 +326,7 @@ class ServerSession:
                 ServerState.RESET,
             ):
                 return PAUSED
+            self._decoder.expect_control(self.state in (ServerState.RUNNING, ServerState.FINISHING))
             try:
                 body = self._decoder.next_frame()
             except ProtocolError as exc:
@@ -331,10 +339,14 @@ class ServerSession:
                 msg = parse_message(body)
             except ProtocolError as exc:
                 return self._violation(exc)
-            if self.state is ServerState.IDLE and isinstance(msg, Credit | Cancel):
-                # Leftovers of the request that just ended (the client sends credit as it
-                # reads, and may send it after the end frame left): ignored.
-                continue
+            if isinstance(msg, Credit | Cancel) and self.state is not ServerState.AWAIT_REQUEST:
+                self._controls += 1
+                if self._controls > MAX_CONTROL_FRAMES + self._sent // BYTES_PER_CONTROL_FRAME:
+                    return self._violation(ProtocolError("more control frames than the answer justifies"))
+                if self.state is ServerState.IDLE:
+                    # Leftovers of the request that just ended (the client sends credit as it
+                    # reads, and may send it after the end frame left): ignored.
+                    continue
             return self._on_message(msg)
 
     def _gone(self) -> ServerEvent:
@@ -373,7 +385,7 @@ class ServerSession:
     def _on_request(self, req: Request) -> ServerEvent:
         self.request = req
         self._window = req.window
-        self._sent = self._acked = self._queued_chunks = self._written_chunks = 0
+        self._sent = self._acked = self._queued_chunks = self._written_chunks = self._controls = 0
         self._accepted = False
         self.final_code = None
         self.deadline = math.inf
@@ -641,8 +653,8 @@ class ClientSession:
 
     ``request.timeout_ms`` is ignored: :meth:`send_request` computes it from ``deadline``.
     ``reused`` says the stream was kept from an earlier request, so that an end of stream
-    before any byte of the answer can be told apart (:attr:`closed_before_answer`).
-    """
+    before any byte of the answer can be told apart (:attr:`closed_before_answer`). An
+    answer may be at most ``max_answer_size`` bytes."""
 
     def __init__(
         self,
@@ -651,10 +663,11 @@ class ClientSession:
         deadline: float = math.inf,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         reused: bool = False,
+        max_answer_size: int = MAX_ANSWER_SIZE,
     ) -> None:
         self.request = request
         self.deadline = deadline
-        self.max_frame_size = max_frame_size
+        self.max_frame_size, self.max_answer_size = max_frame_size, max_answer_size
         self.reused = reused
         self.state = ClientState.SEND_REQUEST
         self._decoder = FrameDecoder(max_frame_size)
@@ -717,6 +730,8 @@ class ClientSession:
         breach by the server, a truncated answer included (then the state is ``FAILED``)."""
         if self.state is not ClientState.RECEIVING:
             return PAUSED
+        if self.bytes_received > self.max_answer_size:  # a provider that never stops
+            raise self._fail(f"answer larger than {self.max_answer_size} bytes")
         try:
             body = self._decoder.next_frame()
         except ProtocolError as exc:

@@ -35,6 +35,7 @@ from ...p2p.stream import (
     Stream,
     StreamEOF,
     close_quietly,
+    remote_ended,
     remote_peer,
     reset_quietly,
     write_whole,
@@ -83,6 +84,9 @@ READ_SIZE = 1 << 16
 HANDLER_BUFFER = 64
 #: How long a last ``err`` may take to write when the server gives a stream up.
 FAREWELL_TIMEOUT = 0.5
+#: After an ``err`` and its close, how long the client has to end its side before the server
+#: resets the stream (whatever the client sends meanwhile is discarded, not buffered).
+ERROR_LINGER = 1.0
 
 _WRITE_ERRORS: tuple[type[BaseException], ...] = (UnavailableError, *STREAM_ERRORS)
 _IN_REQUEST = (ServerState.ADMITTING, ServerState.RUNNING, ServerState.FINISHING)
@@ -201,11 +205,21 @@ class _Link:
         await reset_quietly(self.stream)
 
     async def end(self) -> None:
-        """Close or reset the stream, as the session's final state says."""
-        if self.session.state is ServerState.CLOSED:
-            await close_quietly(self.stream)
-        else:
+        """Close or reset the stream, as the session's final state says.
+
+        After an ``err`` (a refused request, a protocol error, a failed handler) the stream is
+        closed, so that the ``err`` arrives, and what the client still sends is discarded;
+        a client that has not ended its side within :data:`ERROR_LINGER` is reset.
+        """
+        if self.session.state is not ServerState.CLOSED:
             await reset_quietly(self.stream)
+            return
+        if await close_quietly(self.stream) and self.session.final_code is not None:
+            with trio.move_on_after(ERROR_LINGER):
+                while not remote_ended(self.stream):
+                    await trio.sleep(0.05)
+            if not remote_ended(self.stream):
+                await reset_quietly(self.stream)
 
 
 class InferenceServer:
