@@ -3,21 +3,27 @@ reading its list from a file or the environment, the hardened ``modelnet bootstr
 deployment files of ``examples/deploy/`` (systemd unit, Dockerfile).
 
 Real peers on 127.0.0.1 (and ::1); DNS names are ``localhost`` or answered by a resolver the
-test installs in trio, so no query leaves the machine.
+test installs in trio, so no query leaves the machine. The container image is built only
+where a docker daemon runs (the test says why it skips otherwise).
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import multiaddr
 import pytest
 import trio
+from cli_util import background, clean_env, modelnet, read_event
 
 from modelnet_p2p import ConfigError, Peer
-from modelnet_p2p.config import load_config, network_bootstrap_var
+from modelnet_p2p.config import PEER_SETTINGS, load_config, network_bootstrap_var
 from modelnet_p2p.p2p.addresses import parse_bootstrap_list
 from modelnet_p2p.p2p.identity import Identity
 from modelnet_p2p.p2p.resolve import resolve_addr
@@ -142,3 +148,152 @@ async def test_peers_bootstrap_from_dns4_and_dns6_addresses() -> None:
                     assert joiner.dialer.is_connected(boot6.peer_id)
     finally:
         trio.socket.set_custom_hostname_resolver(None)
+
+
+# -- the hardened bootstrap node and the deployment files -------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _unit_command() -> list[str]:
+    """The unit's ExecStart, without the program (``modelnet``) itself."""
+    [line] = [
+        ln
+        for ln in (DEPLOY / "modelnet-bootstrap.service").read_text().splitlines()
+        if ln.startswith("ExecStart=")
+    ]
+    argv = line.removeprefix("ExecStart=").split()
+    assert argv[0].endswith("/modelnet")
+    return argv[1:]
+
+
+def _docker_command() -> list[str]:
+    """The image's CMD (its ENTRYPOINT is ``modelnet``)."""
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["modelnet"]' in text
+    [line] = [ln for ln in text.splitlines() if ln.startswith("CMD ")]
+    return list(json.loads(line.removeprefix("CMD ")))
+
+
+def _localise(argv: list[str], state: Path, port: int) -> list[str]:
+    """``argv`` with its state directory moved to ``state`` and port 4001 to ``port``, on loopback."""
+    out = []
+    for arg in argv:
+        arg = arg.replace("/var/lib/modelnet", str(state)).replace("/tcp/4001", f"/tcp/{port}")
+        arg = arg.replace("/ip4/0.0.0.0/", "/ip4/127.0.0.1/").replace("/ip6/::/", "/ip6/::1/")
+        out.append(arg)
+    return out
+
+
+def test_the_example_bootstrap_list_parses() -> None:
+    assert len(parse_bootstrap_list((DEPLOY / "testnet.bootstrap").read_text())) == 3
+
+
+def test_a_public_bootstrap_node_needs_a_fixed_identity_and_port(tmp_path: Path) -> None:
+    out = modelnet("--network", "testnet", "bootstrap", "--listen", "/ip4/127.0.0.1/tcp/4001", cwd=tmp_path)
+    assert out.returncode == 2 and "fixed identity" in out.stderr
+    out = modelnet(
+        "--network", "testnet", "bootstrap", "-i", "b.key", "--listen", "/ip4/127.0.0.1/tcp/0", cwd=tmp_path
+    )
+    assert out.returncode == 2 and "fixed port" in out.stderr
+    assert not (tmp_path / "b.key").exists()
+
+
+def test_the_public_profile_sets_relay_and_connection_limits() -> None:
+    from modelnet_p2p.cli.bootstrap import PUBLIC_CONNECTIONS, PUBLIC_LIMITS, bootstrap_overrides
+
+    cfg, _ = load_config(
+        env={}, flags={"network": "testnet", "identity": "b.key", "listen": ["/ip4/0.0.0.0/tcp/4001"]}
+    )
+    over = bootstrap_overrides(cfg)
+    assert over["relay_hop"] and over["dht_mode"] == "server" and over["reachability"] == "public"
+    assert (over["connections_low"], over["connections_high"]) == PUBLIC_CONNECTIONS
+    if "resource_limits" not in PEER_SETTINGS:
+        pytest.skip("this tree has no per-peer and per-IP resource limits (PeerConfig.resource_limits)")
+    limits = over["resource_limits"]
+    for name, value in PUBLIC_LIMITS.items():
+        assert getattr(limits, name) == value
+    Peer(**over)  # a Peer takes them all
+    local, _ = load_config(env={}, flags={"network": "local"})
+    assert bootstrap_overrides(local) == {"relay_hop": True, "dht_mode": "server"}
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("source", ["systemd", "docker"])
+def test_the_deployed_command_runs_a_healthy_bootstrap_node(source: str, tmp_path: Path) -> None:
+    """The unit's ExecStart and the image's CMD, run as they are (on loopback, in a temporary
+    state directory): a bootstrap node with a key of mode 0600 and a peer id that survives a
+    restart, which announces nothing, and which doctor finds healthy."""
+    argv = _localise(_unit_command() if source == "systemd" else _docker_command(), tmp_path, free_port())
+    env = clean_env(MODELNET_METRICS_LISTEN=f"127.0.0.1:{free_port()}")
+    with background(*argv, cwd=tmp_path, env=env) as node:
+        ready = read_event(node)
+        while ready["event"] != "ready":
+            ready = read_event(node)
+        addr = ready["addrs"][0]
+        assert ready["capabilities"] == []
+        key = tmp_path / "bootstrap.key"
+        assert key.stat().st_mode & 0o777 == 0o600
+        out = modelnet("--network", "testnet", "doctor", "-b", addr, "--json", cwd=tmp_path, timeout=90)
+        doc = json.loads(out.stdout)
+        assert out.returncode == 0, [f for f in doc["findings"] if f["status"] != "ok"]
+        assert doc["facts"]["serving_peers"] == 0  # the node announces nothing
+        assert any(f["check"] == "relay" and "granted" in f["message"] for f in doc["findings"])
+    with background(*argv, cwd=tmp_path, env=env) as node:
+        again = read_event(node)
+        while again["event"] != "ready":
+            again = read_event(node)
+        assert again["peer_id"] == ready["peer_id"]  # a fixed identity
+
+
+def test_the_systemd_unit_verifies(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    program = shutil.which("modelnet") or str(Path(sys.executable).with_name("modelnet"))
+    unit = tmp_path / "modelnet-bootstrap.service"
+    unit.write_text(
+        (DEPLOY / "modelnet-bootstrap.service").read_text().replace("/usr/local/bin/modelnet", program)
+    )
+    out = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and not out.stderr.strip() and not out.stdout.strip(), out
+
+
+def _docker_unavailable() -> str | None:
+    docker = shutil.which("docker")
+    if docker is None:
+        return "docker is not installed"
+    try:
+        out = subprocess.run(
+            [docker, "version", "--format", "{{.Server.Version}}"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"docker version failed: {exc}"
+    if out.returncode != 0:
+        return "the docker daemon is not running: " + (out.stderr.strip().splitlines() or ["no answer"])[-1]
+    return None
+
+
+@pytest.mark.timeout(1800)
+def test_the_container_image_builds() -> None:
+    why = _docker_unavailable()
+    if why is not None:
+        pytest.skip(why)
+    tag = "modelnet-bootstrap:test"
+    build = subprocess.run(
+        ["docker", "build", "-f", str(DEPLOY / "Dockerfile"), "-t", tag, str(REPO)],
+        capture_output=True, text=True, timeout=1700,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr[-3000:]
+    run = subprocess.run(
+        ["docker", "run", "--rm", tag, "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0 and "modelnet" in run.stdout, run
+    user = subprocess.run(
+        ["docker", "image", "inspect", "-f", "{{.Config.User}}", tag], capture_output=True, text=True
+    )
+    assert user.stdout.strip() == "modelnet"

@@ -18,6 +18,7 @@ from ..config import Config
 from ..errors import ConfigError
 from ..peer import Peer
 from ..proto.capability import Capability
+from .bootstrap import bootstrap_overrides
 from .common import emit, env_secret, gateway_extra_missing, make_peer, run_async, wait_for_stop
 from .options import PeerOptions, State, pass_state, peer_options
 
@@ -27,8 +28,6 @@ __all__ = ["bootstrap_command", "resolve_serve_target", "serve_command", "serve_
 DRAIN_TIMEOUT = 30.0
 #: A bootstrap node serves nothing, so it has nothing to drain.
 BOOTSTRAP_DRAIN_TIMEOUT = 0.1
-#: A bootstrap node is a DHT server that relays circuits for private peers.
-BOOTSTRAP_PEER: dict[str, Any] = {"relay_hop": True, "dht_mode": "server"}
 
 
 # -- serve targets -------------------------------------------------------------------
@@ -291,9 +290,14 @@ def serve_command(
 @peer_options()
 @pass_state
 def bootstrap_command(state: State, as_json: bool, watch_stdin: bool, peer: PeerOptions) -> None:
-    """Run a bootstrap node: a DHT server and relay that serves no model. Quiet until stopped."""
+    """Run a bootstrap node: a DHT server and relay that serves no model. Quiet until stopped.
+
+    Off the local network it is hardened for the public internet: a fixed identity and port,
+    no announces, relay and connection limits per peer and per IP (docs/testnet.md).
+    """
     cfg, _ = state.config(peer)
+    overrides = bootstrap_overrides(cfg)
     try:
-        run_async(serve_until_stopped, cfg, [], BOOTSTRAP_DRAIN_TIMEOUT, as_json, watch_stdin, BOOTSTRAP_PEER)
+        run_async(serve_until_stopped, cfg, [], BOOTSTRAP_DRAIN_TIMEOUT, as_json, watch_stdin, overrides)
     except KeyboardInterrupt:
         pass
