@@ -22,6 +22,7 @@ from .config import PeerConfig
 from .errors import BadRequestError, ConfigError
 from .log import quiet_libp2p
 from .mesh.client import InferenceStream, MeshClient, Response
+from .mesh.collab.trace import TraceLog
 from .mesh.context import MeshContext
 from .mesh.interest import Interest
 from .mesh.providers import (
@@ -144,6 +145,8 @@ class Peer:
         self._stack: AsyncExitStack | None = None
         self._client: MeshClient | None = None
         self._dialer: Dialer | None = None
+        #: The last collaborations this peer ran (``mesh/collab/trace.py``), for the dashboard.
+        self.trace_log = TraceLog()
         #: Kept inference streams, reused for the next request to the same peer.
         self.stream_pool = StreamPool()
         #: Trims idle connections (specs/network.md, "Connection management"); counts: ``stats()``.

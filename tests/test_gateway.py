@@ -301,7 +301,7 @@ async def test_auth_and_the_service_endpoints():
     assert out["metrics"].headers["content-type"].startswith("text/plain; version=0.0.4")
     assert 'modelnet_gateway_requests_total{endpoint="/v1/chat/completions",status="200"} 1' in text
     assert 'modelnet_gateway_requests_total{endpoint="/v1/models",status="401"} 1' in text
-    assert 'modelnet_gateway_errors_total{endpoint="/v1/models",code="invalid_api_key"} 1' in text
+    assert 'modelnet_gateway_errors_total{code="invalid_api_key",endpoint="/v1/models"} 1.0' in text
     assert 'modelnet_gateway_request_duration_seconds_count{endpoint="/v1/chat/completions"} 1' in text
     assert "modelnet_gateway_first_chunk_seconds_bucket" in text
     assert "modelnet_gateway_peers_seen 1" in text

@@ -29,6 +29,7 @@ RANKS: dict[str, int] = {
     "threaded": 7,
     "testing": 7,
     "openai": 7,
+    "dashboard": 7,
     "demo": 7,
     "cli": 8,
     "collab": 9,  # thin re-exports kept for documented import paths

@@ -220,15 +220,15 @@ def test_metrics_exposition():
     m.first_chunk_after("/v1/chat/completions", 0.004)
     m.chunks['/v1/x"y'] += 2
     text = m.render({"modelnet_gateway_models": ("Models known now.", 2.0)})
-    lines = text.splitlines()
-    assert 'modelnet_gateway_requests_total{endpoint="/v1/chat/completions",status="200"} 1' in lines
-    assert 'modelnet_gateway_errors_total{endpoint="/v1/models",code="invalid_api_key"} 1' in lines
+    lines = text.splitlines()  # prometheus_client writes labels sorted, values as floats
+    assert 'modelnet_gateway_requests_total{endpoint="/v1/chat/completions",status="200"} 1.0' in lines
+    assert 'modelnet_gateway_errors_total{code="invalid_api_key",endpoint="/v1/models"} 1.0' in lines
     assert (
-        'modelnet_gateway_first_chunk_seconds_bucket{endpoint="/v1/chat/completions",le="0.005"} 1' in lines
+        'modelnet_gateway_first_chunk_seconds_bucket{endpoint="/v1/chat/completions",le="0.005"} 1.0' in lines
     )
-    assert 'modelnet_gateway_request_duration_seconds_bucket{endpoint="/v1/models",le="+Inf"} 1' in lines
-    assert 'modelnet_gateway_chunks_total{endpoint="/v1/x\\"y"} 2' in lines
-    assert "# TYPE modelnet_gateway_models gauge" in lines and "modelnet_gateway_models 2" in lines
+    assert 'modelnet_gateway_request_duration_seconds_bucket{endpoint="/v1/models",le="+Inf"} 1.0' in lines
+    assert 'modelnet_gateway_chunks_total{endpoint="/v1/x\\"y"} 2.0' in lines
+    assert "# TYPE modelnet_gateway_models gauge" in lines and "modelnet_gateway_models 2.0" in lines
     assert text.endswith("\n")
 
 

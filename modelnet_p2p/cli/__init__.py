@@ -22,6 +22,7 @@ from ..errors import ModelNetError, exception_leaves
 from ..log import set_verbose
 from .ask import ask_command, parse_params
 from .config import config_group, id_command
+from .dashboard import dashboard_command
 from .demo import demo_command
 from .discover import discover_command
 from .doctor import doctor_command
@@ -96,6 +97,7 @@ for _command in (
     discover_command,
     doctor_command,
     status_command,
+    dashboard_command,
     demo_command,
     run_command,
     psk_group,

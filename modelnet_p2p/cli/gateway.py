@@ -11,6 +11,7 @@ import trio
 from ..config import Config
 from ..openai.settings import GatewayConfig
 from .common import emit, env_secret, gateway_extra_missing, make_peer, run_async, wait_for_stop
+from .dashboard import metrics_option, start_metrics
 from .options import PeerOptions, State, pass_state, peer_options, require_bootstrap
 
 __all__ = ["gateway_command"]
@@ -43,6 +44,7 @@ __all__ = ["gateway_command"]
     show_default=True,
     help="Who picks providers: the peer's routing, or the gateway's over discovered providers.",
 )
+@metrics_option
 @click.option("--json", "as_json", is_flag=True, help="Print events as JSON lines.")
 @click.option("--exit-on-stdin-eof", "watch_stdin", is_flag=True, hidden=True)
 @peer_options(
@@ -56,6 +58,7 @@ def gateway_command(
     no_auth: bool,
     request_timeout: float,
     routing: str,
+    metrics_listen: str | None,
     as_json: bool,
     watch_stdin: bool,
     peer: PeerOptions,
@@ -63,14 +66,23 @@ def gateway_command(
     """Serve the OpenAI API (models, chat, completions, embeddings) backed by the mesh, until Ctrl-C.
 
     \b
-    Also: GET /.well-known/agent-card.json, /healthz, /metrics (Prometheus).
+    Also: GET /.well-known/agent-card.json, /healthz, /metrics (Prometheus), /dashboard/ (the mesh page).
     """
     cfg, _ = state.config(peer)
     require_bootstrap(cfg, "so the gateway can find models")
     api_key = env_secret(api_key_env, "--api-key-env")
     try:
         run_async(
-            _gateway, cfg, http_listen, api_key, no_auth, request_timeout, routing, as_json, watch_stdin
+            _gateway,
+            cfg,
+            http_listen,
+            api_key,
+            no_auth,
+            request_timeout,
+            routing,
+            as_json,
+            watch_stdin,
+            metrics_listen,
         )
     except KeyboardInterrupt:
         pass
@@ -85,6 +97,7 @@ async def _gateway(
     routing: str,
     as_json: bool,
     watch_stdin: bool,
+    metrics_listen: str | None = None,
 ) -> None:
     try:
         from ..openai.app import serve_gateway
@@ -104,6 +117,7 @@ async def _gateway(
                     routing=routing,
                 )
             )
+            await start_metrics(peer, metrics_listen, as_json)
             url = binds[0] if binds else f"http://{http_listen}"
             emit(
                 as_json,

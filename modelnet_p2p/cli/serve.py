@@ -20,7 +20,9 @@ from ..peer import Peer
 from ..proto.capability import Capability
 from .bootstrap import bootstrap_overrides
 from .common import emit, env_secret, gateway_extra_missing, make_peer, run_async, wait_for_stop
+from .dashboard import metrics_option, start_metrics
 from .options import PeerOptions, State, pass_state, peer_options
+from .token import AccessFlags, access_options
 
 __all__ = ["bootstrap_command", "resolve_serve_target", "serve_command", "serve_until_stopped"]
 
@@ -67,6 +69,7 @@ def _import_target(target: str) -> Any:
 
 
 _CARD_FIELDS = {"name", "task", "version", "description", "tags", "idempotent", "max_concurrency"}
+_CARD_FIELDS |= {"access", "allow"}  # who may call (services/access.py)
 
 
 def _capability_from_mapping(data: dict[str, Any]) -> dict[str, Any]:
@@ -130,6 +133,8 @@ def resolve_serve_target(
                 tags=base.tags,
                 idempotent=base.idempotent,
                 max_concurrency=base.max_concurrency,
+                access=base.access,
+                allow=base.allow,
             )
         fields_.update(file_fields)
         fields_.update({k: v for k, v in flags.items() if v not in (None, ())})
@@ -152,10 +157,12 @@ async def serve_until_stopped(
     watch_stdin: bool = False,
     overrides: dict[str, Any] | None = None,
     setup: Callable[[Peer], Awaitable[list[Capability]]] | None = None,
+    metrics_listen: str | None = None,
 ) -> None:
     """Serve ``served`` until a signal (or stdin EOF), then drain; print ready/draining/stopped."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with make_peer(cfg, **(overrides or {})) as peer:
+            await start_metrics(peer, metrics_listen, as_json)
             for cap, handler in served:
                 peer.serve(cap, handler)
             names = [c.name for c, _ in served]
@@ -194,6 +201,7 @@ def _serve_upstream(
     drain_timeout: float,
     as_json: bool,
     watch_stdin: bool,
+    metrics_listen: str | None = None,
 ) -> None:
     try:
         from ..openai.upstream import parse_upstream_target, serve_upstream
@@ -207,7 +215,7 @@ def _serve_upstream(
         upstream = await serve_upstream(peer, base_url, models=models, api_key=api_key, tags=tags)
         return list(upstream.capabilities)
 
-    run_async(serve_until_stopped, cfg, [], drain_timeout, as_json, watch_stdin, None, setup)
+    run_async(serve_until_stopped, cfg, [], drain_timeout, as_json, watch_stdin, None, setup, metrics_listen)
 
 
 @click.command("serve")
@@ -235,6 +243,8 @@ def _serve_upstream(
 @click.option(
     "--api-key-env", help="With openai+http(s)://: environment variable holding the upstream's API key."
 )
+@access_options
+@metrics_option
 @peer_options()
 @pass_state
 def serve_command(
@@ -251,7 +261,9 @@ def serve_command(
     watch_stdin: bool,
     models: tuple[str, ...],
     api_key_env: str | None,
+    metrics_listen: str | None,
     peer: PeerOptions,
+    access: AccessFlags,
 ) -> None:
     """Serve a model on the mesh until Ctrl-C, then drain gracefully.
 
@@ -265,13 +277,16 @@ def serve_command(
         if cap_name or task or cap_version or description or only:
             raise click.UsageError("with openai+http(s):// the models come from the server; use --model")
         try:
-            _serve_upstream(cfg, target, models, api_key_env, tags, drain_timeout, as_json, watch_stdin)
+            _serve_upstream(
+                cfg, target, models, api_key_env, tags, drain_timeout, as_json, watch_stdin, metrics_listen
+            )
         except KeyboardInterrupt:
             pass
         return
     if models or api_key_env:
         raise click.UsageError("--model and --api-key-env go with an openai+http(s):// target")
     flags = {"name": cap_name, "task": task, "version": cap_version, "description": description, "tags": tags}
+    flags.update(access.capability_flags())
     served = resolve_serve_target(target, flags, state.config_file)
     if only:
         unknown = set(only) - {c.name for c, _ in served}
@@ -279,7 +294,17 @@ def serve_command(
             raise click.BadParameter(f"not in the target: {', '.join(sorted(unknown))}", param_hint="--only")
         served = [(c, h) for c, h in served if c.name in only]
     try:
-        run_async(serve_until_stopped, cfg, served, drain_timeout, as_json, watch_stdin)
+        run_async(
+            serve_until_stopped,
+            cfg,
+            served,
+            drain_timeout,
+            as_json,
+            watch_stdin,
+            access.peer_overrides(),
+            None,
+            metrics_listen,
+        )
     except KeyboardInterrupt:
         pass  # a signal that arrived while stopping: the peer has already stopped cleanly
 
@@ -287,9 +312,12 @@ def serve_command(
 @click.command("bootstrap")
 @click.option("--json", "as_json", is_flag=True, help="Print events as JSON lines.")
 @click.option("--exit-on-stdin-eof", "watch_stdin", is_flag=True, hidden=True)
+@metrics_option
 @peer_options()
 @pass_state
-def bootstrap_command(state: State, as_json: bool, watch_stdin: bool, peer: PeerOptions) -> None:
+def bootstrap_command(
+    state: State, as_json: bool, watch_stdin: bool, metrics_listen: str | None, peer: PeerOptions
+) -> None:
     """Run a bootstrap node: a DHT server and relay that serves no model. Quiet until stopped.
 
     Off the local network it is hardened for the public internet: a fixed identity and port,
@@ -298,6 +326,9 @@ def bootstrap_command(state: State, as_json: bool, watch_stdin: bool, peer: Peer
     cfg, _ = state.config(peer)
     overrides = bootstrap_overrides(cfg)
     try:
-        run_async(serve_until_stopped, cfg, [], BOOTSTRAP_DRAIN_TIMEOUT, as_json, watch_stdin, overrides)
+        run_async(
+            serve_until_stopped, cfg, [], BOOTSTRAP_DRAIN_TIMEOUT, as_json, watch_stdin, overrides, None,
+            metrics_listen,
+        )  # fmt: skip
     except KeyboardInterrupt:
         pass

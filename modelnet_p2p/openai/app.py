@@ -25,6 +25,8 @@ Endpoints:
 ``GET /healthz``                          liveness, peer id, connected peers
 ``GET /metrics``                          Prometheus text: requests, errors, latency,
                                           time to first chunk, failovers, peers seen
+``GET /dashboard/``                       the live mesh page and its health API
+                                          (:mod:`modelnet_p2p.dashboard`)
 ========================================  ======================================================
 
 Requests travel by the conventions of :mod:`modelnet_p2p.openai.conventions`, routed by
@@ -83,8 +85,9 @@ from hypercorn.trio import serve as hypercorn_serve
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
+from ..dashboard.app import Dashboard
 from ..errors import ConfigError, ModelNetError
 from ..mesh.routing import POLICIES
 from .calls import Caller
@@ -252,7 +255,7 @@ class Gateway:
         self.peer = peer
         self.api_key = api_key or None
         self.request_timeout = request_timeout
-        self.metrics = Metrics()
+        self.metrics = Metrics(peer)
         self.catalog = Catalog(peer, models, tasks, discovery_ttl, lookup_timeout)
         self.calls = Caller(
             peer.mesh_client,
@@ -280,6 +283,8 @@ class Gateway:
                 ),
                 Route("/healthz", self._wrap("/healthz", self._healthz, auth=False), methods=get),
                 Route("/metrics", self._wrap("/metrics", self._metrics), methods=get),
+                # the mesh page (modelnet_p2p.dashboard), behind the same bearer token if any
+                Mount("/dashboard", app=Dashboard(peer, authorize=self._authorized).app),
             ]
         )
 

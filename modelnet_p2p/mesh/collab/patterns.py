@@ -42,7 +42,7 @@ from ...errors import (
 from ..client import InferenceStream, deadline_of, remaining
 from ..context import join_chunks
 from ..providers import LOOKUP_TIMEOUT
-from .trace import Result, Trace, as_text
+from .trace import Result, Trace, as_text, logged
 
 __all__ = [
     "Mesh",
@@ -194,7 +194,7 @@ async def pipeline(
     """Run ``steps`` in order; each step's output is the next step's input."""
     if not steps:
         raise BadRequestError("a pipeline needs at least one step")
-    root = trace or Trace("pipeline")
+    root = trace or logged(peer, Trace("pipeline"))
     deadline = deadline_of(timeout)
     chain = [as_step(s) for s in steps]
     value: Any = input
@@ -330,7 +330,7 @@ async def ensemble(
     failed members are left out; the rest still count. The trace says which
     members took part.
     """
-    root = trace or Trace("ensemble", detail={"aggregate": aggregate})
+    root = trace or logged(peer, Trace("ensemble", detail={"aggregate": aggregate}))
     deadline = trio.current_time() + timeout
     member_deadline = deadline - (min(2.0, timeout / 4) if aggregate == "judge" else 0.0)
     params = dict(params or {})
@@ -434,7 +434,7 @@ async def route(
     trace: Trace | None = None,
 ) -> Result:
     """Ask the ``router`` capability for a label, then send ``input`` to ``routes[label]``."""
-    root = trace or Trace("router")
+    root = trace or logged(peer, Trace("router"))
     deadline = deadline_of(timeout)
     label = label_of(await call_step(peer, root.child("classify"), router, input, {}, deadline))
     root.detail["label"] = label
@@ -475,7 +475,7 @@ async def draft_verify(
     accepted the result is the last draft, and the trace's status is
     ``"error"`` with the verdict.
     """
-    root = trace or Trace("draft-verify")
+    root = trace or logged(peer, Trace("draft-verify"))
     deadline = deadline_of(timeout)
     extra: dict[str, Any] = dict(params or {})
     draft: Any = None

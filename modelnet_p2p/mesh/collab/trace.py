@@ -8,12 +8,17 @@ attempts, errors). Times are trio time (``MockClock`` in tests).
 from __future__ import annotations
 
 import json
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..routing import trio_clock
 
-__all__ = ["Result", "Trace", "as_text"]
+__all__ = ["TRACE_LOG_SIZE", "Result", "Trace", "TraceLog", "as_text", "logged"]
+
+#: Collaborations a :class:`TraceLog` remembers (the oldest is dropped first).
+TRACE_LOG_SIZE = 32
 
 
 # -- trace ---------------------------------------------------------------------------
@@ -99,6 +104,44 @@ class Trace:
         for c in self.children:
             lines.append(c.render(indent + "  "))
         return "\n".join(lines)
+
+
+def _shape(node: Trace) -> tuple[Any, ...]:
+    return (node.status, node.peer, node.chunks, tuple(_shape(c) for c in node.children))
+
+
+class TraceLog:
+    """The last collaborations a peer ran (their root traces, still running or done), for views
+    such as the dashboard. Bounded: the oldest of more than ``size`` is dropped."""
+
+    def __init__(self, size: int = TRACE_LOG_SIZE) -> None:
+        self._items: deque[tuple[int, float, Trace]] = deque(maxlen=size)
+        self._count = 0
+
+    def add(self, trace: Trace) -> Trace:
+        self._count += 1
+        self._items.append((self._count, time.time(), trace))
+        return trace
+
+    def recent(self, n: int = TRACE_LOG_SIZE) -> list[dict[str, Any]]:
+        """The ``n`` newest as JSON (newest first), each with ``id`` and ``started_at`` (Unix time)."""
+        items = list(self._items)[-n:] if n > 0 else []
+        return [{"id": i, "started_at": t, **tr.to_json()} for i, t, tr in reversed(items)]
+
+    def key(self) -> tuple[Any, ...]:
+        """Changes when a trace is added or one of them progresses (not with the clock)."""
+        return (self._count, tuple(_shape(tr) for _, _, tr in self._items))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def logged(mesh: Any, trace: Trace) -> Trace:
+    """Record the root ``trace`` in ``mesh.trace_log`` (a :class:`~modelnet_p2p.Peer`'s), if it has one."""
+    log = getattr(mesh, "trace_log", None)
+    if isinstance(log, TraceLog):
+        log.add(trace)
+    return trace
 
 
 def _jsonable(obj: Any) -> Any:

@@ -16,7 +16,7 @@ import trio
 from ...errors import BadRequestError, DeadlineExceededError
 from ..client import remaining
 from .patterns import Mesh, as_step, call_step, draft_verify, ensemble, label_of, pipeline
-from .trace import Result, Trace
+from .trace import Result, Trace, logged
 
 __all__ = ["load_workflow", "run_node", "run_workflow", "stream_text"]
 
@@ -208,7 +208,7 @@ async def run_workflow(
     if input is None:
         raise BadRequestError("no input: give one, or set input = ... in the workflow")
     timeout = timeout if timeout is not None else float(workflow.get("timeout", 60.0))
-    root = Trace("workflow", detail={"name": workflow.get("name", "")})
+    root = logged(peer, Trace("workflow", detail={"name": workflow.get("name", "")}))
     body = {k: v for k, v in workflow.items() if k in _PATTERNS}
     try:
         output = await run_node(peer, body, input, root, trio.current_time() + timeout)
