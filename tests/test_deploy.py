@@ -25,14 +25,14 @@ from cli_util import background, clean_env, modelnet, read_event
 from modelnet_p2p import ConfigError, Peer
 from modelnet_p2p.config import PEER_SETTINGS, load_config, network_bootstrap_var
 from modelnet_p2p.p2p.addresses import parse_bootstrap_list
-from modelnet_p2p.p2p.identity import Identity
 from modelnet_p2p.p2p.resolve import resolve_addr
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "examples" / "deploy"
 
-ID1 = str(Identity.generate().peer_id)
-ID2 = str(Identity.generate().peer_id)
+#: Fixed peer ids (parameters must be the same in every pytest-xdist worker).
+ID1 = "12D3KooWCQVqSHVJX2Mp8TgCigq7vg78kcDpVcRoMapSkLARByHX"
+ID2 = "12D3KooWMMtidyu7NfuLb21SMFBe6drxciUUsWyZrvw15AYoYt5P"
 
 
 # -- bootstrap lists ------------------------------------------------------------------------

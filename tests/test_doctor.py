@@ -118,7 +118,9 @@ def test_a_key_file_other_users_can_read(boot: str, tmp_path: Path) -> None:
 
 
 def test_a_bootstrap_peer_of_another_network(tmp_path: Path) -> None:
-    with background("--network", "other-mesh", "bootstrap", "--json", cwd=tmp_path) as proc:
+    listen = f"/ip4/127.0.0.1/tcp/{free_port()}"  # a bootstrap node off local needs a fixed port and key
+    other = ("--network", "other-mesh", "bootstrap", "-i", "other.key", "-l", listen, "--json")
+    with background(*other, cwd=tmp_path) as proc:
         addr = read_event(proc)["addrs"][0]
         code, doc = doctor("doctor", "-b", addr, "--no-browse", cwd=tmp_path)
     assert code == 1
