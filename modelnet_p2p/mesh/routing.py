@@ -48,6 +48,8 @@ provider never measured), so a provider that claims to be idle and answers wrong
 an honest busy one after a wrong answer or two. The operator's lists
 (:class:`~.reputation.PeerLists`) come first: blocked peers are never chosen, a non-empty
 allow list limits the choice to its peers, and an eligible pinned peer is always preferred.
+Among the rest, a provider trusted less than half as much as the most trusted eligible one
+is not chosen at all (:data:`TRUST_CUTOFF`).
 """
 
 from __future__ import annotations
@@ -86,6 +88,11 @@ BAN_MAX = 300.0
 #: How much a full provider's score grows (x 1 + LOAD_WEIGHT) against an idle one's: being at
 #: capacity weighs like 400 ms of extra latency to the first chunk.
 LOAD_WEIGHT = 4.0
+#: A provider trusted less than this share of the most trusted eligible one is not chosen while
+#: that one is eligible: one error leaves an unknown provider at trust 0.5 and still in the
+#: running; a wrong answer, or two errors, and it waits until its faults decay or nothing
+#: better is left.
+TRUST_CUTOFF = 0.5
 #: Weight of a new RTT sample in the moving average.
 RTT_ALPHA = 0.3
 #: Seconds a load hint from an answer is used. A provider's in-flight count turns over about
@@ -335,13 +342,19 @@ class Router:
     ) -> Candidate | None:
         """Pick a provider (by ``policy``, or the router's own), or ``None`` if none is eligible.
 
-        An eligible pinned provider is always preferred to the others.
+        An eligible pinned provider is always preferred to the others, and a provider trusted
+        less than :data:`TRUST_CUTOFF` times the most trusted eligible one is passed over (with
+        power of two choices, two distrusted providers drawn together would otherwise still
+        get the call).
         """
         pool = self.eligible(cands, exclude)
         if not pool:
             return None
         pinned = [c for c in pool if c.peer_id in self.reputation.lists.pin]
         pool = pinned or pool
+        trust = {c.peer_id: self.reputation.trust(c.peer_id) for c in pool}
+        best = max(trust.values())
+        pool = [c for c in pool if trust[c.peer_id] >= best * TRUST_CUTOFF]
         return (self.policy if policy is None else resolve_policy(policy))(pool, self)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
