@@ -534,7 +534,7 @@ def test_empty_message_defaults_to_code():
 
 
 def test_frame_bodies_obey_the_msgpack_limits():
-    from modelnet_p2p.proto.framing import MAX_FRAME_OBJECTS
+    from modelnet_p2p.proto.framing import MAX_FRAME_CONTAINERS, MAX_FRAME_OBJECTS
     from modelnet_p2p.proto.packing import MAX_CONTAINERS, MAX_DEPTH, unpackb
 
     def nested(depth: int) -> dict:
@@ -546,19 +546,24 @@ def test_frame_bodies_obey_the_msgpack_limits():
     assert FrameDecoder().feed(pack_frame(nested(MAX_DEPTH))) == [nested(MAX_DEPTH)]
     with pytest.raises(ProtocolError, match="nesting deeper than 32"):
         FrameDecoder().feed(pack_frame(nested(MAX_DEPTH + 1)))
-    # Frames count values, scalars included: the body map, its 3 keys and 3 values, and the
-    # items of "d": 65,536 in all.
-    many = {"t": "chunk", "seq": 0, "d": [[] for _ in range(MAX_FRAME_OBJECTS - 7)]}
-    assert len(FrameDecoder().feed(pack_frame(many))[0]["d"]) == MAX_FRAME_OBJECTS - 7
+    # Frames hold at most 8,192 maps and arrays, the body map and the list "d" included.
+    many = {"t": "chunk", "seq": 0, "d": [[] for _ in range(MAX_FRAME_CONTAINERS - 2)]}
+    assert len(FrameDecoder().feed(pack_frame(many))[0]["d"]) == MAX_FRAME_CONTAINERS - 2
     many["d"].append([])
-    with pytest.raises(ProtocolError, match="more than 65536 values"):
+    with pytest.raises(ProtocolError, match="more than 8192 maps and arrays"):
         FrameDecoder().feed(pack_frame(many))
-    scalars = {"t": "chunk", "seq": 0, "d": [-100] * (MAX_FRAME_OBJECTS - 6)}
+    # And 65,536 values, scalars included: the body map, its 3 keys and 3 values, and the
+    # items of "d".
+    scalars = {"t": "chunk", "seq": 0, "d": [-100] * (MAX_FRAME_OBJECTS - 7)}
+    assert len(FrameDecoder().feed(pack_frame(scalars))[0]["d"]) == MAX_FRAME_OBJECTS - 7
+    scalars["d"].append(1)
     with pytest.raises(ProtocolError, match="more than 65536 values"):
         FrameDecoder().feed(pack_frame(scalars))
-    deep = {"t": "chunk", "seq": 0, "d": [[1, 2, 3, 4]] * 13_107}  # many small arrays: 65,543
+    wide = {"t": "chunk", "seq": 0, "d": [list(range(15))] * 4_095}  # few containers: 65,527 values
+    assert len(FrameDecoder().feed(pack_frame(wide))[0]["d"]) == 4_095
+    wide["d"].append(list(range(9)))  # 65,537
     with pytest.raises(ProtocolError, match="more than 65536 values"):
-        FrameDecoder().feed(pack_frame(deep))
+        FrameDecoder().feed(pack_frame(wide))
     # A lowered limit applies from the next frame on.
     decoder = FrameDecoder()
     decoder.max_objects = 16

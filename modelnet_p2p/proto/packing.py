@@ -34,6 +34,7 @@ Pure code: no I/O, no clock.
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import msgpack as _msgpack
@@ -58,6 +59,10 @@ class _TooMany(Exception):
 
 
 class _ExtType(Exception):
+    pass
+
+
+class _TooDeep(Exception):
     pass
 
 
@@ -107,17 +112,38 @@ def unpackb(
     native: dict[str, int] = {}
     if max_objects is not None:
         native = {"max_array_len": max_objects, "max_map_len": max_objects // 2}
+    # Heights of the containers decoded so far that hold containers (a leaf's is 1), by id:
+    # msgpack builds bottom-up, so each hook sees its children's heights, and the depth limit
+    # is checked as the value is built, in the one pass over the items that also looks for
+    # timestamps (no second walk over the result).
+    heights: dict[int, int] = {}
 
-    # msgpack-python decodes extension type -1 (timestamps) itself, without
-    # calling ext_hook, so the hooks below look for what it made.
+    def height(items: Any) -> int:
+        types = set(map(type, items))
+        if _Timestamp in types and not allow_ext:
+            # msgpack-python decodes extension type -1 (timestamps) itself, without
+            # calling ext_hook, so the hooks look for what it made.
+            raise _ExtType(-1)
+        if list not in types and dict not in types:
+            return 1
+        h = 0
+        for v in items:
+            if type(v) is list or type(v) is dict:
+                hv = heights.pop(id(v), 1)
+                if hv > h:
+                    h = hv
+        if h >= max_depth:
+            raise _TooDeep
+        return h + 1
+
     def counted_list(value: list[Any]) -> Any:
         nonlocal count, objects
         count += 1
         objects += len(value)
         if count > max_containers or objects > limit:
             raise _TooMany
-        if not allow_ext and any(type(v) is _Timestamp for v in value):
-            raise _ExtType(-1)
+        if value and (h := height(value)) > 1:
+            heights[id(value)] = h
         return value
 
     def counted_map(value: dict[Any, Any]) -> Any:
@@ -126,10 +152,16 @@ def unpackb(
         objects += 2 * len(value)
         if count > max_containers or objects > limit:
             raise _TooMany
-        if not allow_ext and any(type(v) is _Timestamp for kv in value.items() for v in kv):
-            raise _ExtType(-1)
+        if value:
+            if not allow_ext and _Timestamp in set(map(type, value)):
+                raise _ExtType(-1)
+            if (h := height(value.values())) > 1:
+                heights[id(value)] = h
         return value
 
+    enabled = gc.isenabled()
+    if enabled:  # nothing decoded forms a cycle; collections while thousands of
+        gc.disable()  # containers are built cost more than the decoding (10x measured)
     try:
         obj = _msgpack.unpackb(
             data,
@@ -143,6 +175,8 @@ def unpackb(
         )
         if not allow_ext and type(obj) is _Timestamp:
             raise _ExtType(-1)
+    except _TooDeep:
+        raise ProtocolError(f"msgpack nesting deeper than {max_depth}") from None
     except _TooMany:
         if objects > limit:
             raise ProtocolError(f"{what} holds more than {limit} values") from None
@@ -155,8 +189,9 @@ def unpackb(
         raise ProtocolError(f"{what} is not valid msgpack ({type(exc).__name__})") from None
     except Exception as exc:  # msgpack raises ExtraData, ValueError, UnicodeDecodeError, ...
         raise ProtocolError(f"{what} is not valid msgpack ({type(exc).__name__})") from None
-    if count > max_depth:  # fewer containers than the limit cannot nest deeper than it
-        check_depth(obj, max_depth)
+    finally:
+        if enabled:
+            gc.enable()
     return obj
 
 
