@@ -1,8 +1,8 @@
 """The profile ``modelnet bootstrap`` runs with: hardened for the public internet off ``local``.
 
 A bootstrap node is the one address everybody has: a DHT server and a circuit relay that
-serves no model. Off the ``local`` network (``--network testnet`` or a private mesh) it
-faces strangers, so :func:`bootstrap_overrides` also
+serves no model. Off the ``local`` network (``--network testnet`` or a private mesh), and
+listening beyond loopback, it faces strangers, so :func:`bootstrap_overrides` also
 
 - requires a fixed identity (its peer id is in everyone's bootstrap list) and a fixed port;
 - takes itself to be publicly dialable (it never reserves a relay slot elsewhere, and its
@@ -14,12 +14,13 @@ faces strangers, so :func:`bootstrap_overrides` also
   (:data:`PUBLIC_LIMITS`; per-peer DHT request rates are the DHT server's own,
   ``specs/capability.md``, "Limits").
 
-On ``local`` it keeps the plain profile (an ephemeral key and any port are fine for a mesh
-on one machine).
+On ``local``, or on loopback only (``modelnet mesh up``), it keeps the plain profile (an
+ephemeral key and any port are fine for a mesh on one machine).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import fields
 from typing import Any
 
@@ -56,6 +57,24 @@ PUBLIC_LIMITS: dict[str, Any] = {
 }
 
 
+def _loopback_only(addrs: list[str]) -> bool:
+    try:
+        ips = [ipaddress.ip_address(_ip(a)) for a in addrs]
+    except ValueError:
+        return False
+    return bool(ips) and all(ip.is_loopback for ip in ips)
+
+
+def _ip(addr: str) -> str:
+    maddr = multiaddr.Multiaddr(addr)
+    for proto in ("ip4", "ip6"):
+        try:
+            return str(maddr.value_for_protocol(proto))
+        except Exception:
+            continue
+    return ""
+
+
 def _fixed_port(addr: str) -> bool:
     try:
         return int(multiaddr.Multiaddr(addr).value_for_protocol("tcp") or 0) != 0
@@ -66,11 +85,11 @@ def _fixed_port(addr: str) -> bool:
 def bootstrap_overrides(cfg: Config) -> dict[str, Any]:
     """The :class:`~modelnet_p2p.Peer` settings of a bootstrap node for ``cfg``'s network.
 
-    Off ``local``, raises :class:`click.UsageError` without a fixed identity or a fixed
-    listen port.
+    Off ``local`` and listening beyond loopback, raises :class:`click.UsageError` without a
+    fixed identity or a fixed listen port.
     """
     out = dict(BOOTSTRAP_PEER)
-    if cfg.network == "local":
+    if cfg.network == "local" or _loopback_only(cfg.listen):
         return out
     if not cfg.identity:
         raise click.UsageError(
