@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -30,6 +31,7 @@ from modelnet_p2p import Capability, Peer
 from modelnet_p2p.dashboard.app import serve_dashboard
 from modelnet_p2p.dashboard.state import HEALTH_VERSION
 from modelnet_p2p.mesh.collab import pipeline
+from modelnet_p2p.testing.cluster import read_lines
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -205,6 +207,70 @@ async def test_gateway_mounts_the_dashboard() -> None:
         assert page.status_code == 200 and "modelnet mesh" in page.text
         text = (await get(base + "/metrics", headers=auth)).text
         assert "modelnet_gateway_in_flight" in text and 'modelnet_connections{kind="open"}' in text
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def test_modelnet_dashboard_command(tmp_path: Path) -> None:
+    from modelnet_p2p.testing import open_peers
+
+    async with open_peers(2) as (boot, provider):
+        provider.serve(Capability(name="toy", task="chat"), echo)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)}
+        cmd = [
+            sys.executable, "-m", "modelnet_p2p.cli", "dashboard", "--bootstrap", boot.addrs[0],
+            "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--json", "--exit-on-stdin-eof",
+        ]  # fmt: skip
+        proc = await trio.lowlevel.open_process(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env
+        )
+        try:
+            assert proc.stdout is not None and proc.stdin is not None
+            events: dict[str, Any] = {}
+            with trio.fail_after(60):
+                async for line in read_lines(proc.stdout):
+                    event = json.loads(line)
+                    events[event["event"]] = event
+                    if event["event"] == "ready":
+                        break
+            url = events["ready"]["url"]
+            assert url.startswith("http://127.0.0.1:") and events["metrics"]["urls"]
+
+            async def sees_toy() -> Any:
+                h = (await get(url + "/api/v1/state")).json()
+                return (
+                    h if any(c["name"] == "toy" and c["providers"] == 1 for c in h["capabilities"]) else None
+                )
+
+            health = await wait_for(sees_toy, 60, "the provider's capability in the command's health API")
+            assert health["mesh_size"] == 3  # the dashboard's own peer, the bootstrap peer, the provider
+            assert "modelnet_connections" in (await get(events["metrics"]["urls"][0])).text
+            await proc.stdin.aclose()
+            with trio.fail_after(30):
+                assert await proc.wait() == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+def test_dashboard_without_the_gateway_extra_fails_in_one_line(tmp_path: Path) -> None:
+    code = (
+        "import sys; sys.modules['hypercorn'] = None; sys.modules['starlette'] = None\n"
+        "from modelnet_p2p.cli import main\n"
+        "main(['dashboard', '--bootstrap', sys.argv[1]])"
+    )
+    addr = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWGGE5idTp7ADZzUrXmMknruf6FrVxBcztXggbjeoTp67n"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": str(tmp_path)}
+    r = subprocess.run(
+        [sys.executable, "-c", code, addr], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'modelnet_p2p[gateway]'" in lines[0], r.stderr
 
 
 # -- the page in a real browser ------------------------------------------------------------------

@@ -76,6 +76,7 @@ async def test_a_peer_serves_its_metrics() -> None:
         # a second registry of the same peer counts the same requests (once, not twice)
         urls2 = await provider.nursery.start(partial(serve_metrics, peer_registry(provider), "127.0.0.1:0"))
         await caller.call(provider.addrs[0], "three", "x")
+        await provider.discover(model="three", timeout=5)
 
         status, text = await http_get(urls[0])
         assert status == 200
@@ -87,7 +88,8 @@ async def test_a_peer_serves_its_metrics() -> None:
         assert got[("modelnet_capabilities_served", ())] == 2
         assert got[("modelnet_connections", (("kind", "open"),))] >= 1
         assert ("modelnet_gossip_records_accepted_total", ()) in got
-        assert ("modelnet_discovery_lookups_count", ()) in got
+        assert got[("modelnet_discovery_lookups_count", ())] >= 1
+        assert got[("modelnet_discovery_lookups_sum", ())] > 0
         assert ("modelnet_connections_trimmed_total", ()) in got
         assert (
             samples((await http_get(urls2[0]))[1]).get(

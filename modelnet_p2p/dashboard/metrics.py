@@ -176,9 +176,7 @@ class PeerCollector:
         lookups = SummaryMetricFamily(
             "modelnet_discovery_lookups", "Capability lookups and the seconds they took.", labels=[]
         )
-        lookups.add_metric(
-            [], count_value=getattr(d, "lookups_done", 0), sum_value=getattr(d, "lookup_seconds", 0.0)
-        )
+        lookups.add_metric([], count_value=d.lookups_done, sum_value=d.lookup_seconds)
         yield lookups
         try:
             sent = d.requests_sent

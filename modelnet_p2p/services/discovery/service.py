@@ -169,6 +169,9 @@ class Discovery:
         self._extra_addrs: list[str] = []
         #: Announces made so far (explicit and by the announce loop).
         self.announces = 0
+        #: Capability lookups made (:meth:`find`) and their seconds in all, for metrics.
+        self.lookups_done = 0
+        self.lookup_seconds = 0.0
         #: What the latest announce achieved (acknowledgements per record), once there was one.
         self.last_announce: AnnounceResult | None = None
 
@@ -467,5 +470,10 @@ class Discovery:
         the time left) before the deadline of the enclosing cancel scope at the latest,
         rather than search a routing table that is still empty.
         """
-        await self.joined()
-        await self.lookups.find(query, send, limit=limit, own_card=lambda: self.card)
+        started = trio.current_time()
+        try:
+            await self.joined()
+            await self.lookups.find(query, send, limit=limit, own_card=lambda: self.card)
+        finally:
+            self.lookups_done += 1
+            self.lookup_seconds += trio.current_time() - started
