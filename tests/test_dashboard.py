@@ -203,7 +203,7 @@ async def test_gateway_mounts_the_dashboard() -> None:
 
         health = await wait_for(sees_provider, 30, "the provider in the gateway's dashboard")
         assert health["peer_id"] == gw_peer.peer_id and health["mesh_size"] == 2
-        page = await get(base + "/dashboard/", headers=auth)
+        page = await get(base + "/dashboard", headers=auth, follow_redirects=True)
         assert page.status_code == 200 and "modelnet mesh" in page.text
         text = (await get(base + "/metrics", headers=auth)).text
         assert "modelnet_gateway_in_flight" in text and 'modelnet_connections{kind="open"}' in text

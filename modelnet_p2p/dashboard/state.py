@@ -58,6 +58,8 @@ TICK = 1.0
 CARD_REFRESH = 30.0
 #: Seconds one round of card lookups may take.
 CARD_TIMEOUT = 5.0
+#: Seconds between two browses of the whole mesh's cards (the first one at start).
+BROWSE_INTERVAL = 30.0
 #: Capability names looked up per round at most.
 MAX_LOOKUPS = 32
 #: Traces shown at most (newest first).
@@ -160,12 +162,24 @@ class MeshWatch:
         return self.version
 
     async def _cards_forever(self) -> None:
+        browsed = -math.inf
         while True:
             try:
+                if trio.current_time() - browsed >= BROWSE_INTERVAL:
+                    browsed = trio.current_time()
+                    await self.browse()
                 await self.lookup_cards()
             except Exception as exc:  # a failed round is retried next time
                 log.debug("dashboard card lookups failed: %r", exc)
             await trio.sleep(TICK)
+
+    async def browse(self) -> int:
+        """List every capability card of the mesh (the browse index, ``specs/capability.md``), so
+        that serving peers whose gossip does not reach this peer are listed too; cards found."""
+        cards = await self.peer.discover(timeout=CARD_TIMEOUT, limit=MAX_PEERS)
+        for card in cards:
+            self._note_card(card)
+        return len(cards)
 
     async def lookup_cards(self) -> int:
         """Look up the cards of the capabilities seen in gossip: new names at once, the others
@@ -195,6 +209,8 @@ class MeshWatch:
         if p is None:
             return
         p.addrs = tuple(card.addrs)
+        if p.state == "known":  # a card only: it was alive when the lookup found it
+            p.last_seen = trio.current_time()
         for cap in card.capabilities:
             entry = p.capabilities.setdefault(cap.name, {"version": cap.version, "available": False})
             entry["version"] = cap.version
