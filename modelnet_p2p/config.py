@@ -104,6 +104,8 @@ class PeerConfig:
         pin_peers, allow_peers, block_peers: peer ids routing prefers, is limited to (if
             any are given) and never chooses (see :mod:`modelnet_p2p.mesh.reputation`).
         reputation: keep the providers' scores in a file beside the key file.
+        share_reputation: gossip those scores and weigh the others' by their sharer's score
+            here (``specs/reputation.md``; needs ``gossip``).
         reachability: ``"auto"``, ``"public"`` or ``"private"``: whether others
             can dial this peer. A private peer runs the DHT as a client,
             reserves a circuit relay slot on its bootstrap peers and announces
@@ -147,6 +149,7 @@ class PeerConfig:
     allow_peers: Sequence[str] = ()
     block_peers: Sequence[str] = ()
     reputation: bool = True
+    share_reputation: bool = False
     reachability: Reachability = "auto"
     relay_hop: bool = False
     #: GossipSub's mesh (D_hi = 12) and the providers in use fit well under the low mark.

@@ -35,6 +35,7 @@ from .mesh.providers import (
 )
 from .mesh.reputation import PeerLists, Reputation, reputation_path
 from .mesh.routing import Candidate, Router
+from .mesh.shared_reputation import SharedReputation, share_reputation
 from .p2p.addresses import parse_multiaddr
 from .p2p.connmgr import ConnManager
 from .p2p.dialer import Dialer, Target
@@ -48,6 +49,7 @@ from .proto.capability import Capability
 from .proto.card import CapabilityCard
 from .proto.infer import PROTOCOL_ID as INFER_PROTOCOL_ID
 from .proto.infer import TraceContext
+from .proto.reputation import TOPIC as REPUTATION_TOPIC
 from .services.availability import (
     AvailabilityConfig,
     AvailabilityService,
@@ -134,6 +136,8 @@ class Peer:
         self._circuit_addrs: dict[str, str] = {}
         #: Availability gossip (``specs/availability.md``); ``None`` while stopped or if disabled.
         self.availability: AvailabilityService | None = None
+        #: Scores shared over gossip (``PeerConfig.share_reputation``), else ``None``.
+        self.shared_reputation: SharedReputation | None = None
         self._availability_config = AvailabilityConfig(
             publish_interval=cfg.publish_interval,
             topic_prefix=topic(TOPIC_PREFIX, self.network),
@@ -236,6 +240,10 @@ class Peer:
                     capabilities=self.inference.capabilities(),
                 )
                 self.connmgr.keep(self.availability.gossip.mesh_peers)
+                if cfg.share_reputation:  # specs/reputation.md
+                    gossip, where = self.availability.gossip, topic(REPUTATION_TOPIC, self.network)
+                    shared = share_reputation(self.reputation, self.peer_id, gossip, where, nursery)
+                    self.shared_reputation = shared
             self._bootstrap = await resolve_addrs(self._bootstrap)  # /dns4/, /dns6/ names to IPs
             await self._dialer.connect_bootstrap(self._bootstrap, required=cfg.require_bootstrap)
             await self.discovery.bootstrap(self._dialer.connected_among(self._bootstrap))

@@ -8,10 +8,12 @@ import random
 from collections import Counter
 
 import pytest
+import trio
 
-from modelnet_p2p import Capability, Config, ConfigError, Peer, PeerConfig, UnavailableError
+from modelnet_p2p import Capability, Config, ConfigError, Identity, Peer, PeerConfig, UnavailableError
 from modelnet_p2p.cli.status import reputation_rows, reputation_table
 from modelnet_p2p.config import load_config
+from modelnet_p2p.errors import ProtocolError
 from modelnet_p2p.mesh.reputation import (
     HALF_LIFE,
     MAX_FILE_BYTES,
@@ -21,6 +23,13 @@ from modelnet_p2p.mesh.reputation import (
     reputation_path,
 )
 from modelnet_p2p.mesh.routing import Candidate, Router
+from modelnet_p2p.mesh.shared_reputation import HEARSAY_TTL, SharedReputation
+from modelnet_p2p.mesh.shared_reputation import MAX_WEIGHT as MAX_WEIGHT_SHARED
+from modelnet_p2p.p2p.network import topic
+from modelnet_p2p.proto.packing import packb
+from modelnet_p2p.proto.peerid import peer_id_bytes
+from modelnet_p2p.proto.reputation import MAX_ENTRIES, MAX_EVIDENCE, MAX_MESSAGE_BYTES, decode, encode
+from modelnet_p2p.proto.reputation import TOPIC as REPUTATION_TOPIC
 from modelnet_p2p.testing import open_peers
 
 
@@ -238,3 +247,89 @@ async def test_a_blocked_provider_gets_no_routed_call_and_a_pinned_one_gets_them
             for _ in range(6):
                 assert (await caller.call(capability="job", timeout=20)).value == "p1"
         assert counts == {"p2": 6, "p1": 6}
+
+
+# -- shared reputation (optional, off by default) -------------------------------------------
+
+
+def some_peer_ids(n: int) -> list[str]:
+    return [str(Identity.generate(ephemeral=True).peer_id) for _ in range(n)]
+
+
+def test_shared_messages_round_trip_and_refuse_what_breaks_the_limits():
+    a, b = some_peer_ids(2)
+    assert decode(encode([(a, 0.25, 7), (b, 1.0, 70000), ("not-a-peer-id", 0.5, 1)])) == [
+        (a, 0.25, 7),
+        (b, 1.0, MAX_EVIDENCE),
+    ]
+    too_many = packb({"v": 1, "s": [[peer_id_bytes(a), 1, 1]] * (MAX_ENTRIES + 1)})
+    for bad in (
+        b"\xc1",
+        packb({"v": 2, "s": []}),
+        packb({"v": 1, "s": [[peer_id_bytes(a), 1001, 1]]}),
+        packb({"v": 1, "s": [[a, 1, 1]]}),
+        packb({"v": 1, "s": [[peer_id_bytes(a), True, 1]]}),
+        too_many,
+        b"\x00" * (MAX_MESSAGE_BYTES + 1),
+    ):
+        with pytest.raises(ProtocolError):
+            decode(bad)
+
+
+class Msg:
+    def __init__(self, origin: str, data: bytes) -> None:
+        self.origin, self.data = peer_id_bytes(origin), data
+
+
+def test_hearsay_counts_only_from_sharers_this_peer_has_used_and_never_outweighs_its_own():
+    me, sharer, sybil, subject = some_peer_ids(4)
+    clock = Clock()
+    rep = Reputation(clock=clock)
+    shared = SharedReputation(rep, me, interval=60.0, clock=clock)
+    bad_news = encode([(subject, 0.0, 50), (sharer, 1.0, 50), (me, 0.0, 50)])
+    assert shared.validate(Msg(sybil, bad_news))  # well-formed: taken and forwarded...
+    assert rep.trust(subject) == 1.0  # ...but a stranger's word weighs nothing
+    rep.record(sharer, "success")  # this peer has had an answer from the sharer
+    assert shared.validate(Msg(sharer, bad_news))
+    # one fully trusted sharer whose score rests on enough outcomes weighs one outcome here
+    assert rep.trust(subject) == pytest.approx(0.5)
+    other = some_peer_ids(1)[0]
+    for name in (other, *some_peer_ids(3)):
+        rep.record(name, "success")
+        shared.validate(Msg(name, encode([(subject, 0.0, 50)])))
+    # five trusted sharers: their weights add up to at most MAX_WEIGHT
+    assert rep.trust(subject) == pytest.approx(1 - MAX_WEIGHT_SHARED / (MAX_WEIGHT_SHARED + 1))
+    assert rep.trust(me) == 1.0 and rep.evidence(sharer) == (1.0, 1)  # nothing about itself or me
+    for _ in range(20):
+        rep.record(subject, "success")  # what this peer measures soon outweighs hearsay
+    assert rep.trust(subject) > 0.9
+    assert not shared.validate(Msg(sharer, bad_news))  # a second message within interval / 2
+    assert not shared.validate(Msg(sharer, b"junk"))
+    clock.t += HEARSAY_TTL + 1
+    assert shared.hearsay(subject) is None  # what was said expires
+    message = shared.message()
+    assert message is not None and {sharer, subject, other} <= {pid for pid, _, _ in decode(message)}
+
+
+async def test_scores_shared_over_gossip_reach_a_peer_that_trusts_the_sharer():
+    subject = some_peer_ids(1)[0]
+
+    async def answer(request):
+        return "ok"
+
+    async with open_peers(2, share_reputation=True) as (sharer, caller):
+        assert caller.shared_reputation is not None and sharer.shared_reputation is not None
+        sharer.serve(Capability(name="job"), answer)
+        assert (await caller.call(sharer.addrs[0], "job", timeout=20)).value == "ok"
+        for _ in range(10):
+            sharer.reputation.record(subject, "rejected")
+        where = topic(REPUTATION_TOPIC, sharer.network)
+        gossip = sharer.availability.gossip
+        with trio.fail_after(30):
+            while caller.reputation.trust(subject) == 1.0:
+                await sharer.shared_reputation.publish(gossip, where)
+                await trio.sleep(0.3)
+        assert caller.reputation.trust(subject) < 0.6
+        assert subject not in caller.reputation  # hearsay only: nothing measured here
+    async with open_peers(1) as (plain,):
+        assert plain.shared_reputation is None  # off by default

@@ -200,6 +200,9 @@ class Reputation:
         self.max_peers = max_peers
         self._entries: dict[str, _Entry] = {}
         self.listeners: list[Listener] = []
+        #: Other peers' scores, if shared reputation runs (``mesh/shared_reputation.py``):
+        #: ``hearsay(peer_id)`` is ``(trust, weight)`` or ``None``.
+        self.hearsay: Callable[[str], tuple[float, float] | None] | None = None
         self.dirty = False
         if path is not None:
             self.load()
@@ -237,13 +240,37 @@ class Reputation:
                 log.exception("reputation listener failed")
 
     def trust(self, peer_id: str) -> float:
-        """This peer's trust in ``peer_id``, in ``(0, 1]`` (1 for a provider never measured)."""
+        """This peer's trust in ``peer_id``, in ``(0, 1]`` (1 for a provider never measured).
+
+        With shared reputation, other peers' scores (:attr:`hearsay`) are blended in by their
+        weight against this peer's own evidence: ``blend = weight / (weight + evidence + PRIOR)``,
+        so what this peer has measured itself soon outweighs what it was told.
+        """
+        entry = self._entries.get(peer_id)
+        good = bad = 0.0
+        if entry is not None:
+            factor = 0.5 ** (max(0.0, self.clock() - entry.at) / HALF_LIFE)
+            good, bad = entry.good * factor, entry.bad * factor
+        own = (good + PRIOR) / (good + PRIOR + bad)
+        told = self.hearsay(peer_id) if self.hearsay is not None else None
+        if told is None:
+            return own
+        trust, weight = told
+        blend = weight / (weight + good + bad + PRIOR)
+        return max(1e-3, (1 - blend) * own + blend * trust)
+
+    def evidence(self, peer_id: str) -> tuple[float, int]:
+        """``(own trust, outcomes seen)`` of ``peer_id``, without hearsay (what is shared)."""
         entry = self._entries.get(peer_id)
         if entry is None:
-            return 1.0
+            return 1.0, 0
         factor = 0.5 ** (max(0.0, self.clock() - entry.at) / HALF_LIFE)
         good, bad = entry.good * factor, entry.bad * factor
-        return (good + PRIOR) / (good + PRIOR + bad)
+        return (good + PRIOR) / (good + PRIOR + bad), sum(entry.counts.values())
+
+    def peers(self) -> list[str]:
+        """The providers scored, least recently seen first."""
+        return list(self._entries)
 
     def counts(self, peer_id: str) -> dict[str, int]:
         entry = self._entries.get(peer_id)
