@@ -244,7 +244,7 @@ def test_discover_and_status_json(tmp_path):
 # -- in process: the command tree, the shared options and the error policy ----------------
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-PEER_COMMANDS = ["serve", "bootstrap", "ask", "discover", "status", "run", "config show"]
+PEER_COMMANDS = ["serve", "bootstrap", "ask", "discover", "doctor", "status", "run", "config show"]
 
 
 def _command(path: str) -> click.Command:
