@@ -415,7 +415,8 @@ async def test_discover_iter_limit_and_bad_queries() -> None:
                 async for _card in fresh.discover_iter("classification"):
                     break  # leaving early stops the search
                 assert await fresh.discover("nothing-serves-this") == []
-                for bad in ({}, {"version": "1"}, {"task": "x", "limit": 0}):
+                assert ids(await fresh.discover()) == want  # no criteria: a browse (test_browse.py)
+                for bad in ({"version": "1"}, {"task": "x", "limit": 0}):
                     with pytest.raises(BadRequestError):
                         await fresh.discover(**bad)
             # A peer finds its own card too.
