@@ -119,6 +119,9 @@ class PeerConfig:
         psk: a private mesh's swarm key: a ``/key/swarm/psk/1.0.0/`` file (path), its
             contents, or the 32 raw bytes; only peers with the same key can connect
             (``specs/network.md``, "Private networks").
+        trust: peer ids whose capability tokens this peer accepts (``specs/token.md``).
+        require_token: serve every public capability as ``access="token"``.
+        revocations: signed revocation list files, re-read when they change.
     """
 
     identity: str | os.PathLike[str] | Identity | None = None
@@ -158,6 +161,9 @@ class PeerConfig:
     connection_grace: float = 30.0
     connection_check_interval: float = 15.0
     psk: bytes | str | os.PathLike[str] | None = None
+    trust: Sequence[str] = ()
+    require_token: bool = False
+    revocations: Sequence[str] = ()
 
     def with_overrides(self, **overrides: Any) -> PeerConfig:
         """A copy with some settings replaced (``TypeError`` for an unknown name, as for a call)."""

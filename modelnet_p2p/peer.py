@@ -50,6 +50,7 @@ from .proto.card import CapabilityCard
 from .proto.infer import PROTOCOL_ID as INFER_PROTOCOL_ID
 from .proto.infer import TraceContext
 from .proto.reputation import TOPIC as REPUTATION_TOPIC
+from .services.access import AccessControl
 from .services.availability import (
     AvailabilityConfig,
     AvailabilityService,
@@ -165,6 +166,9 @@ class Peer:
         with _as_config_error():
             self.router = Router(cfg.routing_policy, reputation=self.reputation)
         self.inference = InferenceServer(str(self.identity.peer_id), self.limits)
+        self.inference.access = AccessControl(
+            trusted=cfg.trust, require_token=cfg.require_token, revocation_files=cfg.revocations
+        )
         self.inference.mesh_factory = self._mesh_context
         self._load = InferenceLoad(self.inference, cfg.max_concurrency)
         self.inference.on_request_done = self._load.on_request_done

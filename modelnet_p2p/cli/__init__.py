@@ -33,6 +33,7 @@ from .psk import psk_group
 from .run import run_command
 from .serve import bootstrap_command, resolve_serve_target, serve_command
 from .status import status_command
+from .token import token_group
 
 __all__ = [
     "EXIT_ERROR",
@@ -101,6 +102,7 @@ for _command in (
     demo_command,
     run_command,
     psk_group,
+    token_group,
 ):
     cli.add_command(_command)
 

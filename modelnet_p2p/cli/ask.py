@@ -10,6 +10,7 @@ import trio
 
 from ..config import Config
 from ..peer import Peer
+from ..services.access import using_token
 from .common import make_peer, run_async
 from .options import PeerOptions, State, pass_state, peer_options
 
@@ -46,6 +47,11 @@ def parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON object at the end instead of streaming."
 )
+@click.option(
+    "--token",
+    envvar="MODELNET_TOKEN",
+    help="Capability token to send with the request (`modelnet token issue`; env MODELNET_TOKEN).",
+)
 @peer_options()
 @pass_state
 def ask_command(
@@ -56,13 +62,15 @@ def ask_command(
     target: str | None,
     timeout: float,
     as_json: bool,
+    token: str | None,
     peer: PeerOptions,
 ) -> None:
     """Ask CAPABILITY about PROMPT; stream the answer as it arrives."""
     cfg, _ = state.config(peer)
     if not target and not cfg.bootstrap:
         raise click.UsageError("give --peer ADDR, or --bootstrap ADDR to let the mesh choose")
-    run_async(_ask, cfg, capability, prompt, parse_params(params), target, timeout, as_json)
+    with using_token(token.strip() if token else None):
+        run_async(_ask, cfg, capability, prompt, parse_params(params), target, timeout, as_json)
 
 
 async def _ask(

@@ -22,6 +22,7 @@ from .bootstrap import bootstrap_overrides
 from .common import emit, env_secret, gateway_extra_missing, make_peer, run_async, wait_for_stop
 from .dashboard import metrics_option, start_metrics
 from .options import PeerOptions, State, pass_state, peer_options
+from .token import AccessFlags, access_options
 
 __all__ = ["bootstrap_command", "resolve_serve_target", "serve_command", "serve_until_stopped"]
 
@@ -68,6 +69,7 @@ def _import_target(target: str) -> Any:
 
 
 _CARD_FIELDS = {"name", "task", "version", "description", "tags", "idempotent", "max_concurrency"}
+_CARD_FIELDS |= {"access", "allow"}  # who may call (services/access.py)
 
 
 def _capability_from_mapping(data: dict[str, Any]) -> dict[str, Any]:
@@ -131,6 +133,8 @@ def resolve_serve_target(
                 tags=base.tags,
                 idempotent=base.idempotent,
                 max_concurrency=base.max_concurrency,
+                access=base.access,
+                allow=base.allow,
             )
         fields_.update(file_fields)
         fields_.update({k: v for k, v in flags.items() if v not in (None, ())})
@@ -239,6 +243,7 @@ def _serve_upstream(
 @click.option(
     "--api-key-env", help="With openai+http(s)://: environment variable holding the upstream's API key."
 )
+@access_options
 @metrics_option
 @peer_options()
 @pass_state
@@ -258,6 +263,7 @@ def serve_command(
     api_key_env: str | None,
     metrics_listen: str | None,
     peer: PeerOptions,
+    access: AccessFlags,
 ) -> None:
     """Serve a model on the mesh until Ctrl-C, then drain gracefully.
 
@@ -280,6 +286,7 @@ def serve_command(
     if models or api_key_env:
         raise click.UsageError("--model and --api-key-env go with an openai+http(s):// target")
     flags = {"name": cap_name, "task": task, "version": cap_version, "description": description, "tags": tags}
+    flags.update(access.capability_flags())
     served = resolve_serve_target(target, flags, state.config_file)
     if only:
         unknown = set(only) - {c.name for c, _ in served}
@@ -288,7 +295,15 @@ def serve_command(
         served = [(c, h) for c, h in served if c.name in only]
     try:
         run_async(
-            serve_until_stopped, cfg, served, drain_timeout, as_json, watch_stdin, None, None, metrics_listen
+            serve_until_stopped,
+            cfg,
+            served,
+            drain_timeout,
+            as_json,
+            watch_stdin,
+            access.peer_overrides(),
+            None,
+            metrics_listen,
         )
     except KeyboardInterrupt:
         pass  # a signal that arrived while stopping: the peer has already stopped cleanly

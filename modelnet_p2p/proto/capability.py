@@ -26,6 +26,7 @@ from ..errors import ConfigError
 from .limits import MAX_CAPABILITY_LEN
 
 __all__ = [
+    "ACCESS_POLICIES",
     "AMOUNT_PATTERN",
     "KNOWN_MODALITIES",
     "KNOWN_TASKS",
@@ -53,6 +54,8 @@ KNOWN_TASKS = frozenset(
 KNOWN_MODALITIES = frozenset({"text", "image", "audio", "video", "json", "embedding", "file"})
 
 _DEFAULT_TASK = "text-generation"
+#: Who may call a capability (``Capability.access``).
+ACCESS_POLICIES = ("public", "token", "allowlist")
 
 #: The Unicode ``White_Space`` property (PropList.txt, unchanged since Unicode
 #: 6.3): the 25 code points :func:`normalize` strips from both ends. Written
@@ -208,6 +211,10 @@ class Capability:
         languages: BCP 47 language tags, e.g. ``("en", "fr")``.
         license: an SPDX license id or short license name.
         cost: an optional :class:`CostHint`.
+        access: who may call it: ``"public"``, ``"token"`` (a capability token,
+            ``specs/token.md``) or ``"allowlist"`` (the peer ids in ``allow``). Cards
+            announce it; ``allow`` itself travels nowhere.
+        allow: the peer ids an ``"allowlist"`` capability admits.
     """
 
     name: str
@@ -228,6 +235,8 @@ class Capability:
     languages: tuple[str, ...] = ()
     license: str = ""
     cost: CostHint | None = None
+    access: str = "public"
+    allow: frozenset[str] = field(default=frozenset(), compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not capability_key(self.name):
@@ -259,3 +268,6 @@ class Capability:
             object.__setattr__(self, "cost", CostHint(**self.cost))
         elif self.cost is not None and not isinstance(self.cost, CostHint):
             raise ConfigError("cost must be a CostHint (or a mapping of its fields)")
+        if self.access not in ACCESS_POLICIES:
+            raise ConfigError(f"access must be one of {', '.join(ACCESS_POLICIES)}, not {self.access!r}")
+        object.__setattr__(self, "allow", frozenset(_texts(self.allow, "allow")))

@@ -320,6 +320,8 @@ def _cap_map(cap: Capability) -> dict[str, Any]:
         out["cost"] = {"amount": cap.cost.amount, "currency": cap.cost.currency, "per": cap.cost.per}
     if cap.idempotent:
         out["idempotent"] = True
+    if cap.access != "public":
+        out["access"] = cap.access
     return out
 
 
@@ -389,6 +391,7 @@ def _schema_field(obj: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
 
 _CAP_KEYS = frozenset(
     {
+        "access",
         "name",
         "tasks",
         "version",
@@ -428,6 +431,11 @@ def _parse_cap(obj: Any) -> Capability:
     idempotent = obj.get("idempotent", False)
     _need(isinstance(idempotent, bool), "capability field 'idempotent' must be a boolean")
     _need(obj.get("idempotent") is not False, "capability field 'idempotent' must be true (omit it instead)")
+    access = obj.get("access", "public")
+    _need(
+        access in ("token", "allowlist") or "access" not in obj,
+        "capability field 'access' must be token or allowlist (omit it for public)",
+    )
     try:
         return Capability(
             name=name,
@@ -447,6 +455,7 @@ def _parse_cap(obj: Any) -> Capability:
             license=_text(obj, "license", MAX_TOKEN_LEN),
             cost=cost,
             idempotent=idempotent,
+            access=access,
             extra={k: v for k, v in obj.items() if k not in _CAP_KEYS},
         )
     except ProtocolError:

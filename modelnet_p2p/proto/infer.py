@@ -50,6 +50,8 @@ PROTOCOL_VERSION = 1
 MAX_REQUEST_ID_LEN = 64
 #: Longest error message kept; longer ones are cut by the sender.
 MAX_ERROR_MESSAGE_LEN = 4096
+#: Longest capability token in a request (``tok``), in characters (``specs/token.md``).
+MAX_TOKEN_FIELD_LEN = 8192
 #: Largest ``hop`` count a request may carry (loops between handlers stop here).
 MAX_HOPS = 32
 #: Smallest flow-control window a client may grant, in bytes.
@@ -244,6 +246,8 @@ class Request:
     version: int = PROTOCOL_VERSION
     #: The client offers to send further requests on this stream after the end frame.
     keep: bool = False
+    #: A capability token (``specs/token.md``; the ``tok`` extension of ``specs/inference.md``).
+    token: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         out = {
@@ -259,6 +263,8 @@ class Request:
         }
         if self.keep:
             out["keep"] = True
+        if self.token is not None:
+            out["tok"] = self.token
         return out
 
 
@@ -359,6 +365,11 @@ def _parse_request(obj: dict[str, Any]) -> Request:
     window = _uint(obj, "win", optional=True, default=1 << 20)
     _need(window >= MIN_WINDOW, f"window must be at least {MIN_WINDOW} bytes")
     keep = _bool(obj, "keep")
+    token = _opt(obj, "tok", None)
+    _need(
+        token is None or (isinstance(token, str) and 0 < len(token) <= MAX_TOKEN_FIELD_LEN),
+        f"field 'tok' must be text of 1-{MAX_TOKEN_FIELD_LEN} characters",
+    )
     return Request(
         request_id=rid,  # type: ignore[arg-type]
         capability=cap,  # type: ignore[arg-type]
@@ -369,6 +380,7 @@ def _parse_request(obj: dict[str, Any]) -> Request:
         window=window,
         version=version,
         keep=keep,
+        token=token,
     )
 
 

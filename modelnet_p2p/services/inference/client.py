@@ -46,6 +46,7 @@ from ...proto.session import (
     ErrorReceived,
     Finished,
 )
+from ..access import current_token
 
 __all__ = [
     "DEFAULT_WINDOW",
@@ -146,6 +147,7 @@ async def run_request(
         trace=trace,
         window=window,
         keep=release is not None,
+        token=current_token(),  # services/access.py: using_token()
     )
     session = ClientSession(request, deadline=deadline, max_frame_size=max_frame_size, reused=reused)
     try:

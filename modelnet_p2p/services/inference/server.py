@@ -56,6 +56,7 @@ from ...proto.session import (
     ServerSession,
     ServerState,
 )
+from ..access import AccessControl
 from .client import DEFAULT_WINDOW, ResponseInfo, new_request_id, run_request
 from .handlers import Handler, InferenceRequest, handler_kind, run_handler
 
@@ -237,6 +238,8 @@ class InferenceServer:
         self._in_flight = 0
         self._per_peer: dict[str, int] = {}
         self._nursery: trio.Nursery | None = None
+        #: Who may call what (``services/access.py``); the Peer configures it.
+        self.access = AccessControl()
         #: While draining, new requests are refused with ``unavailable`` (retryable)
         #: and requests already running finish.
         self.draining = False
@@ -365,6 +368,9 @@ class InferenceServer:
             return NotFoundError(f"capability {req.capability!r} is not served by this peer")
         if self.draining:
             return UnavailableError("peer is draining; try another provider")
+        denied = self.access.check(req, remote, served.capability)  # policy, token, rate (services/access.py)
+        if denied is not None:
+            return denied
         if self._in_flight >= self.limits.max_concurrency:
             return OverloadedError("peer is at its concurrency limit")
         if self._per_peer.get(remote, 0) >= self.limits.max_concurrency_per_peer:
@@ -399,6 +405,7 @@ class InferenceServer:
                 self._per_peer[remote] = left
             else:
                 del self._per_peer[remote]
+            self.access.done(req, remote, served.capability, s.chunks_written)
             if self.on_request_done is not None:
                 self.on_request_done(
                     served.capability.name,
