@@ -490,3 +490,20 @@ def test_own_messages_flood_to_every_subscribed_neighbour(kind: str) -> None:
     relayed = set(router._get_peers_to_send([TOPIC], msg_forwarder=others[0], origin=others[1]))
     assert relayed == {in_mesh}  # a relayed message goes to the mesh only, both ways
     assert own == ({in_mesh} if kind == "stock" else {in_mesh, *others})
+
+
+def test_stock_replays_only_the_message_cache_and_lean_keeps_the_latest_own_message() -> None:
+    """py-libp2p replays its message cache (a few heartbeats) to a new subscriber, keyed by
+    from + seqno whatever the message-id function; older messages are gone, so
+    :class:`LeanGossipSub` keeps this peer's latest own message per topic for greetings."""
+    router = lean_router()
+    me = Identity.generate().peer_id
+    msg = rpc_pb2.Message(data=b"r", topicIDs=[TOPIC], from_id=me.to_bytes(), seqno=b"\x00\x01")
+    router.mcache.put(msg)
+    assert router.mcache.get(me.to_bytes() + b"\x00\x01") is msg
+    for _ in range(len(router.mcache.history)):
+        router.mcache.shift()
+    assert router.mcache.window(TOPIC) == [] and router.mcache.get(me.to_bytes() + b"\x00\x01") is None
+    assert router.own_message(TOPIC) is None
+    router.own_last[TOPIC] = msg
+    assert router.own_message(TOPIC) is msg

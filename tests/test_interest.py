@@ -116,3 +116,25 @@ async def test_a_followed_capability_is_left_when_idle():
             svc2.follow("b")
             svc2.follow("c")
             assert svc2.following() == {topic_for("a"), topic_for("c")}
+
+
+async def test_a_new_subscriber_is_greeted_with_the_last_record_alone():
+    # A follower that subscribes after the provider's last record left the message cache
+    # gets that record sent to it alone: no new record goes to the other followers.
+    # (py-libp2p would replay a cached one itself; the greeting goes out either way.)
+    async with open_peers(3) as (provider, early, late):
+        await late.connect(provider.addrs[0])
+        provider.serve(Capability(name="echo"), echo)
+        svc, first = provider.availability, early.availability
+        assert svc is not None and first is not None and late.availability is not None
+        first.follow("echo")
+        await first.wait_for(provider.peer_id, timeout=10)
+        published, validated = svc.stats.published, first.stats.validated
+        router = svc.gossip.libp2p_router
+        await wait_until(lambda: not router.mcache.window(topic_for("echo")), timeout=20)
+        late.availability.follow("echo")
+        entry = await late.availability.wait_for(provider.peer_id, timeout=10)
+        assert entry is not None and entry.record.serves("echo")
+        assert svc.gossip.stats.greetings >= 1
+        assert svc.stats.published == published  # no record went out to everyone
+        assert first.stats.validated == validated  # the early follower saw nothing new

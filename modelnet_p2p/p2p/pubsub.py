@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from ..errors import ConfigError, UnavailableError
 from ._compat.pubsub import (
     GuardedPubsub,
+    LeanGossipSub,
     announce_subscription,
     build_pubsub,
     build_router,
@@ -134,6 +135,8 @@ class GossipStats:
     restarts: int = 0
     #: Messages dropped because processing them raised (malformed input).
     dropped: int = 0
+    #: Own messages sent again to a neighbour that newly subscribed (:meth:`Gossip.greet`).
+    greetings: int = 0
 
 
 def describe_error(exc: BaseException) -> str:
@@ -201,6 +204,8 @@ class Gossip:
         scope = self._subscribed.pop(topic, None)
         if scope is not None:
             scope.cancel()
+        if isinstance(self._router, LeanGossipSub):
+            self._router.own_last.pop(topic, None)
         if self._nursery is not None:
             self._nursery.start_soon(self._unsubscribe, topic)
 
@@ -290,6 +295,30 @@ class Gossip:
     def libp2p_router(self) -> Any:
         """py-libp2p's ``GossipSub`` router (while running), for tests and tools."""
         return self._router
+
+    def greet(self, peer_id: str, topics: Iterable[str]) -> bool:
+        """Send neighbour ``peer_id`` this peer's latest own message on each of ``topics``.
+
+        For a neighbour that just subscribed: it learns this peer's current record at the
+        cost of one message, where a new publish would reach every subscriber. A message on
+        several topics is sent once. Returns ``False`` if some topic has no such message to
+        send (nothing published on it yet).
+        """
+        router = self._router
+        if router is None or not isinstance(router, LeanGossipSub):
+            return False
+        sent: list[rpc_pb2.Message] = []
+        complete = True
+        for t in topics:
+            msg = router.own_message(t)
+            if msg is None:
+                complete = False
+            elif not any(m is msg for m in sent):
+                sent.append(msg)
+        if sent:
+            router.send_rpc(ID.from_base58(peer_id), rpc_pb2.RPC(publish=sent))
+            self.stats.greetings += len(sent)
+        return complete
 
     def send_raw(self, peer_id: str, message: rpc_pb2.Message) -> None:
         """Queue a raw pubsub message straight to neighbour ``peer_id``, bypassing every check."""

@@ -56,6 +56,9 @@ Commands, one JSON object per stdin line (``"peer": i`` picks a local peer, defa
 - ``{"cmd": "call", "peer": i, "target": ADDR or null, "capability": name, "input": text,
   "timeout": S}``: ``{"text": ...}`` (``target`` null: routed over discovery and gossip).
 - ``{"cmd": "stop", "peer": i}``: peer ``i`` leaves the mesh; ``{"stopped": i}``.
+- ``{"cmd": "topic", "capability": name, "id": ID}``: per running peer, ``subs`` (neighbours
+  subscribed to the capability's topic), ``mesh`` (its GossipSub mesh for the topic) and
+  ``linked`` (whether it is connected to ``ID``): ``{"topic": [{"peer": i, ...}, ...]}``.
 - ``{"cmd": "stats"}``: ``{"stats": {...}}``: ``peers`` still running, ``cpu`` (CPU seconds of
   this process), ``wall`` (``time.monotonic()``), ``rss_kib``, ``requests`` (DHT requests sent),
   and summed over the peers' gossip: ``bytes_sent``, ``published``, ``published_bytes``,
@@ -347,6 +350,22 @@ class Node:
         stop.set()
         await stopped.wait()
         return {"stopped": i}
+
+    async def cmd_topic(self, cmd: dict[str, Any], _: trio.Nursery) -> dict[str, Any]:
+        name, pid = str(cmd["capability"]), str(cmd.get("id", ""))
+        rows = []
+        for i, p in self.peers.items():
+            service = p.availability
+            if service is None:
+                continue
+            t = service.topic(name)
+            rows.append({
+                "peer": i,
+                "subs": len(service.gossip.subscribers(t)),
+                "mesh": service.gossip.mesh_size(t),
+                "linked": any(str(c) == pid for c in p.host.get_connected_peers()),
+            })
+        return {"topic": rows}
 
     async def cmd_stats(self, cmd: dict[str, Any], _: trio.Nursery) -> dict[str, Any]:
         services = [p.availability for p in self.peers.values() if p.availability is not None]

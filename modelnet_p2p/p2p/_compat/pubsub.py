@@ -25,6 +25,10 @@ once upstream changes it.
   whatever its size; for records of about 200 bytes that costs as much as the duplicates it
   saves (go-libp2p sends it only above 1 KiB). And py-libp2p has no flood publishing: a peer's
   own message goes to its D mesh peers only, even when more neighbours subscribe to the topic.
+  It also remembers this peer's latest own message per topic (:meth:`LeanGossipSub.own_message`),
+  so that a new subscriber can be sent that one message instead of a new one going to everyone:
+  py-libp2p replays only what is still in its message cache (a few heartbeats), and not even
+  that when a subscription arrives before its stream to the peer is registered.
 - :func:`build_router`: GossipSub's heartbeat defaults to 120 s; adaptive gossip, on by default,
   sets a 1 s heartbeat to 30-60 s when it judges the network unhealthy; spam protection drops
   anything over 10 messages per second per forwarder and topic, counting relays.
@@ -230,6 +234,27 @@ class LeanGossipSub(GossipSub):
     """GossipSub that sends IDONTWANT only for messages of :data:`IDONTWANT_THRESHOLD` bytes or
     more, and flood-publishes this peer's own messages (GossipSub v1.1; py-libp2p sends them to
     its mesh of D peers only, so a topic's other subscribers wait for relays or gossip)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: This peer's latest own message per topic (one entry per joined topic at most).
+        self.own_last: dict[str, rpc_pb2.Message] = {}
+
+    async def publish(self, msg_forwarder: ID, pubsub_msg: rpc_pb2.Message) -> None:
+        pubsub = self.pubsub
+        if pubsub is not None and msg_forwarder == pubsub.my_id:
+            for topic in pubsub_msg.topicIDs:
+                self.own_last[topic] = pubsub_msg
+        await super().publish(msg_forwarder, pubsub_msg)
+
+    def own_message(self, topic: str) -> rpc_pb2.Message | None:
+        """This peer's latest own message on ``topic`` (``None``: nothing published there yet).
+
+        Sent again to a new subscriber even while still in the message cache: py-libp2p's own
+        replay of the cache to new subscribers is skipped when the subscription arrives before
+        its stream to that peer is registered. A receiver that has it drops the copy by id.
+        """
+        return self.own_last.get(topic)
 
     def _get_peers_to_send(
         self, topic_ids: Iterable[str], msg_forwarder: ID, origin: ID, msg_id: bytes | None = None

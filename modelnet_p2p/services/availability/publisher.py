@@ -7,9 +7,11 @@ builds :class:`~modelnet_p2p.proto.availability.AvailabilityRecord` values and h
 * when the publisher starts, and whenever :meth:`Publisher.poke` is called (a restart of
   gossip, for example);
 * at once on a significant change: state, capabilities, the load crossing a level (see
-  :func:`~modelnet_p2p.services.availability.load.load_level`), a new subscriber to one of
-  its topics;
+  :func:`~modelnet_p2p.services.availability.load.load_level`);
 * every ``publish_interval`` seconds otherwise (a slow refresh: tens of seconds);
+
+A neighbour that newly subscribes to one of its topics is *greeted*: the ``greet`` callable
+sends it the latest record alone; only when there is none to send does a record go out to all.
 
 but only while it serves something (once more after its last capability is withdrawn, so
 that followers learn it), never more often than once per ``min_publish_gap`` (py-libp2p drops
@@ -39,6 +41,8 @@ log = logging.getLogger(__name__)
 
 #: Hands a record to the network; returns whether it was published.
 Send = Callable[[AvailabilityRecord], Awaitable[bool]]
+#: Sends the latest record to one new subscriber alone; returns whether there was one to send.
+Greet = Callable[[str], bool]
 
 
 class Publisher:
@@ -48,7 +52,9 @@ class Publisher:
         peer_id: this peer's id (base58), named in every record.
         config: publishing intervals, TTL and initial state.
         send: publishes a record; returns whether it went out.
-        neighbours: the neighbours subscribed to this peer's topics (a new one triggers a record).
+        neighbours: the neighbours subscribed to this peer's topics (a new one is greeted).
+        greet: sends the latest record to one new subscriber; ``False``: none to send, so
+            a record goes out to all (the default greets nobody).
         load_provider: polled for the current load; ``None``: the figures given to :meth:`report`.
         wall_clock: wall-clock seconds, for sequence numbers.
     """
@@ -60,6 +66,7 @@ class Publisher:
         send: Send,
         *,
         neighbours: Callable[[], frozenset[str]] = frozenset,
+        greet: Greet = lambda peer_id: False,
         load_provider: LoadProvider | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -67,6 +74,7 @@ class Publisher:
         self.config = config
         self._send = send
         self._neighbours = neighbours
+        self._greet = greet
         self._load_provider = load_provider
         self._wall_clock = wall_clock
         self._reported = LoadSnapshot()
@@ -220,9 +228,11 @@ class Publisher:
             load = self.current_load()
             key = (load_level(load), load.max_concurrency)
             neighbours = self._neighbours()
-            if not neighbours <= last_neighbours:
-                # A new subscriber: publish so it learns about us without waiting a period.
-                self._force = True
+            for pid in sorted(neighbours - last_neighbours):
+                # A new subscriber learns about us without waiting a period: from our last
+                # record sent to it alone, or, if we have none, from a new one sent to all.
+                if not self._greet(pid):
+                    self._force = True
             last_neighbours = neighbours
             due = self._force or key != last_key or now >= next_periodic
             if due:

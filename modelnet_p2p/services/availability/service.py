@@ -172,6 +172,7 @@ class AvailabilityService:
             self.config,
             self._send,
             neighbours=self._subscribers,
+            greet=self._greet,
             load_provider=load_provider,
             wall_clock=wall_clock,
         )
@@ -336,6 +337,10 @@ class AvailabilityService:
 
     def _subscribers(self) -> frozenset[str]:
         return frozenset().union(*(self.gossip.subscribers(t) for t in self._served))
+
+    def _greet(self, peer_id: str) -> bool:
+        topics = [t for t in sorted(self._served) if peer_id in self.gossip.subscribers(t)]
+        return self.gossip.greet(peer_id, topics)
 
     async def _tend_topics(self) -> None:
         # Leave followed topics idle for follow_idle; log neighbours that only speak version 1.
