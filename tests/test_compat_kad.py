@@ -18,8 +18,10 @@ import multiaddr
 import pytest
 import trio
 from libp2p.abc import IHost, INetStream
+from libp2p.crypto.pb import crypto_pb2
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht import DHTMode, KadDHT
+from libp2p.kad_dht import common as kad_common
 from libp2p.kad_dht.common import PROTOCOL_ID
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.kad_dht.provider_store import (
@@ -29,13 +31,14 @@ from libp2p.kad_dht.provider_store import (
 from libp2p.kad_dht.routing_table import RoutingTable
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.records.utils import InvalidRecordType
 from libp2p.tools.anyio_service import background_trio_service
 
 from modelnet_p2p import Capability, Peer
-from modelnet_p2p.p2p._compat.kad import KadHostView
+from modelnet_p2p.p2p._compat.kad import KadHostView, MeshKadDHT, MeshProviderStore, TokenBuckets
 from modelnet_p2p.p2p.host import build_host, running_host
 from modelnet_p2p.p2p.identity import Identity
-from modelnet_p2p.p2p.kad import KadNode, PrivateProtocolError
+from modelnet_p2p.p2p.kad import InboundLimits, KadNode, PrivateProtocolError
 from modelnet_p2p.proto.card import task_key
 from modelnet_p2p.proto.framing import encode_varint
 from modelnet_p2p.services.discovery import DHT_PROTOCOL_ID
@@ -108,7 +111,9 @@ def _small() -> dict[str, object]:
         "provider_ttl": 60,
         "max_providers_per_key": 8,
         "add_provider_rate": 8,
-        "max_inbound_streams": 8,
+        "inbound": InboundLimits(max_streams=8),
+        "max_values": 64,
+        "max_value_bytes": 1 << 20,
         "identify_wait": 1,
         "max_response_size": 1 << 16,
         "max_closer": 20,
@@ -215,6 +220,89 @@ def test_stock_value_store_put_marks_every_key_for_republish() -> None:
     dht = KadDHT(new_host(), DHTMode.SERVER)
     dht.value_store.put(b"/modelnet-card/x", b"v", validity=0.0)
     assert b"/modelnet-card/x" in dht.value_store.local_keys
+
+
+def test_stock_value_store_keeps_50000_values_of_a_mib() -> None:
+    """Shim: MeshValueStore (a total budget)."""
+    assert kad_common.MAX_VALUE_STORE_SIZE == 50_000
+    assert kad_common.MAX_RECORD_SIZE == 1 << 20
+    assert kad_common.MAX_DHT_MESSAGE_SIZE == 4 << 20
+
+
+def test_stock_strict_kad_dht_still_stores_pk_and_ipns_values() -> None:
+    """Shim: drop_default_validators. Strict validation keeps py-libp2p's pk and ipns validators,
+    and a /pk/ value may carry any unknown protobuf field (the red team stored 900 kB each)."""
+    dht = KadDHT(new_host(), DHTMode.SERVER, strict_validation=True)
+    assert dht.validator is not None
+    ident = Identity.generate()
+    pub = crypto_pb2.PublicKey(key_type=crypto_pb2.KeyType.Ed25519, data=ident.key_pair.public_key.to_bytes())
+    value = pub.SerializeToString() + bytes([(15 << 3) | 2]) + encode_varint(1000) + bytes(1000)
+    key = "/pk/" + ID.from_pubkey(ident.key_pair.public_key).to_bytes().hex()
+    dht.validator.validate(key, value)  # accepted: no exception
+    ours = MeshKadDHT(
+        KadHostView(new_host(), DHT_PROTOCOL_ID),
+        True,
+        deferred=None,  # type: ignore[arg-type]
+        provider_ttl=60,
+        max_providers_per_key=8,
+        add_provider_rate=8,
+        inbound=InboundLimits(),
+        max_values=8,
+        max_value_bytes=1 << 16,
+        identify_wait=1,
+        wall_clock=lambda: 1000.0,
+    )
+    assert ours.validator is not None
+    with pytest.raises(InvalidRecordType):
+        ours.validator.validate(key, value)
+
+
+def test_stock_handle_stream_resets_past_12_with_no_read_timeout() -> None:
+    """Shim: InboundGuard. The cap is a private limiter of 12; reads have no deadline."""
+    dht = KadDHT(new_host(), DHTMode.SERVER)
+    assert dht._inbound_limiter.total_tokens == 12
+    source = inspect.getsource(KadDHT._do_handle_stream)
+    assert "read_varint_prefixed_bytes_limited" in source
+    assert "fail_after" not in source and "move_on_after" not in source
+
+
+def test_ours_provider_store_answers_verified_first_and_evicts_refuted_first() -> None:
+    store = MeshProviderStore(new_host(), None, ttl=60, max_per_key=3, wall_clock=lambda: clock[0])
+    store.verifier = _never  # records from the network get verdicts only from the test
+    a, b, c, d = (some_peer() for _ in range(4))
+    clock[0] = 1.0
+    store.add_provider(b"k", PeerInfo(a[0], [a[1]]))
+    clock[0] = 2.0
+    store.add_provider(b"k", PeerInfo(b[0], [b[1]]))
+    clock[0] = 3.0
+    store.add_verified(b"k", PeerInfo(c[0], [c[1]]))
+    # Verified first, then those without a verdict (newest first).
+    assert [p.peer_id for p in store.get_providers(b"k")] == [c[0], b[0], a[0]]
+    store.verdicts[b"k"][str(b[0])] = False  # refuted: never answered, evicted first
+    assert [p.peer_id for p in store.get_providers(b"k")] == [c[0], a[0]]
+    clock[0] = 4.0
+    store.add_provider(b"k", PeerInfo(d[0], [d[1]]))
+    assert set(store.providers[b"k"]) == {str(a[0]), str(c[0]), str(d[0])}
+    # With no refuted record, the oldest unverified one goes; a verified one never.
+    e = some_peer()
+    store.add_provider(b"k", PeerInfo(e[0], [e[1]]))
+    assert set(store.providers[b"k"]) == {str(c[0]), str(d[0]), str(e[0])}
+
+
+clock = [0.0]
+
+
+async def _never(key: bytes, info: PeerInfo) -> bool | None:
+    return None
+
+
+def test_ours_token_buckets_refill_per_peer() -> None:
+    now = [0.0]
+    buckets = TokenBuckets(2.0, 3.0, lambda: now[0])
+    assert [buckets.take("a") for _ in range(4)] == [True, True, True, False]
+    assert buckets.take("b")  # another peer has its own bucket
+    now[0] = 0.5  # one token back
+    assert buckets.take("a") and not buckets.take("a")
 
 
 # -- KadDHT ----------------------------------------------------------------------------------

@@ -36,7 +36,15 @@ from libp2p.tools.anyio_service.api import ManagerAPI
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
 from ..proto.framing import encode_varint
-from ._compat.kad import IPFS_KAD_PROTOCOL_ID, KadHostView, MeshKadDHT, refuse_streams, store_value
+from ._compat.kad import (
+    IPFS_KAD_PROTOCOL_ID,
+    InboundLimitError,
+    InboundLimits,
+    KadHostView,
+    MeshKadDHT,
+    refuse_streams,
+    store_value,
+)
 from .stream import close_quietly, reset_quietly
 
 if TYPE_CHECKING:
@@ -47,6 +55,8 @@ __all__ = [
     "IPFS_KAD_PROTOCOL_ID",
     "MAX_DETACHED_REQUESTS",
     "Host",
+    "InboundLimitError",
+    "InboundLimits",
     "KadKind",
     "KadNode",
     "KadOutcome",
@@ -54,6 +64,7 @@ __all__ = [
     "KadRequest",
     "KadResponse",
     "PrivateProtocolError",
+    "ProviderVerifier",
     "RecordPolicy",
     "peer_id_bytes",
 ]
@@ -133,6 +144,12 @@ class RecordPolicy(Protocol):
     def select(self, key: str, values: list[bytes]) -> int: ...
 
 
+#: Checks that a provider record of ``key`` for ``peer`` points to a card that verifies and
+#: lists the key: True, False (refuted: a DHT server no longer answers it), or None (no
+#: verdict: the provider could not be asked just now).
+ProviderVerifier = Callable[[bytes, KadPeer], Awaitable[bool | None]]
+
+
 def peer_id_bytes(peer_id: str) -> bytes:
     """The binary form of a base58 peer id (``ValueError`` if it is not one)."""
     try:
@@ -183,7 +200,10 @@ class KadNode:
         provider_ttl: seconds a provider record stays in this server's store.
         max_providers_per_key: providers kept per key.
         add_provider_rate: ADD_PROVIDER messages accepted per sender per 10 s.
-        max_inbound_streams: inbound DHT streams handled at once (the rest are reset).
+        inbound: bounds on inbound DHT streams and request rates per peer
+            (:class:`InboundLimits`).
+        max_values: values a server stores for others, at most.
+        max_value_bytes: bytes of values a server stores for others, at most.
         identify_wait: seconds an inbound sender may take to complete identify before we
             decide whether it serves the DHT (and belongs in the routing table).
         max_response_size: largest answer read, in bytes.
@@ -201,7 +221,9 @@ class KadNode:
         provider_ttl: float,
         max_providers_per_key: int,
         add_provider_rate: int,
-        max_inbound_streams: int,
+        inbound: InboundLimits,
+        max_values: int,
+        max_value_bytes: int,
         identify_wait: float,
         max_response_size: int,
         max_closer: int,
@@ -213,7 +235,9 @@ class KadNode:
         self._host = host
         self.protocol = protocol
         self.server = server
-        self._settings = (provider_ttl, max_providers_per_key, add_provider_rate, max_inbound_streams)
+        self._settings = (provider_ttl, max_providers_per_key, add_provider_rate)
+        self._inbound = inbound
+        self._value_budget = (max_values, max_value_bytes)
         self._identify_wait = identify_wait
         self._max_response_size = max_response_size
         self._max_closer = max_closer
@@ -246,7 +270,8 @@ class KadNode:
         ``refresher`` replaces py-libp2p's periodic routing-table refresh.
         Raises :class:`PrivateProtocolError` if the host would serve ``/ipfs/kad/1.0.0``.
         """
-        ttl, per_key, rate, inbound = self._settings
+        ttl, per_key, rate = self._settings
+        max_values, max_value_bytes = self._value_budget
         dht = MeshKadDHT(
             self._view,
             self.server,
@@ -254,7 +279,9 @@ class KadNode:
             provider_ttl=ttl,
             max_providers_per_key=per_key,
             add_provider_rate=rate,
-            max_inbound_streams=inbound,
+            inbound=self._inbound,
+            max_values=max_values,
+            max_value_bytes=max_value_bytes,
             identify_wait=self._identify_wait,
             wall_clock=self._wall_clock,
         )
@@ -353,10 +380,47 @@ class KadNode:
         await self._running.put_value(key, value)
 
     def add_local_provider(self, key: bytes, peer: KadPeer) -> None:
+        """Store a provider record this peer vouches for (its own): no verification."""
         info = PeerInfo(ID.from_base58(peer.peer_id), [multiaddr.Multiaddr(a) for a in peer.addrs])
-        self._running.provider_store.add_provider(key, info)
+        self._running.providers.add_verified(key, info)
+
+    def verify_providers(self, verifier: ProviderVerifier, concurrency: int) -> None:
+        """From now on check every provider record from the network with ``verifier``.
+
+        Checks run ``concurrency`` at a time, newest first. Answers list verified records
+        first, then unchecked ones, never refuted ones; a full key evicts refuted records
+        first, then unverified ones.
+        """
+        if self._background is None:
+            raise RuntimeError("the DHT is not running")
+
+        async def check(key: bytes, info: PeerInfo) -> bool | None:
+            return await verifier(key, KadPeer(str(info.peer_id), tuple(str(a) for a in info.addrs)))
+
+        self._running.providers.start_verifying(self._background, check, concurrency)
+
+    def provider_counts(self, key: bytes) -> tuple[int, int]:
+        """``(verified, stored)`` provider records of ``key`` here."""
+        store = self._running.providers
+        records = store.providers.get(key, {})
+        return sum(store.is_verified(key, p) for p in records), len(records)
+
+    def guard_stats(self) -> dict[str, int]:
+        """What the inbound guard and the stores refused so far (for tests and status)."""
+        dht = self._running
+        return {
+            "active_streams": dht.guard.active,
+            "evicted_streams": dht.guard.evicted,
+            "refused_streams": dht.guard.refused,
+            "rate_limited": dht.guard.rate_limited,
+            "providers_rejected": dht.providers.rejected,
+            "providers_evicted": dht.providers.evicted,
+            "values_refused": dht.values.refused,
+            "value_bytes": dht.values.stored_bytes(),
+        }
 
     def local_providers(self, key: bytes) -> list[KadPeer]:
+        """The provider records of ``key`` this server answers with (verified ones)."""
         return [
             KadPeer(str(i.peer_id), tuple(str(a) for a in i.addrs))
             for i in self._running.provider_store.get_providers(key)
@@ -371,7 +435,7 @@ class KadNode:
 
     def clear_local_stores(self) -> None:
         """Forget every provider record and value stored here."""
-        self._running.provider_store.providers.clear()
+        self._running.providers.clear()
         self._running.value_store.store.clear()
 
     async def library_find_providers(self, key: bytes, count: int = 20) -> list[str]:

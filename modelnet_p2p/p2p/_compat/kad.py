@@ -9,11 +9,18 @@ per shim that fails once upstream changes that behaviour:
   ``/ipfs/kad/1.0.0`` for it. The view maps that id to ours wherever it meets the host.
   Its inbound handler is guarded (:func:`.host.guard_handler`).
 - :class:`MeshProviderStore`: ``ProviderStore`` keeps provider records 48 h (a module
-  constant) and ignores any new provider once 20 are stored for a key.
+  constant), ignores any new provider once 20 are stored for a key, and believes every
+  record (made-up providers fill a key); here records are checked and ranked.
+- :class:`MeshValueStore`: ``ValueStore`` keeps 50 000 remote values of up to 1 MiB.
+- :func:`drop_default_validators`: ``KadDHT`` always validates (and so stores) ``/pk/``
+  and ``/ipns/`` values, even with ``strict_validation``.
+- :class:`InboundGuard` / :class:`GuardedStream`: ``handle_stream`` resets every stream
+  past 12 and reads without a timeout (idle streams block every lookup), and no request
+  type but ADD_PROVIDER is rate-limited.
 - :class:`MeshKadDHT`: ``KadDHT`` adds the sender of every inbound DHT stream to its routing
   table unchecked (client-mode peers end up handed out as "closer peers"); its routing-table
-  refresh runs a lookup per non-empty bucket; the ADD_PROVIDER rate limit (10 per 10 s) and
-  the inbound stream cap (12) are private attributes with no constructor parameter.
+  refresh runs a lookup per non-empty bucket; the ADD_PROVIDER rate limit (10 per 10 s) is
+  a private attribute with no constructor parameter.
 - :func:`store_value`: ``ValueStore.put`` marks every local put for py-libp2p's own 22-hour
   republish, which would re-send a card after we stopped announcing it.
 - :func:`refuse_streams`: the DHT's stream handler stays registered after the service
@@ -27,7 +34,9 @@ per shim that fails once upstream changes that behaviour:
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import trio
@@ -35,19 +44,31 @@ from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.common import PROTOCOL_ID as IPFS_KAD_PROTOCOL_ID
+from libp2p.kad_dht.pb.kademlia_pb2 import Message, Record
 from libp2p.kad_dht.provider_store import ProviderRecord, ProviderStore
+from libp2p.kad_dht.value_store import ValueStore
+from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
+from libp2p.records.validator import NamespacedValidator
 
 from .host import guard_handler, retire_stream_handler
 
 __all__ = [
     "CLOSING_WAIT",
     "IPFS_KAD_PROTOCOL_ID",
+    "GuardedStream",
+    "InboundGuard",
+    "InboundLimitError",
+    "InboundLimits",
     "KadHostView",
     "MeshKadDHT",
     "MeshProviderStore",
+    "MeshValueStore",
+    "TokenBuckets",
+    "Verdict",
     "closing_only",
+    "drop_default_validators",
     "refuse_streams",
     "store_value",
     "wait_out_closing",
@@ -150,13 +171,30 @@ async def wait_out_closing(host: IHost, peer_id: ID, limit: float = CLOSING_WAIT
             await trio.sleep(CLOSING_POLL)
 
 
+#: Provider records waiting for verification, at most (the oldest queued are forgotten).
+VERIFY_QUEUE = 1024
+#: A provider record's check: True (it points to a card that verifies and lists the key),
+#: False (refuted: a card that does not list it, or a fetch that ran out of time) or None
+#: (no verdict: the provider could not be asked just now).
+Verdict = bool | None
+
+
 class MeshProviderStore(ProviderStore):
-    """``ProviderStore`` with a per-instance record TTL, a per-key cap, and an injected wall clock.
+    """``ProviderStore`` with a per-instance record TTL, a per-key cap that prefers verified
+    providers, and an injected wall clock.
 
     Upstream: records live ``PROVIDER_RECORD_EXPIRATION_INTERVAL`` (48 h, a module constant),
     and ``add_provider`` ignores every new provider of a key once ``BUCKET_SIZE`` (20) are
-    stored, so a popular task would keep its first 20 providers and lose the rest. Here a
-    full key first drops its expired records.
+    stored, so the first providers of a key (real or made up) keep it. Here a full key
+    first drops its expired records, then evicts its oldest refuted record, then its
+    oldest unverified one; verified records are never evicted for unverified ones.
+
+    With a ``verifier`` (:meth:`start_verifying`), every record that arrives from the network
+    is checked, newest first, ``concurrency`` at a time (so a flood of fake records neither
+    delays a new real one nor evicts it before it is checked; records being checked are
+    never evicted). Answers (:meth:`get_providers`) list the verified records first, then
+    those without a verdict (newest first), and never refuted ones; a record sent again is
+    checked again. Local records (:meth:`add_verified`) need no check.
     """
 
     def __init__(
@@ -171,47 +209,467 @@ class MeshProviderStore(ProviderStore):
         self.ttl = ttl
         self.max_per_key = max_per_key
         self.wall_clock = wall_clock
+        #: Per key, the verdict of each provider's record that has one.
+        self.verdicts: dict[bytes, dict[str, bool]] = {}
+        self.verifier: Callable[[bytes, PeerInfo], Awaitable[Verdict]] | None = None
+        self._queue: deque[tuple[bytes, str]] = deque(maxlen=VERIFY_QUEUE)
+        self._checking: set[tuple[bytes, str]] = set()
+        self._ready = trio.Event()
+        self._waiters: dict[tuple[bytes, str], trio.Event] = {}
+        #: Records refuted, and records evicted for newer ones.
+        self.rejected = 0
+        self.evicted = 0
+
+    def start_verifying(
+        self,
+        nursery: trio.Nursery,
+        verifier: Callable[[bytes, PeerInfo], Awaitable[Verdict]],
+        concurrency: int,
+    ) -> None:
+        """Check every record that arrives from now on with ``verifier``."""
+        self.verifier = verifier
+        for _ in range(concurrency):
+            nursery.start_soon(self._verify_loop)
+
+    def verdict(self, key: bytes, pid: str) -> Verdict:
+        return self.verdicts.get(key, {}).get(pid)
+
+    def is_verified(self, key: bytes, pid: str) -> bool:
+        return self.verdict(key, pid) is True
+
+    async def wait_checked(self, key: bytes, pid: str, timeout: float) -> bool:
+        """Wait (at most ``timeout`` s) for the check of ``pid``'s record of ``key``; False if refuted."""
+        if self.verifier is not None and self.verdict(key, pid) is None and len(self._waiters) < VERIFY_QUEUE:
+            event = self._waiters.setdefault((key, pid), trio.Event())
+            with trio.move_on_after(timeout):
+                await event.wait()
+        return self.verdict(key, pid) is not False
 
     def add_provider(self, key: bytes, provider: PeerInfo) -> None:
+        """A record from the network: checked (verified at once if there is no verifier)."""
+        pid = str(provider.peer_id)
+        if not self._store(key, provider):
+            return
+        if self.verifier is None:
+            self.verdicts.setdefault(key, {})[pid] = True
+        elif not self.is_verified(key, pid):
+            self.verdicts.get(key, {}).pop(pid, None)  # sent again: checked again
+            self._queue.append((key, pid))
+            self._ready.set()
+
+    def add_verified(self, key: bytes, provider: PeerInfo) -> None:
+        """A record this peer vouches for itself (its own, or one it checked)."""
+        if self._store(key, provider):
+            self.verdicts.setdefault(key, {})[str(provider.peer_id)] = True
+
+    def _store(self, key: bytes, provider: PeerInfo) -> bool:
         records = self.providers.setdefault(key, {})
         pid = str(provider.peer_id)
         if pid not in records and len(records) >= self.max_per_key:
             self._drop_expired(key)
             records = self.providers.setdefault(key, {})
             if len(records) >= self.max_per_key:
-                return
+                victim = self._evictable(key, records)
+                if victim is None:
+                    return False
+                del records[victim]
+                self.verdicts.get(key, {}).pop(victim, None)
+                self.evicted += 1
         records[pid] = ProviderRecord(provider_info=provider, timestamp=self.wall_clock())
+        return True
+
+    def _evictable(self, key: bytes, records: dict[str, ProviderRecord]) -> str | None:
+        """The oldest refuted record of ``key``, else its oldest unverified one not being checked."""
+        verdicts = self.verdicts.get(key, {})
+        candidates = [
+            (verdicts.get(p) is not False, r.timestamp, p)
+            for p, r in records.items()
+            if verdicts.get(p) is not True and (key, p) not in self._checking
+        ]
+        return min(candidates)[2] if candidates else None
+
+    async def _verify_loop(self) -> None:
+        while True:
+            while not self._queue:
+                if self._ready.is_set():
+                    self._ready = trio.Event()
+                await self._ready.wait()
+            key, pid = self._queue.pop()  # newest first
+            record = self.providers.get(key, {}).get(pid)
+            if record is None or self.verdict(key, pid) is not None or (key, pid) in self._checking:
+                continue
+            assert self.verifier is not None
+            self._checking.add((key, pid))
+            verdict: Verdict = None
+            try:
+                verdict = await self.verifier(key, record.provider_info)
+            except Exception as exc:  # a verifier bug must not stop verifying
+                log.debug("verifying provider %s failed: %r", pid, exc)
+            finally:
+                self._checking.discard((key, pid))
+            if verdict is not None and pid in self.providers.get(key, {}):
+                self.verdicts.setdefault(key, {})[pid] = verdict
+                self.rejected += not verdict
+            waiter = self._waiters.pop((key, pid), None)
+            if waiter is not None:
+                waiter.set()
 
     def _drop_expired(self, key: bytes) -> None:
         records = self.providers.get(key, {})
         cutoff = self.wall_clock() - self.ttl
         for pid in [p for p, r in records.items() if r.timestamp < cutoff]:
             del records[pid]
+        verdicts = self.verdicts.get(key, {})
+        for pid in [p for p in verdicts if p not in records]:
+            del verdicts[pid]
         if not records:
             self.providers.pop(key, None)
+            self.verdicts.pop(key, None)
 
     def get_providers(self, key: bytes) -> list[PeerInfo]:
+        """The providers of ``key`` answered: verified ones, then those without a verdict
+        (newest first); never refuted ones."""
         self._drop_expired(key)
-        return [PeerInfo(r.peer_id, r.addresses) for r in self.providers.get(key, {}).values()]
+        records = self.providers.get(key, {})
+        verdicts = self.verdicts.get(key, {})
+        verified = [r for p, r in records.items() if verdicts.get(p) is True]
+        unknown = sorted((r for p, r in records.items() if p not in verdicts), key=lambda r: -r.timestamp)
+        return [PeerInfo(r.peer_id, r.addresses) for r in [*verified, *unknown]]
 
     def cleanup_expired(self) -> None:
         for key in list(self.providers):
             self._drop_expired(key)
 
+    def clear(self) -> None:
+        self.providers.clear()
+        self.verdicts.clear()
+        self._queue.clear()
+
+
+class MeshValueStore(ValueStore):
+    """``ValueStore`` with a total budget.
+
+    Upstream: a remote ``PUT_VALUE`` is stored for 24 h up to ``MAX_VALUE_STORE_SIZE``
+    (50 000) entries of up to ``MAX_RECORD_SIZE`` (1 MiB) each, and the oldest entry is
+    evicted for a new one. Here a new key is refused (the PUT is reset) once ``max_values``
+    values or ``max_bytes`` bytes of values are stored; local puts are not limited.
+    """
+
+    def __init__(self, host: Any, local_peer_id: ID, *, max_values: int, max_bytes: int) -> None:
+        super().__init__(host=host, local_peer_id=local_peer_id)
+        self.max_values = max_values
+        self.max_bytes = max_bytes
+        #: Remote PUT_VALUEs refused for the budget.
+        self.refused = 0
+
+    def stored_bytes(self) -> int:
+        return sum(len(record.value) for record, _validity in self.store.values())
+
+    def put_record(self, key: bytes, record: Record) -> None:
+        if key not in self.store and (
+            len(self.store) >= self.max_values or self.stored_bytes() + len(record.value) > self.max_bytes
+        ):
+            self.refused += 1
+            raise ValueError("the DHT value store is full")
+        super().put_record(key, record)
+
+
+class InboundLimitError(Exception):
+    """An inbound DHT stream broke a limit (idle, too slow, too large, too many requests)."""
+
+
+@dataclass(frozen=True)
+class InboundLimits:
+    """Bounds on inbound DHT streams and requests (``specs/capability.md``, Limits).
+
+    ``rates`` maps a request class (``"provide"``: ADD_PROVIDER, ``"find"``: FIND_NODE,
+    GET_PROVIDERS, GET_VALUE and PING, ``"put"``: PUT_VALUE) to ``(per second, burst)``
+    of a token bucket per remote peer.
+    """
+
+    max_streams: int = 32
+    max_streams_per_peer: int = 16
+    first_message_timeout: float = 5.0
+    idle_timeout: float = 30.0
+    message_timeout: float = 5.0
+    write_timeout: float = 5.0
+    max_message_size: int = 32 * 1024
+    max_values_per_sender: int = 16
+    ack_wait: float = 2.0
+    rates: Mapping[str, tuple[float, float]] = field(
+        default_factory=lambda: {"provide": (25.6, 256.0), "find": (32.0, 128.0), "put": (1.0, 16.0)}
+    )
+
+
+#: Request class of each DHT message type (see :class:`InboundLimits`).
+_CLASSES = {
+    Message.MessageType.ADD_PROVIDER: "provide",
+    Message.MessageType.PUT_VALUE: "put",
+}
+#: Remote peers one token-bucket table remembers at most (full buckets are forgotten first).
+MAX_BUCKETS = 4096
+
+
+class TokenBuckets:
+    """One token bucket per remote peer: ``rate`` tokens a second, up to ``burst``."""
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float]) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, peer: str) -> bool:
+        """Take one token for ``peer``; False if its bucket is empty."""
+        now = self.clock()
+        tokens, at = self._buckets.pop(peer, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        if len(self._buckets) >= MAX_BUCKETS:
+            self._prune(now)
+        if tokens < 1.0:
+            self._buckets[peer] = (tokens, now)
+            return False
+        self._buckets[peer] = (tokens - 1.0, now)
+        return True
+
+    def _prune(self, now: float) -> None:
+        for peer, (tokens, at) in list(self._buckets.items()):
+            if tokens + (now - at) * self.rate >= self.burst:
+                del self._buckets[peer]
+        while len(self._buckets) >= MAX_BUCKETS:  # all busy: forget the least recent
+            del self._buckets[next(iter(self._buckets))]
+
+
+class _Inbound:
+    __slots__ = ("ack", "idle_since", "messages", "peer", "stream")
+
+    def __init__(self, peer: str, stream: INetStream, now: float) -> None:
+        self.peer = peer
+        self.stream = stream
+        self.messages = 0
+        #: The ADD_PROVIDER (key) whose echo waits for the record's check.
+        self.ack: bytes | None = None
+        #: When the stream started waiting for its next message (None while one is handled).
+        self.idle_since: float | None = now
+
+
+class InboundGuard:
+    """Admission, read deadlines and request rates of the inbound DHT streams of one server.
+
+    Upstream: ``handle_stream`` handles 12 streams at once and resets the rest, and reads
+    with no timeout: 32 idle streams blocked every lookup (0 of 15 succeeded). Here reads
+    and writes have deadlines and messages a size (:class:`InboundLimits`); past a peer's
+    or the total stream bound, the stream idle longest (the peer's own first) is reset to
+    make room, and only if none is idle the new one. Requests are counted per peer in
+    token buckets; one over its rate resets the stream.
+    """
+
+    def __init__(
+        self,
+        limits: InboundLimits,
+        has_value: Callable[[bytes], bool],
+        checked: Callable[[bytes, str, float], Awaitable[bool]] | None = None,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        self.limits = limits
+        self.clock = clock
+        self._has_value = has_value
+        self._checked = checked
+        self._streams: set[_Inbound] = set()
+        self._per_peer: dict[str, set[_Inbound]] = {}
+        self._buckets = {name: TokenBuckets(r, b, clock) for name, (r, b) in limits.rates.items()}
+        self._sender_keys: OrderedDict[str, set[bytes]] = OrderedDict()
+        #: Streams reset to make room, streams refused, and requests refused for their rate.
+        self.evicted = 0
+        self.refused = 0
+        self.rate_limited = 0
+
+    @property
+    def active(self) -> int:
+        return len(self._streams)
+
+    async def handle(self, stream: INetStream, handler: Callable[[INetStream], Awaitable[None]]) -> None:
+        """Run ``handler`` on ``stream`` (as a :class:`GuardedStream`) if it is admitted, else reset it."""
+        peer = str(stream.muxed_conn.peer_id)
+        entry, victims = self._admit(peer, stream)
+        for victim in victims:
+            await _reset(victim.stream)
+        if entry is None:
+            self.refused += 1
+            await _reset(stream)
+            return
+        try:
+            await handler(cast(INetStream, GuardedStream(stream, entry, self)))
+        finally:
+            self._release(entry)
+
+    def _admit(self, peer: str, stream: INetStream) -> tuple[_Inbound | None, list[_Inbound]]:
+        # No checkpoint from the checks to the registration: concurrent admissions see each other.
+        victims: list[_Inbound] = []
+        mine = self._per_peer.get(peer, set())
+        if len(mine) >= self.limits.max_streams_per_peer:
+            victim = _longest_idle(mine)
+            if victim is None:
+                return None, victims
+            victims.append(victim)
+            self._release(victim)
+        if len(self._streams) >= self.limits.max_streams:
+            victim = _longest_idle(self._streams)
+            if victim is None:
+                return None, victims
+            victims.append(victim)
+            self._release(victim)
+        entry = _Inbound(peer, stream, self.clock())
+        self._streams.add(entry)
+        self._per_peer.setdefault(peer, set()).add(entry)
+        self.evicted += len(victims)
+        return entry, victims
+
+    def _release(self, entry: _Inbound) -> None:
+        self._streams.discard(entry)
+        mine = self._per_peer.get(entry.peer)
+        if mine is not None:
+            mine.discard(entry)
+            if not mine:
+                del self._per_peer[entry.peer]
+
+    async def next_message(self, entry: _Inbound) -> bytes:
+        """The next whole message of ``entry``'s stream with its length prefix, or ``b""`` at its end."""
+        limits = self.limits
+        stream = entry.stream
+        wait = limits.first_message_timeout if entry.messages == 0 else limits.idle_timeout
+        entry.idle_since = self.clock()
+        try:
+            with trio.move_on_after(wait) as idle:
+                try:
+                    first = await stream.read(1)
+                except StreamEOF:
+                    return b""
+        finally:
+            entry.idle_since = None
+        if idle.cancelled_caught:
+            raise InboundLimitError(f"idle for {wait} s")
+        if not first:
+            return b""
+        with trio.fail_after(limits.message_timeout):
+            prefix = bytearray(first)
+            while prefix[-1] & 0x80:
+                if len(prefix) >= 10:
+                    raise InboundLimitError("bad length prefix")
+                prefix += await stream.read(1)
+            length = _uvarint(bytes(prefix))
+            if length > limits.max_message_size:
+                raise InboundLimitError(f"a {length}-byte message (at most {limits.max_message_size})")
+            body = bytearray()
+            while len(body) < length:
+                body += await stream.read(length - len(body))
+        entry.messages += 1
+        self._admit_request(entry, bytes(body))
+        return bytes(prefix) + bytes(body)
+
+    async def before_answer(self, entry: _Inbound) -> None:
+        """Hold the echo of an ADD_PROVIDER until its record has been checked (at most
+        ``ack_wait`` s), so that an acknowledged record is one the server keeps; a record
+        that failed its check gets no echo (the stream is reset). The stream counts as
+        idle meanwhile: it may be reset to make room."""
+        key, entry.ack = entry.ack, None
+        if key is None or self._checked is None:
+            return
+        entry.idle_since = self.clock()
+        try:
+            kept = await self._checked(key, entry.peer, self.limits.ack_wait)
+        finally:
+            entry.idle_since = None
+        if not kept:
+            raise InboundLimitError("the provider record points to no card that lists its key")
+
+    def _admit_request(self, entry: _Inbound, body: bytes) -> None:
+        peer = entry.peer
+        msg = Message()
+        try:
+            msg.ParseFromString(body)
+        except Exception:
+            return  # upstream rejects it
+        bucket = self._buckets.get(_CLASSES.get(msg.type, "find"))
+        if bucket is not None and not bucket.take(peer):
+            self.rate_limited += 1
+            raise InboundLimitError(f"over the rate of message type {msg.type}")
+        if msg.type == Message.MessageType.PUT_VALUE:
+            self._charge_put(peer, bytes(msg.record.key or msg.key))
+        elif msg.type == Message.MessageType.ADD_PROVIDER:
+            entry.ack = bytes(msg.key)
+
+    def _charge_put(self, peer: str, key: bytes) -> None:
+        keys = self._sender_keys.pop(peer, set())
+        keys = {k for k in keys if self._has_value(k)}
+        if key not in keys and len(keys) >= self.limits.max_values_per_sender:
+            self._sender_keys[peer] = keys
+            raise InboundLimitError(f"{len(keys)} values stored for this sender already")
+        keys.add(key)
+        self._sender_keys[peer] = keys
+        while len(self._sender_keys) > MAX_BUCKETS:
+            self._sender_keys.popitem(last=False)
+
+
+def _longest_idle(entries: set[_Inbound]) -> _Inbound | None:
+    idle = [e for e in entries if e.idle_since is not None]
+    return min(idle, key=lambda e: e.idle_since or 0.0) if idle else None
+
+
+def _uvarint(data: bytes) -> int:
+    value = 0
+    for i, byte in enumerate(data):
+        value |= (byte & 0x7F) << (7 * i)
+    return value
+
+
+async def _reset(stream: INetStream) -> None:
+    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+        try:
+            await stream.reset()
+        except Exception:
+            pass
+
+
+class GuardedStream:
+    """An inbound DHT stream as ``KadDHT``'s handler reads it: whole messages, within
+    the :class:`InboundGuard`'s deadlines and rates (an :class:`InboundLimitError` makes
+    the handler reset the stream), and writes within ``write_timeout``."""
+
+    def __init__(self, stream: INetStream, entry: _Inbound, guard: InboundGuard) -> None:
+        self._stream = stream
+        self._entry = entry
+        self._guard = guard
+        self._buffer = b""
+
+    async def read(self, n: int | None = None) -> bytes:
+        if not self._buffer:
+            self._buffer = await self._guard.next_message(self._entry)
+            if not self._buffer:
+                return b""
+        size = len(self._buffer) if n is None or n < 0 else n
+        out, self._buffer = self._buffer[:size], self._buffer[size:]
+        return out
+
+    async def write(self, data: bytes) -> None:
+        if self._entry.ack is not None:
+            await self._guard.before_answer(self._entry)
+        with trio.fail_after(self._guard.limits.write_timeout):
+            await self._stream.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
 
 class MeshKadDHT(KadDHT):
-    """``KadDHT`` that admits an inbound sender to its routing table only once identify shows
-    that the sender serves the DHT, whose routing-table refresh is ours, and whose private
-    limits are set from parameters.
+    """``KadDHT`` with our stores, our inbound guard, our refresh, and identify-checked routing.
 
     Upstream: ``_do_handle_stream`` calls ``add_peer(sender, skip_server_mode_check=True)``
-    for every inbound stream, so client-mode peers end up in routing tables, are handed out
-    as "closer peers", and every lookup that reaches them fails with "protocol not
-    supported". ``refresh_routing_table`` runs a lookup of up to 20 rounds per non-empty
-    bucket (a fresh mesh of 20 spent tens of seconds of CPU at start). The ADD_PROVIDER
-    rate limit (``_provider_rate_max`` = 10 per 10 s) drops most of a card's up to 64
-    provider records, and the inbound stream cap (``_inbound_limiter``, 12) resets the
-    streams of a mesh bootstrapping from one peer; neither has a constructor parameter.
+    for every inbound stream, so client-mode peers end up in routing tables and every
+    lookup that reaches them fails with "protocol not supported". ``refresh_routing_table``
+    runs a lookup of up to 20 rounds per non-empty bucket (tens of seconds of CPU in a
+    fresh mesh of 20). ``_provider_rate_max`` (10 ADD_PROVIDER per 10 s, no parameter)
+    drops most of a card's up to 64 provider records.
     """
 
     def __init__(
@@ -223,7 +681,9 @@ class MeshKadDHT(KadDHT):
         provider_ttl: float,
         max_providers_per_key: int,
         add_provider_rate: int,
-        max_inbound_streams: int,
+        inbound: InboundLimits,
+        max_values: int,
+        max_value_bytes: int,
         identify_wait: float,
         wall_clock: Callable[[], float],
     ) -> None:
@@ -231,16 +691,29 @@ class MeshKadDHT(KadDHT):
         # default stores any such value for 24 h).
         mode = DHTMode.SERVER if server else DHTMode.CLIENT
         super().__init__(cast(IHost, view), mode, strict_validation=True)
-        self.provider_store = MeshProviderStore(
+        drop_default_validators(self)
+        self.providers = MeshProviderStore(
             view, self.peer_routing, provider_ttl, max_providers_per_key, wall_clock
         )
+        self.values = MeshValueStore(
+            view, self.local_peer_id, max_values=max_values, max_bytes=max_value_bytes
+        )
+        self.provider_store = self.providers
+        self.value_store = self.values
         self._provider_rate_max = add_provider_rate
-        self._inbound_limiter = trio.CapacityLimiter(max_inbound_streams)
+        self.guard = InboundGuard(inbound, lambda key: key in self.values.store, self.providers.wait_checked)
         self.deferred = deferred
         self.identify_wait = identify_wait
         self.pending: set[ID] = set()
         #: Replaces py-libp2p's routing-table refresh (None: py-libp2p's own).
         self.refresher: Callable[[], Awaitable[None]] | None = None
+
+    async def handle_stream(self, stream: INetStream) -> None:
+        """Upstream's handler behind :class:`InboundGuard` (deadlines, per-peer bounds, rates)."""
+        if self.mode == DHTMode.CLIENT:
+            await stream.close()
+            return
+        await self.guard.handle(stream, self._do_handle_stream)
 
     async def refresh_routing_table(self) -> None:
         if self.refresher is not None:
@@ -280,6 +753,25 @@ class MeshKadDHT(KadDHT):
             log.debug("adding %s to the routing table failed: %r", peer_id, exc)
         finally:
             self.pending.discard(peer_id)
+
+
+#: The namespaces py-libp2p validates (and so stores) by default besides ours.
+DEFAULT_NAMESPACES = ("pk", "ipns")
+
+
+def drop_default_validators(dht: KadDHT) -> None:
+    """Store values of registered namespaces only.
+
+    Upstream: ``KadDHT`` registers validators for ``/pk/`` and ``/ipns/`` whatever the
+    caller asks, so even with ``strict_validation`` a ``/pk/`` value (a public key in a
+    protobuf that may carry any unknown field) is stored for 24 h: 200 values of 900 kB
+    added 208 MB to a server.
+    """
+    validator = dht.validator
+    if isinstance(validator, NamespacedValidator):
+        for ns in DEFAULT_NAMESPACES:
+            validator._validators.pop(ns, None)
+    dht.validator_changed = True  # apply_fallbacks() must not put them back
 
 
 def store_value(dht: KadDHT, key: bytes, value: bytes, validity: float) -> None:

@@ -36,6 +36,8 @@ __all__ = [
     "ADDR_TTL",
     "ALPHA",
     "CARD_FETCH_CONCURRENCY",
+    "CARD_FETCH_TIMEOUT",
+    "CARD_LOOKUP_CONCURRENCY",
     "K",
     "MAX_PROVIDERS_PER_KEY",
     "MAX_PROVIDERS_PER_LOOKUP",
@@ -60,8 +62,17 @@ MAX_RESPONSE_SIZE = 1 << 20
 #: Providers a server keeps per key, and reads from one answer. py-libp2p keeps 20 (k)
 #: and ignores any newer provider once 20 are stored, so a popular task would lose providers.
 MAX_PROVIDERS_PER_KEY = 256
-#: Card fetches in flight during one discovery.
-CARD_FETCH_CONCURRENCY = 16
+#: Card fetches from the providers themselves in flight during one discovery. A fetch
+#: from a provider that does not answer (a tarpit) only waits, so many may wait at once.
+CARD_FETCH_CONCURRENCY = 32
+#: Seconds a card fetch from the provider itself may take, dial included (up to twice
+#: as long when the measured round trips are that long). It does not feed the lookups'
+#: round-trip estimator: providers are not the DHT servers a lookup asks,
+#: and made-up ones that never answer must not make every later lookup more patient.
+CARD_FETCH_TIMEOUT = 3.0
+#: Card lookups in the DHT (when the provider itself gave no card) in flight during one
+#: discovery: each costs requests to about k servers.
+CARD_LOOKUP_CONCURRENCY = 4
 #: Providers one discovery fetches cards of, at most: bounds what answers that
 #: list made-up providers can make a discoverer do.
 MAX_PROVIDERS_PER_LOOKUP = 1024
@@ -293,6 +304,7 @@ class Lookups:
         sent = 0
         me = self.kad.peer_id
         limiter = trio.CapacityLimiter(CARD_FETCH_CONCURRENCY)
+        lookup_limiter = trio.CapacityLimiter(CARD_LOOKUP_CONCURRENCY)
 
         async with trio.open_nursery() as nursery:
 
@@ -311,7 +323,10 @@ class Lookups:
 
             async def fetch(provider: KadPeer) -> None:
                 async with limiter:
-                    card = await self.fetch_card(provider.peer_id, provider.addrs)
+                    card = await self.fetch_direct(provider.peer_id, provider.addrs)
+                if card is None:
+                    async with lookup_limiter:
+                        card = await self.fetch_from_dht(provider.peer_id)
                 deliver(card)
 
             def on_response(_peer: str, resp: KadResponse) -> None:
@@ -334,30 +349,43 @@ class Lookups:
 
     async def fetch_card(self, peer_id: str, addrs: Sequence[str] = ()) -> CapabilityCard | None:
         """The newest valid card of ``peer_id``: from the peer itself, else from the DHT."""
-        vkey = value_key(peer_id).encode()
+        card = await self.fetch_direct(peer_id, addrs)
+        return card if card is not None else await self.fetch_from_dht(peer_id)
+
+    async def fetch_direct(self, peer_id: str, addrs: Sequence[str] = ()) -> CapabilityCard | None:
+        """``peer_id``'s valid card as the peer itself gives it, within :data:`CARD_FETCH_TIMEOUT`."""
         if addrs:
             try:
                 self.kad.remember_addrs(KadPeer(peer_id, tuple(addrs)), ADDR_TTL)
             except Exception:
                 return None  # not a peer id or not addresses: nothing to fetch from
         rejected: list[str] = []
-        request = KadRequest(KadKind.GET_VALUE, vkey)
-        card = self._card_in(await self.request(peer_id, request), peer_id, rejected)
-        if card is None:
-            best: list[CapabilityCard] = []
+        request = KadRequest(KadKind.GET_VALUE, value_key(peer_id).encode())
+        outcome = await self.kad.exchange(
+            peer_id, request, self.rtt.timeout(min(CARD_FETCH_TIMEOUT, self.rpc_timeout))
+        )
+        card = self._card_in(outcome.answer, peer_id, rejected)
+        if rejected:
+            log.info("rejected the card %s gave: %s", peer_id, "; ".join(set(rejected)))
+        return card
 
-            def on_response(_peer: str, resp: KadResponse) -> None:
-                found = self._card_in(resp, peer_id, rejected)
-                if found is not None and (not best or found.seq > best[0].seq):
-                    best[:] = [found]
+    async def fetch_from_dht(self, peer_id: str) -> CapabilityCard | None:
+        """``peer_id``'s newest valid card found by an iterative lookup of its value key."""
+        vkey = value_key(peer_id).encode()
+        rejected: list[str] = []
+        best: list[CapabilityCard] = []
 
-            await self.closest(vkey, KadKind.GET_VALUE, on_response)
-            card = best[0] if best else None
-        if card is None and rejected:
+        def on_response(_peer: str, resp: KadResponse) -> None:
+            found = self._card_in(resp, peer_id, rejected)
+            if found is not None and (not best or found.seq > best[0].seq):
+                best[:] = [found]
+
+        await self.closest(vkey, KadKind.GET_VALUE, on_response)
+        if not best and rejected:
             log.info(
                 "rejected every card of %s found (%d): %s", peer_id, len(rejected), "; ".join(set(rejected))
             )
-        return card
+        return best[0] if best else None
 
     def _card_in(self, resp: KadResponse | None, peer_id: str, rejected: list[str]) -> CapabilityCard | None:
         """The valid card of ``peer_id`` in a GET_VALUE answer, if there is one."""

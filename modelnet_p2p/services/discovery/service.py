@@ -27,7 +27,7 @@ import trio
 from ...config import PeerConfig
 from ...errors import ConfigError, ProtocolError
 from ...p2p.identity import Identity
-from ...p2p.kad import Host, KadKind, KadNode, KadPeer, KadRequest, KadResponse, peer_id_bytes
+from ...p2p.kad import Host, InboundLimits, KadKind, KadNode, KadPeer, KadRequest, KadResponse, peer_id_bytes
 from ...proto.capability import Capability, capability_key
 from ...proto.card import (
     MIN_TTL_MS,
@@ -42,6 +42,7 @@ from .index import announced_keys
 from .lookup import MAX_PROVIDERS_PER_KEY, MAX_RESPONSE_SIZE, RPC_TIMEOUT, K, Lookups
 from .query import Query
 from .records import CardValidator
+from .verify import VERIFY_CONCURRENCY, ProviderCheck
 
 __all__ = [
     "DEFAULT_ANNOUNCE_INTERVAL",
@@ -70,8 +71,31 @@ DEFAULT_ANNOUNCE_INTERVAL = PeerConfig.announce_interval
 #: up to MAX_PROVIDER_KEYS (64) keys; py-libp2p's default of 10 drops most of them.
 ADD_PROVIDER_RATE = 256
 #: Inbound DHT streams a server handles at once (py-libp2p: 12, and it resets
-#: the rest). Peers of a fresh mesh bootstrapping from one peer exceed 12.
+#: the rest). Peers of a fresh mesh bootstrapping from one peer exceed 12. Past it, the
+#: stream idle longest is reset for a new one.
 MAX_INBOUND_STREAMS = 32
+#: Inbound DHT streams one remote peer may hold at once (a lookup sends one request per
+#: server; an announce a few at once).
+MAX_INBOUND_STREAMS_PER_PEER = 16
+#: Requests per remote peer: (per second, burst) of a token bucket per request class.
+#: ADD_PROVIDER: one announce sends up to 64 keys plus the index; 256 per 10 s as before.
+#: FIND_NODE / GET_PROVIDERS / GET_VALUE (and PING): a lookup asks each server once, a
+#: discovery fetches each provider's card once. PUT_VALUE: one card per announce.
+REQUEST_RATES = {"provide": (25.6, 256.0), "find": (32.0, 128.0), "put": (1.0, 16.0)}
+#: Values (cards of others) a server stores at most, in number and in bytes, and per sender.
+MAX_STORED_VALUES = 4096
+MAX_STORED_VALUE_BYTES = 16 << 20
+MAX_VALUES_PER_SENDER = 16
+#: Largest inbound DHT message: a PUT_VALUE of the largest card (16 KiB) with room to spare.
+MAX_INBOUND_MESSAGE = 32 << 10
+#: The inbound DHT limits of a server (``specs/capability.md``, Limits).
+INBOUND_LIMITS = InboundLimits(
+    max_streams=MAX_INBOUND_STREAMS,
+    max_streams_per_peer=MAX_INBOUND_STREAMS_PER_PEER,
+    max_message_size=MAX_INBOUND_MESSAGE,
+    max_values_per_sender=MAX_VALUES_PER_SENDER,
+    rates=REQUEST_RATES,
+)
 #: Seconds a peer that opened a DHT stream to us may take to complete identify
 #: before we decide whether it serves the DHT (and belongs in the routing table).
 IDENTIFY_WAIT = 5.0
@@ -216,7 +240,9 @@ class Discovery:
             provider_ttl=self.card_ttl,
             max_providers_per_key=MAX_PROVIDERS_PER_KEY,
             add_provider_rate=ADD_PROVIDER_RATE,
-            max_inbound_streams=MAX_INBOUND_STREAMS,
+            inbound=INBOUND_LIMITS,
+            max_values=MAX_STORED_VALUES,
+            max_value_bytes=MAX_STORED_VALUE_BYTES,
             identify_wait=IDENTIFY_WAIT,
             max_response_size=MAX_RESPONSE_SIZE,
             max_closer=K,
@@ -228,6 +254,14 @@ class Discovery:
         with trio.fail_after(10):
             await kad.start(nursery, self._periodic_refresh)
         kad.register_validator(VALUE_NAMESPACE, CardValidator(self.wall_clock))
+        if server:
+            #: Checks the provider records this server is sent (only verified ones are answered).
+            self.provider_check = ProviderCheck(
+                self._lookups,
+                self.wall_clock,
+                keys_of=lambda card: (key for _label, key in announced_keys(card.capabilities)),
+            )
+            kad.verify_providers(self.provider_check, VERIFY_CONCURRENCY)
         log.debug("DHT on %s in %s mode", self.protocol, self.mode)
 
     async def bootstrap(self, peer_ids: Sequence[object]) -> None:
