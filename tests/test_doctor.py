@@ -62,6 +62,8 @@ def test_a_healthy_setup_exits_0_and_sees_the_serving_peer(boot: str, tmp_path: 
         assert by_check(doc, "network")[0]["status"] == "ok"
         assert by_check(doc, "relay")[0]["status"] == "ok"  # the bootstrap node grants a slot
         assert by_check(doc, "clock")[0]["status"] == "ok"
+        [reach] = by_check(doc, "reachability")
+        assert reach["status"] == "ok" and "dialed it back at 127.0.0.1" in reach["message"]
         [mesh] = by_check(doc, "mesh")
         assert mesh["status"] == "ok" and "1 serving peers" in mesh["message"]
         [b] = doc["facts"]["bootstrap"]
@@ -198,3 +200,55 @@ def test_listening_on_loopback_only_with_a_remote_bootstrap_peer() -> None:
     )
     bad = [x for x in judge(f) if x.check == "listen" and x.status == "fail"]
     assert bad and "0.0.0.0" in (bad[0].fix or "")
+
+
+# -- dial-back (services/dialback.py) ---------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+async def test_a_bootstrap_node_dials_back_only_the_asker_and_only_so_often() -> None:
+    import trio
+
+    from modelnet_p2p import Peer
+    from modelnet_p2p.cli.bootstrap import serve_dialback
+    from modelnet_p2p.proto.framing import FrameDecoder, pack_frame
+    from modelnet_p2p.services.dialback import MAX_PORTS, PROTOCOL_ID, ask_dialback
+
+    with trio.fail_after(50):
+        async with Peer(gossip=False) as server, Peer(gossip=False) as asker, Peer(gossip=False) as greedy:
+            dialback = serve_dialback(server)
+            for p in (asker, greedy):
+                await p.connect(server.addrs[0])
+
+            def opener(p: Peer) -> Any:
+                return lambda: p.dialer.open_stream(server.peer_id, PROTOCOL_ID)
+
+            own = int(asker.addrs[0].split("/tcp/")[1].split("/")[0])
+            closed = free_port()
+            answer = await ask_dialback(opener(asker), [own, closed])
+            assert answer == {"ip": "127.0.0.1", "results": {str(own): "ok", str(closed): "refused"}}
+            assert await ask_dialback(opener(asker), [own]) == {"error": "too-soon"}
+            # ask_dialback sends at most MAX_PORTS; a peer sending more is refused
+            stream = await greedy.dialer.open_stream(server.peer_id, PROTOCOL_ID)
+            await stream.write(pack_frame({"ports": list(range(1000, 1001 + MAX_PORTS))}))
+            decoder, frames = FrameDecoder(), []
+            while not frames:
+                frames = decoder.feed(await stream.read(1024))
+            await stream.close()
+            assert frames == [{"error": "bad-request"}]
+            assert (dialback.answered, dialback.refused) == (1, 2)
+
+
+def test_a_failed_dial_back_means_a_relay_is_needed() -> None:
+    boot = f"/ip4/203.0.113.1/tcp/4001/p2p/{Identity.generate().peer_id}"
+    me = [f"/ip4/192.168.1.20/tcp/4001/p2p/{Identity.generate().peer_id}"]
+    dialback = {"ip": "198.51.100.7", "results": {"4001": "timeout"}}
+    f = _facts(bound=me, bootstrap=[_reached(boot, dialback=dialback, relay_error="refused")])
+    [reach] = [x for x in judge(f) if x.check == "reachability"]
+    assert reach.status == "warn" and "198.51.100.7, TCP port 4001 (timeout)" in reach.message
+    assert [x.status for x in judge(f) if x.check == "relay"] == ["fail"]
+    ok = {"ip": "198.51.100.7", "results": {"4001": "ok"}}
+    f = _facts(bound=me, bootstrap=[_reached(boot, dialback=ok, relay_error="refused")])
+    [reach] = [x for x in judge(f) if x.check == "reachability"]
+    assert reach.status == "ok" and "dialed it back" in reach.message
+    assert [x.status for x in judge(f) if x.check == "relay"] == ["ok"]

@@ -14,6 +14,9 @@ listening beyond loopback, it faces strangers, so :func:`bootstrap_overrides` al
   (:data:`PUBLIC_LIMITS`; per-peer DHT request rates are the DHT server's own,
   ``specs/capability.md``, "Limits").
 
+Every bootstrap node also answers dial-back requests (:mod:`~modelnet_p2p.services.dialback`,
+``specs/dialback.md``): ``modelnet doctor`` asks it whether the asking peer can be dialed.
+
 On ``local``, or on loopback only (``modelnet mesh up``), it keeps the plain profile (an
 ephemeral key and any port are fine for a mesh on one machine).
 """
@@ -28,8 +31,20 @@ import click
 import multiaddr
 
 from ..config import PEER_SETTINGS, Config
+from ..p2p.network import protocol_id
+from ..peer import Peer
+from ..proto.capability import Capability
+from ..services.dialback import PROTOCOL_ID as DIALBACK_PROTOCOL_ID
+from ..services.dialback import DialbackServer
 
-__all__ = ["BOOTSTRAP_PEER", "PUBLIC_CONNECTIONS", "PUBLIC_LIMITS", "bootstrap_overrides"]
+__all__ = [
+    "BOOTSTRAP_PEER",
+    "PUBLIC_CONNECTIONS",
+    "PUBLIC_LIMITS",
+    "bootstrap_overrides",
+    "serve_dialback",
+    "start_bootstrap_services",
+]
 
 #: Every bootstrap node: a DHT server that relays circuits for private peers.
 BOOTSTRAP_PEER: dict[str, Any] = {"relay_hop": True, "dht_mode": "server"}
@@ -110,3 +125,16 @@ def bootstrap_overrides(cfg: Config) -> dict[str, Any]:
         known = {f.name for f in fields(ResourceLimits)}
         out["resource_limits"] = ResourceLimits(**{k: v for k, v in PUBLIC_LIMITS.items() if k in known})
     return out
+
+
+def serve_dialback(peer: Peer) -> DialbackServer:
+    """Answer dial-back requests on ``peer`` (``specs/dialback.md``); the server, for its counts."""
+    server = DialbackServer()
+    peer.host.set_stream_handler(protocol_id(DIALBACK_PROTOCOL_ID, peer.network), server.handle_stream)  # type: ignore[arg-type]
+    return server
+
+
+async def start_bootstrap_services(peer: Peer) -> list[Capability]:
+    """What a bootstrap node serves besides the DHT and the relay: dial-back (no capability)."""
+    serve_dialback(peer)
+    return []

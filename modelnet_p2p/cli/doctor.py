@@ -10,9 +10,11 @@ Checks, in order:
 - each listen address: its port is free, and it is bound once the peer runs;
 - each bootstrap peer: reachable, the time to dial it, the protocols it offers (identify),
   and whether it is on the same network (the network name is part of every protocol id);
-- reachability: whether others can dial this peer, judged from its listen addresses and
-  from the address each bootstrap peer sees it at (identify's observed address): an
-  observed IP that is none of this peer's own means a NAT is in between;
+- reachability: whether others can dial this peer. A bootstrap node that offers dial-back
+  (``specs/dialback.md``) is asked to connect back to the IP the peer's connection comes
+  from, on its listen ports; without one, it is judged from the listen addresses and from
+  the address each bootstrap peer sees it at (identify's observed address): an observed IP
+  that is none of this peer's own means a NAT is in between;
 - relay: whether a bootstrap peer grants a relay slot, and whether this peer needs one;
 - clock: the skew against each relay, read from the reservation it grants (the relay's
   ``now + 3600 s``, the reservation lifetime of modelnet's relays); cards and records are
@@ -45,6 +47,8 @@ from ..p2p.probe import PeerIdentity, identify, port_taken
 from ..p2p.relay import HOP_PROTOCOL_ID, RelayLink
 from ..p2p.resolve import is_dns_addr, resolve_addr
 from ..peer import Peer
+from ..services.dialback import PROTOCOL_ID as DIALBACK_PROTOCOL_ID
+from ..services.dialback import ask_dialback
 from ..services.discovery import DHT_PROTOCOL_ID
 from ..services.relay import DEFAULT_RESERVATION_TTL
 from .common import run_async
@@ -95,6 +99,8 @@ class BootstrapFacts:
     relay_asked_at: float | None = None  # our clock, the middle of the request
     relay_error: str | None = None
     resolved: list[str] = field(default_factory=list)  # the IP addresses of a /dns*/ address
+    dialback: dict[str, Any] | None = None  # its answer to a dial-back request (services/dialback.py)
+    dialback_error: str | None = None
 
 
 @dataclass
@@ -367,6 +373,9 @@ def _judge_reach(f: Facts) -> tuple[list[Finding], bool]:
                 "Fine for a client; to serve, listen on an address or use a relay (--reachability private).",
             )
         ], True
+    dialed = _judge_dialback(f)
+    if dialed is not None:
+        return dialed
     try:
         dialable = publicly_dialable(direct, boots)
     except ModelNetError:
@@ -410,6 +419,37 @@ def _judge_reach(f: Facts) -> tuple[list[Finding], bool]:
     return [
         Finding("reachability", "ok", "This peer is dialable from the mesh it joins (direct addresses).")
     ], False
+
+
+def _judge_dialback(f: Facts) -> tuple[list[Finding], bool] | None:
+    """The reachability finding from the bootstrap nodes' dial-backs, if any answered."""
+    tried = [
+        (b, b.dialback) for b in f.bootstrap if b.dialback and isinstance(b.dialback.get("results"), dict)
+    ]
+    if not tried:
+        return None
+    reached = [(b.addr, d["ip"], port) for b, d in tried for port, r in d["results"].items() if r == "ok"]
+    if reached:
+        addr, ip, port = reached[0]
+        return [
+            Finding(
+                "reachability",
+                "ok",
+                f"This peer is dialable from outside: {addr} dialed it back at {ip}, TCP port {port}.",
+            )
+        ], False
+    b, d = tried[0]
+    port, result = next(iter(d["results"].items()))
+    return [
+        Finding(
+            "reachability",
+            "warn",
+            f"{b.addr} could not dial this peer back at {d['ip']}, TCP port {port} ({result}): a NAT or a "
+            "firewall is in the way, so others cannot dial it directly. It takes part through a relay.",
+            f"To be dialable, allow inbound TCP port {port} in your firewall, or forward it on your "
+            "router to this machine, then run with --reachability public.",
+        )
+    ], True
 
 
 def _judge_relay(f: Facts, needs_relay: bool) -> list[Finding]:
@@ -550,6 +590,16 @@ async def _probe_bootstrap(peer: Peer, b: BootstrapFacts) -> None:
         b.protocols = list(ident.protocols)
         b.observed_addr = ident.observed_addr
         b.agent = ident.agent_version or None
+    dialback = protocol_id(DIALBACK_PROTOCOL_ID, peer.network)
+    ports = sorted({int(p) for a in peer.addrs if not is_circuit_addr(a) and (p := _port_of(a)) and p != "0"})
+    if dialback in b.protocols and ports and b.peer_id is not None:
+        pid = b.peer_id
+        try:
+            b.dialback = dict(await ask_dialback(lambda: peer.dialer.open_stream(pid, dialback), ports))
+        except (ModelNetError, trio.TooSlowError) as exc:
+            b.dialback_error = getattr(exc, "message", None) or "no answer"
+        if b.dialback is not None and "error" in b.dialback:
+            b.dialback_error, b.dialback = str(b.dialback["error"]), None
     if HOP_PROTOCOL_ID in b.protocols:
         before = time.time()
         try:

@@ -18,7 +18,7 @@ from ..config import Config
 from ..errors import ConfigError
 from ..peer import Peer
 from ..proto.capability import Capability
-from .bootstrap import bootstrap_overrides
+from .bootstrap import bootstrap_overrides, start_bootstrap_services
 from .common import emit, env_secret, gateway_extra_missing, make_peer, run_async, wait_for_stop
 from .dashboard import metrics_option, start_metrics
 from .options import PeerOptions, State, pass_state, peer_options
@@ -327,8 +327,8 @@ def bootstrap_command(
     overrides = bootstrap_overrides(cfg)
     try:
         run_async(
-            serve_until_stopped, cfg, [], BOOTSTRAP_DRAIN_TIMEOUT, as_json, watch_stdin, overrides, None,
-            metrics_listen,
+            serve_until_stopped, cfg, [], BOOTSTRAP_DRAIN_TIMEOUT, as_json, watch_stdin, overrides,
+            start_bootstrap_services, metrics_listen,
         )  # fmt: skip
     except KeyboardInterrupt:
         pass

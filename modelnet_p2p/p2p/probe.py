@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import multiaddr
 import trio
@@ -24,7 +25,14 @@ from ..errors import ConfigError
 from ._compat.host import check_port_free
 from .host import Host
 
-__all__ = ["IDENTIFY_PROTOCOL_ID", "MAX_IDENTIFY_SIZE", "PeerIdentity", "identify", "port_taken"]
+__all__ = [
+    "IDENTIFY_PROTOCOL_ID",
+    "MAX_IDENTIFY_SIZE",
+    "PeerIdentity",
+    "identify",
+    "port_taken",
+    "stream_remote_ip",
+]
 
 log = logging.getLogger(__name__)
 
@@ -101,3 +109,17 @@ def port_taken(addr: str | multiaddr.Multiaddr) -> str | None:
     except Exception:
         return None
     return None
+
+
+def stream_remote_ip(stream: Any) -> str | None:
+    """The IP address ``stream``'s connection comes from; ``None`` if relayed or unknown."""
+    try:
+        conn = stream.muxed_conn
+        if "RELAY" in str(conn.get_connection_type()).upper():
+            return None
+        remote = stream.get_remote_address()
+    except Exception:
+        return None
+    if not remote:
+        return None
+    return str(remote[0])
