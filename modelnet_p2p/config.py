@@ -38,6 +38,7 @@ from .p2p.addresses import (
 from .p2p.host import DEFAULT_DIAL_TIMEOUT
 from .p2p.identity import Identity
 from .p2p.network import NETWORKS, get_network
+from .p2p.resources import ResourceLimits
 from .proto.session import DEFAULT_WINDOW, Limits
 from .proto.swarmkey import parse_swarm_key
 
@@ -116,6 +117,8 @@ class PeerConfig:
             ``connections_low`` are left (``specs/network.md``, "Connection management").
         connection_grace: seconds a new connection is safe from that trimming.
         connection_check_interval: seconds between two checks of the connection count.
+        resource_limits: connections, request slots and relay reservations per remote peer,
+            per IP address and in total (``specs/network.md``, "Resource limits").
         psk: a private mesh's swarm key: a ``/key/swarm/psk/1.0.0/`` file (path), its
             contents, or the 32 raw bytes; only peers with the same key can connect
             (``specs/network.md``, "Private networks").
@@ -160,6 +163,7 @@ class PeerConfig:
     connections_high: int = 32
     connection_grace: float = 30.0
     connection_check_interval: float = 15.0
+    resource_limits: ResourceLimits = field(default_factory=ResourceLimits)
     psk: bytes | str | os.PathLike[str] | None = None
     trust: Sequence[str] = ()
     require_token: bool = False
@@ -215,6 +219,7 @@ class PeerConfig:
             "high": self.connections_high,
             "grace_period": self.connection_grace,
             "check_interval": self.connection_check_interval,
+            "limits": self.resource_limits,
         }
 
     def check(self) -> None:

@@ -60,6 +60,7 @@ from .services.availability import (
 )
 from .services.discovery import DHT_PROTOCOL_ID, Discovery
 from .services.discovery.index import find_or_browse
+from .services.inference.admission import Admission, AdmissionLimits
 from .services.inference.handlers import Handler, InferenceRequest
 from .services.inference.server import InferenceServer, Limits
 from .services.relay import RelayService, keep_reservations
@@ -173,6 +174,7 @@ class Peer:
         self._load = InferenceLoad(self.inference, cfg.max_concurrency)
         self.inference.on_request_done = self._load.on_request_done
         self.inference.load_provider = self._load.snapshot  # answers carry it back (specs/inference.md)
+        self.inference.admission = Admission(AdmissionLimits.of(self.limits, cfg.resource_limits))
         with _as_config_error():
             #: Capability discovery: the DHT, this peer's card, lookups (specs/capability.md).
             self.discovery = Discovery(
@@ -204,7 +206,8 @@ class Peer:
         stack = AsyncExitStack()
         await stack.__aenter__()
         try:
-            host = build_host(self.identity, dial_timeout=cfg.connect_timeout, psk=cfg.load_psk())
+            host = build_host(self.identity, dial_timeout=cfg.connect_timeout, psk=cfg.load_psk(),
+                              limits=cfg.resource_limits)
             await stack.enter_async_context(running_host(host, self._listen))
             self._host = host
             self._dialer = Dialer(host, connect_timeout=cfg.connect_timeout)
@@ -229,7 +232,7 @@ class Peer:
             # tells each contact then whether this peer serves the DHT.
             await self.discovery.start(host, nursery)
             stack.callback(self.discovery.stop)  # before the nursery and the host close
-            self.relay = RelayService(host, hop=cfg.relay_hop)
+            self.relay = RelayService(host, hop=cfg.relay_hop, limits=cfg.resource_limits)
             await self.relay.start(nursery)
             self.connmgr.keep(self.relay.reserving_peers)  # a relay keeps its reserving peers
             stack.callback(self.relay.stop)

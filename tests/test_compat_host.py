@@ -247,3 +247,52 @@ async def test_retired_handler_resets_new_streams() -> None:
             retire_stream_handler(b, PROTO)
             assert await _refused(a, b)
             assert a.get_network().get_connections(b.get_id())
+
+
+async def _connect_and_leave(host: IHost, times: int) -> list[bool]:
+    """``times`` new identities connect to ``host`` one after another and disconnect at once."""
+    info = PeerInfo(host.get_id(), [listen for listen in host.get_addrs()])
+    out = []
+    for _ in range(times):
+        async with running_host(build_host(Identity.generate()), []) as client:
+            try:
+                with trio.fail_after(10):
+                    await client.connect(info)
+                    stream = await client.new_stream(host.get_id(), [PROTO])
+                    await stream.close()
+                out.append(True)
+            except Exception:
+                out.append(False)
+            await client.disconnect(host.get_id())
+        with trio.fail_after(10):
+            while host.get_network().get_connections():
+                await trio.sleep(0.02)
+    return out
+
+
+async def _echo_close(stream: INetStream) -> None:
+    await stream.close()
+
+
+async def test_stock_inbound_slots_outlive_their_connections() -> None:
+    """The swarm's inbound handler keeps its limiter slot until the swarm stops."""
+    host = build_host(Identity.generate())
+    swarm = host.get_network()
+    swarm.upgrade_inbound_raw_conn = type(swarm).upgrade_inbound_raw_conn.__get__(swarm)  # type: ignore[method-assign]
+    swarm._inbound_limiter = trio.CapacityLimiter(3)  # type: ignore[attr-defined]
+    async with running_host(host, LOOPBACK):
+        host.set_stream_handler(PROTO, _echo_close)
+        # one connection open at a time, yet the fourth is refused: 3 slots were never given back
+        assert await _connect_and_leave(host, 4) == [True, True, True, False]
+
+
+async def test_inbound_slots_end_with_their_connections() -> None:
+    host = build_host(Identity.generate())
+    swarm = host.get_network()
+    swarm._inbound_limiter = trio.CapacityLimiter(3)  # type: ignore[attr-defined]
+    async with running_host(host, LOOPBACK):
+        host.set_stream_handler(PROTO, _echo_close)
+        assert await _connect_and_leave(host, 6) == [True] * 6
+        with trio.fail_after(5):
+            while swarm._inbound_limiter.borrowed_tokens:  # type: ignore[attr-defined]
+                await trio.sleep(0.02)

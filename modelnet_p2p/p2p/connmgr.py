@@ -20,6 +20,25 @@ ever met. The rule (``specs/network.md``, "Connection management"):
     for reuse (:class:`~modelnet_p2p.p2p.pool.StreamPool`) are open streams, so they count
     as in use; the pool closes a kept stream after 20 s idle, and then its connection can go.
 
+Hard limits (``specs/network.md``, "Resource limits", with :class:`~.resources.ResourceLimits`):
+the watermarks are soft, and a peer could be locked out by anyone who opens connections
+faster than the grace period lets them go (256 idle connections locked new peers out: 0 of 8
+could connect). So the manager also enforces, at once on every new connection:
+
+- at most ``max_connections_per_ip`` connections from one IP address: its idle ones are
+  closed first (those that never carried a stream but identify and ping, the oldest first,
+  then the least recently used), then its newest ones;
+- at most ``max_connections_per_peer`` to one peer id (the same order);
+- at most ``max_connections`` in all: idle unprotected connections are closed, grace period
+  or not: those of the address holding the most connections first, in the same order (a
+  newcomer's connection is young, and carries its first call soon). A connection carrying a
+  stream (but identify and ping, which every new connection runs, and streams whose protocol
+  is not agreed yet) is in use and stays.
+
+Protected peers are never closed by these limits either. The swarm's own caps are set above
+``max_connections`` (``_compat/rcmgr.py``), so that the choice is made here and not by a
+swarm that refuses every newcomer once full.
+
 "Used" is the opening or closing of a stream other than a pubsub stream. A trimmed peer is
 not forgotten: its addresses stay in the peerstore and the next stream to it redials. Times
 are :func:`trio.current_time` values, so tests can drive the manager with a mock clock.
@@ -39,12 +58,16 @@ from typing import Any, cast
 import trio
 from libp2p.abc import INetConn, INetStream, INotifee
 
+from .resources import ResourceLimits, conn_ip
+
 __all__ = ["ConnManager", "ConnStats", "peer_id_of_addr"]
 
 log = logging.getLogger(__name__)
 
 #: Protocols of streams that stay open as long as the connection (pubsub keeps one per neighbour).
 LONG_LIVED_PROTOCOLS: tuple[str, ...] = ("/meshsub/", "/floodsub/")
+#: Protocols every connection runs by itself: a connection that carried only these did no work.
+HOUSEKEEPING_PROTOCOLS: tuple[str, ...] = ("/ipfs/id/", "/ipfs/ping/")
 #: Seconds between two checks triggered by new connections.
 MIN_CHECK_GAP = 1.0
 #: Seconds a trimmed connection is given to close.
@@ -73,6 +96,8 @@ class ConnStats:
     trimmed: int
     #: Trims that closed at least one connection.
     trims: int
+    #: Connections closed because a hard limit was exceeded (per IP, per peer, in total).
+    limited: int
     low: int
     high: int
 
@@ -81,6 +106,10 @@ class ConnStats:
 class _Conn:
     opened: float
     last_used: float
+    peer: str = ""
+    ip: str | None = None
+    #: Carried a stream of a protocol other than the housekeeping ones.
+    worked: bool = False
 
 
 class _Notifee:
@@ -116,6 +145,15 @@ def _long_lived(stream: INetStream) -> bool:
     return protocol is not None and any(p in str(protocol) for p in LONG_LIVED_PROTOCOLS)
 
 
+def _housekeeping(stream: INetStream) -> bool:
+    """Whether ``stream`` is identify or ping, or its protocol is not known (yet)."""
+    try:
+        protocol = stream.get_protocol()
+    except Exception:
+        return True
+    return protocol is None or any(p in str(protocol) for p in HOUSEKEEPING_PROTOCOLS)
+
+
 def _conn_peer(conn: INetConn) -> str:
     return str(conn.muxed_conn.peer_id)
 
@@ -133,7 +171,15 @@ class ConnManager:
     peer's nursery once the host runs.
     """
 
-    def __init__(self, *, low: int, high: int, grace_period: float, check_interval: float) -> None:
+    def __init__(
+        self,
+        *,
+        low: int,
+        high: int,
+        grace_period: float,
+        check_interval: float,
+        limits: ResourceLimits | None = None,
+    ) -> None:
         if low < 0 or high < low or high < 1:
             raise ValueError("connection watermarks need 0 <= low <= high and high >= 1")
         if grace_period < 0 or check_interval <= 0:
@@ -150,6 +196,10 @@ class ConnManager:
         self._wake = trio.Event()
         self._trimmed = 0
         self._trims = 0
+        #: The hard limits (see the module docs).
+        self.limits = limits or ResourceLimits()
+        self._limited = 0
+        self._over_limit = trio.Event()
 
     @property
     def high(self) -> int:
@@ -211,9 +261,29 @@ class ConnManager:
 
     def connected(self, conn: INetConn) -> None:
         now = trio.current_time()
-        self._conns.setdefault(id(conn.muxed_conn), _Conn(now, now))
-        if self._host is not None and len(self._conns) > self.high:
+        record = self._record(conn, now)
+        if self._host is None:
+            return
+        if len(self._conns) > self.high:
             self._wake.set()
+        over = len(self._conns) > self.limits.max_connections
+        if over or self._over_ip(record.ip) or self._over_peer(record.peer):
+            self._over_limit.set()
+
+    def _record(self, conn: INetConn, now: float) -> _Conn:
+        record = self._conns.get(id(conn.muxed_conn))
+        if record is None:
+            ip = conn_ip(conn.muxed_conn, limit_loopback=self.limits.limit_loopback)
+            record = self._conns[id(conn.muxed_conn)] = _Conn(now, now, _conn_peer(conn), ip)
+        return record
+
+    def _over_ip(self, ip: str | None) -> bool:
+        if ip is None:
+            return False
+        return sum(1 for r in self._conns.values() if r.ip == ip) > self.limits.max_connections_per_ip
+
+    def _over_peer(self, peer: str) -> bool:
+        return sum(1 for r in self._conns.values() if r.peer == peer) > self.limits.max_connections_per_peer
 
     def disconnected(self, conn: INetConn) -> None:
         self._conns.pop(id(conn.muxed_conn), None)
@@ -224,6 +294,8 @@ class ConnManager:
         record = self._conns.get(id(stream.muxed_conn))
         if record is not None:
             record.last_used = trio.current_time()
+            if not record.worked and not _housekeeping(stream):
+                record.worked = True
 
     # -- running -----------------------------------------------------------------------
 
@@ -233,12 +305,23 @@ class ConnManager:
         self._sources.clear()  # the services of the last run are gone
         self._conns.clear()
         self._wake = trio.Event()
+        self._over_limit = trio.Event()
         self._notifee = _Notifee(self)
         # INotifee is an interface the swarm calls by method name; the plain object serves.
         host.get_network().register_notifee(cast(INotifee, self._notifee))
         for conn in self._open_conns():
             self.connected(conn)
         nursery.start_soon(self._run)
+        nursery.start_soon(self._run_limits)
+
+    async def _run_limits(self) -> None:
+        while True:
+            await self._over_limit.wait()
+            self._over_limit = trio.Event()
+            try:
+                await self.enforce_limits()
+            except Exception as exc:  # a failed pass must not stop the next ones
+                log.warning("enforcing the connection limits failed: %r", exc)
 
     async def _run(self) -> None:
         over = False
@@ -279,6 +362,18 @@ class ConnManager:
             return True
         return any(not _long_lived(s) for s in streams)
 
+    def _working(self, conn: INetConn) -> bool:
+        """In use for the hard limits: carrying a stream other than pubsub, identify and ping.
+
+        A stream still negotiating its protocol does not count: a remote that never answers
+        the negotiation of the streams this peer opens to it would otherwise look busy forever.
+        """
+        try:
+            streams = conn.get_streams()
+        except Exception:
+            return True
+        return any(not _long_lived(s) and not _housekeeping(s) for s in streams)
+
     def candidates(self, protected: Collection[str] | None = None) -> list[INetConn]:
         """The connections a trim may close now, the least recently used first."""
         now = trio.current_time()
@@ -289,7 +384,7 @@ class ConnManager:
         for key in [k for k in self._conns if k not in live]:
             del self._conns[key]  # missed a disconnect: the id may be reused
         for conn in conns:
-            record = self._conns.setdefault(id(conn.muxed_conn), _Conn(now, now))
+            record = self._record(conn, now)
             if self._in_use(conn):
                 record.last_used = now
                 continue
@@ -332,6 +427,78 @@ class ConnManager:
             log.debug("closing a trimmed connection failed: %r", exc)
         self.disconnected(conn)
 
+    def over_limits(self) -> list[INetConn]:
+        """The connections to close now to bring every hard limit back (see the module docs)."""
+        now = trio.current_time()
+        protected = self._protected_now()
+        conns = [c for c in self._open_conns() if _conn_peer(c) not in protected]
+        records = {id(c.muxed_conn): self._record(c, now) for c in self._open_conns()}
+        chosen: dict[int, INetConn] = {}
+        in_use = {id(c.muxed_conn): self._working(c) for c in conns}
+
+        def age(c: INetConn) -> tuple[bool, float]:
+            # those that did no work, the oldest first; then the least recently used
+            rec = records[id(c.muxed_conn)]
+            return (rec.worked, rec.last_used if rec.worked else rec.opened)
+
+        def idle_first(group: list[INetConn]) -> list[INetConn]:
+            # idle ones (see age); then the rest, newest first
+            idle = sorted((c for c in group if not in_use[id(c.muxed_conn)]), key=age)
+            busy = sorted((c for c in group if in_use[id(c.muxed_conn)]),
+                          key=lambda c: -records[id(c.muxed_conn)].opened)
+            return idle + busy
+
+        def group_limit(key: Callable[[_Conn], str | None], limit: int) -> None:
+            counts: dict[str, int] = {}
+            for rec in records.values():
+                k = key(rec)
+                if k is not None:
+                    counts[k] = counts.get(k, 0) + 1
+            for k, n in counts.items():
+                if n <= limit:
+                    continue
+                group = [c for c in conns if key(records[id(c.muxed_conn)]) == k]
+                for conn in idle_first(group)[: n - limit]:
+                    chosen[id(conn.muxed_conn)] = conn
+
+        group_limit(lambda r: r.ip, self.limits.max_connections_per_ip)
+        group_limit(lambda r: r.peer, self.limits.max_connections_per_peer)
+        excess = len(records) - len(chosen) - self.limits.max_connections
+        if excess > 0:
+            per_ip: dict[str | None, int] = {}
+            for rec in records.values():
+                per_ip[rec.ip] = per_ip.get(rec.ip, 0) + 1
+            idle = [c for c in conns if not in_use[id(c.muxed_conn)] and id(c.muxed_conn) not in chosen]
+
+            def rank(c: INetConn) -> tuple[int, tuple[bool, float]]:
+                rec = records[id(c.muxed_conn)]
+                return (-per_ip.get(rec.ip, 1) if rec.ip is not None else -1, age(c))
+
+            for conn in sorted(idle, key=rank)[:excess]:
+                chosen[id(conn.muxed_conn)] = conn
+        return list(chosen.values())
+
+    async def enforce_limits(self) -> int:
+        """Close the connections over a hard limit now; returns how many."""
+        victims = self.over_limits()
+        if not victims:
+            return 0
+        log.info("closing %d connections over the connection limits (%d open)",
+                 len(victims), len(self._conns))
+        self._limited += len(victims)
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                for conn in victims:
+                    nursery.start_soon(self._close_now, conn)
+        return len(victims)
+
+    async def _close_now(self, conn: INetConn) -> None:
+        try:
+            await conn.close()
+        except Exception as exc:
+            log.debug("closing a connection over the limits failed: %r", exc)
+        self.disconnected(conn)
+
     def stats(self) -> ConnStats:
         """Counts for tests, benchmarks and ``modelnet status``."""
         conns = self._open_conns()
@@ -342,6 +509,7 @@ class ConnManager:
             protected=sum(1 for c in conns if _conn_peer(c) in protected),
             trimmed=self._trimmed,
             trims=self._trims,
+            limited=self._limited,
             low=self.low,
             high=self.high,
         )

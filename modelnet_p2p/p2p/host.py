@@ -26,17 +26,24 @@ from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TMuxerOptions, TProtocol
 from libp2p.host.basic_host import BasicHost
 from libp2p.network.config import ConnectionConfig, RetryConfig
-from libp2p.rcmgr import new_resource_manager
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 
 from ..errors import ConfigError
 from ._compat import pnet
-from ._compat.host import check_port_free, close_connections, disable_auto_connector
+from ._compat.host import (
+    check_port_free,
+    close_connections,
+    disable_auto_connector,
+    end_inbound_handlers,
+)
+from ._compat.rcmgr import resource_manager as new_resource_manager
+from ._compat.rcmgr import swarm_cap
 from ._compat.yamux import LeanYamux, start_keepalive, use_muxer_classes
 from .addresses import parse_multiaddr
 from .identity import Identity
+from .resources import ResourceLimits
 
 __all__ = ["DEFAULT_DIAL_TIMEOUT", "Host", "build_host", "listen_addrs", "parse_multiaddr", "running_host"]
 
@@ -51,7 +58,8 @@ DEFAULT_DIAL_TIMEOUT = 10.0
 
 
 def build_host(
-    identity: Identity, *, dial_timeout: float = DEFAULT_DIAL_TIMEOUT, psk: bytes | None = None
+    identity: Identity, *, dial_timeout: float = DEFAULT_DIAL_TIMEOUT, psk: bytes | None = None,
+    limits: ResourceLimits | None = None,
 ) -> IHost:
     """A TCP host with Noise as its only security transport and yamux as its only muxer.
 
@@ -68,15 +76,21 @@ def build_host(
     keep them until a query fails). Callers that want another attempt make it
     themselves, within their own deadline.
     """
+    limits = limits or ResourceLimits()
     noise = NoiseTransport(identity.key_pair, noise_privkey=new_x25519_key_pair().private_key)
     config = ConnectionConfig(
         max_connections_per_peer=1,
         dial_timeout=dial_timeout,
         min_connections=0,
         low_watermark=0,
+        # The connection manager chooses whom to close; the swarm's own pruner never runs.
+        max_connections=swarm_cap(limits.max_connections),
+        high_watermark=swarm_cap(limits.max_connections),
     )
     # What new_host() would do, but new_host() does not pass retry_config on to the swarm.
-    resource_manager = new_resource_manager()
+    resource_manager = new_resource_manager(
+        max_connections=limits.max_connections, max_connections_per_peer=limits.max_connections_per_peer
+    )
     if psk is not None:
         if len(psk) != 32:
             raise ConfigError("a swarm key has 32 bytes")
@@ -96,6 +110,7 @@ def build_host(
         log.warning("cannot choose the yamux class: connections keep upstream's timers")
     host = BasicHost(network=swarm, resource_manager=resource_manager)
     disable_auto_connector(host)
+    end_inbound_handlers(host)  # else no inbound connection after max_connections of them, ever
     return host
 
 

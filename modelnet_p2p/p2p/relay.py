@@ -37,7 +37,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from ..errors import ConfigError, UnavailableError
 from ._compat.pnet import protect_outbound
-from ._compat.relay import CircuitLimiter, CircuitRelay, relay_limits
+from ._compat.relay import CircuitLimiter, CircuitRelay, ReservationDecider, relay_limits
 from .addresses import circuit_addr, parse_circuit_addr, parse_multiaddr, parse_peer_addr
 
 __all__ = [
@@ -72,8 +72,9 @@ def connected(host: IHost, peer: ID) -> bool:
 class RelayNode:
     """The circuit relay v2 protocols on ``host``: stop always, hop if ``hop``.
 
-    ``limiter`` counts the circuits open to each reserving peer; the other limits are
-    py-libp2p's (``None``: no limit).
+    ``limiter`` counts the circuits open to each reserving peer and ``policy`` decides who may
+    hold a reservation (``services/relay.py``); the other limits are py-libp2p's (``None``: no
+    limit).
     """
 
     def __init__(
@@ -82,6 +83,8 @@ class RelayNode:
         *,
         hop: bool,
         limiter: CircuitLimiter,
+        policy: ReservationDecider | None = None,
+        limit_loopback: bool = False,
         max_reservations: int,
         max_circuits_per_peer: int,
         reservation_ttl: int,
@@ -97,7 +100,9 @@ class RelayNode:
             max_circuit_duration=max_circuit_duration,
             max_circuit_bytes=max_circuit_bytes,
         )
-        self.protocol = CircuitRelay(host, limits, hop=hop, limiter=limiter)
+        self.protocol = CircuitRelay(
+            host, limits, hop=hop, limiter=limiter, policy=policy, limit_loopback=limit_loopback
+        )
 
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled; ``task_status.started()`` once the handlers are registered.

@@ -14,7 +14,8 @@ See ``specs/network.md`` ("Peers that cannot be dialed"). Three roles:
   ``host.new_stream(target_id, ...)`` works as over a direct connection.
 
 This module holds the service logic: settings and their checks, the per-peer circuit count
-(:class:`CircuitSlots`), and keeping a reservation alive (:class:`RelayReservation`). What
+(:class:`CircuitSlots`), who may hold a reservation (:class:`ReservationPolicy`), and keeping
+a reservation alive (:class:`RelayReservation`). What
 touches libp2p is in :mod:`modelnet_p2p.p2p.relay` (the protocols, RESERVE and CONNECT) and
 :mod:`modelnet_p2p.p2p.addresses` (relayed addresses, reachability); their names are
 re-exported here.
@@ -41,6 +42,7 @@ from ..p2p.addresses import (
 )
 from ..p2p.host import Host
 from ..p2p.relay import HOP_PROTOCOL_ID, STOP_PROTOCOL_ID, RelayLink, RelayNode, dial_via_relay
+from ..p2p.resources import ResourceLimits
 
 __all__ = [
     "DEFAULT_MAX_CIRCUITS_PER_PEER",
@@ -52,6 +54,7 @@ __all__ = [
     "Reachability",
     "RelayReservation",
     "RelayService",
+    "ReservationPolicy",
     "ReservationLink",
     "circuit_addr_for",
     "dial_via_relay",
@@ -67,11 +70,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Seconds a reservation lasts unless refreshed (the spec's usual value).
-DEFAULT_RESERVATION_TTL = 3600
+DEFAULT_RESERVATION_TTL = ResourceLimits.relay_reservation_ttl
 #: Peers that may hold a reservation at once (py-libp2p's default is 4).
-DEFAULT_MAX_RESERVATIONS = 256
+DEFAULT_MAX_RESERVATIONS = ResourceLimits.relay_max_reservations
 #: Circuits open at once to one reserving peer (py-libp2p's default is 8).
-DEFAULT_MAX_CIRCUITS_PER_PEER = 64
+DEFAULT_MAX_CIRCUITS_PER_PEER = ResourceLimits.relay_max_circuits_per_peer
 
 #: Refresh a reservation once this fraction of its remaining lifetime has passed.
 REFRESH_FRACTION = 0.5
@@ -127,6 +130,49 @@ class CircuitSlots:
         return sum(self._open.values())
 
 
+class ReservationPolicy:
+    """Who may hold one of a relay's reservations (``specs/network.md``, "Resource limits").
+
+    - A peer holds at most one (a second RESERVE refreshes it).
+    - The peers of one IP address hold at most ``max_per_ip``, so that the Sybil identities
+      of one host share one budget (262 identities took every reservation of a relay).
+    - When all ``max_reservations`` are taken, a peer from an address holding ``k`` of them
+      takes the oldest reservation of the address holding the most, if that address holds
+      more than ``k + 1``; else it is refused. The table thus tends to an equal share per
+      address, and a newcomer from a new address always gets in while some address holds two.
+
+    Holders without an address (``None``: loopback peers unless limited, see
+    :func:`~modelnet_p2p.p2p.resources.ip_key`) count as one address each.
+    """
+
+    def __init__(self, max_reservations: int, max_per_ip: int) -> None:
+        if max_reservations < 1 or max_per_ip < 1:
+            raise ConfigError("relay limits must be at least 1")
+        self.max_reservations = max_reservations
+        self.max_per_ip = max_per_ip
+
+    def decide(self, peer: str, ip: str | None, holders: dict[str, tuple[str | None, float]]) -> str | None:
+        """Whether ``peer`` (from ``ip``) may reserve, given ``holders`` (peer: (ip, since)).
+
+        Returns ``""`` to accept, a holder's peer id to accept after evicting that holder,
+        or ``None`` to refuse.
+        """
+        if peer in holders:
+            return ""
+        mine = 0 if ip is None else sum(1 for other, _ in holders.values() if other == ip)
+        if mine >= self.max_per_ip:
+            return None
+        if len(holders) < self.max_reservations:
+            return ""
+        groups: dict[str, list[tuple[float, str]]] = {}
+        for holder, (addr, since) in holders.items():
+            groups.setdefault(addr if addr is not None else f"peer:{holder}", []).append((since, holder))
+        biggest = max(groups.values(), key=len)
+        if len(biggest) <= mine + 1:
+            return None
+        return min(biggest)[1]
+
+
 class RelayService:
     """Circuit relay v2 on a host: accept relayed connections, and relay for others if ``hop``.
 
@@ -136,11 +182,13 @@ class RelayService:
     Args:
         host: the libp2p host.
         hop: relay circuits for peers that hold a reservation here.
+        limits: the defaults of the settings below (``relay_*`` and ``limit_loopback``).
         max_reservations: peers that may hold a reservation at once.
+        max_reservations_per_ip: of those, peers of one IP address (see :class:`ReservationPolicy`).
         max_circuits_per_peer: circuits open at once to one reserving peer.
         reservation_ttl: seconds a reservation lasts unless refreshed.
-        max_circuit_duration: seconds a circuit may last; ``None``: no limit.
-        max_circuit_bytes: bytes a circuit may carry (both ways); ``None``: no limit.
+        max_circuit_duration: seconds a circuit may last; ``0``: no limit.
+        max_circuit_bytes: bytes a circuit may carry (both ways); ``0``: no limit.
     """
 
     def __init__(
@@ -148,33 +196,46 @@ class RelayService:
         host: Host,
         *,
         hop: bool,
-        max_reservations: int = DEFAULT_MAX_RESERVATIONS,
-        max_circuits_per_peer: int = DEFAULT_MAX_CIRCUITS_PER_PEER,
-        reservation_ttl: int = DEFAULT_RESERVATION_TTL,
+        limits: ResourceLimits | None = None,
+        max_reservations: int | None = None,
+        max_reservations_per_ip: int | None = None,
+        max_circuits_per_peer: int | None = None,
+        reservation_ttl: int | None = None,
         max_circuit_duration: int | None = None,
         max_circuit_bytes: int | None = None,
     ) -> None:
+        lim = limits or ResourceLimits()
+        max_reservations = _or(max_reservations, lim.relay_max_reservations)
+        max_circuits_per_peer = _or(max_circuits_per_peer, lim.relay_max_circuits_per_peer)
+        reservation_ttl = _or(reservation_ttl, lim.relay_reservation_ttl)
+        duration = _or(max_circuit_duration, lim.relay_max_circuit_duration)
+        data = _or(max_circuit_bytes, lim.relay_max_circuit_bytes)
         if max_reservations < 1 or max_circuits_per_peer < 1:
             raise ConfigError("relay limits must be at least 1")
         if reservation_ttl < 1:
             raise ConfigError("reservation_ttl must be at least 1 second")
-        if (max_circuit_duration is not None and max_circuit_duration < 1) or (
-            max_circuit_bytes is not None and max_circuit_bytes < 1
-        ):
-            raise ConfigError("circuit limits must be positive (or None for no limit)")
+        if duration < 0 or data < 0:
+            raise ConfigError("circuit limits must be positive (or 0 for no limit)")
         self.host = host
         self.hop = hop
+        #: Seconds and bytes (both ways) a circuit may last and carry (``0``: no limit).
+        self.max_circuit_duration, self.max_circuit_bytes = duration, data
         #: Circuits open to each reserving peer (relays only).
         self.slots = CircuitSlots(max_circuits_per_peer)
+        #: Who may hold a reservation (relays only).
+        per_ip = _or(max_reservations_per_ip, lim.relay_max_reservations_per_ip)
+        self.policy = ReservationPolicy(max_reservations, per_ip)
         self._node = RelayNode(
             host,
             hop=hop,
             limiter=self.slots,
+            policy=self.policy.decide,
+            limit_loopback=lim.limit_loopback,
             max_reservations=max_reservations,
             max_circuits_per_peer=max_circuits_per_peer,
             reservation_ttl=reservation_ttl,
-            max_circuit_duration=max_circuit_duration,
-            max_circuit_bytes=max_circuit_bytes,
+            max_circuit_duration=duration or None,
+            max_circuit_bytes=data or None,
         )
         self._scope: trio.CancelScope | None = None
 
@@ -211,6 +272,10 @@ class RelayService:
     def reserving_peers(self) -> list[str]:
         """Ids of the connected peers holding a reservation here (relays only)."""
         return self._node.reserving_peers()
+
+
+def _or(value: int | None, default: int) -> int:
+    return default if value is None else value
 
 
 # -- reserving (the target side) ---------------------------------------------------

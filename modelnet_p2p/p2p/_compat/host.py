@@ -11,6 +11,13 @@ fail once upstream changes it):
 - :func:`disable_auto_connector`: the swarm's auto-connector dials peers from the peerstore
   (aiming at the midpoint of the watermarks, 150 by default) whatever the watermarks say;
   setting them to 0 would make the pruner close every connection instead.
+- :func:`end_inbound_handlers`: the swarm's handler of each accepted connection takes a slot
+  of its inbound limiter (``max_connections`` slots), and once the connection is up it waits
+  for the *swarm* to stop before giving the slot back: slot and handler outlive the
+  connection. After ``max_connections`` inbound connections in the host's lifetime, open or
+  long closed, every new one is refused (measured: 260 identities redialing a peer whose
+  connection manager closed them locked out newcomers, and each closed connection left a
+  task and its connection objects behind).
 - :func:`guard_handler`: an exception escaping a stream handler stops ``host.run()`` and with
   it the whole host.
 - :func:`retire_stream_handler`: removing a handler races with multistream-select, which checks
@@ -37,6 +44,7 @@ __all__ = [
     "close_connections",
     "disable_auto_connector",
     "guard_handler",
+    "end_inbound_handlers",
     "retire_stream_handler",
 ]
 
@@ -117,6 +125,36 @@ def disable_auto_connector(host: IHost) -> None:
     connector = getattr(host.get_network(), "auto_connector", None)
     if connector is not None and hasattr(connector, "maybe_connect"):
         connector.maybe_connect = _no_auto_connect
+
+
+class InboundConnectionEnded(Exception):
+    """Raised out of the swarm's inbound upgrade once the connection has closed (see below)."""
+
+
+def end_inbound_handlers(host: IHost) -> bool:
+    """End the swarm's handler of an inbound connection when the connection ends.
+
+    The upgrade step the handler awaits now waits, after upgrading, for the connection to
+    close and then raises :class:`InboundConnectionEnded`: the handler takes its error path
+    (it closes the already closed socket) and gives back its limiter slot, instead of waiting
+    for the swarm to stop. Returns whether the swarm had the method to wrap.
+    """
+    swarm: Any = host.get_network()
+    original = getattr(swarm, "upgrade_inbound_raw_conn", None)
+    if original is None or getattr(original, "ends_with_connection", False):
+        return original is not None
+
+    async def upgrade(raw_conn: Any, maddr: multiaddr.Multiaddr) -> Any:
+        muxed = await original(raw_conn, maddr)
+        closed = getattr(muxed, "event_closed", None)
+        if not isinstance(closed, trio.Event):
+            return muxed  # an unknown muxer: upstream's behaviour
+        await closed.wait()
+        raise InboundConnectionEnded
+
+    upgrade.ends_with_connection = True  # type: ignore[attr-defined]
+    swarm.upgrade_inbound_raw_conn = upgrade
+    return True
 
 
 async def _reset(stream: INetStream) -> None:

@@ -17,6 +17,11 @@ fail once upstream changes it:
 - **RESERVE trusts the peer id named in the message.** Anyone could fill the relay's slots in
   other peers' names (and make circuits to a peer that never reserved). Here a reservation is
   always for the peer that asks.
+- **Any peer may take the last reservation.** The stock relay hands out reservations first
+  come, first served, so 262 identities took every one and a newcomer got none. Here a
+  ``policy`` (``services/relay.py``) decides, knowing each holder's IP address and age, and
+  may name a holder to evict: its reservation is dropped and its connection closed (so that
+  it notices and reserves again).
 - **Reservations of disconnected peers keep their slots until they expire.** They are void
   (a reservation holds only while its peer is connected), but still count against
   ``max_reservations``. Here they are dropped before a new one is counted.
@@ -30,6 +35,8 @@ fail once upstream changes it:
 from __future__ import annotations
 
 import itertools
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -42,9 +49,15 @@ from libp2p.relay.circuit_v2.protocol import STOP_PROTOCOL_ID, CircuitV2Protocol
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.resources import RelayLimits
 
+from ..resources import conn_ip
 from .host import guard_handler, retire_stream_handler
 
-__all__ = ["NO_DATA_LIMIT", "CircuitLimiter", "CircuitRelay", "relay_limits"]
+__all__ = ["NO_DATA_LIMIT", "CircuitLimiter", "CircuitRelay", "ReservationDecider", "relay_limits"]
+
+log = logging.getLogger(__name__)
+
+#: ``(peer, ip, holders: {peer: (ip, since)})`` -> ``""`` accept, a holder to evict, ``None`` refuse.
+ReservationDecider = Callable[[str, "str | None", "dict[str, tuple[str | None, float]]"], "str | None"]
 
 #: What "no data limit" has to be written as (py-libp2p reads 0 as "nothing may pass").
 NO_DATA_LIMIT = 2**62
@@ -104,9 +117,22 @@ class CircuitRelay(CircuitV2Protocol):
 
     _numbers = itertools.count()
 
-    def __init__(self, host: IHost, limits: RelayLimits, *, hop: bool, limiter: CircuitLimiter) -> None:
+    def __init__(
+        self,
+        host: IHost,
+        limits: RelayLimits,
+        *,
+        hop: bool,
+        limiter: CircuitLimiter,
+        policy: ReservationDecider | None = None,
+        limit_loopback: bool = False,
+    ) -> None:
         super().__init__(host, limits=limits, allow_hop=hop)
         self.limiter = limiter
+        self.policy = policy
+        self.limit_loopback = limit_loopback
+        #: The IP address (key) and trio time of each reservation made here.
+        self._holders: dict[ID, tuple[str | None, float]] = {}
 
     # -- what the adapter reads --------------------------------------------------------
 
@@ -154,11 +180,38 @@ class CircuitRelay(CircuitV2Protocol):
                         pass
 
     async def _handle_reserve(self, stream: INetStream, msg: HopMessage) -> None:
-        msg.peer.id = stream.muxed_conn.peer_id.to_bytes()
+        peer = stream.muxed_conn.peer_id
+        msg.peer.id = peer.to_bytes()
         reservations = self.resource_manager._reservations
-        for peer in [p for p in reservations if not _connected(self.host, p)]:
-            del reservations[peer]
+        for gone in [p for p, r in reservations.items() if r.is_expired() or not _connected(self.host, p)]:
+            del reservations[gone]
+        for gone in [p for p in self._holders if p not in reservations]:
+            del self._holders[gone]
+        if self.policy is not None and peer not in reservations:
+            ip = conn_ip(stream.muxed_conn, limit_loopback=self.limit_loopback)
+            holders = {str(p): self._holders.get(p, (None, 0.0)) for p in reservations}
+            verdict = self.policy(str(peer), ip, holders)
+            if verdict is None:
+                await self._send_status(
+                    stream, StatusCode.RESOURCE_LIMIT_EXCEEDED, "no reservation left for your address"
+                )
+                return
+            if verdict:
+                await self._evict(ID.from_base58(verdict))
+            self._holders[peer] = (ip, trio.current_time())
         await super()._handle_reserve(stream, msg)
+
+    async def _evict(self, peer: ID) -> None:
+        """Drop ``peer``'s reservation and close its connections (it reserves again if it can)."""
+        self.resource_manager._reservations.pop(peer, None)
+        self._holders.pop(peer, None)
+        log.info("relay reservation of %s evicted for a newcomer", peer)
+        for conn in list(self.host.get_network().get_connections(peer)):
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                try:
+                    await conn.close()
+                except Exception:
+                    pass
 
     async def _handle_connect(self, stream: INetStream, msg: HopMessage) -> None:
         slot: str | None = None
