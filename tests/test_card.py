@@ -85,6 +85,8 @@ def card_to_json(card: CapabilityCard) -> dict[str, Any]:
             out["cost"] = {"amount": cap.cost.amount, "currency": cap.cost.currency, "per": cap.cost.per}
         if cap.idempotent:
             out["idempotent"] = True
+        if cap.access != "public":
+            out["access"] = cap.access
         caps.append(out)
     return {
         "peer_id": card.peer_id,
@@ -177,6 +179,12 @@ SIXTY_FOUR_KEYS = tuple(
     Capability(f"m{i}", task=f"task-{i}", tags=tuple(f"tag-{i}-{j}" for j in range(13))) for i in range(4)
 )
 
+#: r4-access: the policies a card announces.
+ACCESS_CAPS = (
+    Capability("club", access="allowlist", allow=frozenset({PID})),
+    Capability("paid", access="token"),
+)
+
 
 def build_vectors() -> dict[str, Any]:
     valid_cards = [
@@ -197,6 +205,11 @@ def build_vectors() -> dict[str, Any]:
             "sixty_four_keys",
             "a card deriving exactly 64 provider keys, the most allowed",
             CapabilityCard(PID, (), 4, NOW, NOW + 300_000, SIXTY_FOUR_KEYS),
+        ),
+        (
+            "access",
+            "access policies (r4-access): a token and an allowlist capability (the list is not announced)",
+            CapabilityCard(PID, (), 5, NOW, NOW + 300_000, ACCESS_CAPS),
         ),
     ]
     valid = []
@@ -398,6 +411,8 @@ def build_vectors() -> dict[str, Any]:
             s(cap_variant(idempotent=False)),
             "omit it",
         ),
+        ("access_public", "access present with its default", s(cap_variant(access="public")), "access"),
+        ("access_unknown", "an access policy that does not exist", s(cap_variant(access="paid")), "access"),
         (
             "schema_not_canonical",
             "input_schema as JSON text with spaces (canonical is compact with sorted keys)",
