@@ -128,6 +128,8 @@ async def test_rate_caveats_are_typed_errors() -> None:
             with pytest.raises(UnauthorizedError) as big:
                 await alice.call(target, "secret", "x" * 100, timeout=20)
         assert unauthorized_reason(big.value) == "input_too_large"
+        with using_token(token_for(issuer, alice.peer_id, ["secret"], max_input=64)):
+            await alice.call(target, "secret", {"vector": [0.5, 1.5]}, timeout=20)  # floats measure too
         # a delegate's requests count against the caveats of every block above it
         async with Peer() as bob:
             parent = token_for(issuer, alice.peer_id, ["secret"], rate_per_minute=1)

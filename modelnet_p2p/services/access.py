@@ -38,10 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgpack
+
 from ..errors import ConfigError, ModelNetError, OverloadedError, ProtocolError, UnauthorizedError
 from ..proto.capability import ACCESS_POLICIES, Capability
 from ..proto.infer import Request
-from ..proto.packing import canonical_packb
 from ..proto.peerid import parse_peer_id
 from ..proto.token import Grant, RevocationList, TokenError, check_input_size, open_revocations, verify_token
 
@@ -207,12 +208,9 @@ class AccessControl:
         try:
             grant = self._grant(request.token, remote, capability.name)
             if grant.max_input is not None:
-                check_input_size(grant, len(canonical_packb(request.input)))
+                check_input_size(grant, len(msgpack.packb(request.input, use_bin_type=True)))
         except TokenError as exc:
             return self._refuse(exc.reason, str(exc).split(": ", 1)[-1])
-        except Exception as exc:  # an input that does not encode canonically: measure it plainly
-            log.debug("input size of a token request not measured: %s", exc)
-            return self._refuse("malformed", "the request input could not be measured")
         return self._take_rate(grant)
 
     def done(self, request: Request, remote: str, capability: Capability, chunks: int) -> None:
