@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -229,13 +230,19 @@ def test_the_public_profile_sets_relay_and_connection_limits() -> None:
 def test_the_deployed_command_runs_a_healthy_bootstrap_node(source: str, tmp_path: Path) -> None:
     """The unit's ExecStart and the image's CMD, run as they are (on loopback, in a temporary
     state directory): a bootstrap node with a key of mode 0600 and a peer id that survives a
-    restart, which announces nothing, and which doctor finds healthy."""
+    restart, which announces nothing, serves Prometheus metrics where the deployment says, and
+    which doctor finds healthy."""
     argv = _localise(_unit_command() if source == "systemd" else _docker_command(), tmp_path, free_port())
-    env = clean_env(MODELNET_METRICS_LISTEN=f"127.0.0.1:{free_port()}")
+    metrics = free_port()
+    env = clean_env(MODELNET_METRICS_LISTEN=f"127.0.0.1:{metrics}")
     with background(*argv, cwd=tmp_path, env=env) as node:
-        ready = read_event(node)
-        while ready["event"] != "ready":
-            ready = read_event(node)
+        events = [read_event(node)]
+        while events[-1]["event"] != "ready":
+            events.append(read_event(node))
+        ready = events[-1]
+        assert any(e["event"] == "metrics" for e in events)  # --metrics-listen, from the environment
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as page:
+            assert b"modelnet_" in page.read()
         [wild] = [a for a in ready["addrs"] if a.startswith("/ip4/")]
         addr = wild.replace("/ip4/0.0.0.0/", "/ip4/127.0.0.1/")
         assert ready["capabilities"] == []
