@@ -146,8 +146,11 @@ async def test_streams_rejected_at_the_length_prefix_hold_nothing() -> None:
                 ok.append(await legit_call(legit, w.peers[0]["addr"]))
                 await trio.sleep(2)  # the victim's linger: reset what is still open
             assert ok == ["answer from echo"]
-            # The old code held 250 KiB per stream, 256 streams per connection: +190 MB here.
-            assert peak.growth < 64 * MiB, peak.growth / MiB
+            # The old code held 250 KiB per stream, 256 streams per connection, until the remote
+            # ended them: +163 MiB peak here. Now nothing is held once a stream is refused, but
+            # up to a window per stream arrives before it is (a burst of 96 streams is 24 MiB),
+            # and the allocator keeps what 240 MB of traffic fragmented: +35-86 MiB measured.
+            assert peak.growth < 120 * MiB, peak.growth / MiB
             # Every rejected stream was reset by the victim (the old code only closed them).
             assert sum(reset_by_remote(s) for s in streams) >= len(streams) - 2
             assert len(streams) == 960

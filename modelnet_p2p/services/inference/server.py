@@ -216,9 +216,8 @@ class _Link:
             await reset_quietly(self.stream)
             return
         if await close_quietly(self.stream) and self.session.final_code is not None:
-            with trio.move_on_after(ERROR_LINGER):
-                while not remote_ended(self.stream):
-                    await trio.sleep(0.05)
+            if not remote_ended(self.stream):  # one wake-up per refused stream, not a poll
+                await trio.sleep(ERROR_LINGER)
             if not remote_ended(self.stream):
                 await reset_quietly(self.stream)
 
