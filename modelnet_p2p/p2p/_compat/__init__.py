@@ -35,6 +35,9 @@ that fail once upstream changes that behaviour; then the shim can go.
       ping loop and stale-stream sweeper; one task per host does their work instead, pinging
       only silent connections.
     - ``use_muxer_classes``: the yamux class configured in ``muxer_opt`` is ignored.
+    - ``LeanYamux`` also enforces the receive window (upstream buffers past it and only logs)
+      and drops unread data of reset streams; ``discard_incoming``: a stream closed locally
+      keeps buffering what arrives until the remote ends it.
 
 :mod:`.pnet` (the private-network protector; canaries in ``tests/test_compat_pnet.py``)
     ``PnetConn``, ``protect``, ``install``, ``protect_outbound``: upstream's pnet uses Salsa20
