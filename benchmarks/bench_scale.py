@@ -33,8 +33,12 @@ reported as not measured (the benchmark never hangs). Then, for each mesh:
    another process, looks it up again and again; the time from the call until the lookup returns it.
 4. **State-change propagation**: every peer follows the providers' capability (modelnet: as
    routing does, by looking its providers up, the worker's ``watch`` with ``capability`` and
-   ``lookup``; stock: every peer is subscribed to the one topic from the start),
-   and 3 s later a new provider starts serving it; the time until each other peer has its record.
+   ``lookup``; stock: every peer is subscribed to the one topic from the start). Once the
+   follow wave is over (every peer's lookup done, at least 3 s, and then until the workers' CPU
+   over one second is back near idle, at most 30 s: the time this took is printed), a new
+   provider starts serving it; the time until each other peer has its record. "The peers that
+   care" are those following when the change happens; the wave itself (every peer's first lookup
+   and dials at once) is no steady state.
 5. **Under load**: the lookups of 2. again while two busy processes burn both cores.
 
 Ratios are modelnet / stock (lower is better). The goals are those of issue 11. p95 of k samples
@@ -76,8 +80,14 @@ BATCH = 3
 LOOKUP_LIMIT = 10.0
 #: Seconds a propagation trial waits for every follower.
 PROPAGATION_LIMIT = 10.0
-#: Seconds between the followers' ``watch`` and the state change (a few GossipSub heartbeats).
+#: Least seconds between the end of the followers' ``watch`` and the state change (a few
+#: GossipSub heartbeats), and most seconds waited for the workers to be quiet after it.
 FOLLOW_SETTLE = 3.0
+FOLLOW_QUIET_LIMIT = 30.0
+#: The workers are quiet when their summed CPU over one second is under this many cores per
+#: peer, plus QUIET_BASE (the idle mesh costs well under 0.2 % of a core per peer).
+QUIET_PER_PEER = 0.004
+QUIET_BASE = 0.1
 #: Seconds one worker may take to start its peers.
 STARTUP_LIMIT = 150.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -123,6 +133,7 @@ class SideResult:
     discoverable: list[float] = field(default_factory=list)  # inf: not within the limit
     lookups: list[Lookup] = field(default_factory=list)
     propagation: list[float] = field(default_factory=list)  # per follower; inf: never
+    follow_settle_s: float | None = None  # the follow wave: from its end until the workers were quiet
     busy: list[Lookup] = field(default_factory=list)
     elapsed_s: float = 0.0
 
@@ -293,7 +304,7 @@ async def run_side(
                     )
                     result.discoverable.append(math.inf if found["t"] is None else found["t"] - served["t"])
                 phase = "propagation"
-                result.propagation = await propagation(side, workers, ids, picks[-1])
+                result.propagation, result.follow_settle_s = await propagation(side, workers, ids, picks[-1])
                 phase = "lookups under load"
                 result.busy = await busy_lookups(side, fresh, everyone, expect, settings.busy_lookups, rng)
                 phase = "stop"
@@ -322,14 +333,27 @@ async def idle(result: SideResult, workers: list[Worker], window: float, rss0_ki
         result.notes.append(f"only {n} of {result.n} peers running")
 
 
+async def quiet(workers: list[Worker], n: int) -> float:
+    """Wait (at least FOLLOW_SETTLE, at most FOLLOW_QUIET_LIMIT s) until the workers are quiet; seconds."""
+    pids = [w.proc.pid for w in workers]
+    t0 = time.monotonic()
+    await trio.sleep(FOLLOW_SETTLE)  # the followers have joined the topic's mesh by the change
+    while time.monotonic() - t0 < FOLLOW_QUIET_LIMIT:
+        c0 = sum(map(proc_cpu_s, pids))
+        await trio.sleep(1.0)
+        if sum(map(proc_cpu_s, pids)) - c0 < QUIET_BASE + n * QUIET_PER_PEER:
+            break
+    return time.monotonic() - t0
+
+
 async def propagation(
     side: Side, workers: list[Worker], ids: dict[tuple[int, int], str], publisher: tuple[int, int]
-) -> list[float]:
+) -> tuple[list[float], float]:
     pid = ids[publisher]
     async with trio.open_nursery() as watching:  # all at once: modelnet's peers look up the providers
         for w in workers:
             watching.start_soon(request, w, side.watch(pid), 90.0)
-    await trio.sleep(FOLLOW_SETTLE)  # the followers have joined the topic's mesh by the change
+    settle = await quiet(workers, len(ids))
     served = await request(workers[publisher[0]], side.serve(publisher[1], CAPABILITY, TASK))
     followers = len(ids) - 1
     with trio.move_on_after(PROPAGATION_LIMIT):
@@ -341,7 +365,7 @@ async def propagation(
         for i, t in w.seen(pid).items()
         if (wi, i) != publisher
     ]
-    return sorted(delays) + [math.inf] * (followers - len(delays))
+    return sorted(delays) + [math.inf] * (followers - len(delays)), settle
 
 
 async def busy_lookups(
@@ -446,6 +470,8 @@ def rows_for(n: int) -> list[Row]:
         Row("fresh first lookup p95 s", lambda r: rank(lookup_times(r.lookups), 0.95),
             lambda r: fmt(rank(lookup_times(r.lookups), 0.95)), "p95 < 3 s,", lambda r: None),
         Row("fresh lookups complete", lambda r: None, lambda r: complete(r.lookups), "all complete", lk_ok),
+        Row("follow wave settled after s", lambda r: r.follow_settle_s,
+            lambda r: fmt(r.follow_settle_s, ".1f"), "", lambda r: None),
         Row("propagation p50 s", lambda r: rank(r.propagation, 0.5),
             lambda r: fmt(rank(r.propagation, 0.5)), "", lambda r: None),
         Row("propagation p95 s", lambda r: rank(r.propagation, 0.95),
