@@ -30,7 +30,9 @@ reported as not measured (the benchmark never hangs). Then, for each mesh:
    from its start (bootstrap connected) until it has all 3, and how many it found.
 3. **serve() to discoverable**: an existing peer starts serving something new (modelnet:
    ``serve()`` of a new capability; stock: ``provide()`` of a new key); another existing peer, in
-   another process, looks it up again and again; the time from the call until the lookup returns it.
+   another process, looks it up again and again (a new lookup every 0.25 s, up to 4 at once, so
+   that the figure is not rounded up to the end of a lookup that began before the record was
+   placed); the time from the call until a lookup returns it.
 4. **State-change propagation**: every peer follows the providers' capability (modelnet: as
    routing does, by looking its providers up, the worker's ``watch`` with ``capability`` and
    ``lookup``; stock: every peer is subscribed to the one topic from the start). Once the

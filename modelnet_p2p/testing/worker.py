@@ -42,8 +42,9 @@ Commands, one JSON object per stdin line (``"peer": i`` picks a local peer, defa
 - ``{"cmd": "serve", "peer": i, "capability": {...}}``: ``{"serving": name, "t": T}`` (``T``:
   ``time.monotonic()`` just before the peer started serving).
 - ``{"cmd": "find", "peer": i, "model": name, "id": ID, "timeout": S}``: peer ``i`` looks up
-  ``model`` again and again until ``ID``'s card is among the results; ``{"t": T or null,
-  "lookups": n}`` (``T``: when the card arrived; null: not within ``S``).
+  ``model`` again and again (a new lookup every 0.25 s, at most 4 at once) until ``ID``'s card
+  is among the results; ``{"t": T or null, "lookups": n}`` (``T``: when the card arrived;
+  null: not within ``S``).
 - ``{"cmd": "fresh", "bootstrap": ADDR, "task": ..., "model": ..., "expect": [ID, ...],
   "timeout": S}``: a new peer (DHT client, no listen address) starts in this process with
   ``ADDR`` as its only bootstrap, looks up the task (or model) once and stops; ``{"start_s":
@@ -97,9 +98,12 @@ __all__ = ["main", "rss_kib", "run"]
 
 #: Seconds the worker waits for its peers to join the DHT before it reports ``ready``.
 JOIN_LIMIT = 30.0
-#: Seconds one lookup of ``find`` may take, and the pause between two lookups.
+#: Seconds one lookup of ``find`` may take, the pause between the starts of two lookups, and
+#: the most lookups in flight at once (they overlap, so that the time found is not rounded up
+#: to the end of a lookup that started before the record was placed).
 FIND_LOOKUP_LIMIT = 5.0
-FIND_PAUSE = 0.05
+FIND_PAUSE = 0.25
+FIND_IN_FLIGHT = 4
 #: Seconds each peer's provider lookup of ``watch`` with ``lookup`` may take.
 WATCH_LOOKUP_LIMIT = 20.0
 
@@ -281,14 +285,26 @@ class Node:
     async def cmd_find(self, cmd: dict[str, Any], _: trio.Nursery) -> dict[str, Any]:
         peer, pid, model = self.peer(cmd), str(cmd["id"]), str(cmd["model"])
         lookups = 0
-        with trio.move_on_after(float(cmd.get("timeout", 10.0))):
-            while True:
-                lookups += 1
+        found: list[float] = []
+        limiter = trio.CapacityLimiter(FIND_IN_FLIGHT)
+
+        async def one(ready: trio.Event) -> None:
+            async with limiter:
+                ready.set()
                 async for card in peer.discover_iter(model=model, timeout=FIND_LOOKUP_LIMIT):
                     if card.peer_id == pid:
-                        return {"t": time.monotonic(), "lookups": lookups}
-                await trio.sleep(FIND_PAUSE)
-        return {"t": None, "lookups": lookups}
+                        found.append(time.monotonic())
+                        looking.cancel_scope.cancel()
+
+        with trio.move_on_after(float(cmd.get("timeout", 10.0))):
+            async with trio.open_nursery() as looking:
+                while True:
+                    lookups += 1
+                    ready = trio.Event()
+                    looking.start_soon(one, ready)
+                    await ready.wait()  # at most FIND_IN_FLIGHT lookups at once
+                    await trio.sleep(FIND_PAUSE)
+        return {"t": found[0] if found else None, "lookups": lookups}
 
     async def cmd_fresh(self, cmd: dict[str, Any], _: trio.Nursery) -> dict[str, Any]:
         expect, timeout = set(cmd.get("expect", ())), float(cmd.get("timeout", 10.0))
