@@ -500,7 +500,8 @@ class Peer:
         ``target``: a multiaddr ending in ``/p2p/<id>``, a known peer's id, or ``None``: the
         mesh picks a provider (load-aware routing) and fails over, mid-stream only if the
         capability is idempotent (or ``replay=True``). ``avoid``: peer ids not to choose.
-        ``timeout``: the whole request's deadline, failovers included, sent to the provider.
+        ``timeout``: the whole request's deadline, failovers included, sent to the provider
+        (``None``: ``request_timeout``; a provider silent ``stall_timeout`` s mid-stream has failed).
         Other keyword arguments are request parameters. See :mod:`modelnet_p2p.mesh.client`.
         Raises (while iterating) a :class:`ModelNetError` subclass; never ends silently.
         """
