@@ -291,16 +291,19 @@ class Lookups:
         *,
         limit: int | None = None,
         own_card: Callable[[], CapabilityCard | None] = lambda: None,
+        delivered: set[str] | None = None,
     ) -> int:
         """Send every verified card matching ``query`` to ``send``, each peer once; return the count.
 
         The provider records come from the network only (never this peer's own store);
         each provider's card is asked of the provider itself first, then of the DHT. This
         peer's own card comes from ``own_card``. Stops after ``limit`` cards; the caller
-        bounds the time.
+        bounds the time. ``delivered``: peer ids whose cards were sent already (by an
+        earlier pass); it is skipped, and updated.
         """
         label, key = query.key()
-        seen: set[str] = set()
+        done = delivered if delivered is not None else set()
+        seen: set[str] = set(done)
         sent = 0
         me = self.kad.peer_id
         limiter = trio.CapacityLimiter(CARD_FETCH_CONCURRENCY)
@@ -317,6 +320,7 @@ class Lookups:
                 except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
                     nursery.cancel_scope.cancel()  # nobody is listening any more
                     return
+                done.add(card.peer_id)
                 sent += 1
                 if limit is not None and sent >= limit:
                     nursery.cancel_scope.cancel()
@@ -344,7 +348,7 @@ class Lookups:
                             deliver(own)
 
             await self.closest(key, KadKind.GET_PROVIDERS, on_response)
-            log.debug("lookup of %s found %d providers", label, len(seen))
+            log.debug("lookup of %s found %d providers", label, len(seen - done) + sent)
         return sent
 
     async def fetch_card(self, peer_id: str, addrs: Sequence[str] = ()) -> CapabilityCard | None:
