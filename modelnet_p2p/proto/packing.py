@@ -34,7 +34,6 @@ Pure code: no I/O, no clock.
 
 from __future__ import annotations
 
-import gc
 from typing import Any
 
 import msgpack as _msgpack
@@ -159,9 +158,6 @@ def unpackb(
                 heights[id(value)] = h
         return value
 
-    enabled = gc.isenabled()
-    if enabled:  # nothing decoded forms a cycle; collections while thousands of
-        gc.disable()  # containers are built cost more than the decoding (10x measured)
     try:
         obj = _msgpack.unpackb(
             data,
@@ -189,9 +185,6 @@ def unpackb(
         raise ProtocolError(f"{what} is not valid msgpack ({type(exc).__name__})") from None
     except Exception as exc:  # msgpack raises ExtraData, ValueError, UnicodeDecodeError, ...
         raise ProtocolError(f"{what} is not valid msgpack ({type(exc).__name__})") from None
-    finally:
-        if enabled:
-            gc.enable()
     return obj
 
 
