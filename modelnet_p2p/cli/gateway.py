@@ -9,6 +9,7 @@ import click
 import trio
 
 from ..config import Config
+from ..openai.keys import GatewayKeys
 from ..openai.settings import GatewayConfig
 from .common import emit, env_secret, gateway_extra_missing, make_peer, run_async, wait_for_stop
 from .dashboard import metrics_option, start_metrics
@@ -28,6 +29,12 @@ __all__ = ["gateway_command"]
 @click.option(
     "--api-key-env",
     help="Environment variable holding the bearer token clients must send (required off loopback).",
+)
+@click.option(
+    "--keys-file",
+    type=click.Path(dir_okay=False),
+    default=GatewayConfig.keys_file,
+    help="TOML file of API keys, each with its mesh token and rate limit (mode 0600; see specs/token.md).",
 )
 @click.option("--no-auth", is_flag=True, help="Allow a non-loopback --listen without a bearer token.")
 @click.option(
@@ -55,6 +62,7 @@ def gateway_command(
     state: State,
     http_listen: str,
     api_key_env: str | None,
+    keys_file: str | None,
     no_auth: bool,
     request_timeout: float,
     routing: str,
@@ -71,12 +79,14 @@ def gateway_command(
     cfg, _ = state.config(peer)
     require_bootstrap(cfg, "so the gateway can find models")
     api_key = env_secret(api_key_env, "--api-key-env")
+    keys = GatewayKeys.load(keys_file) if keys_file else None  # refused before the peer starts
     try:
         run_async(
             _gateway,
             cfg,
             http_listen,
             api_key,
+            keys,
             no_auth,
             request_timeout,
             routing,
@@ -92,6 +102,7 @@ async def _gateway(
     cfg: Config,
     http_listen: str,
     api_key: str | None,
+    keys: GatewayKeys | None,
     no_auth: bool,
     request_timeout: float,
     routing: str,
@@ -112,6 +123,7 @@ async def _gateway(
                     peer,
                     http_listen,
                     api_key,
+                    keys=keys,
                     allow_no_auth=no_auth,
                     request_timeout=request_timeout,
                     routing=routing,

@@ -58,10 +58,14 @@ the ``model`` field to a capability of that name:
   it in ``x-modelnet-peer``. A request may ask for a shorter deadline than
   ``request_timeout`` with the header ``x-modelnet-timeout: <seconds>``.
 
-Auth: with ``api_key``, every ``/v1`` endpoint and ``/metrics`` need
-``Authorization: Bearer <api_key>``; ``/healthz`` and the agent card stay open.
-Listening on an address other than loopback without an ``api_key`` is refused
-unless ``allow_no_auth`` is set.
+Auth: with ``api_key`` or ``keys``, every ``/v1`` endpoint and ``/metrics`` need
+``Authorization: Bearer <key>``; ``/healthz`` and the agent card stay open.
+Listening on an address other than loopback without a key is refused
+unless ``allow_no_auth`` is set. ``keys`` (a key file, :mod:`.keys`) maps each
+bearer key to a mesh capability token, carried by every mesh request made for
+that key (so providers serving with ``--require-token`` see the key's rights), and
+to a rate limit: a key over its rate gets 429 with ``Retry-After`` on ``/v1``,
+without a mesh call. A provider that refuses the key's token answers 403.
 
 The HTTP server is hypercorn's trio worker running the starlette app in the
 peer's own trio loop: no second event loop, and every task stops with the peer.
@@ -69,9 +73,9 @@ peer's own trio loop: no second event loop, and every task stops with the peer.
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import logging
+import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -83,6 +87,7 @@ import trio
 from hypercorn.config import Config as HyperConfig
 from hypercorn.trio import serve as hypercorn_serve
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
@@ -90,10 +95,12 @@ from starlette.routing import Mount, Route
 from ..dashboard.app import Dashboard
 from ..errors import ConfigError, ModelNetError
 from ..mesh.routing import POLICIES
+from ..services.access import using_token
 from .calls import Caller
 from .catalog import Catalog, ModelRoute, agent_card, model_json, routes_from_cards
 from .conventions import CHAT, EMBEDDING, OPENAI_TASKS, TEXT_GENERATION
-from .errors import GatewayError, from_mesh_error, unauthorized
+from .errors import GatewayError, from_mesh_error, rate_limited, unauthorized
+from .keys import GatewayKey, GatewayKeys, RateLimited, digest
 from .metrics import Metrics
 from .settings import GatewayConfig
 from .sse import EventStream, Frames, sse_body
@@ -137,6 +144,35 @@ MAX_BODY = GatewayConfig.max_body
 EMBEDDING_CONCURRENCY = GatewayConfig.embedding_concurrency
 
 Handler = Callable[[Request], Awaitable[Response]]
+#: Where :class:`_KeyToken` leaves the request's :class:`~.keys.GatewayKey` in the ASGI scope.
+_SCOPE_KEY = "modelnet.gateway_key"
+
+
+def _bearer(authorization: str) -> str:
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+class _KeyToken:
+    """ASGI middleware: the mesh requests made for a request carry its API key's token.
+
+    Set around the whole request (its handler and a streamed body after it, and any
+    task they start), so a stream that fails over part-way still sends the token.
+    """
+
+    def __init__(self, app: Any, keys: GatewayKeys) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        auth = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        key = self.keys.lookup(_bearer(auth.decode("latin-1")))
+        scope[_SCOPE_KEY] = key
+        with using_token(key.token if key is not None else None):
+            await self.app(scope, receive, send)
 
 
 class _ErrorResponse(JSONResponse):
@@ -218,7 +254,9 @@ class Gateway:
         peer: a running peer (inside ``async with``).
         models: a static list of routes; ``None`` (the default): the mesh's
             capabilities, found by discovery.
-        api_key: the bearer token clients must send; ``None``: no auth.
+        api_key: a bearer key clients may send (no token, no rate limit); ``None``: no such key.
+        keys: API keys with their mesh tokens and rates (:class:`~.keys.GatewayKeys`, or the
+            path of a key file); with neither ``api_key`` nor ``keys``: no auth.
         request_timeout: seconds each request may take, unless the client sends
             a smaller ``x-modelnet-timeout`` header.
         tasks: the tasks looked up for ``/v1/models``.
@@ -238,6 +276,7 @@ class Gateway:
         *,
         models: Sequence[ModelRoute] | None = None,
         api_key: str | None = None,
+        keys: GatewayKeys | str | os.PathLike[str] | None = None,
         request_timeout: float = GatewayConfig.request_timeout,
         tasks: Sequence[str] = OPENAI_TASKS,
         discovery_ttl: float = GatewayConfig.discovery_ttl,
@@ -254,6 +293,7 @@ class Gateway:
             raise ConfigError(f"unknown routing policy {policy!r} (known: {', '.join(POLICIES)})")
         self.peer = peer
         self.api_key = api_key or None
+        self.keys = _all_keys(keys, self.api_key)
         self.request_timeout = request_timeout
         self.metrics = Metrics(peer)
         self.catalog = Catalog(peer, models, tasks, discovery_ttl, lookup_timeout)
@@ -285,7 +325,8 @@ class Gateway:
                 Route("/metrics", self._wrap("/metrics", self._metrics), methods=get),
                 # the mesh page (modelnet_p2p.dashboard), behind the same bearer token if any
                 Mount("/dashboard", app=Dashboard(peer, authorize=self._authorized).app),
-            ]
+            ],
+            middleware=[] if self.keys is None else [Middleware(_KeyToken, keys=self.keys)],
         )
 
     async def serve(
@@ -301,7 +342,7 @@ class Gateway:
         ``task_status.started`` gets the bound URLs (``["http://127.0.0.1:8080"]``).
         """
         host, _ = split_listen(listen)
-        if not is_loopback(host) and not self.api_key and not allow_no_auth:
+        if not is_loopback(host) and self.keys is None and not allow_no_auth:
             raise ConfigError(
                 f"the gateway would listen on {host}, which is not loopback, without auth: "
                 "give an API key (--api-key-env VAR), or allow it explicitly (--no-auth)"
@@ -327,13 +368,30 @@ class Gateway:
 
     # -- plumbing --------------------------------------------------------------------------
 
+    def _key(self, request: Request) -> GatewayKey | None:
+        """The request's API key entry (found by :class:`_KeyToken`), or ``None``."""
+        if self.keys is None:
+            return None
+        if _SCOPE_KEY in request.scope:
+            return cast("GatewayKey | None", request.scope[_SCOPE_KEY])
+        return self.keys.lookup(_bearer(request.headers.get("authorization", "")))
+
     def _authorized(self, request: Request) -> bool:
-        if self.api_key is None:
-            return True
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            token.strip().encode(), self.api_key.encode()
-        )
+        return self.keys is None or self._key(request) is not None
+
+    def _admit(self, endpoint: str, request: Request) -> None:
+        """Raise the 401 of a missing or wrong key, or the 429 of a key over its rate."""
+        if self.keys is None:
+            return
+        key = self._key(request)
+        if key is None:
+            raise unauthorized()
+        if endpoint.startswith("/v1/"):
+            try:
+                self.keys.take(key)
+            except RateLimited as exc:
+                log.info("API key %r over its rate of %s/min", key.name, key.rate)
+                raise rate_limited(str(exc), exc.retry_after, key.rate) from None
 
     def _wrap(self, endpoint: str, fn: Handler, auth: bool = True) -> Handler:
         """``fn`` behind auth, with errors as OpenAI's error JSON, counted in the metrics."""
@@ -344,8 +402,8 @@ class Gateway:
             streaming = False
             try:
                 try:
-                    if auth and not self._authorized(request):
-                        raise unauthorized()
+                    if auth:
+                        self._admit(endpoint, request)
                     response = await fn(request)
                 except GatewayError as exc:
                     response = _ErrorResponse(exc)
@@ -481,7 +539,7 @@ class Gateway:
             base_url=str(request.base_url),
             peer_id=self.peer.peer_id,
             network=self.peer.network,
-            bearer=self.api_key is not None,
+            bearer=self.keys is not None,
         )
         return JSONResponse(card)
 
@@ -513,6 +571,17 @@ class Gateway:
         }
         text = self.metrics.render(gauges)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _all_keys(keys: GatewayKeys | str | os.PathLike[str] | None, api_key: str | None) -> GatewayKeys | None:
+    """The gateway's keys: those of ``keys`` (a key file's path is read), and ``api_key``."""
+    loaded = GatewayKeys.load(keys) if isinstance(keys, str | os.PathLike) else keys
+    if api_key is None:
+        return loaded
+    extra = GatewayKey(name="api-key", sha256=digest(api_key))
+    if loaded is None:
+        return GatewayKeys([extra])
+    return GatewayKeys([*loaded.keys, extra], clock=loaded.clock)
 
 
 async def serve_gateway(

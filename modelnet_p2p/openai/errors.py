@@ -5,18 +5,25 @@ Pure: no HTTP library. An answer is ``GatewayError.status``, ``.headers`` and
 turns that into a response.
 
 * ``NotFoundError`` → 404 ``model_not_found`` (``param: "model"``);
-* ``OverloadedError`` → 429 ``overloaded``, ``retry-after: 1``;
+* ``OverloadedError`` → 429 ``overloaded``, ``retry-after``: the seconds the provider asked
+  for (``retry after N s`` in its message, e.g. a token's rate caveat), rounded up; else 1;
 * ``UnavailableError``, ``CancelledError`` → 503 with their own code, ``retry-after: 1``;
 * ``DeadlineExceededError`` → 504 ``deadline_exceeded``, ``x-should-retry: false``;
 * ``BadRequestError``, ``ConfigError`` → 400 ``bad_request``, with ``param`` by the
   ``"field: ..."`` convention of :mod:`.conventions`;
-* ``UnauthorizedError`` → 403 ``unauthorized``;
+* ``UnauthorizedError`` → 403 ``unauthorized`` (``permission_error``; the ``openai`` client
+  raises ``PermissionDeniedError``): the API key was accepted, but the provider refused the
+  mesh token mapped to it (or its lack of one); the message starts with the reason
+  (``no_token``, ``expired``, ``not_granted``, ...). A missing or wrong API key is 401;
+* a key over its own rate (:mod:`.keys`) → 429 ``rate_limit_exceeded`` with ``retry-after``
+  (:func:`rate_limited`);
 * ``ProtocolError`` → 502 ``protocol_error``;
 * anything else → 500 with its own code.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,9 +39,10 @@ from ..errors import (
     UnauthorizedError,
     UnavailableError,
 )
+from ..services.access import retry_after
 from .conventions import error_param
 
-__all__ = ["GatewayError", "from_mesh_error", "invalid", "unauthorized"]
+__all__ = ["GatewayError", "from_mesh_error", "invalid", "rate_limited", "unauthorized"]
 
 
 class GatewayError(Exception):
@@ -75,6 +83,15 @@ def unauthorized() -> GatewayError:
     )
 
 
+def rate_limited(message: str, retry_after: int, limit: int | None) -> GatewayError:
+    """The 429 answer for an API key over its rate (OpenAI's ``rate_limit_exceeded``)."""
+    headers = {"retry-after": str(retry_after), "x-ratelimit-remaining-requests": "0"}
+    if limit is not None:
+        headers["x-ratelimit-limit-requests"] = str(limit)
+        headers["x-ratelimit-reset-requests"] = f"{retry_after}s"
+    return GatewayError(429, message, "requests", code="rate_limit_exceeded", headers=headers)
+
+
 def from_mesh_error(exc: ModelNetError) -> GatewayError:
     """The HTTP answer for a mesh error (see the module docstring)."""
     if isinstance(exc, NotFoundError):
@@ -85,8 +102,10 @@ def from_mesh_error(exc: ModelNetError) -> GatewayError:
             code="model_not_found",
         )
     if isinstance(exc, OverloadedError):
+        wait = retry_after(exc)
+        seconds = max(1, math.ceil(wait)) if wait is not None else 1
         return GatewayError(
-            429, exc.message, "rate_limit_error", code="overloaded", headers={"retry-after": "1"}
+            429, exc.message, "rate_limit_error", code="overloaded", headers={"retry-after": str(seconds)}
         )
     if isinstance(exc, UnavailableError | CancelledError):
         return GatewayError(503, exc.message, "server_error", code=exc.code, headers={"retry-after": "1"})

@@ -35,6 +35,8 @@ class GatewayConfig:
             (:data:`modelnet_p2p.mesh.routing.POLICIES`); the peer's default routing policy.
         max_body: largest request body accepted, in bytes.
         embedding_concurrency: mesh requests in flight at once for one embeddings request.
+        keys_file: the API key file (:mod:`.keys`: each bearer key's mesh token and rate);
+            ``None``: none.
     """
 
     listen: str = "127.0.0.1:8080"
@@ -46,3 +48,4 @@ class GatewayConfig:
     policy: str = str(PeerConfig.routing_policy)
     max_body: int = 8 * 1024 * 1024
     embedding_concurrency: int = 4
+    keys_file: str | None = None
