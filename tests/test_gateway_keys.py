@@ -303,12 +303,63 @@ def test_lookup_and_bucket() -> None:
 
 
 def test_cli_refuses_an_open_key_file(tmp_path: Path) -> None:
-    from cli_util import modelnet
+    from cli_util import modelnet, one_line_error
 
     path = write_keys(tmp_path / "keys.toml", '[[key]]\nkey = "sk"\n', 0o644)
     boot = f"/ip4/127.0.0.1/tcp/9/p2p/{Identity.generate().peer_id}"
-    done = modelnet("gateway", "--keys-file", str(path), "--bootstrap", boot, cwd=tmp_path)
-    assert done.returncode != 0
-    assert "accessible by other users" in done.stderr and "chmod 600" in done.stderr, done.stderr
-    assert len([line for line in done.stderr.splitlines() if line.strip()]) == 1, done.stderr
+    line = one_line_error(modelnet("gateway", "--keys-file", str(path), "--bootstrap", boot, cwd=tmp_path))
+    assert "accessible by other users" in line and "chmod 600" in line, line
     assert os.stat(path).st_mode & 0o777 == 0o644  # left as it was
+
+
+def test_cli_gateway_with_a_key_file(tmp_path: Path) -> None:
+    """``modelnet gateway --keys-file`` before a ``modelnet serve --require-token`` provider."""
+    from cli_util import background, modelnet, read_event
+
+    for name in ("issuer", "gw"):
+        assert modelnet("id", "--identity", f"{name}.key", cwd=tmp_path).returncode == 0
+    issuer, gw_id = (
+        modelnet("id", "--identity", f"{name}.key", cwd=tmp_path).stdout.strip() for name in ("issuer", "gw")
+    )
+    issued = modelnet(
+        "token", "issue", "-c", "parrot", "--to", gw_id, "--ttl", "10m", "-i", "issuer.key", cwd=tmp_path
+    )
+    assert issued.returncode == 0, issued.stderr
+    card = tmp_path / "card.toml"
+    card.write_text(
+        '[capability]\nhandler = "modelnet_p2p.demo_models:echo"\nname = "parrot"\ntask = "text-generation"\n'
+    )
+    keys = write_keys(
+        tmp_path / "keys.toml",
+        f'[[key]]\nname = "poll"\nkey = "sk-poll"\n\n'
+        f'[[key]]\nname = "app"\nkey = "sk-app"\ntoken = "{issued.stdout.strip()}"\nrate = 1\n\n'
+        f'[[key]]\nname = "none"\nkey = "sk-none"\n',
+    )
+    serve = ("serve", str(card), "--json", "--require-token", "--trust", issuer)
+    with background(*serve, cwd=tmp_path) as server:
+        addr = read_event(server)["addrs"][0]
+        gateway = ("gateway", "--keys-file", str(keys), "--bootstrap", addr, "--listen", "127.0.0.1:0")
+        with background(*gateway, "--identity", "gw.key", "--json", cwd=tmp_path) as gw:
+            url = read_event(gw, timeout=60)["url"] + "/v1"
+
+            def post(key: str) -> httpx.Response:
+                return httpx.post(
+                    url + "/completions",
+                    json={"model": "parrot", "prompt": "hi there"},
+                    headers={"authorization": f"Bearer {key}"},
+                    timeout=30,
+                )
+
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # until the gateway's discovery finds the provider
+                listed = httpx.get(url + "/models", headers={"authorization": "Bearer sk-poll"}, timeout=30)
+                assert listed.status_code == 200, listed.text
+                if any(m["id"] == "parrot" for m in listed.json()["data"]):
+                    break
+                time.sleep(0.5)
+            ok, limited, refused = post("sk-app"), post("sk-app"), post("sk-none")
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["choices"][0]["text"].split() == ["hi", "there"]
+    assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+    assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+    assert refused.status_code == 403 and refused.json()["error"]["message"].startswith("no_token")

@@ -10,6 +10,7 @@
 * :mod:`.calls`: the gateway's requests into the mesh (through the mesh's one client).
 * :mod:`.sse`: streamed answers as server-sent events.
 * :mod:`.settings`: :class:`~.settings.GatewayConfig`, every default of the gateway.
+* :mod:`.keys`: the gateway's API keys, each with its mesh token and rate limit (pure).
 * :mod:`.app`: the gateway itself, ``modelnet gateway`` (starlette on hypercorn).
 * :mod:`.upstream`: an OpenAI-compatible server served on the mesh,
   ``modelnet serve openai+http://...``.

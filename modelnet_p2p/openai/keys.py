@@ -50,9 +50,10 @@ from ..errors import ConfigError
 
 __all__ = ["MAX_KEYS", "MAX_KEY_FILE", "GatewayKey", "GatewayKeys", "RateLimited", "digest"]
 
-#: Most keys in one key file (each keeps one bucket; the lookup compares against all of them).
-MAX_KEYS = 10_000
-#: Largest key file read, in bytes (a token is a few hundred bytes; 10 000 keys fit).
+#: Most keys in one key file. Each keeps one bucket, and every lookup (a wrong key's too)
+#: compares against all of them: about 40 µs at 1,000 keys (measured loaded, 2 cores).
+MAX_KEYS = 1_000
+#: Largest key file read, in bytes (1,000 keys with tokens of the largest size, 8,192 characters, fit).
 MAX_KEY_FILE = 16 * 1024 * 1024
 #: Longest bearer key accepted, in characters (OpenAI keys are under 200).
 MAX_KEY_LENGTH = 4096
