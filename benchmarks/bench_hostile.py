@@ -6,16 +6,20 @@ Usage::
 
 The victim runs in its own process: a Peer on 127.0.0.1 serving an echo capability that
 streams 8 chunks, in DHT server mode, with ``relay_hop`` (it is also the bootstrap peer and
-a relay). A legitimate caller, in another process, calls the echo for a fixed window with 4
-calls in flight, and looks the capability up in the DHT once at a time (``discover``). This
-is measured first without any attack (the baseline), then during each attack in turn; the
-attacks run in this process. Attacks come from every ``benchmarks/hostile_*.py`` module
-found (each defines ``ATTACKS``, see ``hostile_common.py``).
+a relay). A legitimate caller, in another process, calls the echo for a fixed window with
+4 calls in flight, and looks the capability up in the DHT once at a time (``discover``).
+This is measured without any attack (the baseline) right before each attack, then during
+it (``--one-baseline``: one baseline at the start; on a machine shared with other work the
+load changes from minute to minute). The attacks run in this process; they come from
+every ``benchmarks/hostile_*.py`` module found (each defines ``ATTACKS``, see
+``hostile_common.py``).
 
 One row per attack: the caller's calls/s, p50 and p99 latency under attack beside the
 baseline, as a ratio; the discoveries that succeeded; the victim's peak RSS growth during
-the attack (sampled every 50 ms) and its open file descriptors; and which goals the attack
-meets: throughput >= 0.5x the baseline, and RSS growth <= 64 MiB (the per-peer budget).
+the attack (sampled every 50 ms), its open file descriptors, and the CPU the victim and
+the attackers (this process) used, in % of a core (all share the machine's cores, so a
+busy attacker slows the victim down too); and which goals the attack meets: throughput
+>= 0.5x the baseline, and RSS growth <= 64 MiB (the per-peer budget).
 Nothing here asserts on timings; the run exits 0 unless the victim could not be started.
 """
 
@@ -38,7 +42,7 @@ import trio
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from hostile_common import HOST, Target, open_fds, percentile, rss_bytes
+from hostile_common import HOST, Target, cpu_seconds, open_fds, percentile, rss_bytes
 
 CAPABILITY = "echo"
 CHUNKS = 8
@@ -94,6 +98,7 @@ async def _caller(addr: str, seconds: float) -> None:
             except Exception:
                 pass
         end = trio.current_time() + seconds
+        cpu0, wall0 = time.process_time(), time.monotonic()
 
         async def calls() -> None:
             nonlocal failed
@@ -133,6 +138,7 @@ async def _caller(addr: str, seconds: float) -> None:
                 "lookups": lookups,
                 "found": len(found),
                 "discover_p50": percentile(found, 0.5),
+                "cpu": (time.process_time() - cpu0) / (time.monotonic() - wall0),
             }
         ),
         flush=True,
@@ -152,6 +158,7 @@ class Window:
     lookups: int = 0
     found: int = 0
     discover_p50: float = math.nan
+    cpu: float = math.nan
 
     @property
     def rate(self) -> float:
@@ -168,6 +175,8 @@ class Row:
     fds_before: int
     fds_peak: int
     victim_alive: bool
+    victim_cpu: float = math.nan
+    attacker_cpu: float = math.nan
 
     @property
     def ratio(self) -> float:
@@ -252,33 +261,51 @@ async def _sample(pid: int, peak: list[int], fds: list[int]) -> None:
         await trio.sleep(0.05)
 
 
-async def run(window: float, only: str | None) -> tuple[Window, list[Row], dict[str, Any]]:
+async def run(
+    window: float, only: str | None, fresh_baselines: bool
+) -> tuple[Window, list[Row], dict[str, Any]]:
     attacks = [(m, n, a) for m, n, a in load_attacks() if only is None or n == only]
     rows: list[Row] = []
     async with _victim_process() as (proc, target):
         rss_start = rss_bytes(target.pid)
+        t0, v0 = time.monotonic(), cpu_seconds(target.pid)
         base = await _measure(target.addr, window)
+        base_cpu = (cpu_seconds(target.pid) - v0) / (time.monotonic() - t0)
         for module, name, attack in attacks:
             alive = proc.returncode is None
             if not alive:
                 rows.append(Row(name, module, base, Window(seconds=window), 0, 0, 0, False))
                 continue
+            row_base = await _measure(target.addr, window) if fresh_baselines else base
             before, fds_before = rss_bytes(target.pid), open_fds(target.pid)
             peak, fds = [before], [fds_before]
             under = Window(seconds=window)
+            cpu: list[float] = [math.nan, math.nan]
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_sample, target.pid, peak, fds)
                 try:
                     async with attack(target):
+                        t0, v0, a0 = time.monotonic(), cpu_seconds(target.pid), cpu_seconds(os.getpid())
                         under = await _measure(target.addr, window)
+                        dt = time.monotonic() - t0
+                        cpu = [(cpu_seconds(target.pid) - v0) / dt, (cpu_seconds(os.getpid()) - a0) / dt]
                 except Exception as exc:
                     print(f"attack {name} failed: {exc!r}", file=sys.stderr)
                 nursery.cancel_scope.cancel()
             alive = proc.returncode is None and rss_bytes(target.pid) > 0
-            rows.append(Row(name, module, base, under, peak[0] - before, fds_before, fds[0], alive))
+            rows.append(Row(name, module, row_base, under, peak[0] - before, fds_before, fds[0], alive, *cpu))
             await trio.sleep(SETTLE)
-        meta = {"victim_rss_start": rss_start, "victim_rss_end": rss_bytes(target.pid), "window_s": window}
+        meta = {
+            "victim_rss_start": rss_start,
+            "victim_rss_end": rss_bytes(target.pid),
+            "window_s": window,
+            "victim_cpu_baseline": base_cpu,
+        }
     return base, rows, meta
+
+
+def _pct(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x * 100:.0f}"
 
 
 def _ms(x: float) -> str:
@@ -289,11 +316,12 @@ def print_table(base: Window, rows: list[Row], meta: dict[str, Any]) -> None:
     print(
         f"baseline (no attack): {base.rate:.1f} calls/s, p50 {_ms(base.p50)} ms, p99 {_ms(base.p99)} ms, "
         f"{base.failed} failed; discover {base.found}/{base.lookups} found, p50 {_ms(base.discover_p50)} ms; "
-        f"victim RSS {meta['victim_rss_start'] / 2**20:.0f} MiB at start"
+        f"victim RSS {meta['victim_rss_start'] / 2**20:.0f} MiB at start, "
+        f"CPU {meta['victim_cpu_baseline'] * 100:.0f}% of a core"
     )
     head = (
         f"{'attack':<26} {'calls/s base':>12} {'attack':>7} {'ratio':>6} {'p50 ms':>13} {'p99 ms':>15} "
-        f"{'fail':>5} {'disc ok':>8} {'RSS +MiB':>8} {'fds':>9}  goals (>=0.5x, <=64 MiB)"
+        f"{'fail':>5} {'disc ok':>8} {'RSS +MiB':>8} {'fds':>9} {'CPU v/a %':>9}  goals (>=0.5x, <=64 MiB)"
     )
     print(head)
     print("-" * len(head))
@@ -306,7 +334,8 @@ def print_table(base: Window, rows: list[Row], meta: dict[str, Any]) -> None:
             f"{r.attack:<26} {r.base.rate:>12.1f} {r.under.rate:>7.1f} {r.ratio:>5.2f}x "
             f"{_ms(r.base.p50) + '/' + _ms(r.under.p50):>13} {_ms(r.base.p99) + '/' + _ms(r.under.p99):>15} "
             f"{r.under.failed:>5} {str(r.under.found) + '/' + str(r.under.lookups):>8} "
-            f"{r.rss_growth / 2**20:>8.1f} {str(r.fds_before) + '->' + str(r.fds_peak):>9}  {goals}"
+            f"{r.rss_growth / 2**20:>8.1f} {str(r.fds_before) + '->' + str(r.fds_peak):>9} "
+            f"{_pct(r.victim_cpu) + '/' + _pct(r.attacker_cpu):>9}  {goals}"
         )
     print(
         f"victim RSS {meta['victim_rss_end'] / 2**20:.0f} MiB at the end; window {meta['window_s']} s per row"
@@ -320,6 +349,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short windows (3 s instead of 10 s)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     parser.add_argument("--only", metavar="NAME", help="run only the attack NAME")
+    parser.add_argument(
+        "--one-baseline",
+        action="store_true",
+        help="compare every attack with the first baseline (default: a baseline right before each attack)",
+    )
     parser.add_argument("--victim", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--caller", metavar="ADDR", help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=10.0, help=argparse.SUPPRESS)
@@ -335,7 +369,7 @@ def main() -> None:
         return
     window = 3.0 if args.quick else 10.0
     started = time.time()
-    base, rows, meta = trio.run(run, window, args.only)
+    base, rows, meta = trio.run(run, window, args.only, not args.one_baseline)
     meta["wall_s"] = round(time.time() - started, 1)
     if args.json:
         doc = {

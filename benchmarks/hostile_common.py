@@ -21,6 +21,7 @@ __all__ = [
     "Attack",
     "Target",
     "attacker_host",
+    "cpu_seconds",
     "open_fds",
     "percentile",
     "rss_bytes",
@@ -60,6 +61,16 @@ def rss_bytes(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) process ``pid`` has used so far, in seconds (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def open_fds(pid: int) -> int:

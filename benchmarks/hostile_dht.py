@@ -1,8 +1,8 @@
 """DHT attacks for ``bench_hostile.py`` (issue 12: "The DHT starves and fills up", "The DHT
 under poisoning", and the per-peer request limits).
 
-- ``dht-idle-streams``: 8 identities open 16 DHT streams each and never write; streams the
-  victim resets are opened again.
+- ``dht-idle-streams``: 8 identities open 16 DHT streams each and never write; a stream the
+  victim resets is opened again a second later.
 - ``dht-tarpit-providers``: fresh identities tell the victim they provide the capability's
   keys at the address of a tarpit (a TCP listener that accepts and never answers).
 - ``dht-junk-values``: ``PUT_VALUE`` of 900 kB values in namespaces other than the card's
@@ -68,14 +68,14 @@ async def idle_streams(target: Target) -> AsyncIterator[None]:
             try:
                 stream = await _open(host, target)
             except Exception:
-                await trio.sleep(0.2)
+                await trio.sleep(1.0)
                 continue
             try:
                 await stream.read(1)  # returns or raises once the victim closes or resets it
             except Exception:
                 pass
             await _reset(stream)
-            await trio.sleep(0.05)
+            await trio.sleep(1.0)  # holding streams, not flooding them (a flood is another attack)
 
     async def identity() -> None:
         async with attacker_host(target) as host:

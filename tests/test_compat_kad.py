@@ -269,22 +269,28 @@ def test_stock_handle_stream_resets_past_12_with_no_read_timeout() -> None:
 def test_ours_provider_store_answers_verified_first_and_evicts_refuted_first() -> None:
     store = MeshProviderStore(new_host(), None, ttl=60, max_per_key=3, wall_clock=lambda: clock[0])
     store.verifier = _never  # records from the network get verdicts only from the test
-    a, b, c, d = (some_peer() for _ in range(4))
-    clock[0] = 1.0
-    store.add_provider(b"k", PeerInfo(a[0], [a[1]]))
-    clock[0] = 2.0
-    store.add_provider(b"k", PeerInfo(b[0], [b[1]]))
+    a, b, c, d, e = (some_peer() for _ in range(5))
+    for t, p in ((1.0, a), (2.0, b)):
+        clock[0] = t
+        store.add_provider(b"k", PeerInfo(p[0], [p[1]]))
     clock[0] = 3.0
     store.add_verified(b"k", PeerInfo(c[0], [c[1]]))
-    # Verified first, then those without a verdict (newest first).
-    assert [p.peer_id for p in store.get_providers(b"k")] == [c[0], b[0], a[0]]
+
+    def answered() -> list[ID]:
+        return [p.peer_id for p in store.get_providers(b"k")]
+
+    assert answered() == [c[0], b[0], a[0]]  # verified, then new unchecked ones, newest first
+    clock[0] = 10.0
+    assert answered() == [c[0]]  # unchecked records are answered while new only
+    store.verdicts[b"k"].update({str(a[0]): None, str(b[0]): None})
+    assert answered() == [c[0], b[0], a[0]]  # checked without a verdict: answered after
     store.verdicts[b"k"][str(b[0])] = False  # refuted: never answered, evicted first
-    assert [p.peer_id for p in store.get_providers(b"k")] == [c[0], a[0]]
-    clock[0] = 4.0
+    assert answered() == [c[0], a[0]]
+    clock[0] = 11.0
     store.add_provider(b"k", PeerInfo(d[0], [d[1]]))
     assert set(store.providers[b"k"]) == {str(a[0]), str(c[0]), str(d[0])}
     # With no refuted record, the oldest unverified one goes; a verified one never.
-    e = some_peer()
+    clock[0] = 12.0
     store.add_provider(b"k", PeerInfo(e[0], [e[1]]))
     assert set(store.providers[b"k"]) == {str(c[0]), str(d[0]), str(e[0])}
 

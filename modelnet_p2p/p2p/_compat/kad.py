@@ -52,6 +52,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.validator import NamespacedValidator
 
+from ...proto.framing import decode_varint
 from .host import guard_handler, retire_stream_handler
 
 __all__ = [
@@ -173,9 +174,9 @@ async def wait_out_closing(host: IHost, peer_id: ID, limit: float = CLOSING_WAIT
 
 #: Provider records waiting for verification, at most (the oldest queued are forgotten).
 VERIFY_QUEUE = 1024
-#: A provider record's check: True (it points to a card that verifies and lists the key),
-#: False (refuted: a card that does not list it, or a fetch that ran out of time) or None
-#: (no verdict: the provider could not be asked just now).
+#: Unchecked records one answer lists at most (the newest), and only this many s after they arrived.
+MAX_PENDING_ANSWERED, PENDING_ANSWERED = 4, 5.0
+#: A record's check: True (its card verifies and lists the key), False (refuted), None (no verdict).
 Verdict = bool | None
 
 
@@ -192,9 +193,9 @@ class MeshProviderStore(ProviderStore):
     With a ``verifier`` (:meth:`start_verifying`), every record that arrives from the network
     is checked, newest first, ``concurrency`` at a time (so a flood of fake records neither
     delays a new real one nor evicts it before it is checked; records being checked are
-    never evicted). Answers (:meth:`get_providers`) list the verified records first, then
-    those without a verdict (newest first), and never refuted ones; a record sent again is
-    checked again. Local records (:meth:`add_verified`) need no check.
+    never evicted). Answers (:meth:`get_providers`) list the verified records first, then a
+    few new unchecked ones, then those checked without a verdict (newest first); refuted
+    ones never. A record sent again is checked again; local ones (:meth:`add_verified`) not.
     """
 
     def __init__(
@@ -209,8 +210,8 @@ class MeshProviderStore(ProviderStore):
         self.ttl = ttl
         self.max_per_key = max_per_key
         self.wall_clock = wall_clock
-        #: Per key, the verdict of each provider's record that has one.
-        self.verdicts: dict[bytes, dict[str, bool]] = {}
+        #: Per key, the verdict of each provider's record that has been checked.
+        self.verdicts: dict[bytes, dict[str, Verdict]] = {}
         self.verifier: Callable[[bytes, PeerInfo], Awaitable[Verdict]] | None = None
         self._queue: deque[tuple[bytes, str]] = deque(maxlen=VERIFY_QUEUE)
         self._checking: set[tuple[bytes, str]] = set()
@@ -239,7 +240,8 @@ class MeshProviderStore(ProviderStore):
 
     async def wait_checked(self, key: bytes, pid: str, timeout: float) -> bool:
         """Wait (at most ``timeout`` s) for the check of ``pid``'s record of ``key``; False if refuted."""
-        if self.verifier is not None and self.verdict(key, pid) is None and len(self._waiters) < VERIFY_QUEUE:
+        checked = pid in self.verdicts.get(key, {})
+        if self.verifier is not None and not checked and len(self._waiters) < VERIFY_QUEUE:
             event = self._waiters.setdefault((key, pid), trio.Event())
             with trio.move_on_after(timeout):
                 await event.wait()
@@ -296,7 +298,7 @@ class MeshProviderStore(ProviderStore):
                 await self._ready.wait()
             key, pid = self._queue.pop()  # newest first
             record = self.providers.get(key, {}).get(pid)
-            if record is None or self.verdict(key, pid) is not None or (key, pid) in self._checking:
+            if record is None or pid in self.verdicts.get(key, {}) or (key, pid) in self._checking:
                 continue
             assert self.verifier is not None
             self._checking.add((key, pid))
@@ -307,9 +309,9 @@ class MeshProviderStore(ProviderStore):
                 log.debug("verifying provider %s failed: %r", pid, exc)
             finally:
                 self._checking.discard((key, pid))
-            if verdict is not None and pid in self.providers.get(key, {}):
+            if pid in self.providers.get(key, {}):
                 self.verdicts.setdefault(key, {})[pid] = verdict
-                self.rejected += not verdict
+                self.rejected += verdict is False
             waiter = self._waiters.pop((key, pid), None)
             if waiter is not None:
                 waiter.set()
@@ -327,14 +329,20 @@ class MeshProviderStore(ProviderStore):
             self.verdicts.pop(key, None)
 
     def get_providers(self, key: bytes) -> list[PeerInfo]:
-        """The providers of ``key`` answered: verified ones, then those without a verdict
+        """The providers of ``key`` answered: verified ones, then those checked without a verdict
         (newest first); never refuted ones."""
         self._drop_expired(key)
         records = self.providers.get(key, {})
         verdicts = self.verdicts.get(key, {})
         verified = [r for p, r in records.items() if verdicts.get(p) is True]
-        unknown = sorted((r for p, r in records.items() if p not in verdicts), key=lambda r: -r.timestamp)
-        return [PeerInfo(r.peer_id, r.addresses) for r in [*verified, *unknown]]
+        young = self.wall_clock() - PENDING_ANSWERED  # unchecked: a few, while they are new
+        pending = [r for p, r in records.items() if p not in verdicts and r.timestamp >= young]
+        verified += sorted(pending, key=lambda r: -r.timestamp)[:MAX_PENDING_ANSWERED]
+        unsure = sorted(
+            (r for p, r in records.items() if p in verdicts and verdicts[p] is None),
+            key=lambda r: -r.timestamp,
+        )
+        return [PeerInfo(r.peer_id, r.addresses) for r in [*verified, *unsure]]
 
     def cleanup_expired(self) -> None:
         for key in list(self.providers):
@@ -401,8 +409,7 @@ class InboundLimits:
     )
 
 
-#: Request class of each DHT message type (see :class:`InboundLimits`).
-_CLASSES = {
+_CLASSES = {  # the request class of each message type (see InboundLimits)
     Message.MessageType.ADD_PROVIDER: "provide",
     Message.MessageType.PUT_VALUE: "put",
 }
@@ -458,10 +465,10 @@ class InboundGuard:
 
     Upstream: ``handle_stream`` handles 12 streams at once and resets the rest, and reads
     with no timeout: 32 idle streams blocked every lookup (0 of 15 succeeded). Here reads
-    and writes have deadlines and messages a size (:class:`InboundLimits`); past a peer's
-    or the total stream bound, the stream idle longest (the peer's own first) is reset to
-    make room, and only if none is idle the new one. Requests are counted per peer in
-    token buckets; one over its rate resets the stream.
+    and writes have deadlines and messages a size (:class:`InboundLimits`). A stream past
+    its peer's bound is reset; past the total, the longest idle stream of the peer holding
+    the most is reset for a peer that holds fewer. Requests are counted per peer in token
+    buckets; one over its rate resets the stream.
     """
 
     def __init__(
@@ -505,24 +512,23 @@ class InboundGuard:
 
     def _admit(self, peer: str, stream: INetStream) -> tuple[_Inbound | None, list[_Inbound]]:
         # No checkpoint from the checks to the registration: concurrent admissions see each other.
-        victims: list[_Inbound] = []
         mine = self._per_peer.get(peer, set())
         if len(mine) >= self.limits.max_streams_per_peer:
-            victim = _longest_idle(mine)
-            if victim is None:
-                return None, victims
-            victims.append(victim)
-            self._release(victim)
+            return None, []
+        victims: list[_Inbound] = []
         if len(self._streams) >= self.limits.max_streams:
-            victim = _longest_idle(self._streams)
-            if victim is None:
-                return None, victims
+            # Room is made at the expense of the peer holding the most streams, for a peer
+            # that holds fewer: fair shares, and no churn among equals.
+            heaviest = max(self._per_peer.values(), key=len)
+            victim = _longest_idle(heaviest)
+            if victim is None or len(mine) >= len(heaviest):
+                return None, []
             victims.append(victim)
             self._release(victim)
+            self.evicted += 1
         entry = _Inbound(peer, stream, self.clock())
         self._streams.add(entry)
         self._per_peer.setdefault(peer, set()).add(entry)
-        self.evicted += len(victims)
         return entry, victims
 
     def _release(self, entry: _Inbound) -> None:
@@ -557,7 +563,7 @@ class InboundGuard:
                 if len(prefix) >= 10:
                     raise InboundLimitError("bad length prefix")
                 prefix += await stream.read(1)
-            length = _uvarint(bytes(prefix))
+            length = (decode_varint(bytes(prefix)) or (limits.max_message_size + 1, 0))[0]
             if length > limits.max_message_size:
                 raise InboundLimitError(f"a {length}-byte message (at most {limits.max_message_size})")
             body = bytearray()
@@ -614,13 +620,6 @@ class InboundGuard:
 def _longest_idle(entries: set[_Inbound]) -> _Inbound | None:
     idle = [e for e in entries if e.idle_since is not None]
     return min(idle, key=lambda e: e.idle_since or 0.0) if idle else None
-
-
-def _uvarint(data: bytes) -> int:
-    value = 0
-    for i, byte in enumerate(data):
-        value |= (byte & 0x7F) << (7 * i)
-    return value
 
 
 async def _reset(stream: INetStream) -> None:

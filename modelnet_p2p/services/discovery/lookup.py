@@ -358,11 +358,17 @@ class Lookups:
 
     async def fetch_direct(self, peer_id: str, addrs: Sequence[str] = ()) -> CapabilityCard | None:
         """``peer_id``'s valid card as the peer itself gives it, within :data:`CARD_FETCH_TIMEOUT`."""
+        return (await self.ask_for_card(peer_id, addrs))[0]
+
+    async def ask_for_card(
+        self, peer_id: str, addrs: Sequence[str] = ()
+    ) -> tuple[CapabilityCard | None, bool]:
+        """Like :meth:`fetch_direct`; also whether the request ran out of time."""
         if addrs:
             try:
                 self.kad.remember_addrs(KadPeer(peer_id, tuple(addrs)), ADDR_TTL)
             except Exception:
-                return None  # not a peer id or not addresses: nothing to fetch from
+                return None, False  # not a peer id or not addresses: nothing to fetch from
         rejected: list[str] = []
         request = KadRequest(KadKind.GET_VALUE, value_key(peer_id).encode())
         outcome = await self.kad.exchange(
@@ -371,7 +377,7 @@ class Lookups:
         card = self._card_in(outcome.answer, peer_id, rejected)
         if rejected:
             log.info("rejected the card %s gave: %s", peer_id, "; ".join(set(rejected)))
-        return card
+        return card, outcome.timed_out
 
     async def fetch_from_dht(self, peer_id: str) -> CapabilityCard | None:
         """``peer_id``'s newest valid card found by an iterative lookup of its value key."""
