@@ -125,6 +125,7 @@ class PeerConfig:
         trust: peer ids whose capability tokens this peer accepts (``specs/token.md``).
         require_token: serve every public capability as ``access="token"``.
         revocations: signed revocation list files, re-read when they change.
+        sign_receipts: sign a receipt for every answer, asked for or not (``specs/inference.md``).
     """
 
     identity: str | os.PathLike[str] | Identity | None = None
@@ -168,6 +169,7 @@ class PeerConfig:
     trust: Sequence[str] = ()
     require_token: bool = False
     revocations: Sequence[str] = ()
+    sign_receipts: bool = False
 
     def with_overrides(self, **overrides: Any) -> PeerConfig:
         """A copy with some settings replaced (``TypeError`` for an unknown name, as for a call)."""

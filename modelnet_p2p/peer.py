@@ -171,6 +171,7 @@ class Peer:
             trusted=cfg.trust, require_token=cfg.require_token, revocation_files=cfg.revocations
         )
         self.inference.mesh_factory = self._mesh_context
+        self.inference.signer, self.inference.always_sign = self.identity, cfg.sign_receipts  # receipts
         self._load = InferenceLoad(self.inference, cfg.max_concurrency)
         self.inference.on_request_done = self._load.on_request_done
         self.inference.load_provider = self._load.snapshot  # answers carry it back (specs/inference.md)
@@ -493,6 +494,7 @@ class Peer:
         trace: TraceContext | None = None,
         replay: bool | None = None,
         avoid: Collection[str] = (),
+        receipt: bool = False,
         **params: Any,
     ) -> InferenceStream:
         """Stream the answer of ``target``'s ``capability`` to ``input``, chunk by chunk.
@@ -502,14 +504,15 @@ class Peer:
         capability is idempotent (or ``replay=True``). ``avoid``: peer ids not to choose.
         ``timeout``: the whole request's deadline, failovers included, sent to the provider
         (``None``: ``request_timeout``; a provider silent ``stall_timeout`` s mid-stream has failed).
-        Other keyword arguments are request parameters. See :mod:`modelnet_p2p.mesh.client`.
+        ``receipt``: ask for a signed receipt (``info.receipt``). Other keyword arguments are
+        request parameters. See :mod:`modelnet_p2p.mesh.client`.
         Raises (while iterating) a :class:`ModelNetError` subclass; never ends silently.
         """
         if capability is None:
             raise BadRequestError("capability is required")
         return self.mesh_client.stream(
             capability, input, params=params, timeout=timeout, target=target, trace=trace, replay=replay,
-            avoid=avoid,
+            avoid=avoid, receipt=receipt,
         )  # fmt: skip
 
     async def call(
@@ -522,6 +525,7 @@ class Peer:
         trace: TraceContext | None = None,
         replay: bool | None = None,
         avoid: Collection[str] = (),
+        receipt: bool = False,
         **params: Any,
     ) -> Response:
         """Like :meth:`infer`, but collect the whole answer into a :class:`Response`."""
@@ -529,5 +533,5 @@ class Peer:
             raise BadRequestError("capability is required")
         return await self.mesh_client.call(
             capability, input, params=params, timeout=timeout, target=target, trace=trace, replay=replay,
-            avoid=avoid,
+            avoid=avoid, receipt=receipt,
         )  # fmt: skip

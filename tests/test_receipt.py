@@ -1,4 +1,4 @@
-"""Signed receipts (proto/receipt.py, specs/inference.md "Receipts"): sealing, verification,
+"""Signed receipts (proto/receipt.py, specs/inference.md "Signed receipts"): sealing, verification,
 rejection of tampered, reordered and foreign receipts, the JSON file form and the vectors."""
 
 from __future__ import annotations
@@ -352,3 +352,101 @@ def verify_receipt_file_chunks(case: dict[str, Any]) -> list[Any]:
 
 if __name__ == "__main__":  # regenerate the vectors: python tests/test_receipt.py
     VECTORS.write_text(json.dumps(build_vectors(), indent=1) + "\n")
+
+
+# -- on the wire (real peers on 127.0.0.1) ----------------------------------------------------
+
+
+def _serve_words(peer: Any) -> None:
+    from modelnet_p2p import Capability
+
+    async def words(request):  # type: ignore[no-untyped-def]
+        for w in str(request.input).split():
+            yield w + " "
+        request.usage["tokens"] = 3
+
+    peer.serve(Capability(name="words", task="tool"), words)
+
+
+async def test_signed_receipt_on_the_wire_and_offline() -> None:
+    from modelnet_p2p import Peer
+
+    async with Peer() as server, Peer() as client:
+        _serve_words(server)
+        target = server.addrs[0]
+        resp = await client.call(target, "words", "a b c", timeout=20, receipt=True)
+        assert resp.chunks == ["a ", "b ", "c "]
+        receipt = resp.receipt
+        assert receipt is not None
+        assert (receipt.provider, receipt.caller) == (server.peer_id, client.peer_id)
+        assert (receipt.capability, receipt.chunks, receipt.usage) == ("words", 3, {"tokens": 3})
+        assert receipt.started_ms <= receipt.ended_ms
+        # the same, offline, from the JSON file form
+        assert resp.receipt_check is not None
+        obj = json.loads(json.dumps(receipt_file(resp.receipt_check.data, input="a b c", chunks=resp.chunks)))
+        assert verify_receipt_file(obj, provider=server.peer_id) == receipt
+        # streamed: the check is in info.receipt
+        async with client.infer(target, "words", "x y", timeout=20, receipt=True) as stream:
+            got = [c async for c in stream]
+        assert stream.info.receipt is not None
+        assert stream.info.receipt.verified().chunks == len(got) == 2
+        # not asked: none sent
+        plain = await client.call(target, "words", "a", timeout=20)
+        assert plain.receipt is None and plain.receipt_check is None
+
+
+async def test_always_sign_and_a_receipt_signed_by_another_peer() -> None:
+    from modelnet_p2p import Identity, Peer
+
+    async with Peer(sign_receipts=True) as server, Peer() as client:
+        _serve_words(server)
+        target = server.addrs[0]
+        assert (await client.call(target, "words", "a", timeout=20)).receipt is None  # not asked: ignored
+        assert (await client.call(target, "words", "a", timeout=20, receipt=True)).receipt is not None
+        server.inference.signer = Identity.generate()  # the provider signs with someone else's key
+        resp = await client.call(target, "words", "a b", timeout=20, receipt=True)
+        assert resp.chunks == ["a ", "b "]  # the answer itself is delivered
+        with pytest.raises(ReceiptError) as exc:
+            _ = resp.receipt
+        assert exc.value.reason == "wrong_peer"
+
+
+def test_modelnet_verify_cli(tmp_path: Path) -> None:
+    from cli_util import modelnet
+
+    _, data = make()
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(receipt_file(data, input=INPUT, chunks=CHUNKS)))
+    bad.write_text(json.dumps(receipt_file(data, input=INPUT, chunks=[CHUNKS[1], CHUNKS[0], *CHUNKS[2:]])))
+    ok = modelnet("verify", str(good), "--provider", PROVIDER.peer_id)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("ok: 'echo' answered by " + PROVIDER.peer_id)
+    assert "chunks" in ok.stdout and "input" in ok.stdout
+    as_json = json.loads(modelnet("verify", str(good), "--json").stdout)
+    assert as_json["ok"] and as_json["receipt"]["chunks"] == len(CHUNKS)
+    for path, extra, reason in (
+        (bad, [], "bad_output"),
+        (good, ["--provider", MALLORY.peer_id], "wrong_peer"),
+    ):
+        out = modelnet("verify", str(path), *extra)
+        assert out.returncode == 1
+        assert reason in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_rcpt_keys_on_the_wire() -> None:
+    from modelnet_p2p.errors import ProtocolError
+    from modelnet_p2p.proto.infer import End, Request, parse_message
+
+    req = Request(b"\x01" * 16, "echo", "x", receipt=True)
+    wire = req.to_wire()
+    assert wire["rcpt"] is True and list(wire)[-1] == "rcpt"
+    assert parse_message(wire) == req
+    assert "rcpt" not in Request(b"\x01" * 16, "echo").to_wire()
+    assert parse_message({**wire, "rcpt": None}) == Request(b"\x01" * 16, "echo", "x")  # nil: the default
+    _, data = make()
+    end = End(7, receipt=data)
+    assert list(end.to_wire())[-1] == "rcpt"
+    assert parse_message(end.to_wire()) == end
+    for bad in ("text", b"\x00" * 4097, 5):
+        with pytest.raises(ProtocolError):
+            parse_message({**end.to_wire(), "rcpt": bad})

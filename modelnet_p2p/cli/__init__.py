@@ -34,6 +34,7 @@ from .run import run_command
 from .serve import bootstrap_command, resolve_serve_target, serve_command
 from .status import status_command
 from .token import token_group
+from .verify import verify_command
 
 __all__ = [
     "EXIT_ERROR",
@@ -103,6 +104,7 @@ for _command in (
     run_command,
     psk_group,
     token_group,
+    verify_command,
 ):
     cli.add_command(_command)
 

@@ -95,6 +95,7 @@ from ..errors import (
 from ..p2p.dialer import Target
 from ..p2p.stream import Stream
 from ..proto.infer import TraceContext
+from ..proto.receipt import Receipt, ReceiptCheck
 from ..services.inference import ResponseInfo, StreamSource, new_request_id, request_on_peer
 from ..services.inference.client import StalledError
 from .providers import PROVIDERS_TIMEOUT, Providers
@@ -172,6 +173,14 @@ class Response:
     usage: dict[str, Any] = field(default_factory=dict)
     latency: float = 0.0
     attempts: list[dict[str, Any]] = field(default_factory=list)
+    #: The provider's receipt as received and checked (``receipt=True``; ``None`` if it sent none).
+    receipt_check: ReceiptCheck | None = None
+
+    @property
+    def receipt(self) -> Receipt | None:
+        """The provider's signed receipt, verified against :attr:`chunks` (``None``: none was
+        sent); raises :class:`~modelnet_p2p.proto.receipt.ReceiptError` if it does not hold."""
+        return None if self.receipt_check is None else self.receipt_check.verified()
 
     @property
     def text(self) -> str:
@@ -293,6 +302,7 @@ class MeshClient:
         trace: TraceContext | None = None,
         policy: str | Policy | None = None,
         max_attempts: int | None = None,
+        receipt: bool = False,
     ) -> InferenceStream:
         """Stream the answer of a provider of ``capability`` to ``input`` (see the module docstring)."""
         if not capability:
@@ -301,7 +311,7 @@ class MeshClient:
         params = dict(params or {})
         timeout = self.request_timeout if timeout is None else timeout
         if target is not None:
-            direct = self._direct(target, capability, input, params, timeout, trace, info)
+            direct = self._direct(target, capability, input, params, timeout, trace, info, receipt=receipt)
             return InferenceStream(direct, info)
         plan = _Plan(
             capability=capability,
@@ -314,6 +324,7 @@ class MeshClient:
             among=None if among is None else [self._as_candidate(c) for c in among],
             policy=policy,
             max_attempts=max_attempts or self.max_attempts,
+            receipt=receipt,
         )
         return InferenceStream(self._routed(plan, info), info)
 
@@ -332,6 +343,7 @@ class MeshClient:
         policy: str | Policy | None = None,
         max_attempts: int | None = None,
         restart: bool = False,
+        receipt: bool = False,
     ) -> Response:
         """Like :meth:`stream`, but collect the whole answer into a :class:`Response`.
 
@@ -355,6 +367,7 @@ class MeshClient:
                 trace=trace,
                 policy=policy,
                 max_attempts=max(1, budget - len(attempts)),
+                receipt=receipt,
             )
             chunks: list[Any] = []
             try:
@@ -385,6 +398,7 @@ class MeshClient:
                 usage=info.usage,
                 latency=(info.ended or info.started) - info.started,
                 attempts=[*attempts, *info.attempts],
+                receipt_check=info.receipt,
             )
 
     # -- one peer ------------------------------------------------------------------
@@ -404,6 +418,7 @@ class MeshClient:
         trace: TraceContext | None,
         info: ResponseInfo,
         record: bool = True,
+        receipt: bool = False,
     ) -> AsyncIterator[Any]:
         """One request to one peer. With ``record``, its outcome goes to the reputation (a
         routed attempt records its own, with the ban)."""
@@ -426,6 +441,7 @@ class MeshClient:
             max_frame_size=self.max_frame_size,
             window=self.window,
             stall_timeout=self.stall_timeout,
+            receipt=receipt,
         )
         seen = None
         self.router.started(info.peer)  # every request of this peer, routed or not
@@ -530,6 +546,7 @@ class MeshClient:
                 plan.trace,
                 sub,
                 record=False,
+                receipt=plan.receipt,
             )
             try:
                 async for chunk in direct:
@@ -559,6 +576,7 @@ class MeshClient:
             info.finish_reason, info.usage = sub.finish_reason, sub.usage
             info.started, info.first_chunk_at, info.ended = sub.started, sub.first_chunk_at, sub.ended
             info.received += sub.received
+            info.receipt = sub.receipt
             return
 
     def _failed(
@@ -617,3 +635,4 @@ class _Plan:
     delivered: int = 0
     refreshed: bool = False
     last_error: ModelNetError | None = None
+    receipt: bool = False

@@ -19,6 +19,7 @@ from typing import Any
 from ..errors import ERROR_CODES, ProtocolError
 from .availability import MAX_COUNT, MAX_LATENCY_MS, MAX_TOKENS_PER_S
 from .limits import MAX_CAPABILITY_LEN
+from .receipt import MAX_RECEIPT_SIZE
 
 __all__ = [
     "FINISH_REASONS",
@@ -248,6 +249,8 @@ class Request:
     keep: bool = False
     #: A capability token (``specs/token.md``; the ``tok`` extension of ``specs/inference.md``).
     token: str | None = None
+    #: Ask the provider for a signed receipt (the ``rcpt`` extension of ``specs/inference.md``).
+    receipt: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         out = {
@@ -265,6 +268,8 @@ class Request:
             out["keep"] = True
         if self.token is not None:
             out["tok"] = self.token
+        if self.receipt:
+            out["rcpt"] = True
         return out
 
 
@@ -292,12 +297,17 @@ class End:
     keep: bool = False
     #: The provider's load once this request is done.
     load: Load | None = None
+    #: The provider's signed receipt (``proto/receipt.py``), if it signs this answer.
+    receipt: bytes | None = None
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"t": "end", "n": self.chunks, "fin": self.finish_reason, "use": self.usage}
         if self.keep:
             out["keep"] = True
-        return _with_load(out, self.load)
+        out = _with_load(out, self.load)
+        if self.receipt is not None:
+            out["rcpt"] = self.receipt
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,6 +391,7 @@ def _parse_request(obj: dict[str, Any]) -> Request:
         version=version,
         keep=keep,
         token=token,
+        receipt=_bool(obj, "rcpt"),
     )
 
 
@@ -394,7 +405,13 @@ def _parse_end(obj: dict[str, Any]) -> End:
     _need(isinstance(fin, str) and len(fin) <= 64, "finish reason must be short text")
     usage = _opt(obj, "use", {})
     _need(isinstance(usage, dict), "field 'use' must be a map")
-    return End(_uint(obj, "n"), fin, usage, keep=_bool(obj, "keep"), load=Load.from_wire(obj.get("load")))
+    rcpt = _opt(obj, "rcpt", None)
+    _need(
+        rcpt is None or (isinstance(rcpt, bytes) and len(rcpt) <= MAX_RECEIPT_SIZE),
+        f"field 'rcpt' must be at most {MAX_RECEIPT_SIZE} bytes",
+    )
+    load = Load.from_wire(obj.get("load"))
+    return End(_uint(obj, "n"), fin, usage, keep=_bool(obj, "keep"), load=load, receipt=rcpt)
 
 
 def _parse_error(obj: dict[str, Any]) -> ErrorFrame:

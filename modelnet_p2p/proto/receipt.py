@@ -45,14 +45,17 @@ __all__ = [
     "RECEIPT_VERSION",
     "ChunkChain",
     "Receipt",
+    "ReceiptCheck",
     "ReceiptError",
     "chain_digest",
     "chain_next",
+    "check_receipt",
     "open_receipt",
     "from_json_value",
     "receipt_file",
     "receipt_usage",
     "seal_receipt",
+    "signed_receipt",
     "to_json_value",
     "value_digest",
     "verify_receipt",
@@ -309,7 +312,68 @@ def open_receipt(data: bytes | bytearray) -> Receipt:
     return receipt
 
 
+def signed_receipt(
+    signer: Signer | None,
+    chain: ChunkChain | None,
+    request: Any,
+    finish_reason: str,
+    usage: dict[str, Any],
+    caller: str,
+    started_ms: int,
+    ended_ms: int,
+) -> dict[str, bytes]:
+    """What a provider's ``end`` frame adds for a signed answer: ``{"receipt": envelope}``, or
+    ``{}`` without a signer or a chain. ``request`` is the :class:`~modelnet_p2p.proto.infer.Request`
+    answered, ``chain`` the answer's chunks, ``caller`` the authenticated remote peer id (text;
+    left out if it is not an Ed25519 peer id)."""
+    if signer is None or chain is None:
+        return {}
+    try:
+        by: str | None = peer_id_text(peer_id_bytes(caller))
+    except ProtocolError:
+        by = None
+    receipt = Receipt(
+        request_id=request.request_id,
+        capability=request.capability,
+        input_digest=chain.input_digest,
+        output_digest=chain.head,
+        chunks=chain.count,
+        provider=str(signer.peer_id),
+        started_ms=started_ms,
+        ended_ms=max(started_ms, ended_ms),
+        finish_reason=finish_reason[:64],
+        usage=receipt_usage(usage),
+        caller=by,
+        trace_id=request.trace.trace_id,
+    )
+    return {"receipt": seal_receipt(receipt, signer)}
+
+
 _UNSET: Any = object()
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptCheck:
+    """A receipt as a caller received it, and what checking it against the answer found."""
+
+    #: The envelope, as the end frame carried it (what a receipt file holds).
+    data: bytes
+    receipt: Receipt | None = None
+    error: ReceiptError | None = None
+
+    def verified(self) -> Receipt:
+        """The receipt, or raise the :class:`ReceiptError` that says why it does not hold."""
+        if self.receipt is None:
+            raise self.error or ReceiptError("malformed", "no receipt")
+        return self.receipt
+
+
+def check_receipt(data: bytes, **expected: Any) -> ReceiptCheck:
+    """:func:`verify_receipt` as a :class:`ReceiptCheck` (a failure is kept, not raised)."""
+    try:
+        return ReceiptCheck(bytes(data), verify_receipt(data, **expected))
+    except ReceiptError as exc:
+        return ReceiptCheck(bytes(data), None, exc)
 
 
 def verify_receipt(
@@ -322,6 +386,7 @@ def verify_receipt(
     chunk_digests: Sequence[bytes] | None = None,
     input: Any = _UNSET,
     input_digest: bytes | None = None,
+    chain: ChunkChain | None = None,
 ) -> Receipt:
     """Check a receipt against what the caller knows, in this order, and return its body.
 
@@ -331,6 +396,9 @@ def verify_receipt(
     3. with ``chunks`` (or their ``chunk_digests``): as many as signed (``wrong_count``) and
        the same chain of digests (``bad_output``: a changed, missing or reordered chunk);
     4. with ``input`` (or its ``input_digest``): the same input digest (``bad_input``).
+
+    ``chain`` (a :class:`ChunkChain` fed the chunks received) stands for both the input and the
+    chunks.
 
     What is not given is not checked. Raises :class:`ReceiptError` with the first reason.
     """
@@ -347,6 +415,13 @@ def verify_receipt(
         if len(chunk_digests) != receipt.chunks:
             raise ReceiptError("wrong_count", f"{len(chunk_digests)} chunks, {receipt.chunks} signed")
         if chain_digest(receipt.input_digest, chunk_digests) != receipt.output_digest:
+            raise ReceiptError("bad_output", "the chunks or their order differ from what was signed")
+    if chain is not None:
+        if chain.count != receipt.chunks:
+            raise ReceiptError("wrong_count", f"{chain.count} chunks, {receipt.chunks} signed")
+        if chain.input_digest != receipt.input_digest:
+            raise ReceiptError("bad_input", "the input differs from what was signed")
+        if chain.head != receipt.output_digest:
             raise ReceiptError("bad_output", "the chunks or their order differ from what was signed")
     if input is not _UNSET:
         input_digest = value_digest(input)

@@ -497,12 +497,12 @@ class ServerSession:
         self._queued_chunks += 1
         return True
 
-    def send_end(self, finish_reason: str = "stop", usage: dict[str, Any] | None = None) -> None:
-        """Queue the ``end`` frame; the stream is kept if the request asked for it."""
+    def send_end(self, finish_reason: str = "stop", usage: dict[str, Any] | None = None, **kw: bytes) -> None:
+        """Queue the ``end`` frame (``receipt=``: a sealed receipt); the stream is kept if asked."""
         self._need_running("send_end")
         assert self.request is not None
-        keep = self.request.keep
-        end = End(self._queued_chunks, finish_reason[:64], _plain_usage(usage), keep=keep, load=self._load())
+        keep, use = self.request.keep, _plain_usage(usage)
+        end = End(self._queued_chunks, finish_reason[:64], use, keep=keep, load=self._load(), **kw)
         try:
             frame = pack_frame(end.to_wire(), self.limits.max_frame_size)
         except Exception as exc:

@@ -31,12 +31,14 @@ from ...p2p.stream import (
     StreamEOF,
     StreamReset,
     close_quietly,
+    remote_peer,
     reset_by_remote,
     reset_quietly,
     write_whole,
 )
 from ...proto.framing import DEFAULT_MAX_FRAME_SIZE
 from ...proto.infer import Load, Request, TraceContext
+from ...proto.receipt import ChunkChain, ReceiptCheck, check_receipt
 from ...proto.session import (
     DEFAULT_WINDOW,
     NEED_DATA,
@@ -90,6 +92,8 @@ class ResponseInfo:
     load_at: float | None = None
     #: With routing: each provider tried, ``{"peer", "status", "chunks", "ms", "error"}``.
     attempts: list[dict[str, Any]] = field(default_factory=list)
+    #: The provider's receipt, checked against the chunks received (when the request asked for one).
+    receipt: ReceiptCheck | None = None
 
 
 class StaleStreamError(UnavailableError):
@@ -120,8 +124,10 @@ async def run_request(
     release: Callable[[Stream], None] | None = None,
     reused: bool = False,
     stall_timeout: float | None = None,
+    receipt: bool = False,
 ) -> AsyncIterator[Any]:
-    """Send a request on ``stream`` and yield the answer's chunks.
+    """Send a request on ``stream`` and yield the answer's chunks (with ``receipt``, ask for a
+    signed receipt and check it into ``info.receipt``: ``specs/inference.md``, "Signed receipts").
 
     Raises the :class:`ModelNetError` subclass of an error frame, a
     :class:`ProtocolError` for any breach of the protocol (including a stream
@@ -148,6 +154,7 @@ async def run_request(
         window=window,
         keep=release is not None,
         token=current_token(),  # services/access.py: using_token()
+        receipt=receipt,
     )
     session = ClientSession(request, deadline=deadline, max_frame_size=max_frame_size, reused=reused)
     try:
@@ -156,6 +163,7 @@ async def run_request(
         await reset_quietly(stream)
         raise
     info.started = trio.current_time()
+    chain = ChunkChain(input) if receipt else None
     #: When the stall clock last restarted (a chunk arrived, or the consumer pulled again).
     progress_at = info.started
     try:
@@ -192,6 +200,8 @@ async def run_request(
                 if event.load is not None:
                     info.load, info.load_at = event.load, trio.current_time()
                 info.chunks = session.chunks
+                if chain is not None:
+                    chain.add(event.data)
                 if info.first_chunk_at is None:
                     info.first_chunk_at = trio.current_time()
                 yield event.data
@@ -202,6 +212,11 @@ async def run_request(
                 info.finish_reason = event.end.finish_reason
                 info.usage = event.end.usage
                 info.ended = trio.current_time()
+                if chain is not None and event.end.receipt is not None:
+                    info.receipt = check_receipt(
+                        event.end.receipt, provider=remote_peer(stream) or info.peer or None,
+                        request_id=request.request_id, capability=capability, chain=chain,
+                    )  # fmt: skip
                 return
             elif isinstance(event, ErrorReceived):
                 if event.load is not None:
@@ -266,6 +281,7 @@ async def request_on_peer(
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     window: int = DEFAULT_WINDOW,
     stall_timeout: float | None = None,
+    receipt: bool = False,
 ) -> AsyncIterator[Any]:
     """:func:`run_request` on a kept stream to ``peer`` if the pool has one, else on a new one.
 
@@ -292,6 +308,7 @@ async def request_on_peer(
             release=source.release_to(peer),
             reused=reused,
             stall_timeout=stall_timeout,
+            receipt=receipt,
         )
         try:
             async for chunk in agen:

@@ -15,6 +15,7 @@ handler down instead of losing the stream.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -42,6 +43,7 @@ from ...p2p.stream import (
 )
 from ...proto.capability import Capability, capability_key
 from ...proto.infer import Load, Request, via_entry
+from ...proto.receipt import ChunkChain, Signer, signed_receipt
 from ...proto.session import (
     DEADLINE_GRACE,
     IDLE_STREAM_TIMEOUT,
@@ -239,6 +241,9 @@ class InferenceServer:
         self._nursery: trio.Nursery | None = None
         #: Who may call what (``services/access.py``); the Peer configures it.
         self.access = AccessControl()
+        #: Signs receipts (``proto/receipt.py``) when a request asks, or always with ``always_sign``.
+        self.signer: Signer | None = None
+        self.always_sign = False
         #: While draining, new requests are refused with ``unavailable`` (retryable)
         #: and requests already running finish.
         self.draining = False
@@ -419,6 +424,8 @@ class InferenceServer:
         s = link.session
         now = trio.current_time()
         deadline = s.accept(now)
+        signing = self.signer is not None and (req.receipt or self.always_sign)
+        chain, started_ms = ChunkChain(req.input) if signing else None, time.time_ns() // 1_000_000
         link.notify()  # the reader waits for admission before it reads on
         request = InferenceRequest(
             request_id=req.request_id,
@@ -444,6 +451,8 @@ class InferenceServer:
                 return  # the request ended; the handler's scope is cancelled
             if not s.send_chunk(item):
                 request.cancel_scope.cancel()  # the chunk could not be sent: the request failed
+            elif chain is not None:
+                chain.add(item)
             link.notify()
 
         async def produce() -> None:
@@ -462,7 +471,9 @@ class InferenceServer:
             if error is None and request.cancel_scope.cancelled_caught:
                 error = DeadlineExceededError(f"deadline of {deadline - now:.3f} s exceeded on the provider")
             if error is None:
-                s.send_end(request.finish_reason, request.usage)
+                sealed = signed_receipt(self.signer, chain, req, request.finish_reason, request.usage, remote,
+                                        started_ms, time.time_ns() // 1_000_000)  # fmt: skip
+                s.send_end(request.finish_reason, request.usage, **sealed)
             elif isinstance(error, ModelNetError):
                 s.send_error(error)
             else:
