@@ -302,6 +302,36 @@ def test_lookup_and_bucket() -> None:
         keys.take(b)  # no rate: no limit
 
 
+def test_the_key_file_is_reread_when_it_changes(tmp_path: Path) -> None:
+    now = [0.0]
+    path = write_keys(tmp_path / "keys.toml", '[[key]]\nname = "a"\nkey = "sk-a"\nrate = 1\n')
+    keys = GatewayKeys.load(path, clock=lambda: now[0], reload_interval=5)
+    keys.add(GatewayKey(name="api-key", sha256=digest("sk-env")))
+    a = keys.lookup("sk-a")
+    assert a is not None
+    keys.take(a)
+    # a is kept (with its used-up bucket), b is new; the added key stays
+    write_keys(path, '[[key]]\nname = "a"\nkey = "sk-a"\nrate = 1\n[[key]]\nname = "b"\nkey = "sk-b"\n')
+    assert keys.lookup("sk-b") is None  # not checked again yet
+    now[0] += 6
+    b, a2 = keys.lookup("sk-b"), keys.lookup("sk-a")
+    assert b is not None and b.name == "b" and a2 is not None and a2 is not a
+    with pytest.raises(RateLimited):
+        keys.take(a2)
+    assert keys.lookup("sk-env") is not None
+    # a rewrite that fails the checks keeps the keys read before; a removed key is refused
+    write_keys(path, '[[key]]\nname = "b"\nkey = "sk-b"\n', mode=0o644)
+    now[0] += 6
+    assert keys.lookup("sk-a") is a2
+    path.chmod(0o600)  # the same content, now private: read
+    now[0] += 6
+    assert keys.lookup("sk-a") is None and keys.lookup("sk-b") is not None
+    assert keys.lookup("sk-env") is not None and len(keys) == 2
+    path.write_text("not toml")
+    now[0] += 6
+    assert keys.lookup("sk-b") is not None
+
+
 def test_cli_refuses_an_open_key_file(tmp_path: Path) -> None:
     from cli_util import modelnet, one_line_error
 

@@ -581,7 +581,8 @@ def _all_keys(keys: GatewayKeys | str | os.PathLike[str] | None, api_key: str | 
     extra = GatewayKey(name="api-key", sha256=digest(api_key))
     if loaded is None:
         return GatewayKeys([extra])
-    return GatewayKeys([*loaded.keys, extra], clock=loaded.clock)
+    loaded.add(extra)
+    return loaded
 
 
 async def serve_gateway(

@@ -29,13 +29,17 @@ SHA-256 digests and compared in constant time against every entry (no early
 exit). The rate is a token bucket per key: ``burst`` requests may start at once,
 then ``rate`` per minute; a request over it gets 429 with ``Retry-After`` (whole
 seconds until one request is allowed again) and an OpenAI-style error body
-(``code: "rate_limit_exceeded"``). The file is read once, when the gateway starts.
+(``code: "rate_limit_exceeded"``). The file is read when the gateway starts, and
+re-read when it changes (checked at most every 5 s, when a request comes): a key
+removed from it is refused from then on; a key still listed keeps its bucket; a
+rewrite that fails the checks keeps the keys read before.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import math
 import os
 import stat
@@ -57,8 +61,12 @@ MAX_KEYS = 1_000
 MAX_KEY_FILE = 16 * 1024 * 1024
 #: Longest bearer key accepted, in characters (OpenAI keys are under 200).
 MAX_KEY_LENGTH = 4096
+#: Seconds between two checks of the key file for changes.
+RELOAD_INTERVAL = 5.0
 #: Largest ``rate`` (requests per minute) or ``burst``.
 MAX_RATE = 1_000_000
+
+log = logging.getLogger(__name__)
 
 _FIELDS = frozenset({"name", "key", "key_sha256", "token", "rate", "burst"})
 
@@ -85,21 +93,22 @@ class GatewayKey:
     token: str | None = field(default=None, repr=False)
     rate: int | None = None
     burst: int = 0
-    _tokens: float = field(default=-1.0, repr=False)
-    _at: float = field(default=0.0, repr=False)
+    #: The bucket: requests that may start now (``-1``: not used yet, full), and when it was filled.
+    level: float = field(default=-1.0, repr=False)
+    level_at: float = field(default=0.0, repr=False)
 
     def take(self, now: float) -> float:
         """Spend one request of the bucket: ``0.0``, or the seconds until one is allowed again."""
         if self.rate is None:
             return 0.0
         per_second = self.rate / 60.0
-        if self._tokens < 0:  # first use: a full bucket
-            self._tokens, self._at = float(self.burst), now
-        self._tokens = min(float(self.burst), self._tokens + max(0.0, now - self._at) * per_second)
-        self._at = now
-        if self._tokens < 1.0:
-            return (1.0 - self._tokens) / per_second
-        self._tokens -= 1.0
+        if self.level < 0:  # first use: a full bucket
+            self.level, self.level_at = float(self.burst), now
+        self.level = min(float(self.burst), self.level + max(0.0, now - self.level_at) * per_second)
+        self.level_at = now
+        if self.level < 1.0:
+            return (1.0 - self.level) / per_second
+        self.level -= 1.0
         return 0.0
 
 
@@ -121,22 +130,52 @@ class GatewayKeys:
     Args:
         keys: the entries.
         clock: seconds, monotonic (tests pass their own).
+        path: the key file they were read from (:meth:`load` sets it): it is checked for
+            changes at most every ``reload_interval`` seconds, when a key is looked up.
+        reload_interval: seconds between two checks of ``path``.
     """
 
-    def __init__(self, keys: Iterable[GatewayKey], *, clock: Callable[[], float] = time.monotonic) -> None:
-        self.keys = list(keys)
+    def __init__(
+        self,
+        keys: Iterable[GatewayKey],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        path: str | os.PathLike[str] | None = None,
+        reload_interval: float = RELOAD_INTERVAL,
+    ) -> None:
         self.clock = clock
-        if len(self.keys) > MAX_KEYS:
-            raise ConfigError(f"at most {MAX_KEYS} gateway keys, not {len(self.keys)}")
-        names = [k.name for k in self.keys]
-        if len(set(names)) != len(names):
-            raise ConfigError("gateway key names must be unique")
-        digests = [k.sha256 for k in self.keys]
-        if len(set(digests)) != len(digests):
-            raise ConfigError("the same bearer key is listed twice in the gateway keys")
+        self.path = Path(path) if path is not None else None
+        self.reload_interval = reload_interval
+        self._added: list[GatewayKey] = []
+        self._stamp = _stamp(self.path) if self.path is not None else None
+        self._next_check = clock() + reload_interval
+        self.keys: list[GatewayKey] = []
+        self._set(list(keys))
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def _set(self, from_file: list[GatewayKey]) -> None:
+        keys = from_file + self._added
+        if len(keys) > MAX_KEYS:
+            raise ConfigError(f"at most {MAX_KEYS} gateway keys, not {len(keys)}")
+        names = [k.name for k in keys]
+        if len(set(names)) != len(names):
+            raise ConfigError("gateway key names must be unique")
+        digests = [k.sha256 for k in keys]
+        if len(set(digests)) != len(digests):
+            raise ConfigError("the same bearer key is listed twice in the gateway keys")
+        self._from_file = from_file
+        self.keys = keys
+
+    def add(self, key: GatewayKey) -> None:
+        """Accept ``key`` too (kept when the key file is re-read)."""
+        self._added.append(key)
+        try:
+            self._set(self._from_file)
+        except ConfigError:
+            self._added.pop()
+            raise
 
     @classmethod
     def from_entries(
@@ -146,42 +185,53 @@ class GatewayKeys:
         return cls(_entry(e, i, where) for i, e in enumerate(entries, 1))
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> GatewayKeys:
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        reload_interval: float = RELOAD_INTERVAL,
+    ) -> GatewayKeys:
         """Read a key file; :class:`~modelnet_p2p.errors.ConfigError` (one line) if it is missing,
-        readable by group or others, too large or malformed."""
-        p = Path(path)
+        readable by group or others, too large or malformed. It is re-read when it changes."""
+        return cls(_read(Path(path)), clock=clock, path=path, reload_interval=reload_interval)
+
+    def reload(self, *, force: bool = False) -> None:
+        """Re-read the key file if it changed (at most every ``reload_interval`` s, unless ``force``).
+
+        A key keeps its bucket if it is still listed (by its digest). A file that cannot be
+        read, is accessible by others or is malformed keeps the keys read before (logged).
+        """
+        if self.path is None:
+            return
+        now = self.clock()
+        if not force and now < self._next_check:
+            return
+        self._next_check = now + self.reload_interval
+        stamp = _stamp(self.path)
+        if stamp == self._stamp:
+            return
         try:
-            st = p.stat()
-        except OSError as exc:
-            raise ConfigError(f"cannot read gateway key file {p}: {exc.strerror}") from None
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(
-                f"gateway key file {p} is accessible by other users "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {p}"
-            )
-        if st.st_size > MAX_KEY_FILE:
-            raise ConfigError(f"gateway key file {p} is larger than {MAX_KEY_FILE} bytes")
-        try:
-            doc = tomllib.loads(p.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"cannot read gateway key file {p}: {exc.strerror}") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"gateway key file {p} is not valid TOML: {exc}") from None
-        extra = set(doc) - {"key"}
-        if extra:
-            raise ConfigError(f"gateway key file {p}: unknown top-level field(s) {', '.join(sorted(extra))}")
-        entries = doc.get("key", [])
-        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-            raise ConfigError(f"gateway key file {p}: keys must be [[key]] tables")
-        if not entries:
-            raise ConfigError(f"gateway key file {p} lists no [[key]]")
-        return cls.from_entries(entries, where=f"gateway key file {p}")
+            fresh = _read(self.path)
+            old = {k.sha256: k for k in self._from_file}
+            for key in fresh:
+                before = old.get(key.sha256)
+                if before is not None and (before.rate, before.burst) == (key.rate, key.burst):
+                    key.level, key.level_at = before.level, before.level_at
+            self._set(fresh)
+        except ConfigError as exc:
+            log.warning("gateway keys not reloaded (the keys read before stay): %s", exc)
+            return
+        finally:
+            self._stamp = stamp
+        log.info("gateway keys reloaded from %s: %d keys", self.path, len(self.keys))
 
     def lookup(self, presented: str) -> GatewayKey | None:
         """The entry of the bearer key ``presented``, or ``None``.
 
         Its digest is compared with every entry's in constant time, without stopping at a match.
         """
+        self.reload()
         if not presented or len(presented) > MAX_KEY_LENGTH:
             return None
         wanted = digest(presented)
@@ -196,6 +246,45 @@ class GatewayKeys:
         wait = key.take(self.clock())
         if wait > 0:
             raise RateLimited(key, wait)
+
+
+def _stamp(path: Path) -> tuple[int, ...] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino, st.st_mode)
+
+
+def _read(p: Path) -> list[GatewayKey]:
+    """The keys of the key file ``p`` (see :meth:`GatewayKeys.load`)."""
+    try:
+        st = p.stat()
+    except OSError as exc:
+        raise ConfigError(f"cannot read gateway key file {p}: {exc.strerror}") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"gateway key file {p} is accessible by other users "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {p}"
+        )
+    if st.st_size > MAX_KEY_FILE:
+        raise ConfigError(f"gateway key file {p} is larger than {MAX_KEY_FILE} bytes")
+    try:
+        doc = tomllib.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read gateway key file {p}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"gateway key file {p} is not valid TOML: {exc}") from None
+    extra = set(doc) - {"key"}
+    if extra:
+        raise ConfigError(f"gateway key file {p}: unknown top-level field(s) {', '.join(sorted(extra))}")
+    entries = doc.get("key", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError(f"gateway key file {p}: keys must be [[key]] tables")
+    if not entries:
+        raise ConfigError(f"gateway key file {p} lists no [[key]]")
+    where = f"gateway key file {p}"
+    return [_entry(e, i, where) for i, e in enumerate(entries, 1)]
 
 
 def _entry(e: Mapping[str, Any], i: int, where: str) -> GatewayKey:
