@@ -91,6 +91,10 @@ def _delete_ns(ns: str) -> list[str]:
     return problems
 
 
+#: Public name for other topologies of the tests (``test_wan.py``).
+delete_namespace = _delete_ns
+
+
 def list_namespaces() -> list[str]:
     out = ip("netns", "list", check=False)
     return [line.split()[0] for line in out.stdout.splitlines() if line.strip()]
