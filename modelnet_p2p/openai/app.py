@@ -390,7 +390,7 @@ class Gateway:
             try:
                 self.keys.take(key)
             except RateLimited as exc:
-                log.info("API key %r over its rate of %s/min", key.name, key.rate)
+                log.debug("API key %r over its rate of %s/min", key.name, key.rate)
                 raise rate_limited(str(exc), exc.retry_after, key.rate) from None
 
     def _wrap(self, endpoint: str, fn: Handler, auth: bool = True) -> Handler:
