@@ -450,3 +450,65 @@ def test_rcpt_keys_on_the_wire() -> None:
     for bad in ("text", b"\x00" * 4097, 5):
         with pytest.raises(ProtocolError):
             parse_message({**end.to_wire(), "rcpt": bad})
+
+
+async def test_pipeline_chain_of_receipts_verified_end_to_end() -> None:
+    import copy
+
+    from modelnet_p2p import Capability, Peer
+    from modelnet_p2p.mesh.collab.patterns import Step, pipeline
+    from modelnet_p2p.mesh.collab.trace import receipt_chain, verify_receipt_chain
+
+    async def split(request):  # type: ignore[no-untyped-def]
+        for w in str(request.input).split():
+            yield w + " "
+
+    async def upper(request):  # type: ignore[no-untyped-def]
+        text = str(request.input).upper()
+        yield text[:1]
+        yield text[1:]
+
+    async def wrap(request):  # type: ignore[no-untyped-def]
+        yield f"[{request.input}]"
+
+    async with Peer() as a, Peer() as b, Peer() as c, Peer() as client:
+        a.serve(Capability(name="split", task="tool"), split)
+        b.serve(Capability(name="upper", task="tool"), upper)
+        c.serve(Capability(name="wrap", task="tool"), wrap)
+        steps = [
+            Step("split", target=a.addrs[0]),
+            Step("upper", target=b.addrs[0]),
+            Step("wrap", target=c.addrs[0]),
+        ]
+        result = await pipeline(client, steps, "x y z", timeout=30, receipts=True)
+        assert result.output == "[X Y Z]"
+        chain = json.loads(json.dumps(receipt_chain(result.trace, "x y z")))
+        receipts = verify_receipt_chain(chain)
+        assert [r.provider for r in receipts] == [a.peer_id, b.peer_id, c.peer_id]
+        assert [r.capability for r in receipts] == ["split", "upper", "wrap"]
+        assert all(r.caller == client.peer_id for r in receipts)
+
+        # a receipt of another answer of the same provider, spliced in: its input is not the chain's
+        other = await client.call(b.addrs[0], "upper", "x y", timeout=20, receipt=True)
+        assert other.receipt_check is not None
+        spliced = copy.deepcopy(chain)
+        spliced["steps"][1] = {
+            **receipt_file(other.receipt_check.data, chunks=other.chunks),
+            "provider": b.peer_id,
+        }
+        broken: list[tuple[dict[str, Any], str]] = [(spliced, "broken_chain")]
+        reordered = copy.deepcopy(chain)
+        reordered["steps"][1], reordered["steps"][2] = reordered["steps"][2], reordered["steps"][1]
+        broken.append((reordered, "broken_chain"))
+        tampered = copy.deepcopy(chain)
+        tampered["steps"][0]["chunks"][1] = "q "
+        broken.append((tampered, "bad_output"))
+        other_input = {**copy.deepcopy(chain), "input": "x y w"}
+        broken.append((other_input, "broken_chain"))
+        foreign = copy.deepcopy(chain)
+        foreign["steps"][2]["provider"] = a.peer_id
+        broken.append((foreign, "wrong_peer"))
+        for bad, reason in broken:
+            with pytest.raises(ReceiptError) as exc:
+                verify_receipt_chain(bad)
+            assert exc.value.reason == reason

@@ -89,6 +89,7 @@ class MeshContext:
         timeout: float | None = None,
         avoid: Collection[str] = (),
         replay: bool | None = None,
+        receipt: bool = False,
         **params: Any,
     ) -> InferenceStream:
         """Stream a nested call (``target=None``: the mesh picks a provider), like ``Peer.infer``.
@@ -106,6 +107,7 @@ class MeshContext:
             target=target,
             avoid=avoid,
             replay=replay,
+            receipt=receipt,
             trace=self.trace_context(),
         )
 

@@ -110,11 +110,15 @@ async def call_step(
     deadline: float,
     target: str | None = None,
     avoid: set[str] | frozenset[str] = frozenset(),
+    receipt: bool = False,
 ) -> Any:
-    """Call one capability, recording peer, chunks and attempts in ``node``."""
+    """Call one capability, recording peer, chunks and attempts in ``node`` (with ``receipt``,
+    also the provider's checked receipt and the chunks it covers)."""
     node.capability = capability
     timeout = remaining(deadline)
     extra: dict[str, Any] = {"avoid": avoid} if avoid and target is None else {}
+    if receipt:
+        extra["receipt"] = True
     stream = peer.infer(target, capability, input, timeout=timeout, **extra, **dict(params))
     chunks: list[Any] = []
     try:
@@ -134,6 +138,8 @@ async def call_step(
         node.finish("cancelled", "cut off")
         raise
     _record(node, stream, len(chunks))
+    if receipt:
+        node.receipt, node.output = stream.info.receipt, chunks
     node.finish("ok")
     return join_chunks(chunks)
 
@@ -190,8 +196,11 @@ async def pipeline(
     *,
     timeout: float | None = None,
     trace: Trace | None = None,
+    receipts: bool = False,
 ) -> Result:
-    """Run ``steps`` in order; each step's output is the next step's input."""
+    """Run ``steps`` in order; each step's output is the next step's input. With ``receipts``,
+    each step (but those marked ``stream``) asks for a signed receipt: ``receipt_chain(result.trace,
+    input)`` is then the chain of receipts, checked end to end by ``verify_receipt_chain``."""
     if not steps:
         raise BadRequestError("a pipeline needs at least one step")
     root = trace or logged(peer, Trace("pipeline"))
@@ -208,8 +217,9 @@ async def pipeline(
                 i += 2
             else:
                 value = await call_step(
-                    peer, root.child("call"), step.capability, value, step.params, deadline, step.target
-                )
+                    peer, root.child("call"), step.capability, value, step.params, deadline, step.target,
+                    receipt=receipts,
+                )  # fmt: skip
                 i += 1
     except BaseException as exc:
         root.finish("timeout" if isinstance(exc, DeadlineExceededError) else "error", exc)

@@ -10,12 +10,34 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...proto.receipt import (
+    Receipt,
+    ReceiptCheck,
+    ReceiptError,
+    from_json_value,
+    receipt_file,
+    to_json_value,
+    value_digest,
+    verify_receipt_file,
+)
+from ..context import join_chunks
 from ..routing import trio_clock
 
-__all__ = ["TRACE_LOG_SIZE", "Result", "Trace", "TraceLog", "as_text", "logged"]
+__all__ = [
+    "RECEIPT_CHAIN_FORMAT",
+    "TRACE_LOG_SIZE",
+    "Result",
+    "Trace",
+    "TraceLog",
+    "as_text",
+    "logged",
+    "receipt_chain",
+    "verify_receipt_chain",
+]
 
 #: Collaborations a :class:`TraceLog` remembers (the oldest is dropped first).
 TRACE_LOG_SIZE = 32
@@ -40,6 +62,10 @@ class Trace:
     attempts: list[dict[str, Any]] = field(default_factory=list)
     detail: dict[str, Any] = field(default_factory=dict)
     children: list[Trace] = field(default_factory=list)
+    #: The provider's receipt for this step, as checked (steps called with receipts only).
+    receipt: ReceiptCheck | None = None
+    #: The step's chunks, kept with its receipt so that the chain can be checked offline.
+    output: list[Any] | None = None
 
     def child(self, kind: str, capability: str | None = None, **detail: Any) -> Trace:
         node = Trace(kind, capability, detail=dict(detail))
@@ -104,6 +130,55 @@ class Trace:
         for c in self.children:
             lines.append(c.render(indent + "  "))
         return "\n".join(lines)
+
+
+# -- chains of receipts --------------------------------------------------------------
+
+#: The ``format`` value of a chain of receipts file.
+RECEIPT_CHAIN_FORMAT = "modelnet-receipt-chain/1"
+
+
+def _signed(node: Trace) -> list[Trace]:
+    out = [node] if node.receipt is not None else []
+    for c in node.children:
+        out.extend(_signed(c))
+    return out
+
+
+def receipt_chain(root: Trace, input: Any) -> dict[str, Any]:
+    """The JSON form of a collaboration's chain of receipts: the first input and, for every
+    signed step in order (depth first), its receipt file with its chunks and provider."""
+    steps = []
+    for node in _signed(root):
+        assert node.receipt is not None
+        step = receipt_file(node.receipt.data, chunks=node.output or [])
+        step["provider"] = node.peer
+        steps.append(step)
+    return {"format": RECEIPT_CHAIN_FORMAT, "input": to_json_value(input), "steps": steps}
+
+
+def verify_receipt_chain(
+    chain: dict[str, Any], *, link: Callable[[list[Any]], Any] = join_chunks
+) -> list[Receipt]:
+    """Check a chain of receipts end to end: every step's receipt against its chunks and
+    provider, the first step's input digest against ``input``, and each later step's input
+    digest against ``link`` of the previous step's chunks (a pipeline's: :func:`join_chunks`).
+    Raises :class:`ReceiptError` (reason ``broken_chain`` for a link that does not hold)."""
+    if not isinstance(chain, dict) or chain.get("format") != RECEIPT_CHAIN_FORMAT:
+        raise ReceiptError("malformed", f"not a {RECEIPT_CHAIN_FORMAT} file")
+    steps = chain.get("steps")
+    if not isinstance(steps, list) or not steps:
+        raise ReceiptError("malformed", "a chain of receipts needs at least one step")
+    receipts: list[Receipt] = []
+    expected = value_digest(from_json_value(chain.get("input")))
+    for i, step in enumerate(steps):
+        receipt = verify_receipt_file(step)
+        if receipt.input_digest != expected:
+            raise ReceiptError("broken_chain", f"step {i}'s input is not what the chain fed it")
+        chunks = [from_json_value(c) for c in step.get("chunks", [])]
+        expected = value_digest(link(chunks))
+        receipts.append(receipt)
+    return receipts
 
 
 def _shape(node: Trace) -> tuple[Any, ...]:
