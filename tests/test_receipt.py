@@ -512,3 +512,47 @@ async def test_pipeline_chain_of_receipts_verified_end_to_end() -> None:
             with pytest.raises(ReceiptError) as exc:
                 verify_receipt_chain(bad)
             assert exc.value.reason == reason
+
+
+async def test_replayed_failover_checks_the_prefix_by_digest() -> None:
+    from modelnet_p2p import Capability
+    from modelnet_p2p.errors import UnavailableError
+    from modelnet_p2p.mesh.client import ReplayMismatchError
+    from modelnet_p2p.mesh.routing import Candidate
+    from modelnet_p2p.testing import open_peers
+
+    def answer(chunks: list[Any], fail_after: int | None = None) -> Any:
+        async def handler(request):  # type: ignore[no-untyped-def]
+            for i, c in enumerate(chunks):
+                if i == fail_after:
+                    raise UnavailableError("GPU fell off the bus")
+                yield c
+
+        return handler
+
+    async with open_peers(4) as (client, bad, same, other):
+        bad.serve(Capability(name="gen", idempotent=True), answer([0, 1, 2, 3, 4], fail_after=3))
+        same.serve(Capability(name="gen", idempotent=True), answer([0, 1, 2, 3, 4]))
+        other.serve(Capability(name="gen", idempotent=True), answer([0, "one", 2, 3, 4]))  # differs
+
+        def bad_first(pool, router):  # type: ignore[no-untyped-def]
+            return next((c for c in pool if c.peer_id == bad.peer_id), pool[0])
+
+        mesh = client.mesh_client
+        for replayer, diverges in ((same, False), (other, True)):
+            among = [Candidate(p.peer_id, addrs=[p.addrs[0]], idempotent=True) for p in (bad, replayer)]
+            client.router.success(bad.peer_id)  # forget the last ban
+            got: list[Any] = []
+            stream = mesh.stream("gen", among=among, policy=bad_first, timeout=20)
+            if not diverges:
+                async with stream:
+                    got = [c async for c in stream]
+                assert got == [0, 1, 2, 3, 4]
+                assert [a["peer"] for a in stream.info.attempts] == [bad.peer_id, same.peer_id]
+                continue
+            with pytest.raises(ReplayMismatchError) as exc:
+                async with stream:
+                    async for c in stream:
+                        got.append(c)
+            assert got == [0, 1, 2]  # nothing of the diverging replay reaches the consumer
+            assert exc.value.chunks_delivered == 3

@@ -95,7 +95,7 @@ from ..errors import (
 from ..p2p.dialer import Target
 from ..p2p.stream import Stream
 from ..proto.infer import TraceContext
-from ..proto.receipt import Receipt, ReceiptCheck
+from ..proto.receipt import ChunkChain, Receipt, ReceiptCheck
 from ..services.inference import ResponseInfo, StreamSource, new_request_id, request_on_peer
 from ..services.inference.client import StalledError
 from .providers import PROVIDERS_TIMEOUT, Providers
@@ -136,6 +136,11 @@ def outcome_of(exc: ModelNetError) -> str | None:
     if isinstance(exc, (InternalError, ProtocolError, UnavailableError)):
         return "error"
     return None
+
+
+class ReplayMismatchError(ProtocolError):
+    """A replay's chunks differ from those an earlier provider already delivered (checked by
+    their digests, ``specs/inference.md``, "Signed receipts"): the answer cannot be continued."""
 
 
 class Connector(Protocol):
@@ -536,6 +541,10 @@ class MeshClient:
             info.attempts.append(attempt)
             sub = ResponseInfo()
             skip = plan.delivered
+            # Digests of what is delivered (if a failure may be replayed) and of what a replay
+            # resends, so that the skipped prefix is checked, not just counted.
+            hashing = plan.replay if plan.replay is not None else chosen.idempotent
+            replayed = ChunkChain(input_digest=b"")
             started = trio.current_time()
             direct = self._direct(
                 target,
@@ -555,7 +564,15 @@ class MeshClient:
                         self.router.observe_rtt(pid, (trio.current_time() - started) * 1000)
                     if skip:
                         skip -= 1  # delivered by an earlier provider
+                        replayed.add(chunk)
+                        if not skip and replayed.head != plan.prefix.head:
+                            raise ReplayMismatchError(
+                                f"replay on {pid} differs from the {plan.delivered} chunks already delivered",
+                                chunks_delivered=plan.delivered,
+                            )
                         continue
+                    if hashing:
+                        plan.prefix.add(chunk)
                     plan.delivered += 1
                     info.peer, info.chunks = pid, plan.delivered
                     yield chunk
@@ -636,3 +653,5 @@ class _Plan:
     refreshed: bool = False
     last_error: ModelNetError | None = None
     receipt: bool = False
+    #: The running digest of the chunks delivered (``ChunkChain``), when a replay may need it.
+    prefix: ChunkChain = field(default_factory=lambda: ChunkChain(input_digest=b""))

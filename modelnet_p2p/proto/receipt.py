@@ -86,7 +86,8 @@ class ReceiptError(ProtocolError):
 
     ``reason`` is one of ``malformed``, ``bad_signature``, ``wrong_peer``,
     ``wrong_request``, ``wrong_count``, ``bad_output`` (the chunks, their order or
-    their digests differ from what was signed), ``bad_input``.
+    their digests differ from what was signed), ``bad_input``; for a chain of receipts
+    (``mesh/collab/trace.py``) also ``broken_chain``.
     """
 
     def __init__(self, reason: str, message: str) -> None:
