@@ -265,7 +265,9 @@ def clean_env(**extra: str) -> dict[str, str]:
 class Proc:
     """A long-running ``modelnet`` process inside a namespace."""
 
-    def __init__(self, name: str, ns: str, args: Sequence[str], cwd: Any = None) -> None:
+    def __init__(
+        self, name: str, ns: str, args: Sequence[str], cwd: Any = None, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.ns = ns
         self.args = list(args)
@@ -273,7 +275,7 @@ class Proc:
         self.proc = subprocess.Popen(
             in_ns(ns, *MODELNET, *args),
             cwd=cwd,
-            env=clean_env(),
+            env=clean_env() if env is None else env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
