@@ -14,9 +14,13 @@ In one run, on 127.0.0.1, both peers in this process:
 3. The same, with the cache off (every request verified in full).
 4. Bulk throughput of one stream (64 KiB writes) between two hosts of a private mesh
    (the pnet protector: XSalsa20 under Noise) beside two plain hosts.
+5. Signed receipts (``proto/receipt.py``): sealing and verifying one (pure, microseconds)
+   beside a plain request, and one-chunk requests that ask for a receipt (signed by the
+   provider, checked by the caller) beside the same requests without, alternating.
 
 Goals (issue 13): a token check costs at most 25% of a plain request (cached), a full
-verification at most 2 ms, and the protector keeps at least half of the plain throughput.
+verification at most 2 ms, and the protector keeps at least half of the plain throughput;
+(this file's own goal) a signed and checked request costs at most 1.25x a plain one.
 Nothing here asserts: it prints numbers and exits 0.
 """
 
@@ -133,6 +137,69 @@ async def bench_requests(n: int) -> dict[str, dict[str, float]]:
     return results
 
 
+def bench_receipt_pure(n: int) -> dict[str, float]:
+    """Microseconds to seal and to verify the receipt of a one-chunk answer (digests included)."""
+    from modelnet_p2p import Identity
+    from modelnet_p2p.proto.infer import Request
+    from modelnet_p2p.proto.receipt import ChunkChain, signed_receipt, verify_receipt
+
+    provider, caller = Identity.generate(), Identity.generate()
+    req = Request(os.urandom(16), "echo", "x")
+    seal, check = [], []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        chain = ChunkChain(req.input)
+        chain.add("ok")
+        data = signed_receipt(provider, chain, req, "stop", {}, str(caller.peer_id), 1, 2)["receipt"]
+        t1 = time.perf_counter()
+        mine = ChunkChain(req.input)
+        mine.add("ok")
+        verify_receipt(data, provider=str(provider.peer_id), request_id=req.request_id, chain=mine)
+        t2 = time.perf_counter()
+        seal.append((t1 - t0) * 1e6)
+        check.append((t2 - t1) * 1e6)
+    return {"seal": statistics.median(seal), "verify": statistics.median(check)}
+
+
+async def bench_receipt_requests(n: int) -> dict[str, float]:
+    """Per-request latency (ms): one-chunk requests with a receipt vs without, alternating."""
+    from modelnet_p2p import Capability, Peer
+
+    async def echo(request: Any) -> Any:
+        yield "ok"
+
+    overrides: dict[str, Any] = {}
+    try:
+        from modelnet_p2p.p2p.resources import ResourceLimits  # type: ignore[import-not-found,unused-ignore]
+
+        overrides["resource_limits"] = ResourceLimits(request_rate=0)
+    except ImportError:
+        pass
+    async with Peer(**overrides) as server, Peer() as client:
+        server.serve(Capability(name="open", task="tool"), echo)
+        target = server.addrs[0]
+
+        async def one(receipt: bool) -> float:
+            t0 = time.perf_counter()
+            resp = await client.call(target, "open", "x", timeout=20, receipt=receipt)
+            assert resp.chunks == ["ok"] and (resp.receipt is not None) is receipt
+            return (time.perf_counter() - t0) * 1000
+
+        for _ in range(20):
+            await one(False)
+            await one(True)
+        plain, signed = [], []
+        for _ in range(n):
+            plain.append(await one(False))
+            signed.append(await one(True))
+    return {
+        "plain_p50": statistics.median(plain),
+        "plain_p90": _percentile(plain, 0.9),
+        "receipt_p50": statistics.median(signed),
+        "receipt_p90": _percentile(signed, 0.9),
+    }
+
+
 async def bench_psk(total: int, rounds: int) -> dict[str, float]:
     """MB/s of one stream, 64 KiB writes, between two hosts, plain and with a swarm key (medians)."""
     import multiaddr
@@ -205,6 +272,8 @@ async def _main(quick: bool) -> None:
     verify = bench_verify(n_verify)
     req = await bench_requests(n_req)
     psk = await bench_psk(bulk, 5 if quick else 9)
+    rcpt_pure = bench_receipt_pure(n_verify)
+    rcpt = await bench_receipt_requests(n_req)
     plain_ms = req["cached"]["plain_p50"]
     print()
     print(f"{'measure':58} {'figure':>12} {'baseline':>12} {'ratio':>7}")
@@ -224,6 +293,13 @@ async def _main(quick: bool) -> None:
     print(
         f"{name:58} {psk['psk_cpu']:12.2f} {psk['plain_cpu']:12.2f} {psk['psk_cpu'] / psk['plain_cpu']:7.2f}"
     )
+    for label, us in rcpt_pure.items():
+        name = f"{'seal' if label == 'seal' else 'verify'} a receipt, one-chunk answer (us, median)"
+        print(f"{name:58} {us:12.0f} {plain_ms * 1000:12.0f} {us / (plain_ms * 1000):7.2f}")
+    for q in ("p50", "p90"):
+        name = f"request with a signed, checked receipt (ms, {q})"
+        fig, without = rcpt[f"receipt_{q}"], rcpt[f"plain_{q}"]
+        print(f"{name:58} {fig:12.3f} {without:12.3f} {fig / without:7.2f}")
     print("-" * 92)
     print("baselines: a plain public request's median (verify rows), the same requests to a public")
     print("capability alternating with them (request rows), two plain hosts alternating with two")
@@ -231,6 +307,8 @@ async def _main(quick: bool) -> None:
         f"private-mesh hosts (MB/s row, medians; plain {psk['plain_min']:.0f}-{psk['plain_max']:.0f}, "
         f"pnet {psk['psk_min']:.0f}-{psk['psk_max']:.0f} MB/s)."
     )
+    print("receipt rows: a plain request's median (seal/verify), the same requests without a receipt,")
+    print("alternating with them (request rows).")
     cached = req["cached"]["token_p50"] / req["cached"]["plain_p50"]
     full = max(verify.values())
     print()
@@ -239,6 +317,9 @@ async def _main(quick: bool) -> None:
     print(f"goal: full verification <= 2 ms: {'met' if full <= 2000 else 'missed'} ({full:.0f} us)")
     ratio = psk["psk"] / base
     print(f"goal: pnet keeps >= 0.5x plain throughput: {'met' if ratio >= 0.5 else 'missed'} ({ratio:.2f}x)")
+    signed = rcpt["receipt_p50"] / rcpt["plain_p50"]
+    verdict = "met" if signed <= 1.25 else "missed"
+    print(f"goal: a request with a receipt <= 1.25x a plain one (p50): {verdict} ({signed:.2f}x)")
 
 
 def main() -> int:

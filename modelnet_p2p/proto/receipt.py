@@ -23,6 +23,7 @@ Pure code: no I/O, no clock (times are passed in).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Iterable, Sequence
@@ -75,6 +76,12 @@ MAX_RECEIPT_SIZE = 4096
 MAX_USAGE_KEYS = 32
 #: Longest usage key or text value kept in a receipt, in characters.
 MAX_USAGE_TEXT = 64
+
+#: Peer ids repeat (one provider, a few callers), and base58 costs tens of microseconds in
+#: Python: the conversions are cached, within a bound.
+_PEER_CACHE = 1024
+_id_bytes = functools.lru_cache(maxsize=_PEER_CACHE)(peer_id_bytes)
+_id_text = functools.lru_cache(maxsize=_PEER_CACHE)(peer_id_text)
 
 RECEIPT_FORMAT = EnvelopeFormat(
     what="receipt", body_key="rcpt", domain=RECEIPT_DOMAIN, max_size=MAX_RECEIPT_SIZE, allow_float=True
@@ -190,12 +197,12 @@ class Receipt:
             "n": self.chunks,
             "fin": self.finish_reason,
             "use": receipt_usage(self.usage),
-            "pid": peer_id_bytes(self.provider),
+            "pid": _id_bytes(self.provider),
             "t0": self.started_ms,
             "t1": self.ended_ms,
         }
         if self.caller is not None:
-            body["by"] = peer_id_bytes(self.caller)
+            body["by"] = _id_bytes(self.caller)
         if self.trace_id:
             body["tid"] = self.trace_id
         return body
@@ -242,7 +249,7 @@ def _digest(body: dict[str, Any], key: str) -> bytes:
 def _peer(value: Any, key: str) -> str:
     _need(isinstance(value, bytes), f"receipt field {key!r} must be a binary peer id")
     try:
-        return peer_id_text(value)
+        return _id_text(value)
     except ProtocolError:
         raise ReceiptError("malformed", f"receipt field {key!r} is not an Ed25519 peer id") from None
 
@@ -308,7 +315,7 @@ def open_receipt(data: bytes | bytearray) -> Receipt:
     except ProtocolError as exc:
         raise ReceiptError("malformed", exc.message) from None
     receipt = _parse_body(obj)
-    if not verify_body(RECEIPT_FORMAT, receipt.provider, body, sig):
+    if not verify_body(RECEIPT_FORMAT, obj["pid"], body, sig):
         raise ReceiptError("bad_signature", f"not signed by {receipt.provider}")
     return receipt
 
@@ -330,7 +337,7 @@ def signed_receipt(
     if signer is None or chain is None:
         return {}
     try:
-        by: str | None = peer_id_text(peer_id_bytes(caller))
+        by: str | None = caller if _id_bytes(caller) else None
     except ProtocolError:
         by = None
     receipt = Receipt(
