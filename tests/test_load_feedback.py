@@ -15,6 +15,7 @@ from strategies import any_values
 
 from modelnet_p2p import Candidate, Capability, OverloadedError
 from modelnet_p2p.errors import ProtocolError
+from modelnet_p2p.p2p.resources import ResourceLimits
 from modelnet_p2p.proto.availability import MAX_COUNT, MAX_LATENCY_MS, MAX_TOKENS_PER_S
 from modelnet_p2p.proto.framing import FrameDecoder, pack_frame
 from modelnet_p2p.proto.infer import Chunk, End, ErrorFrame, Load, parse_message
@@ -150,7 +151,11 @@ async def test_a_caller_learns_load_from_answers_and_routes_away_from_the_busy_p
         await release.wait()
         yield "second"
 
-    async with open_peers(4, gossip=False, max_concurrency=4) as (caller, other, busy, idle):
+    # fixed limits: a full provider refuses (by default the caller would take a slot of `other`)
+    no_preempt = ResourceLimits(preempt=False)
+    async with open_peers(4, gossip=False, max_concurrency=4, resource_limits=no_preempt) as (
+        caller, other, busy, idle
+    ):
         for p in (busy, idle):
             p.serve(Capability(name="work"), work)
             p.serve(Capability(name="stream"), stream)

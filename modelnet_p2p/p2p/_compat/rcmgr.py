@@ -26,8 +26,9 @@ from libp2p.rcmgr.manager import ResourceLimits as RcmgrLimits
 
 __all__ = ["HEADROOM", "resource_manager", "swarm_cap"]
 
-#: Connections the swarm accepts over the connection manager's limit, for it to choose from.
-HEADROOM = 64
+#: Connections the swarm accepts over the connection manager's limit, for it to choose from
+#: (connections still in their handshake count too: redialing Sybils fill them).
+HEADROOM = 128
 
 
 def swarm_cap(max_connections: int) -> int:
@@ -39,8 +40,8 @@ def resource_manager(*, max_connections: int, max_connections_per_peer: int) -> 
     """A resource manager whose caps stay out of the connection manager's way."""
     cap = swarm_cap(max_connections)
     limits = ConnectionLimits(
-        max_pending_inbound=64,
-        max_pending_outbound=64,
+        max_pending_inbound=HEADROOM,
+        max_pending_outbound=HEADROOM,
         max_established_inbound=cap,
         max_established_outbound=cap,
         max_established_per_peer=max_connections_per_peer,

@@ -63,13 +63,15 @@ class AdmissionLimits:
     request_burst: float = ResourceLimits.request_burst
     #: Count loopback callers per IP too (off: local processes are not grouped by address).
     limit_loopback: bool = ResourceLimits.limit_loopback
+    #: Take slots from the caller holding the most (off: a full group refuses, as fixed limits do).
+    preempt: bool = ResourceLimits.preempt
 
     @classmethod
     def of(cls, limits: Limits, res: ResourceLimits) -> AdmissionLimits:
         """The settings for a server of these ``limits``, with ``res``'s other limits."""
         return cls(
             limits.max_concurrency, limits.max_concurrency_per_peer, res.max_concurrency_per_ip,
-            res.request_rate, res.request_burst, res.limit_loopback,
+            res.request_rate, res.request_burst, res.limit_loopback, res.preempt,
         )
 
     def __post_init__(self) -> None:
@@ -208,7 +210,7 @@ class Admission:
         share = self._share(members, peer, cap)
         held = [(self.held(p), p) for p in members if p != peer]
         most, victim = max(held) if held else (0, "")
-        if most < mine + 2:
+        if most < mine + 2 or not self.limits.preempt:
             self._refuse(f"{where} is at its concurrency limit ({cap}); you hold {mine}, fair: {share}")
         ticket = self._by_peer[victim][-1]  # its newest request: the least work lost
         self.release(ticket)
