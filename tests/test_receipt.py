@@ -556,3 +556,25 @@ async def test_replayed_failover_checks_the_prefix_by_digest() -> None:
                         got.append(c)
             assert got == [0, 1, 2]  # nothing of the diverging replay reaches the consumer
             assert exc.value.chunks_delivered == 3
+
+
+def test_cli_ask_writes_a_receipt_that_verify_checks(tmp_path: Path) -> None:
+    from cli_util import background, modelnet, read_event
+
+    with background("serve", "modelnet_p2p.demo_models:ALL", "--json", cwd=tmp_path) as server:
+        ready = read_event(server)
+        path = tmp_path / "receipt.json"
+        out = modelnet("ask", "echo", "one two three", "--peer", ready["addrs"][0], "--receipt", str(path))
+        assert out.returncode == 0, out.stderr
+        assert "receipt checked and written" in out.stderr
+        obj = json.loads(path.read_text())
+        assert obj["input"] == "one two three" and len(obj["chunks"]) == 3
+        ok = modelnet("verify", str(path), "--provider", ready["peer_id"])
+        assert ok.returncode == 0, ok.stderr
+        assert "'echo' answered by " + ready["peer_id"] in ok.stdout
+        obj["chunks"][0] = "ONE "
+        path.write_text(json.dumps(obj))
+        bad = modelnet("verify", str(path))
+        assert bad.returncode == 1 and "bad_output" in bad.stderr
+        server.terminate()
+        server.wait(20)

@@ -9,7 +9,9 @@ import click
 import trio
 
 from ..config import Config
+from ..errors import ModelNetError
 from ..peer import Peer
+from ..proto.receipt import ReceiptCheck, receipt_file
 from ..services.access import using_token
 from .common import make_peer, run_async
 from .options import PeerOptions, State, pass_state, peer_options
@@ -52,6 +54,10 @@ def parse_params(pairs: tuple[str, ...]) -> dict[str, Any]:
     envvar="MODELNET_TOKEN",
     help="Capability token to send with the request (`modelnet token issue`; env MODELNET_TOKEN).",
 )
+@click.option(
+    "--receipt", "receipt_out", type=click.Path(dir_okay=False),
+    help="Ask for a signed receipt; write it with the prompt and chunks to this file (`modelnet verify`).",
+)  # fmt: skip
 @peer_options()
 @pass_state
 def ask_command(
@@ -63,6 +69,7 @@ def ask_command(
     timeout: float,
     as_json: bool,
     token: str | None,
+    receipt_out: str | None,
     peer: PeerOptions,
 ) -> None:
     """Ask CAPABILITY about PROMPT; stream the answer as it arrives."""
@@ -70,7 +77,7 @@ def ask_command(
     if not target and not cfg.bootstrap:
         raise click.UsageError("give --peer ADDR, or --bootstrap ADDR to let the mesh choose")
     with using_token(token.strip() if token else None):
-        run_async(_ask, cfg, capability, prompt, parse_params(params), target, timeout, as_json)
+        run_async(_ask, cfg, capability, prompt, parse_params(params), target, timeout, as_json, receipt_out)
 
 
 async def _ask(
@@ -81,6 +88,7 @@ async def _ask(
     target: str | None,
     timeout: float,
     as_json: bool,
+    receipt_out: str | None = None,
 ) -> None:
     from rich.console import Console
 
@@ -88,7 +96,7 @@ async def _ask(
     with console.status("joining the mesh..."):  # shown only on a terminal
         peer = await make_peer(cfg, require_bootstrap=bool(cfg.bootstrap)).__aenter__()
     try:
-        await _ask_with(peer, capability, prompt, params, target, timeout, as_json)
+        await _ask_with(peer, capability, prompt, params, target, timeout, as_json, receipt_out)
     finally:
         await peer.__aexit__(None, None, None)
 
@@ -101,10 +109,12 @@ async def _ask_with(
     target: str | None,
     timeout: float,
     as_json: bool,
+    receipt_out: str | None = None,
 ) -> None:
     started = trio.current_time()
     chunks: list[Any] = []
-    stream = peer.infer(target, capability, prompt, timeout=timeout, **params)
+    asked = receipt_out is not None
+    stream = peer.infer(target, capability, prompt, timeout=timeout, receipt=asked, **params)
     async with stream:
         async for chunk in stream:
             chunks.append(chunk)
@@ -114,6 +124,8 @@ async def _ask_with(
                 )
     elapsed = trio.current_time() - started
     info = stream.info
+    if receipt_out is not None:
+        _write_receipt(receipt_out, info.receipt, prompt, chunks)
     if as_json:
         text = "".join(c for c in chunks if isinstance(c, str))
         click.echo(
@@ -148,3 +160,14 @@ async def _ask_with(
         ),
         err=True,
     )
+
+
+def _write_receipt(path: str, check: ReceiptCheck | None, prompt: str, chunks: list[Any]) -> None:
+    """Write the answer's receipt file (``specs/inference.md``, "Signed receipts")."""
+    if check is None:
+        raise ModelNetError("the provider sent no receipt (it does not sign answers)")
+    with open(path, "w") as f:
+        json.dump(receipt_file(check.data, input=prompt, chunks=chunks), f, indent=1)
+    if check.error is not None:
+        raise check.error  # written anyway, so that it can be shown
+    click.echo(click.style(f"— signed receipt checked and written to {path}", dim=True), err=True)
