@@ -119,11 +119,16 @@ async def test_streams_rejected_at_the_length_prefix_hold_nothing() -> None:
                 await attacker.connect(w.peers[0]["addr"])
             fds_before = fds(victim)
             streams: list[Any] = []
+            refused: list[Exception] = []
             ok: list[str] = []
 
             async def reject_me(attacker: Peer) -> None:
                 with trio.move_on_after(5):  # the old code never freed the 256 stream slots
-                    stream = await open_infer(attacker, w.peers[0])
+                    try:
+                        stream = await open_infer(attacker, w.peers[0])
+                    except Exception as exc:  # refused after 8 protocol errors: reset on arrival
+                        refused.append(exc)
+                        return
                     streams.append(stream)
                     # An oversized frame is refused at its prefix; the body keeps coming (within
                     # the yamux window: a conforming muxer, a hostile protocol peer), and the
@@ -153,7 +158,7 @@ async def test_streams_rejected_at_the_length_prefix_hold_nothing() -> None:
             assert peak.growth < 120 * MiB, peak.growth / MiB
             # Every rejected stream was reset by the victim (the old code only closed them).
             assert sum(reset_by_remote(s) for s in streams) >= len(streams) - 2
-            assert len(streams) == 960
+            assert len(streams) + len(refused) == 960
             for s in streams:
                 await s.reset()
             assert fds(victim) <= fds_before + 2
@@ -330,3 +335,36 @@ async def test_nil_on_optional_request_keys_is_accepted_by_a_live_peer() -> None
         assert [f["t"] for f in frames] == ["chunk", "end"], frames
         await stream.close()
 
+
+
+async def test_a_peer_that_keeps_breaking_the_protocol_is_refused_for_a_while() -> None:
+    async with open_worker(1, link=False, gossip=False, stderr=subprocess.DEVNULL, serve={"*": ECHO}) as w:
+        victim = w.proc.pid
+        async with open_peers(2, gossip=False, bootstrap=[]) as (attacker, legit):
+            await attacker.connect(w.peers[0]["addr"])
+            fds_before = fds(victim)
+            async with Peak(victim) as peak:
+                junk = pack_frame({"t": "credit", "b": 1, "j": [[] for _ in range(8000)]})
+                for _ in range(8):  # MAX_VIOLATIONS protocol errors, each answered
+                    stream = await open_infer(attacker, w.peers[0])
+                    await stream.write(junk)
+                    dec = FrameDecoder()
+                    with trio.fail_after(5):
+                        while not (got := dec.feed(await stream.read(65536))):
+                            pass
+                    assert got[0]["code"] == "protocol_error"
+                    await stream.reset()
+                # Now even a valid request from that peer is refused unread: the stream is reset
+                # (often before the attacker has read multistream's answer) and nothing is sent.
+                data = b""
+                with trio.fail_after(5):
+                    try:
+                        stream = await open_infer(attacker, w.peers[0])
+                        await stream.write(request())
+                        data = await stream.read(65536)
+                    except Exception:
+                        pass
+                assert not FrameDecoder().feed(data), data[:40]
+                assert await legit_call(legit, w.peers[0]["addr"])  # another peer: served
+            assert peak.growth < 24 * MiB, peak.growth / MiB
+            assert fds(victim) <= fds_before + 2

@@ -90,6 +90,15 @@ FAREWELL_TIMEOUT = 0.5
 #: After an ``err`` and its close, how long the client has to end its side before the server
 #: resets the stream (whatever the client sends meanwhile is discarded, not buffered).
 ERROR_LINGER = 1.0
+#: A remote whose streams end in ``protocol_error`` this many times within
+#: :data:`VIOLATION_WINDOW` seconds has its new streams reset on arrival, unread, for
+#: :data:`VIOLATION_BAN` seconds: a conforming peer never sends one, and refusing a stream
+#: before reading it costs far less than decoding its junk.
+MAX_VIOLATIONS = 8
+VIOLATION_WINDOW = 10.0
+VIOLATION_BAN = 30.0
+#: Remotes whose recent protocol errors are remembered (the oldest are forgotten first).
+MAX_VIOLATORS = 4096
 
 _WRITE_ERRORS: tuple[type[BaseException], ...] = (UnavailableError, *STREAM_ERRORS)
 _IN_REQUEST = (ServerState.ADMITTING, ServerState.RUNNING, ServerState.FINISHING)
@@ -127,6 +136,8 @@ class _Link:
         self._changed = trio.Event()
         #: Stops the running request's handler (set while one runs).
         self.on_stop: Callable[[], None] | None = None
+        #: The client broke the protocol on this stream.
+        self.violated = False
 
     def notify(self) -> None:
         self._changed.set()
@@ -167,6 +178,7 @@ class _Link:
             if isinstance(event, CancelReceived | ClientGone | ProtocolViolation):
                 self.stop_request()
             if isinstance(event, ProtocolViolation):
+                self.violated = True
                 log.info("protocol error from %s: %s", remote_peer(self.stream), event.error.message)
             self.notify()
 
@@ -238,6 +250,8 @@ class InferenceServer:
         self._served: dict[str, _Served] = {}
         self._in_flight = 0
         self._per_peer: dict[str, int] = {}
+        #: Per remote with recent protocol errors: (errors in the window, window start, banned until).
+        self._violations: dict[str, tuple[int, float, float]] = {}
         self._nursery: trio.Nursery | None = None
         #: Who may call what (``services/access.py``); the Peer configures it.
         self.access = AccessControl()
@@ -312,10 +326,28 @@ class InferenceServer:
 
     async def handle_stream(self, stream: Stream) -> None:
         """The libp2p stream handler: hand the stream to the peer's nursery and return."""
-        if self._nursery is None:
+        if self._nursery is None or self.banned(remote_peer(stream)):
             await reset_quietly(stream)
             return
         self._nursery.start_soon(self._serve_stream, stream)
+
+    def banned(self, remote: str) -> bool:
+        """Whether ``remote``'s new streams are refused for repeated protocol errors."""
+        entry = self._violations.get(remote)
+        return entry is not None and trio.current_time() < entry[2]
+
+    def _violation(self, remote: str) -> None:
+        now = trio.current_time()
+        count, since, until = self._violations.pop(remote, (0, now, 0.0))
+        if now - since > VIOLATION_WINDOW:
+            count, since = 0, now
+        count += 1
+        if count >= MAX_VIOLATIONS and until <= now:
+            until = now + VIOLATION_BAN
+            log.info("refusing streams from %s for %.0f s: %d protocol errors", remote, VIOLATION_BAN, count)
+        self._violations[remote] = (count, since, until)  # re-inserted: the newest last
+        if len(self._violations) > MAX_VIOLATORS:
+            del self._violations[next(iter(self._violations))]
 
     async def _serve_stream(self, stream: Stream) -> None:
         # This must never raise: an exception escaping a handler stops the host.
@@ -346,6 +378,8 @@ class InferenceServer:
             while await self._next_request(link, remote):
                 await self._admit_and_run(link, remote)
             nursery.cancel_scope.cancel()
+        if link.violated:
+            self._violation(remote)
         await link.end()
 
     async def _next_request(self, link: _Link, remote: str) -> bool:
