@@ -202,3 +202,32 @@ def test_patience_follows_the_round_trip_times() -> None:
     for _ in range(5):
         rtt.sample(60.0)
     assert rtt.patience() == 5.0  # never past the request timeout
+
+
+@pytest.mark.timeout(120)
+async def test_a_change_places_only_the_new_records_and_the_card() -> None:
+    """Serving one more capability re-announces the card and the provider records of the
+    new capability only; the records already held stay where they are until the next
+    full announce."""
+    with trio.fail_after(100):
+        async with mesh(6, {}) as peers:
+            await settled(peers)
+            provider, seeker = peers[4], peers[1]
+            provider.serve(chat("first-model"), answer)
+            full = await provider.discovery.announce()
+            assert full is not None and "model:first-model" in full.acks
+            provider.serve(Capability(name="second-model", tasks=("summarization",)), answer)
+            with trio.fail_after(30):
+                while (last := provider.discovery.last_announce) is full or last is None:
+                    await trio.sleep(0.05)
+            assert set(last.acks) == {
+                "card", "task:summarization", "model:second-model", "model-version:second-model@1.0",
+            }, last.acks  # fmt: skip
+            assert last.confirmed, (last.acks, last.needed)
+            for query in ({"model": "second-model"}, {"model": "first-model"}, {"task": "chat"}):
+                cards = await seeker.discover(timeout=10, **query)
+                assert [c.peer_id for c in cards] == [provider.peer_id], query
+                assert {c.name for c in cards[0].capabilities} == {"first-model", "second-model"}
+            # An explicit announce is a full one: every record again.
+            again = await provider.discovery.announce()
+            assert again is not None and {"model:first-model", "index", "task:chat"} <= set(again.acks)

@@ -25,7 +25,7 @@ announce ends after its budget, with what was acknowledged by then.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -105,18 +105,21 @@ async def publish(
     retry_window: float,
     budget: float,
     still_current: Callable[[], bool] = lambda: True,
+    keys: Sequence[tuple[str, bytes]] | None = None,
 ) -> AnnounceResult:
     """Place ``card`` and its provider records at the closest servers until enough acknowledge.
 
-    Gives up after ``budget`` seconds in all (first placement and retries). The local
-    stores are the caller's business. Returns the acknowledgements counted.
+    ``keys``: the provider keys to place, as ``(label, key)`` (default: all of the card's,
+    and the browse index). Gives up after ``budget`` seconds in all (first placement and
+    retries). The local stores are the caller's business. Returns the acknowledgements counted.
     """
     kad = lookups.kad
     me = KadPeer(card.peer_id, card.addrs)
     vkey = value_key(card.peer_id).encode()
     put = KadRequest(KadKind.PUT_VALUE, vkey, value=card.envelope)
     targets = [_Target("card", vkey, put, KadKind.GET_VALUE)]
-    keys = announced_keys(card.capabilities)  # the card's keys and the browse index
+    if keys is None:
+        keys = announced_keys(card.capabilities)  # the card's keys and the browse index
     for label, key in keys:
         provide = KadRequest(KadKind.ADD_PROVIDER, key, provider=me)
         targets.append(_Target(label, key, provide, KadKind.FIND_NODE))

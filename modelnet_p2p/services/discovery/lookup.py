@@ -298,8 +298,9 @@ class Lookups:
         The provider records come from the network only (never this peer's own store);
         each provider's card is asked of the provider itself first, then of the DHT. This
         peer's own card comes from ``own_card``. Stops after ``limit`` cards; the caller
-        bounds the time. ``delivered``: peer ids whose cards were sent already (by an
-        earlier pass); it is skipped, and updated.
+        bounds the time. ``delivered``: peer ids whose cards were sent already, shared by
+        passes that may run at once; they are skipped, each new one is added, and ``limit``
+        counts them all.
         """
         label, key = query.key()
         done = delivered if delivered is not None else set()
@@ -313,7 +314,9 @@ class Lookups:
 
             def deliver(card: CapabilityCard | None) -> None:
                 nonlocal sent
-                if card is None or not query.matches(card) or (limit is not None and sent >= limit):
+                if card is None or card.peer_id in done or not query.matches(card):
+                    return
+                if limit is not None and len(done) >= limit:
                     return
                 try:
                     send.send_nowait(card)  # the channel is unbounded: no checkpoint between check and count
@@ -322,7 +325,7 @@ class Lookups:
                     return
                 done.add(card.peer_id)
                 sent += 1
-                if limit is not None and sent >= limit:
+                if limit is not None and len(done) >= limit:
                     nursery.cancel_scope.cancel()
 
             async def fetch(provider: KadPeer) -> None:

@@ -193,6 +193,8 @@ class Discovery:
         self._extra_addrs: list[str] = []
         #: Announces made so far (explicit and by the announce loop).
         self.announces = 0
+        #: Provider keys acknowledged by some server since the last full announce.
+        self._placed: set[bytes] = set()
         #: Capability lookups made (:meth:`find`) and their seconds in all, for metrics.
         self.lookups_done = 0
         self.lookup_seconds = 0.0
@@ -354,27 +356,33 @@ class Discovery:
         A peer that stops serving everything announces one empty card, which
         replaces its last one everywhere, and then stays quiet.
         """
-        next_due = trio.current_time() + self.announce_interval
+        next_full = trio.current_time() + self.announce_interval
+        next_due = next_full
         backoff = 1.0
         while True:
             with trio.move_on_at(next_due):
                 await self._changed.wait()
             await trio.sleep(SETTLE)
             self._changed = trio.Event()
-            if trio.current_time() < next_due and self._announced_generation == self._generation:
+            now = trio.current_time()
+            if now < next_due and self._announced_generation == self._generation:
                 continue  # an explicit announce() already published this change
+            full = now >= next_full  # else a change: only records not yet placed
             interval = self.announce_interval
             if self._capabilities() or (self.card is not None and self.card.capabilities):
                 try:
-                    result = await self.announce()
+                    result = await self.announce(full=full)
                 except Exception as exc:
                     log.warning("announcing the capability card failed: %r", exc)
                     result = None
                 if result is not None and result.min_acks == 0:  # a record reached nobody
-                    interval, backoff = min(backoff, interval), min(backoff * 2, interval)
-                else:
-                    backoff = 1.0
-            next_due = trio.current_time() + interval
+                    next_full = next_due = trio.current_time() + min(backoff, interval)
+                    backoff = min(backoff * 2, interval)
+                    continue
+                backoff = 1.0
+            if full:
+                next_full = trio.current_time() + interval
+            next_due = next_full
 
     def set_extra_addrs(self, addrs: Sequence[str]) -> None:
         """Announce these addresses besides the listen addresses (and re-announce soon).
@@ -423,8 +431,13 @@ class Discovery:
         )
         return seal(card, self.identity)
 
-    async def announce(self) -> AnnounceResult | None:
+    async def announce(self, *, full: bool = True) -> AnnounceResult | None:
         """Publish a fresh card now: store it at the closest peers and send provider records.
+
+        ``full=False`` (an announce after a change) places the card and only the provider
+        records not acknowledged since the last full announce, for example those of a
+        capability just served: the others are still held, and the next full announce
+        (every ``announce_interval``) refreshes them all.
 
         Each record goes at once to the closest peers of the routing table, then to the
         k closest a lookup finds, and is retried until ``min(replication, peers found)``
@@ -447,8 +460,11 @@ class Discovery:
             vkey = value_key(card.peer_id).encode()
             kad.store_value(vkey, card.envelope, card.expires_at / 1000)
             me = KadPeer(self.peer_id, card.addrs)
-            for _label, key in announced_keys(card.capabilities):
+            keys = announced_keys(card.capabilities)
+            for _label, key in keys:
                 kad.add_local_provider(key, me)
+            current = {key for _label, key in keys}
+            self._placed = {k for k in self._placed if k in current and not full}
             result = await publish(
                 card,
                 self.lookups,
@@ -456,7 +472,9 @@ class Discovery:
                 retry_window=min(self.announce_retry_window, self.announce_interval / 2),
                 budget=min(ANNOUNCE_BUDGET, self.announce_interval / 2),
                 still_current=lambda: self._generation == generation,
+                keys=[(label, key) for label, key in keys if key not in self._placed],
             )
+            self._placed |= {key for label, key in keys if result.acks.get(label, 0) > 0}
             self.last_announce = result
             return result
 
@@ -503,10 +521,10 @@ class Discovery:
         bootstrap) does not wait for it: the lookup starts at once from the peers it is
         connected to (its bootstrap peers) and learns the rest as it goes, while the
         join runs beside it. Once the join is done (within :meth:`joined`'s bound), a
-        second pass looks again and sends only cards not sent yet: in a mesh that is
-        starting too, records placed meanwhile are found. (Waiting for the join first
-        made a fresh peer's first lookup two lookups long; on a busy machine each round
-        of requests takes seconds.)
+        second pass starts, whether or not the first is over, and sends only cards not
+        sent yet: in a mesh that is starting too, records placed meanwhile are found.
+        (Waiting for the join first made a fresh peer's first lookup two lookups long;
+        on a busy machine each round of requests takes seconds.)
         """
         started = trio.current_time()
         own = lambda: self.card  # noqa: E731
@@ -515,10 +533,16 @@ class Discovery:
                 await self.lookups.find(query, send, limit=limit, own_card=own)
                 return
             delivered: set[str] = set()
-            await self.lookups.find(query, send, limit=limit, own_card=own, delivered=delivered)
-            left = None if limit is None else limit - len(delivered)
-            if (left is None or left > 0) and await self.joined():
-                await self.lookups.find(query, send, limit=left, own_card=own, delivered=delivered)
+
+            async def second_pass() -> None:
+                if await self.joined():
+                    await self.lookups.find(query, send, limit=limit, own_card=own, delivered=delivered)
+
+            async with trio.open_nursery() as passes:
+                passes.start_soon(second_pass)
+                await self.lookups.find(query, send, limit=limit, own_card=own, delivered=delivered)
+                if limit is not None and len(delivered) >= limit:
+                    passes.cancel_scope.cancel()
         finally:
             self.lookups_done += 1
             self.lookup_seconds += trio.current_time() - started
