@@ -92,6 +92,9 @@ async def _bare_hosts(n: int) -> AsyncIterator[list[Any]]:
 async def _keep_connected(host: Any, info: Any) -> None:
     while True:
         if not host.get_network().get_connections(info.peer_id):
+            unblock = getattr(host.get_network(), "unblock_peer", None)
+            if unblock is not None:  # py-libp2p blocks a peer for 60 s after a failed dial
+                unblock(info.peer_id)
             with trio.move_on_after(5):
                 try:
                     await host.connect(info)

@@ -31,6 +31,7 @@ from ...errors import (
     OverloadedError,
     UnavailableError,
 )
+from ...p2p.resources import remote_ip
 from ...p2p.stream import (
     STREAM_ERRORS,
     Stream,
@@ -59,6 +60,7 @@ from ...proto.session import (
     ServerState,
 )
 from ..access import AccessControl
+from .admission import Admission, AdmissionLimits, Ticket
 from .client import DEFAULT_WINDOW, ResponseInfo, new_request_id, run_request
 from .handlers import Handler, InferenceRequest, handler_kind, run_handler
 
@@ -252,6 +254,9 @@ class InferenceServer:
         self._per_peer: dict[str, int] = {}
         #: Per remote with recent protocol errors: (errors in the window, window start, banned until).
         self._violations: dict[str, tuple[int, float, float]] = {}
+        #: Fair shares of the request slots and a rate per caller (``admission.py``); the Peer
+        #: replaces it with one built from its config.
+        self.admission = Admission(AdmissionLimits(limits.max_concurrency, limits.max_concurrency_per_peer))
         self._nursery: trio.Nursery | None = None
         #: Who may call what (``services/access.py``); the Peer configures it.
         self.access = AccessControl()
@@ -409,14 +414,18 @@ class InferenceServer:
         denied = self.access.check(req, remote, served.capability)  # policy, token, rate (services/access.py)
         if denied is not None:
             return denied
-        if self._in_flight >= self.limits.max_concurrency:
-            return OverloadedError("peer is at its concurrency limit")
-        if self._per_peer.get(remote, 0) >= self.limits.max_concurrency_per_peer:
-            return OverloadedError("too many concurrent requests from your peer")
         cap = served.capability
         if cap.max_concurrency is not None and served.in_flight >= cap.max_concurrency:
             return OverloadedError(f"capability {req.capability!r} is at its concurrency limit")
         return None
+
+    def _take_slot(self, link: _Link, remote: str) -> Ticket | ModelNetError:
+        """A request slot (fair shares, a rate per caller: ``admission.py``), or why not."""
+        ip = remote_ip(link.stream, limit_loopback=self.admission.limits.limit_loopback)
+        try:
+            return self.admission.admit(remote, ip, trio.current_time(), lambda e: _preempt(link, e))
+        except OverloadedError as exc:
+            return exc
 
     async def _admit_and_run(self, link: _Link, remote: str) -> None:
         """Admit the session's request (the hop and loop checks are the session's) and serve it."""
@@ -424,8 +433,9 @@ class InferenceServer:
         req = s.request
         assert req is not None
         error = self._admission_error(req, remote)
-        if error is not None:
-            s.reject(error)
+        ticket: Ticket | ModelNetError = error or self._take_slot(link, remote)
+        if isinstance(ticket, ModelNetError):
+            s.reject(ticket)
             link.notify()
             return
         served = self._served[capability_key(req.capability)]
@@ -436,6 +446,7 @@ class InferenceServer:
         try:
             await self._run(link, req, served, remote)
         finally:
+            self.admission.release(ticket)
             self._in_flight -= 1
             served.in_flight -= 1
             left = self._per_peer[remote] - 1
@@ -522,6 +533,13 @@ class InferenceServer:
         finally:
             link.on_stop = None
             request.mark_cancelled()
+
+
+def _preempt(link: _Link, error: ModelNetError) -> None:
+    """End ``link``'s running request with ``error``: another caller takes its slot."""
+    link.session.abort(error)
+    link.stop_request()
+    link.notify()
 
 
 def _outcome(s: ServerSession) -> str | None:
