@@ -233,6 +233,32 @@ async def test_a_provider_that_stalls_mid_stream_is_failed_over_and_banned():
         assert fds() - fd0 < 20 and rss_mib() - rss0 < 64
 
 
+async def test_an_idempotent_call_fails_over_from_a_provider_silent_before_its_first_chunk():
+    # A provider cut off (or hung) before it answered: the routed attempt fails after
+    # stall_timeout (at most half the time left), not at the deadline, and the call moves on.
+    async def hang(request):
+        await trio.sleep_forever()
+        yield "never"
+
+    async def good(request):
+        return "fine"
+
+    async with caller_and_providers([{"max_concurrency": 8}, {}], stall_timeout=0.3) as (client, (ok, mute)):
+        ok.serve(Capability(name="job2", idempotent=True), good)
+        mute.serve(Capability(name="job2", idempotent=True), hang)
+        for p in (ok, mute):
+            await p.announce()
+        await found(client, "job2", 2)
+        client.router.observe_rtt(mute.peer_id, 0.1)
+        client.router.observe_rtt(ok.peer_id, 50.0)
+        with trio.fail_after(15):  # before: DeadlineExceededError after the whole 20 s
+            resp = await client.call(capability="job2", timeout=20)
+        assert resp.value == "fine"
+        assert [a["peer"] for a in resp.attempts] == [mute.peer_id, ok.peer_id]
+        assert client.router.banned(mute.peer_id)
+        assert client.reputation.counts(mute.peer_id)["stall"] == 1
+
+
 async def test_a_stall_of_a_non_idempotent_stream_ends_the_call_with_a_typed_error():
     async def stall(request):
         yield "one"

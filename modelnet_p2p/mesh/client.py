@@ -44,6 +44,11 @@ Deadlines and stalls: a request without a ``timeout`` gets the client's
 chunk has arrived, a provider that sends nothing for ``stall_timeout`` seconds
 (``PeerConfig.stall_timeout``, inside the deadline) has failed: the attempt ends with a
 retryable ``StalledError``, the provider is banned, and the request fails over as below.
+A routed attempt that may fail over (an idempotent capability, or ``replay=True``) and whose
+provider sends no chunk at all within ``stall_timeout`` (at most half the time left) has
+failed the same way, so that a provider cut off before it answered does not hold the call
+until its deadline. (A non-idempotent request waits for its first chunk until the deadline:
+the silent provider may be running it.)
 
 Reputation: every outcome of every request, routed or targeted (a success, an error, a
 timeout, a stall), goes to the router's :class:`~.reputation.Reputation`;
@@ -424,9 +429,11 @@ class MeshClient:
         info: ResponseInfo,
         record: bool = True,
         receipt: bool = False,
+        first_chunk_timeout: float | None = None,
     ) -> AsyncIterator[Any]:
         """One request to one peer. With ``record``, its outcome goes to the reputation (a
-        routed attempt records its own, with the ban)."""
+        routed attempt records its own, with the ban). ``first_chunk_timeout``: see
+        :func:`~modelnet_p2p.services.inference.client.run_request`."""
         deadline = deadline_of(timeout)
         info.peer = self.connector.peer_of(target)
         source = StreamSource(
@@ -447,6 +454,7 @@ class MeshClient:
             window=self.window,
             stall_timeout=self.stall_timeout,
             receipt=receipt,
+            first_chunk_timeout=first_chunk_timeout,
         )
         seen = None
         self.router.started(info.peer)  # every request of this peer, routed or not
@@ -530,6 +538,14 @@ class MeshClient:
             chunks_delivered=plan.delivered,
         )
 
+    def _first_chunk_bound(self, deadline: float) -> float | None:
+        # A routed attempt whose provider sends no chunk for stall_timeout (at most half the
+        # time left) has failed, so that the call moves on while there is time to.
+        left = remaining(deadline)
+        if self.stall_timeout is None:
+            return None
+        return self.stall_timeout if left is None else min(self.stall_timeout, left / 2)
+
     async def _routed(self, plan: _Plan, info: ResponseInfo) -> AsyncIterator[Any]:
         tried: set[str] = set(plan.avoid)
         while True:
@@ -556,6 +572,7 @@ class MeshClient:
                 sub,
                 record=False,
                 receipt=plan.receipt,
+                first_chunk_timeout=self._first_chunk_bound(plan.deadline) if hashing else None,
             )
             try:
                 async for chunk in direct:

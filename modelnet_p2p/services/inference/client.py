@@ -102,7 +102,8 @@ class StaleStreamError(UnavailableError):
 
 
 class StalledError(UnavailableError):
-    """The provider sent nothing for ``stall_timeout`` seconds after its first chunk."""
+    """The provider sent nothing for ``stall_timeout`` seconds after its first chunk, or no
+    chunk within ``first_chunk_timeout`` seconds."""
 
 
 def new_request_id() -> bytes:
@@ -125,6 +126,7 @@ async def run_request(
     reused: bool = False,
     stall_timeout: float | None = None,
     receipt: bool = False,
+    first_chunk_timeout: float | None = None,
 ) -> AsyncIterator[Any]:
     """Send a request on ``stream`` and yield the answer's chunks (with ``receipt``, ask for a
     signed receipt and check it into ``info.receipt``: ``specs/inference.md``, "Signed receipts").
@@ -134,7 +136,9 @@ async def run_request(
     that ends without an end frame, or an end frame whose count disagrees),
     :class:`DeadlineExceededError` at ``deadline`` (trio time), and
     :class:`UnavailableError` if the stream breaks; :class:`StalledError` if, after the first
-    chunk, nothing arrives for ``stall_timeout`` seconds (``None``: no stall timeout);
+    chunk, nothing arrives for ``stall_timeout`` seconds (``None``: no stall timeout), or if
+    no chunk arrives within ``first_chunk_timeout`` seconds of the request (``None``: none;
+    routing sets it, so that a provider silent from the start is failed over, not waited for);
     :class:`StaleStreamError` if ``reused`` and the stream ended before any byte of the
     answer. The stream is always
     closed (after a complete answer) or reset (otherwise), even if the consumer stops
@@ -175,6 +179,8 @@ async def run_request(
                 stall_at = math.inf
                 if stall_timeout is not None and session.chunks:
                     stall_at = progress_at + stall_timeout
+                elif first_chunk_timeout is not None and not session.chunks:
+                    stall_at = info.started + first_chunk_timeout
                 with trio.move_on_at(min(deadline, stall_at)) as scope:
                     try:
                         data = await stream.read(READ_SIZE)
@@ -184,6 +190,10 @@ async def run_request(
                         session.receive_eof()
                         continue
                 if scope.cancelled_caught:
+                    if stall_at < deadline and not session.chunks:
+                        raise StalledError(
+                            f"provider sent no chunk within {first_chunk_timeout:g} s", chunks_delivered=0
+                        )
                     if stall_at < deadline:
                         raise StalledError(
                             f"provider sent nothing for {stall_timeout:g} s after {session.chunks} chunks",
@@ -282,6 +292,7 @@ async def request_on_peer(
     window: int = DEFAULT_WINDOW,
     stall_timeout: float | None = None,
     receipt: bool = False,
+    first_chunk_timeout: float | None = None,
 ) -> AsyncIterator[Any]:
     """:func:`run_request` on a kept stream to ``peer`` if the pool has one, else on a new one.
 
@@ -309,6 +320,7 @@ async def request_on_peer(
             reused=reused,
             stall_timeout=stall_timeout,
             receipt=receipt,
+            first_chunk_timeout=first_chunk_timeout,
         )
         try:
             async for chunk in agen:
