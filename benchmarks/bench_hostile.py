@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_hostile.py [--quick] [--json] [--only NAME]
+    python benchmarks/bench_hostile.py [--quick] [--json] [--only NAME[,NAME...]]
 
 The victim runs in its own process: a Peer on 127.0.0.1 serving an echo capability that
 streams 8 chunks, in DHT server mode, with ``relay_hop`` (it is also the bootstrap peer and
@@ -264,7 +264,8 @@ async def _sample(pid: int, peak: list[int], fds: list[int]) -> None:
 async def run(
     window: float, only: str | None, fresh_baselines: bool
 ) -> tuple[Window, list[Row], dict[str, Any]]:
-    attacks = [(m, n, a) for m, n, a in load_attacks() if only is None or n == only]
+    wanted = None if only is None else set(only.split(","))
+    attacks = [(m, n, a) for m, n, a in load_attacks() if wanted is None or n in wanted or m in wanted]
     rows: list[Row] = []
     async with _victim_process() as (proc, target):
         rss_start = rss_bytes(target.pid)
@@ -348,7 +349,9 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="short windows (3 s instead of 10 s)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
-    parser.add_argument("--only", metavar="NAME", help="run only the attack NAME")
+    parser.add_argument(
+        "--only", metavar="NAME", help="run only these attacks (names or module names, comma-separated)"
+    )
     parser.add_argument(
         "--one-baseline",
         action="store_true",
