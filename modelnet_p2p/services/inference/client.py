@@ -126,7 +126,7 @@ async def run_request(
     reused: bool = False,
     stall_timeout: float | None = None,
     receipt: bool = False,
-    first_chunk_timeout: float | None = None,
+    first_chunk_by: float | None = None,
 ) -> AsyncIterator[Any]:
     """Send a request on ``stream`` and yield the answer's chunks (with ``receipt``, ask for a
     signed receipt and check it into ``info.receipt``: ``specs/inference.md``, "Signed receipts").
@@ -137,8 +137,8 @@ async def run_request(
     :class:`DeadlineExceededError` at ``deadline`` (trio time), and
     :class:`UnavailableError` if the stream breaks; :class:`StalledError` if, after the first
     chunk, nothing arrives for ``stall_timeout`` seconds (``None``: no stall timeout), or if
-    no chunk arrives within ``first_chunk_timeout`` seconds of the request (``None``: none;
-    routing sets it, so that a provider silent from the start is failed over, not waited for);
+    no chunk has arrived by ``first_chunk_by`` (trio time; ``None``: no such bound; routing
+    sets it, so that a provider silent from the start is failed over, not waited for);
     :class:`StaleStreamError` if ``reused`` and the stream ended before any byte of the
     answer. The stream is always
     closed (after a complete answer) or reset (otherwise), even if the consumer stops
@@ -179,8 +179,8 @@ async def run_request(
                 stall_at = math.inf
                 if stall_timeout is not None and session.chunks:
                     stall_at = progress_at + stall_timeout
-                elif first_chunk_timeout is not None and not session.chunks:
-                    stall_at = info.started + first_chunk_timeout
+                elif first_chunk_by is not None and not session.chunks:
+                    stall_at = first_chunk_by
                 with trio.move_on_at(min(deadline, stall_at)) as scope:
                     try:
                         data = await stream.read(READ_SIZE)
@@ -191,9 +191,7 @@ async def run_request(
                         continue
                 if scope.cancelled_caught:
                     if stall_at < deadline and not session.chunks:
-                        raise StalledError(
-                            f"provider sent no chunk within {first_chunk_timeout:g} s", chunks_delivered=0
-                        )
+                        raise StalledError("provider sent no chunk in time", chunks_delivered=0)
                     if stall_at < deadline:
                         raise StalledError(
                             f"provider sent nothing for {stall_timeout:g} s after {session.chunks} chunks",
@@ -300,12 +298,19 @@ async def request_on_peer(
     clean end of stream before any byte of the answer) and the request is sent once more on a
     new stream. Any other failure, a reset included, is raised: the server may have started
     the request, and running a non-idempotent request twice is worse than failing it.
+
+    ``first_chunk_timeout`` bounds the time from this call to the first chunk, opening the
+    stream (and dialling) included: :class:`StalledError` after it.
     """
+    first_by = None if first_chunk_timeout is None else trio.current_time() + first_chunk_timeout
     kept = source.acquire(peer)
     for stream in (kept, None) if kept is not None else (None,):
         reused = stream is not None
         if stream is None:
-            stream = await source.open_stream()
+            with trio.move_on_at(math.inf if first_by is None else first_by) as opening:
+                stream = await source.open_stream()
+            if opening.cancelled_caught:
+                raise StalledError(f"could not open a stream to {peer} in time", chunks_delivered=0)
         agen = run_request(
             stream,
             capability=capability,
@@ -320,7 +325,7 @@ async def request_on_peer(
             reused=reused,
             stall_timeout=stall_timeout,
             receipt=receipt,
-            first_chunk_timeout=first_chunk_timeout,
+            first_chunk_by=first_by,
         )
         try:
             async for chunk in agen:
