@@ -304,3 +304,29 @@ async def test_requests_are_rate_limited_per_remote_peer() -> None:
                 assert await ask(caller, victim, key)
             assert victim.discovery.kad.guard_stats()["rate_limited"] >= 1
         assert mem.growth < 64 * MIB, mem.growth
+
+
+async def test_a_relayed_provider_that_times_out_gets_no_verdict(mock_clock: trio.testing.MockClock) -> None:
+    """A tarpit is refuted; a provider reachable only through a relay that times out is slow,
+    not a tarpit, and gets no verdict (tests/test_wan.py: relayed providers went unanswered)."""
+    from modelnet_p2p.services.discovery.verify import ProviderCheck
+
+    mock_clock.autojump_threshold = 0  # the check's 1 s pause before asking again
+    class Slow:  # what the check asks of discovery: every fetch runs out of time
+        class kad:
+            @staticmethod
+            def local_value(key: bytes) -> None:
+                return None
+
+        async def ask_for_card(self, peer_id: str, addrs: object) -> tuple[None, bool]:
+            return None, True
+
+        async def fetch_from_dht(self, peer_id: str) -> None:
+            return None
+
+    check = ProviderCheck(Slow(), wall_clock=lambda: 1e9)  # type: ignore[arg-type]
+    pid = "12D3KooWE8TLZbuz5YBpPxC2fXPFyBsCqEBd3ZnWBm3K5BZpXmVd"
+    direct = KadPeer(pid, ("/ip4/10.0.0.1/tcp/4001",))
+    relayed = KadPeer(pid + "X", ("/ip4/10.0.0.2/tcp/4001/p2p/R/p2p-circuit",))
+    assert await check(b"key", direct) is False
+    assert await check(b"key", relayed) is None
