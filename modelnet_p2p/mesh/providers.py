@@ -224,10 +224,19 @@ class Providers:
         self, capability: str, *, timeout: float = PROVIDERS_TIMEOUT, refresh: bool = False
     ) -> list[Candidate]:
         """Every known provider of ``capability`` other than this peer, as routing candidates."""
-        found: dict[str, Candidate] = {}
         cards = await self.cards(capability, timeout=timeout, refresh=refresh)
         if self.interest is not None:
             self.interest(capability, cards)
+        return self._as_candidates(capability, cards)
+
+    def known(self, capability: str) -> list[Candidate]:
+        """The candidates of the last lookup of ``capability``, however old, with gossip joined
+        in; no lookup (for a failover, which should not wait for one)."""
+        cached = self._cache.get(capability)
+        return self._as_candidates(capability, cached[1] if cached is not None else [])
+
+    def _as_candidates(self, capability: str, cards: list[CapabilityCard]) -> list[Candidate]:
+        found: dict[str, Candidate] = {}
         for card in cards:
             if card.peer_id == self.local_peer:
                 continue
