@@ -35,6 +35,7 @@ from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 
 from modelnet_p2p import OverloadedError, Peer
+from modelnet_p2p.p2p._compat.rcmgr import HEADROOM
 from modelnet_p2p.p2p.host import build_host, running_host
 from modelnet_p2p.p2p.identity import Identity
 from modelnet_p2p.p2p.resources import ResourceLimits
@@ -282,7 +283,10 @@ async def test_idle_connections_do_not_lock_out_newcomers() -> None:
         assert served == 8, f"{served} of 8 newcomers served: {errors}"
         assert open_now <= limit + 32  # closing takes a moment after each new connection
         assert grew <= 2 * RSS_BOUND, f"RSS grew by {grew / MiB:.0f} MiB with {ATTACKERS} attackers"
-        assert opened <= limit + 64, f"{opened} more fds"
+        # The swarm accepts up to HEADROOM connections over the total (handshakes included)
+        # before the connection manager chooses whom to close (specs/network.md): that is
+        # the bound on the victim's sockets, plus a few of this process's own (the newcomers).
+        assert opened <= limit + HEADROOM + 32, f"{opened} more fds"
 
 
 async def _attack_connections(target: str, n: int) -> None:
