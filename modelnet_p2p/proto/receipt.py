@@ -93,8 +93,9 @@ class ReceiptError(ProtocolError):
 
     ``reason`` is one of ``malformed``, ``bad_signature``, ``wrong_peer``,
     ``wrong_request``, ``wrong_count``, ``bad_output`` (the chunks, their order or
-    their digests differ from what was signed), ``bad_input``; for a chain of receipts
-    (``mesh/collab/trace.py``) also ``broken_chain``.
+    their digests differ from what was signed), ``bad_input``; for a chain or tree of
+    receipts (``mesh/collab/trace.py``, ``mesh/collab/receipts.py``) also ``broken_chain``
+    and ``missing_receipt``.
     """
 
     def __init__(self, reason: str, message: str) -> None:

@@ -47,15 +47,20 @@ from .trace import Result, Trace, as_text, logged
 __all__ = [
     "Mesh",
     "Step",
+    "Grouper",
     "as_step",
     "call_step",
     "deadline_of",
     "draft_verify",
     "ensemble",
+    "join_pieces",
     "label_of",
+    "majority_vote",
     "pipeline",
     "reporter_of",
     "route",
+    "verdict_of",
+    "vote_agrees",
 ]
 
 
@@ -199,8 +204,9 @@ async def pipeline(
     receipts: bool = False,
 ) -> Result:
     """Run ``steps`` in order; each step's output is the next step's input. With ``receipts``,
-    each step (but those marked ``stream``) asks for a signed receipt: ``receipt_chain(result.trace,
-    input)`` is then the chain of receipts, checked end to end by ``verify_receipt_chain``."""
+    each call asks for a signed receipt (a ``stream`` step's too, piece by piece):
+    ``receipt_chain(result.trace, input)`` is then the chain of receipts (a tree when a step is
+    streamed, ``receipt_tree``), checked end to end by ``verify_receipt_chain``."""
     if not steps:
         raise BadRequestError("a pipeline needs at least one step")
     root = trace or logged(peer, Trace("pipeline"))
@@ -213,7 +219,7 @@ async def pipeline(
             step = chain[i]
             nxt = chain[i + 1] if i + 1 < len(chain) else None
             if nxt is not None and nxt.stream:
-                value = await _streamed_pair(peer, root, step, nxt, value, deadline)
+                value = await _streamed_pair(peer, root, step, nxt, value, deadline, receipts)
                 i += 2
             else:
                 value = await call_step(
@@ -226,6 +232,32 @@ async def pipeline(
         raise
     root.finish("ok")
     return Result(value, root)
+
+
+class Grouper:
+    """Cuts a stream of chunks into the pieces a ``stream`` step is fed (by ``group``), as they
+    arrive: :meth:`feed` each chunk, then :meth:`finish`. Deterministic in the chunks, so a
+    verifier of a receipt tree recomputes the pieces from the upstream step's chunks."""
+
+    def __init__(self, group: str) -> None:
+        self.group = group
+        self.buffer = ""
+
+    def feed(self, chunk: Any) -> list[str]:
+        self.buffer += chunk if isinstance(chunk, str) else json.dumps(chunk)
+        ready, self.buffer = _split_ready(self.buffer, self.group)
+        return ready
+
+    def finish(self) -> list[str]:
+        rest, self.buffer = self.buffer.strip(), ""
+        return [rest] if rest else []
+
+
+def join_pieces(outputs: list[Any]) -> Any:
+    """A ``stream`` step's output from its pieces' outputs, in input order."""
+    if all(isinstance(o, str) for o in outputs):
+        return " ".join(o.strip() for o in outputs)
+    return outputs
 
 
 def _split_ready(buffer: str, group: str) -> tuple[list[str], str]:
@@ -246,7 +278,7 @@ def _split_ready(buffer: str, group: str) -> tuple[list[str], str]:
 
 
 async def _streamed_pair(
-    peer: Mesh, root: Trace, first: Step, second: Step, value: Any, deadline: float
+    peer: Mesh, root: Trace, first: Step, second: Step, value: Any, deadline: float, receipts: bool
 ) -> Any:
     """Run ``first`` and feed its output to ``second`` group by group, as it arrives."""
     up = root.child("call", first.capability)
@@ -256,33 +288,37 @@ async def _streamed_pair(
     send, recv = trio.open_memory_channel[tuple[int, str]](16)
 
     async def feed() -> None:
-        stream = peer.infer(first.target, first.capability, value, timeout=timeout, **first.params)
-        buffer = ""
+        extra: dict[str, Any] = {"receipt": True} if receipts else {}
+        stream = peer.infer(first.target, first.capability, value, timeout=timeout, **extra, **first.params)
+        grouper = Grouper(second.group)
+        chunks: list[Any] = []
         n = 0
         async with send, stream:
             try:
                 async for chunk in stream:
                     up.chunks += 1
-                    buffer += chunk if isinstance(chunk, str) else json.dumps(chunk)
-                    ready, buffer = _split_ready(buffer, second.group)
-                    for piece in ready:
+                    chunks.append(chunk)
+                    for piece in grouper.feed(chunk):
                         await send.send((n, piece))
                         n += 1
             except ModelNetError as exc:
                 _record(up, stream, up.chunks)
                 up.finish("error", exc)
                 raise
-            if buffer.strip():
-                await send.send((n, buffer.strip()))
+            for piece in grouper.finish():
+                await send.send((n, piece))
             _record(up, stream, up.chunks)
+            if receipts:
+                up.receipt, up.output = stream.info.receipt, chunks
             up.finish("ok")
 
     async def work(index: int, piece: str, limiter: trio.CapacityLimiter) -> None:
         async with limiter:
             node = down.child("call", second.capability, piece=index)
             results[index] = await call_step(
-                peer, node, second.capability, piece, second.params, deadline, second.target
-            )
+                peer, node, second.capability, piece, second.params, deadline, second.target,
+                receipt=receipts,
+            )  # fmt: skip
 
     limiter = trio.CapacityLimiter(4)
     try:
@@ -295,10 +331,7 @@ async def _streamed_pair(
         raise _first_error(group) from None
     down.finish("ok")
     down.chunks = len(results)
-    outputs = [results[i] for i in sorted(results)]
-    if all(isinstance(o, str) for o in outputs):
-        return " ".join(o.strip() for o in outputs)
-    return outputs
+    return join_pieces([results[i] for i in sorted(results)])
 
 
 # -- ensemble ----------------------------------------------------------------------
@@ -318,6 +351,23 @@ def _normalise(value: Any) -> str:
     return " ".join(as_text(value).lower().split())
 
 
+def majority_vote(answers: Mapping[int, Any]) -> tuple[Any, int]:
+    """The most common normalised answer of ``answers`` (by member index; ties go to the
+    earliest member) and its count."""
+    took_part = sorted(answers)
+    votes = Counter(_normalise(answers[i]) for i in took_part)
+    best, count = max(
+        votes.items(),
+        key=lambda kv: (kv[1], -min(i for i in took_part if _normalise(answers[i]) == kv[0])),
+    )
+    return next(answers[i] for i in took_part if _normalise(answers[i]) == best), count
+
+
+def vote_agrees(a: Any, b: Any) -> bool:
+    """Whether two answers count as the same vote."""
+    return _normalise(a) == _normalise(b)
+
+
 async def ensemble(
     peer: Mesh,
     capability: str | Sequence[str],
@@ -329,6 +379,7 @@ async def ensemble(
     params: Mapping[str, Any] | None = None,
     timeout: float = 30.0,
     trace: Trace | None = None,
+    receipts: bool = False,
 ) -> Result:
     """Ask k providers of one capability (or each of several capabilities) in parallel.
 
@@ -338,7 +389,8 @@ async def ensemble(
     ``judge`` capability gets ``{"input": ..., "answers": [...]}`` and its
     answer is the result). Members still running at the deadline are cut off;
     failed members are left out; the rest still count. The trace says which
-    members took part.
+    members took part. With ``receipts`` every member (and the judge) asks for a signed
+    receipt: ``receipt_tree(result.trace, input, result.output)`` is the tree of receipts.
     """
     root = trace or logged(peer, Trace("ensemble", detail={"aggregate": aggregate}))
     deadline = trio.current_time() + timeout
@@ -363,7 +415,9 @@ async def ensemble(
         nonlocal finished
         node = root.child("member", cap, member=i)
         try:
-            answers[i] = await call_step(peer, node, cap, input, params, member_deadline, target)
+            answers[i] = await call_step(
+                peer, node, cap, input, params, member_deadline, target, receipt=receipts
+            )
             answered_by[i] = node.peer
         except ModelNetError:
             pass  # recorded in the node; the others still count
@@ -394,16 +448,11 @@ async def ensemble(
         raise UnavailableError(f"no ensemble member answered ({len(members)} asked)")
     output: Any
     if aggregate == "majority":
-        votes = Counter(_normalise(answers[i]) for i in took_part)
-        best, count = max(
-            votes.items(),
-            key=lambda kv: (kv[1], -min(i for i in took_part if _normalise(answers[i]) == kv[0])),
-        )
-        output = next(answers[i] for i in took_part if _normalise(answers[i]) == best)
+        output, count = majority_vote(answers)
         root.detail["vote"] = f"{count}/{len(took_part)}"
         if len(took_part) >= 3 and 2 * count > len(took_part):  # a strict majority: the rest lost
             for i in took_part:
-                if _normalise(answers[i]) != best:
+                if not vote_agrees(answers[i], output):
                     _report(peer, answered_by.get(i), "disagreed")
     elif aggregate == "first":
         output = answers[took_part[0]] if len(took_part) == 1 else answers[min(took_part)]
@@ -414,8 +463,9 @@ async def ensemble(
             raise BadRequestError("aggregate='judge' needs a judge capability")
         node = root.child("judge", judge)
         output = await call_step(
-            peer, node, judge, {"input": input, "answers": [answers[i] for i in took_part]}, {}, deadline
-        )
+            peer, node, judge, {"input": input, "answers": [answers[i] for i in took_part]}, {}, deadline,
+            receipt=receipts,
+        )  # fmt: skip
     else:
         raise BadRequestError(f"unknown aggregate {aggregate!r} (majority, first, all, judge)")
     root.finish("ok")
@@ -442,11 +492,15 @@ async def route(
     default: str | Step | Mapping[str, Any] | None = None,
     timeout: float | None = None,
     trace: Trace | None = None,
+    receipts: bool = False,
 ) -> Result:
-    """Ask the ``router`` capability for a label, then send ``input`` to ``routes[label]``."""
+    """Ask the ``router`` capability for a label, then send ``input`` to ``routes[label]``
+    (with ``receipts``, both calls ask for signed receipts)."""
     root = trace or logged(peer, Trace("router"))
     deadline = deadline_of(timeout)
-    label = label_of(await call_step(peer, root.child("classify"), router, input, {}, deadline))
+    label = label_of(
+        await call_step(peer, root.child("classify"), router, input, {}, deadline, receipt=receipts)
+    )
     root.detail["label"] = label
     chosen = routes.get(label, default)
     if chosen is None:
@@ -456,13 +510,22 @@ async def route(
         )
     step = as_step(chosen)
     output = await call_step(
-        peer, root.child("specialist"), step.capability, input, step.params, deadline, step.target
-    )
+        peer, root.child("specialist"), step.capability, input, step.params, deadline, step.target,
+        receipt=receipts,
+    )  # fmt: skip
     root.finish("ok")
     return Result(output, root)
 
 
 # -- draft and verify --------------------------------------------------------------
+
+
+def verdict_of(verdict: Any) -> tuple[bool, Any]:
+    """A verifier's answer as (accepted, feedback): ``{"ok": bool, "feedback": ...}``, or text
+    starting with "ok"."""
+    if isinstance(verdict, dict):
+        return bool(verdict.get("ok")), verdict.get("feedback", "")
+    return as_text(verdict).lower().startswith("ok"), as_text(verdict)
 
 
 async def draft_verify(
@@ -475,6 +538,7 @@ async def draft_verify(
     params: Mapping[str, Any] | None = None,
     timeout: float | None = None,
     trace: Trace | None = None,
+    receipts: bool = False,
 ) -> Result:
     """The drafter answers; the verifier checks ``{"question", "answer"}``.
 
@@ -483,7 +547,8 @@ async def draft_verify(
     ``attempt``), up to ``rounds`` drafts; when the mesh chooses the drafter's
     provider, providers whose drafts were rejected are avoided. If no draft is
     accepted the result is the last draft, and the trace's status is
-    ``"error"`` with the verdict.
+    ``"error"`` with the verdict. With ``receipts`` every draft and verdict asks for a
+    signed receipt.
     """
     root = trace or logged(peer, Trace("draft-verify"))
     deadline = deadline_of(timeout)
@@ -493,14 +558,16 @@ async def draft_verify(
     for attempt in range(1, rounds + 1):
         node = root.child("draft", round=attempt)
         try:
-            draft = await call_step(peer, node, drafter, input, extra, deadline, avoid=rejected)
+            draft = await call_step(
+                peer, node, drafter, input, extra, deadline, avoid=rejected, receipt=receipts
+            )
         except (OverloadedError, UnavailableError):
             if not rejected:
                 raise
             # Every other provider is unavailable: ask a rejected one again, with the feedback.
             node.attempts.append({"note": "no other provider; asking a rejected one again"})
             node.status = "running"
-            draft = await call_step(peer, node, drafter, input, extra, deadline)
+            draft = await call_step(peer, node, drafter, input, extra, deadline, receipt=receipts)
         verdict = await call_step(
             peer,
             root.child("verify", round=attempt),
@@ -508,13 +575,9 @@ async def draft_verify(
             {"question": input, "answer": draft},
             {},
             deadline,
+            receipt=receipts,
         )
-        ok = (
-            bool(verdict.get("ok"))
-            if isinstance(verdict, dict)
-            else as_text(verdict).lower().startswith("ok")
-        )
-        feedback = verdict.get("feedback", "") if isinstance(verdict, dict) else as_text(verdict)
+        ok, feedback = verdict_of(verdict)
         root.children[-1].detail["verdict"] = "accept" if ok else "reject"
         if not ok and node.peer:
             rejected.add(node.peer)

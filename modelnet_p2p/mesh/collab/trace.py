@@ -36,6 +36,7 @@ __all__ = [
     "as_text",
     "logged",
     "receipt_chain",
+    "receipt_json",
     "verify_receipt_chain",
 ]
 
@@ -102,6 +103,7 @@ class Trace:
             "attempts": self.attempts,
             "detail": _jsonable(self.detail),
             "children": [c.to_json() for c in self.children],
+            **({} if self.receipt is None else {"receipt": receipt_json(self.receipt)}),
         }
 
     def render(self, indent: str = "") -> str:
@@ -133,6 +135,19 @@ class Trace:
 
 
 # -- chains of receipts --------------------------------------------------------------
+
+
+def receipt_json(check: ReceiptCheck) -> dict[str, Any]:
+    """A step's receipt in a trace's JSON: whether it held against the answer (and why not),
+    the envelope in hex, and the signed fields."""
+    out: dict[str, Any] = {"ok": check.receipt is not None, "envelope": check.data.hex()}
+    if check.receipt is not None:
+        out.update(check.receipt.summary())
+    else:
+        out["reason"] = check.error.reason if check.error is not None else "malformed"
+        out["error"] = str(check.error) if check.error is not None else "no receipt"
+    return out
+
 
 #: The ``format`` value of a chain of receipts file.
 RECEIPT_CHAIN_FORMAT = "modelnet-receipt-chain/1"
