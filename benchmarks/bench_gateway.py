@@ -1,31 +1,35 @@
-"""Gateway benchmark: streamed chat through gateway → mesh → peer, beside a direct endpoint, in one run.
+"""Gateway benchmark: streamed chat through gateway -> mesh -> peer, beside direct servers, in one run.
 
 Usage::
 
-    python benchmarks/bench_gateway.py [--quick]
+    python benchmarks/bench_gateway.py [--quick] [--json FILE]
 
-Two paths serve the same model handler (an async generator that streams
-tokens) behind the same OpenAI-compatible HTTP code (``modelnet_p2p.openai.app``:
-starlette on hypercorn's trio worker, the same SSE rendering):
+The same model handler (an async generator that streams tokens) is served four ways:
 
-* **mesh**: client → gateway process (a peer) → provider process (a peer
-  serving the handler) over ``/modelnet/infer/1.0.0`` (TCP, Noise, yamux);
-* **direct**: client → one server process that calls the handler in-process,
-  a plain single-server OpenAI-compatible endpoint with no mesh.
+* **mesh**: client -> gateway process (a peer, ``modelnet_p2p.openai.app``: starlette on
+  hypercorn's trio worker) -> provider process (a peer serving the handler) over
+  ``/modelnet/infer/1.0.0`` (TCP, Noise, yamux);
+* **direct**: client -> one process running the gateway's own HTTP code with the handler
+  called in-process: the same server with no mesh. The issue's goals are against it;
+* **heavy**: client -> starlette on uvicorn, each token a whole ``chat.completion.chunk``
+  JSON-encoded and written on its own, the way vLLM's server does it;
+* **bare**: client -> a peer with the smallest starlette app that streams from the same
+  provider over the mesh (no auth, routing, catalog or metrics), to show what the gateway
+  itself costs beside the mesh hop.
 
-The client (this process) streams ``POST /v1/chat/completions`` with httpx under
-trio and parses every SSE event. Three measurements, each alternating the
-two paths request by request so that drift hits both alike:
+The client (this process) streams ``POST /v1/chat/completions`` with httpx under trio and
+parses every SSE event. Measurements, each taking the paths in turns request by request
+(or round by round) so that drift hits all alike:
 
-1. ``fast``: 256 tokens as fast as the handler yields them: the mesh's whole
-   cost, with nothing to hide it;
+1. ``fast``: 256 tokens as fast as the handler yields them: the mesh's whole cost;
 2. ``paced``: 128 tokens at 5 ms each (200 tokens/s, a fast real model);
-3. ``concurrent``: 16 streams at once of the fast handler, total tokens/s.
+3. ``concurrent``: 16 streams at once of the fast handler, total tokens/s (best round);
+4. CPU ms per fast request in each process (``/proc``), and the gateway's memory: RSS growth
+   per concurrent stream, and what serial requests leave behind.
 
-For each it prints time to first token, total latency and tokens/s, and the
-ratios mesh / direct: the latency ratio (median total latency) and the
-tokens/s ratio. Target: the mesh path costs under 20% more than the direct one.
-Everything listens on 127.0.0.1. Nothing here asserts on timings.
+It ends with the issue's goals, each with the figure of this run and ``met`` or ``MISSED``.
+``--json FILE`` writes every figure as JSON, so that runs can be compared. Everything
+listens on 127.0.0.1. Nothing here asserts on timings.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from typing import IO, Any
 import trio
 
 HOST = "127.0.0.1"
-#: Model name → seconds between two tokens.
+#: Model name -> seconds between two tokens.
 MODELS = {"bench-fast": 0.0, "bench-paced": 0.005}
 #: Seconds a child process may take to print its ready line.
 STARTUP_LIMIT = 60.0
@@ -54,7 +58,7 @@ STARTUP_LIMIT = 60.0
 REQUEST_LIMIT = 60.0
 
 
-# -- the model handler (the same on both paths) --------------------------------------------------
+# -- the model handler (the same on every path) --------------------------------------------------
 
 
 async def bench_handler(request: Any) -> AsyncIterator[str]:
@@ -96,7 +100,7 @@ def _ready(**data: Any) -> None:
 async def _provider() -> None:
     from modelnet_p2p import Peer
 
-    limits = {"max_concurrency": 1024, "max_concurrency_per_peer": 1024}
+    limits: dict[str, Any] = {"max_concurrency": 1024, "max_concurrency_per_peer": 1024}
     async with Peer(listen=[f"/ip4/{HOST}/tcp/0"], **limits) as peer:
         for name in MODELS:
             peer.serve(_capability(name), bench_handler)
@@ -188,6 +192,13 @@ class _LocalClient:
         return _LocalStream(capability, input, dict(params or {}), timeout)
 
 
+class _LocalServer:
+    """What the gateway's metrics read of a peer's inference server."""
+
+    in_flight = 0
+    on_request_done: Any = None
+
+
 class _LocalPeer:
     """Just enough of a Peer for the gateway, with a local client in place of the mesh."""
 
@@ -197,6 +208,7 @@ class _LocalPeer:
     def __init__(self, nursery: trio.Nursery) -> None:
         self.nursery = nursery
         self.mesh_client = _LocalClient()
+        self.inference = _LocalServer()
 
 
 async def _direct() -> None:
@@ -211,7 +223,129 @@ async def _direct() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def _bare(provider: str) -> None:
+    """A peer with the smallest starlette app that streams from the provider over the mesh:
+    no auth, routing, catalog, metrics or failover; the gateway's event writer."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from modelnet_p2p import Peer
+    from modelnet_p2p.openai.app import Gateway
+    from modelnet_p2p.openai.calls import Outcome
+    from modelnet_p2p.openai.sse import EventStream
+    from modelnet_p2p.openai.translate import ChatFrames
+
+    async with Peer(listen=[f"/ip4/{HOST}/tcp/0"]) as peer:
+        await peer.connect(provider)
+
+        async def chat(request: Request) -> Response:
+            body = json.loads(await request.body())
+            model = body["model"]
+            params = {"max_tokens": body.get("max_tokens", 256)}
+            stream = peer.mesh_client.stream(model, body["messages"], params=params, target=provider)
+            outcome = Outcome()
+
+            async def rest() -> AsyncIterator[Any]:
+                async with stream:
+                    async for chunk in stream:
+                        outcome.chunks += 1
+                        yield chunk
+                outcome.finish_reason, outcome.usage = stream.info.finish_reason, stream.info.usage
+
+            chunks = rest()
+            first = [await chunks.__anext__()]
+            frames = ChatFrames("chatcmpl-" + os.urandom(12).hex(), int(time.time()), model, False)
+            return EventStream(chunks, outcome, first, frames, {"cache-control": "no-cache"})  # type: ignore[arg-type]
+
+        # served the way the gateway serves (hypercorn's trio worker, the same settings)
+        gateway = Gateway(peer, models=_routes(provider))
+        gateway.app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+        binds = await peer.nursery.start(gateway.serve, f"{HOST}:0")
+        _ready(url=binds[0])
+        await _wait_for_stdin_eof()
+
+
+def _heavy() -> None:
+    """A direct server as vLLM's is built: starlette on uvicorn (asyncio), each token one
+    ``chat.completion.chunk`` object JSON-encoded whole, one write per event."""
+    import asyncio
+    import socket
+    import threading
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    async def chat(request: Request) -> StreamingResponse:
+        body = await request.json()
+        model, n = body["model"], int(body.get("max_tokens", 256))
+        delay = MODELS[model]
+        cid, created = "chatcmpl-" + os.urandom(12).hex(), int(time.time())
+
+        def event(delta: dict[str, Any], finish: str | None) -> str:
+            chunk = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            }
+            return f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+
+        async def events() -> AsyncIterator[str]:
+            yield event({"role": "assistant", "content": ""}, None)
+            for i in range(n):
+                if delay:
+                    await asyncio.sleep(delay)
+                yield event({"content": f" tok{i}"}, None)
+            yield event({}, "stop")
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+    # IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets whose proto says TCP
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind((HOST, 0))
+    sock.listen(1024)
+    config = uvicorn.Config(
+        app, loop="asyncio", http="h11", lifespan="off", log_level="warning", access_log=False
+    )
+    server = uvicorn.Server(config)
+
+    def watch_stdin() -> None:
+        sys.stdin.read()
+        server.should_exit = True
+
+    threading.Thread(target=watch_stdin, daemon=True).start()
+    _ready(url=f"http://{HOST}:{sock.getsockname()[1]}")
+    asyncio.run(server.serve(sockets=[sock]))
+
+
 # -- the client ------------------------------------------------------------------------------------
+
+#: The paths, in the order the tables show them: the project's, then what it is measured against.
+PATHS = {
+    "mesh": "client -> gateway process -> provider process (the project's path)",
+    "direct": "client -> one process: the gateway's HTTP code, the handler in-process (the goals' baseline)",
+    "heavy": "client -> starlette on uvicorn, each token JSON-encoded whole as vLLM does (a second baseline)",
+    "bare": "client -> a peer with a minimal starlette app streaming from the provider (the gateway's share)",
+}
+#: (key, label, goal, compare): the issue's goals, each against the direct server.
+GOALS = [
+    ("fast_total_ratio", "gateway, fast stream, total time vs direct", "<= 1.2x", lambda v: v <= 1.2),
+    ("first_token_gap_ms", "gateway, first token vs direct", "<= +2 ms", lambda v: v <= 2.0),
+    (
+        "concurrent_tps_ratio",
+        "gateway, 16 concurrent streams, tokens/s vs direct",
+        ">= 0.8x",
+        lambda v: v >= 0.8,
+    ),
+]
 
 
 @dataclass
@@ -258,6 +392,21 @@ def _stop(children: list[Child]) -> None:
             child.proc.wait()
 
 
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid``."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
 @dataclass
 class Sample:
     ttft: float
@@ -278,6 +427,15 @@ class Series:
 
     def tokens_per_s(self) -> float:
         return statistics.median(s.tokens / s.total for s in self.samples)
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "requests": len(self.samples),
+            "first_token_ms": 1000 * self.median("ttft"),
+            "total_ms": 1000 * self.median("total"),
+            "total_p90_ms": 1000 * self.p90("total"),
+            "tokens_per_s": self.tokens_per_s(),
+        }
 
 
 async def _stream_once(http: Any, url: str, model: str, n: int) -> Sample:
@@ -303,12 +461,15 @@ async def _stream_once(http: Any, url: str, model: str, n: int) -> Sample:
                     if not tokens:
                         first = time.perf_counter() - started
                     tokens += 1
+    if tokens != n:
+        raise RuntimeError(f"{url}: {tokens} tokens, {n} asked")
     return Sample(first, time.perf_counter() - started, tokens)
 
 
 async def _alternate(
     http: Any, urls: dict[str, str], model: str, n: int, requests: int, warmup: int
 ) -> dict[str, Series]:
+    """``requests`` requests per path, the paths taking turns (in reversed order every other round)."""
     series = {path: Series() for path in urls}
     for i in range(warmup + requests):
         order = list(urls) if i % 2 == 0 else list(reversed(list(urls)))
@@ -319,23 +480,76 @@ async def _alternate(
     return series
 
 
-async def _concurrent(http: Any, url: str, n: int, streams: int, rounds: int) -> float:
-    """Total tokens/s with ``streams`` streams at once, best of ``rounds``."""
-    best = 0.0
-    for _ in range(rounds):
-        total = 0
-        started = time.perf_counter()
+async def _concurrent_round(http: Any, url: str, n: int, streams: int) -> float:
+    """Total tokens/s of ``streams`` streams at once."""
+    total = 0
 
-        async def one() -> None:
-            nonlocal total
-            sample = await _stream_once(http, url, "bench-fast", n)
-            total += sample.tokens
+    async def one() -> None:
+        nonlocal total
+        sample = await _stream_once(http, url, "bench-fast", n)  # not `total += await ...`: racy
+        total += sample.tokens
 
-        async with trio.open_nursery() as nursery:
-            for _ in range(streams):
-                nursery.start_soon(one)
-        best = max(best, total / (time.perf_counter() - started))
+    started = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(streams):
+            nursery.start_soon(one)
+    return total / (time.perf_counter() - started)
+
+
+async def _concurrent(http: Any, urls: dict[str, str], n: int, streams: int, rounds: int) -> dict[str, float]:
+    """Best total tokens/s per path over ``rounds`` rounds, the paths taking turns."""
+    best = dict.fromkeys(urls, 0.0)
+    for i in range(rounds):
+        for path in list(urls) if i % 2 == 0 else list(reversed(list(urls))):
+            best[path] = max(best[path], await _concurrent_round(http, urls[path], n, streams))
     return best
+
+
+async def _cpu_per_request(
+    http: Any, urls: dict[str, str], procs: dict[str, list[Child]], requests: int
+) -> dict[str, dict[str, float]]:
+    """CPU ms per fast request in each server process of each path, and in this client."""
+    out: dict[str, dict[str, float]] = {}
+    for path, url in urls.items():
+        children = procs[path]
+        before = [_cpu_seconds(c.proc.pid) for c in children]
+        mine = time.process_time()
+        for _ in range(requests):
+            await _stream_once(http, url, "bench-fast", 256)
+        after = [_cpu_seconds(c.proc.pid) for c in children]
+        row = {c.role: 1000 * (a - b) / requests for c, a, b in zip(children, after, before, strict=True)}
+        row["client"] = 1000 * (time.process_time() - mine) / requests
+        out[path] = row
+    return out
+
+
+async def _memory(http: Any, url: str, pid: int, n: int, streams: int, serial: int) -> dict[str, float]:
+    """The gateway's RSS: growth per concurrent stream (peak over idle), and what ``serial``
+    more requests leave behind."""
+    idle = _rss_kib(pid)
+    peak = idle
+    done = trio.Event()
+
+    async def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_kib(pid))
+            await trio.sleep(0.002)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sample)
+        await _concurrent_round(http, url, n, streams)
+        done.set()
+    before = _rss_kib(pid)
+    for _ in range(serial):
+        await _stream_once(http, url, "bench-fast", n)
+    after = _rss_kib(pid)
+    return {
+        "rss_idle_mib": idle / 1024,
+        "kib_per_concurrent_stream": (peak - idle) / streams,
+        "retained_kib_per_request": (after - before) / serial,
+        "serial_requests": serial,
+    }
 
 
 def _version(name: str) -> str:
@@ -345,73 +559,154 @@ def _version(name: str) -> str:
         return "-"
 
 
-async def _client(urls: dict[str, str], quick: bool) -> None:
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+async def _measure(urls: dict[str, str], procs: dict[str, list[Child]], quick: bool) -> dict[str, Any]:
     import httpx
 
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    result: dict[str, Any] = {"load_before": _load()}
     async with httpx.AsyncClient(timeout=REQUEST_LIMIT, limits=limits) as http:
         fast = await _alternate(http, urls, "bench-fast", 256, 40 if quick else 200, 5 if quick else 20)
-        paced = await _alternate(http, urls, "bench-paced", 128, 5 if quick else 20, 1 if quick else 3)
-        conc = {p: await _concurrent(http, u, 256, 16, 2 if quick else 5) for p, u in urls.items()}
+        paced = await _alternate(http, urls, "bench-paced", 128, 4 if quick else 20, 1 if quick else 3)
+        conc = await _concurrent(http, urls, 256, 16, 2 if quick else 5)
+        cpu = await _cpu_per_request(http, urls, procs, 50 if quick else 200)
+        gateway_pid = procs["mesh"][-1].proc.pid
+        memory = await _memory(http, urls["mesh"], gateway_pid, 256, 16, 100 if quick else 500)
+    result["load_after"] = _load()
+    result["fast"] = {p: s.summary() for p, s in fast.items()}
+    result["paced"] = {p: s.summary() for p, s in paced.items()}
+    result["concurrent_tokens_per_s"] = conc
+    result["cpu_ms_per_request"] = cpu
+    result["gateway_memory"] = memory
+    f = result["fast"]
+    result["goals"] = {
+        "fast_total_ratio": f["mesh"]["total_ms"] / f["direct"]["total_ms"],
+        "first_token_gap_ms": f["mesh"]["first_token_ms"] - f["direct"]["first_token_ms"],
+        "concurrent_tps_ratio": conc["mesh"] / conc["direct"],
+    }
+    return result
 
+
+def _report(r: dict[str, Any], quick: bool) -> None:
+    paths = list(r["fast"])
     print(f"\nmodelnet_p2p gateway benchmark{' (--quick)' if quick else ''}")
     print(
         f"python {platform.python_version()}, {os.cpu_count()} cores, hypercorn {_version('hypercorn')}, "
-        f"starlette {_version('starlette')}, httpx {_version('httpx')}, libp2p {_version('libp2p')}"
+        f"uvicorn {_version('uvicorn')}, starlette {_version('starlette')}, httpx {_version('httpx')}, "
+        f"libp2p {_version('libp2p')}; load average before {r['load_before']}, after {r['load_after']}"
     )
-    print("mesh: client -> gateway process -> provider process; direct: client -> one server process\n")
-    header = f"{'':<24}{'mesh':>12}{'direct':>12}{'mesh/direct':>14}"
-    for title, series in (("fast: 256 tokens, no delay", fast), ("paced: 128 tokens, 5 ms each", paced)):
-        print(title + f" ({len(series['mesh'].samples)} requests per path)")
+    for path in paths:
+        print(f"  {path:<7} {PATHS[path]}")
+    header = (
+        f"{'':<24}" + "".join(f"{p:>10}" for p in paths) + "".join(f"{'mesh/' + p:>13}" for p in paths[1:])
+    )
+    for title, key in (("fast: 256 tokens, no delay", "fast"), ("paced: 128 tokens, 5 ms each", "paced")):
+        t = r[key]
+        print(f"\n{title} ({t['mesh']['requests']} requests per path, the paths taking turns)")
         print(header)
-        m, d = series["mesh"], series["direct"]
-        rows = [
-            ("first token, median", m.median("ttft") * 1000, d.median("ttft") * 1000, "ms"),
-            ("total, median", m.median("total") * 1000, d.median("total") * 1000, "ms"),
-            ("total, p90", m.p90("total") * 1000, d.p90("total") * 1000, "ms"),
-            ("tokens/s per stream", m.tokens_per_s(), d.tokens_per_s(), ""),
-        ]
-        for label, a, b, unit in rows:
-            print(f"  {label:<22}{a:>10.1f}{unit:>2}{b:>10.1f}{unit:>2}{a / b:>13.2f}x")
-        latency_ratio = m.median("total") / d.median("total")
-        tps_ratio = m.tokens_per_s() / d.tokens_per_s()
-        verdict = "within" if latency_ratio < 1.2 else "over"
+        for label, field_, unit in (
+            ("first token, median", "first_token_ms", "ms"),
+            ("total, median", "total_ms", "ms"),
+            ("total, p90", "total_p90_ms", "ms"),
+            ("tokens/s per stream", "tokens_per_s", ""),
+        ):
+            values = [t[p][field_] for p in paths]
+            cells = "".join(f"{v:>8.1f}{unit:<2}" for v in values)
+            ratios = "".join(f"{values[0] / v:>12.2f}x" for v in values[1:])
+            print(f"  {label:<22}{cells}{ratios}")
+    conc = r["concurrent_tokens_per_s"]
+    print("\nconcurrent: 16 streams of 256 tokens at once, total tokens/s (best round)")
+    print(
+        "  "
+        + ", ".join(f"{p} {conc[p]:.0f}" for p in paths)
+        + "; mesh/"
+        + ", mesh/".join(f"{p} {conc['mesh'] / conc[p]:.2f}x" for p in paths[1:])
+    )
+    print("\nCPU ms per fast request (256 tokens), by process (serial requests)")
+    for path, row in r["cpu_ms_per_request"].items():
+        servers = sum(v for k, v in row.items() if k != "client")
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in row.items())
+        print(f"  {path:<7} {parts}; servers in all {servers:.2f}")
+    m = r["gateway_memory"]
+    print(
+        f"\ngateway memory: RSS {m['rss_idle_mib']:.0f} MiB idle, "
+        f"+{m['kib_per_concurrent_stream']:.0f} KiB per concurrent stream (peak of 16), "
+        f"{m['retained_kib_per_request']:+.1f} KiB retained per request over "
+        f"{m['serial_requests']} more"
+    )
+    print("\ngoals (each against the direct server, measured in this run)")
+    for key, label, goal, ok in GOALS:
+        value = r["goals"][key]
+        shown = f"{value:+.1f} ms" if key.endswith("_ms") else f"{value:.2f}x"
+        print(f"  {label:<52}{shown:>10}  goal {goal:<9} {'met' if ok(value) else 'MISSED'}")
+    heavy = r["fast"].get("heavy")
+    if heavy is not None:
+        f = r["fast"]
         print(
-            f"  => latency ratio {latency_ratio:.2f}, tokens/s ratio {tps_ratio:.2f} "
-            f"({verdict} the 20% target: mesh costs {100 * (latency_ratio - 1):+.0f}%)\n"
+            f"  (against the heavy server: total {f['mesh']['total_ms'] / heavy['total_ms']:.2f}x, "
+            "first token "
+            f"{f['mesh']['first_token_ms'] - heavy['first_token_ms']:+.1f} ms, 16 streams "
+            f"{conc['mesh'] / conc['heavy']:.2f}x)"
         )
-    print("concurrent: 16 streams of 256 tokens at once, total tokens/s (best round)")
-    ratio = conc["mesh"] / conc["direct"]
-    print(f"  mesh {conc['mesh']:.0f}, direct {conc['direct']:.0f}, ratio {ratio:.2f}")
+
+
+async def _client(
+    urls: dict[str, str], procs: dict[str, list[Child]], quick: bool, as_json: str | None
+) -> None:
+    result = await _measure(urls, procs, quick)
+    result["goals_met"] = {key: bool(ok(result["goals"][key])) for key, _, _, ok in GOALS}
+    result["quick"] = quick
+    result["versions"] = {
+        n: _version(n) for n in ("hypercorn", "uvicorn", "starlette", "httpx", "libp2p", "trio")
+    }
+    result["python"] = platform.python_version()
+    result["cores"] = os.cpu_count()
+    _report(result, quick)
+    if as_json:
+        text = json.dumps(result, indent=2, sort_keys=True)
+        if as_json == "-":
+            print(text)
+        else:
+            with open(as_json, "w") as f:
+                f.write(text + "\n")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="less work, about 15 s")
-    parser.add_argument("--role", choices=["provider", "gateway", "direct"], help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="less work, about 30 s")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE ('-': stdout)")
+    parser.add_argument(
+        "--role", choices=["provider", "gateway", "direct", "bare", "heavy"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--provider", help=argparse.SUPPRESS)
     args = parser.parse_args()
     from modelnet_p2p.log import quiet_libp2p
 
     quiet_libp2p()
-    if args.role == "provider":
-        trio.run(_provider)
+    if args.role == "heavy":
+        _heavy()
         return 0
-    if args.role == "gateway":
-        trio.run(_gateway, args.provider)
-        return 0
-    if args.role == "direct":
-        trio.run(_direct)
+    if args.role is not None:
+        roles: dict[str, Any] = {"provider": _provider, "gateway": _gateway, "direct": _direct, "bare": _bare}
+        fn = roles[args.role]
+        trio.run(fn, *([args.provider] if args.role in ("gateway", "bare") else []))
         return 0
     children: list[Child] = []
     try:
         provider = _spawn("provider")
         children.append(provider)
         gateway = _spawn("gateway", "--provider", provider.ready["addr"])
-        children.append(gateway)
         direct = _spawn("direct")
-        children.append(direct)
-        trio.run(_client, {"mesh": gateway.ready["url"], "direct": direct.ready["url"]}, args.quick)
+        heavy = _spawn("heavy")
+        bare = _spawn("bare", "--provider", provider.ready["addr"])
+        children += [gateway, direct, heavy, bare]
+        urls = {"mesh": gateway.ready["url"], "direct": direct.ready["url"], "heavy": heavy.ready["url"],
+                "bare": bare.ready["url"]}  # fmt: skip
+        procs = {"mesh": [provider, gateway], "direct": [direct], "heavy": [heavy], "bare": [provider, bare]}
+        trio.run(_client, urls, procs, args.quick, args.json)
     finally:
         _stop(children)
     return 0

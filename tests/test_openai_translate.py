@@ -179,6 +179,22 @@ def test_stream_frames():
     assert sse_event({"a": [1, 2]}) == b'data: {"a":[1,2]}\n\n' and DONE == b"data: [DONE]\n\n"
 
 
+_TEXTS = st.text(alphabet=st.characters(codec="utf-8"), max_size=40) | st.sampled_from(
+    ['"', "\\", "\x00", "\x00modelnet-text\x00", "</script>", "\u2028", "\U0001f600", "\ud800"]
+)
+
+
+@given(text=_TEXTS, model=_TEXTS, include_usage=st.booleans())
+def test_text_events_are_the_encoded_delta(text: str, model: str, include_usage: bool):
+    """The per-chunk template gives the same bytes as encoding the whole chunk object,
+    whatever the text and the model name (which comes before the text) hold."""
+    chat, text_completion = ChatFrames("c-1", 7, model, include_usage), CompletionFrames("c", 7, model, False)
+    for frames in (chat, text_completion):
+        assert frames.text_event(text) == sse_event(frames.delta(text, None))
+        event = json.loads(frames.text_event(text)[len(b"data: ") : -2])
+        assert event["model"] == model
+
+
 def test_embedding_answers():
     assert embedding_vectors([[1, 2], [[3, 4], [5, 6]]], 3, "p") == [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]
     with pytest.raises(ProtocolError, match="2 embeddings for 3"):

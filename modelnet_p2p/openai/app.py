@@ -103,7 +103,7 @@ from .errors import GatewayError, from_mesh_error, rate_limited, unauthorized
 from .keys import GatewayKey, GatewayKeys, RateLimited, digest
 from .metrics import Metrics
 from .settings import GatewayConfig
-from .sse import EventStream, Frames, sse_body
+from .sse import EventStream, Frames
 from .translate import (
     Answer,
     ChatFrames,
@@ -476,7 +476,7 @@ class Gateway:
     ) -> EventStream:
         rest, outcome, first = await self.calls.start(endpoint, route, input, params, deadline)
         headers = {"cache-control": "no-cache", "x-accel-buffering": "no", "x-modelnet-peer": outcome.peer}
-        return EventStream(sse_body(rest, outcome, first, frames), headers, outcome)
+        return EventStream(rest, outcome, first, frames, headers)
 
     # -- endpoints -------------------------------------------------------------------------
 

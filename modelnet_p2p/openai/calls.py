@@ -179,6 +179,8 @@ class Caller:
         among = self._among(route)
         policy = self.policy if among is not None else None
         sent = _Sent()
+        # Only an idempotent stream may be taken over part-way: only its text is kept.
+        keep_sent = not buffered and route.idempotent
         tried: set[str] = set()
         attempts = 0
         last: ModelNetError | None = None
@@ -197,19 +199,22 @@ class Caller:
                     max_attempts=self.max_attempts - attempts,
                 )
                 resume = sent.resume() if sent else None
+                received = 0
                 try:
                     async with stream:
                         async for chunk in stream:
-                            outcome.peer = stream.info.peer
-                            if outcome.first_chunk_at is None:
-                                outcome.first_chunk_at = trio.current_time()
-                                self.metrics.first_chunk_after(endpoint, outcome.first_chunk_at - started)
-                            self.metrics.chunks[endpoint] += 1
+                            # per chunk: as little as can be (the first chunk does the bookkeeping)
+                            received += 1
+                            if received == 1:
+                                outcome.peer = stream.info.peer
+                                if outcome.first_chunk_at is None:
+                                    outcome.first_chunk_at = trio.current_time()
+                                    self.metrics.first_chunk_after(endpoint, outcome.first_chunk_at - started)
                             if resume is not None:
                                 chunk = resume.rest(chunk)
                                 if chunk is None:
                                     continue
-                            if not buffered:
+                            if keep_sent:
                                 sent.add(chunk)
                             outcome.chunks += 1
                             yield chunk
@@ -240,6 +245,8 @@ class Caller:
                         outcome.chunks = 0
                         yield _RESET
                     continue
+                finally:
+                    self.metrics.chunks[endpoint] += received
                 info = stream.info
                 attempts += len(info.attempts)
                 outcome.peer = info.peer

@@ -16,6 +16,8 @@ import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from ..errors import ProtocolError
@@ -32,6 +34,7 @@ from .errors import GatewayError, invalid
 __all__ = [
     "DONE",
     "EMBEDDING_BATCH_BYTES",
+    "EventTemplate",
     "ChatFrames",
     "ChatRequest",
     "CompletionFrames",
@@ -42,6 +45,7 @@ __all__ = [
     "completion_response",
     "embedding_vectors",
     "embeddings_response",
+    "event_template",
     "finish_reason",
     "generation_params",
     "model_name",
@@ -408,6 +412,14 @@ class ChatFrames:
         """A text delta, or (``text=None``) the closing event with the finish reason."""
         return self._chunk({} if text is None else {"content": text}, finish)
 
+    @cached_property
+    def _text(self) -> EventTemplate:
+        return event_template(self.delta)
+
+    def text_event(self, text: str) -> bytes:
+        """``sse_event(self.delta(text, None))``, from a template made once per answer."""
+        return self._text.render(text)
+
     def usage_frame(self, counts: dict[str, int]) -> dict[str, Any] | None:
         """The usage event after the finish, if the client asked for it."""
         if not self.include_usage:
@@ -441,6 +453,14 @@ class CompletionFrames:
             "choices": [{"text": text or "", "index": 0, "logprobs": None, "finish_reason": finish}],
         }
 
+    @cached_property
+    def _text(self) -> EventTemplate:
+        return event_template(self.delta)
+
+    def text_event(self, text: str) -> bytes:
+        """``sse_event(self.delta(text, None))``, from a template made once per answer."""
+        return self._text.render(text)
+
     def usage_frame(self, counts: dict[str, int]) -> dict[str, Any] | None:
         """The usage event after the finish, if the client asked for it."""
         if not self.include_usage:
@@ -454,6 +474,41 @@ class CompletionFrames:
 def sse_event(obj: Any) -> bytes:
     """One server-sent event carrying ``obj`` as compact JSON."""
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+#: Stands for the text in :func:`event_template` (a NUL-bracketed string no answer field holds
+#: after the text: the fields after it are the gateway's own constants).
+_MARK = "\x00modelnet-text\x00"
+
+
+@dataclass(frozen=True)
+class EventTemplate:
+    """The bytes of a text event before and after its JSON-encoded text (:func:`event_template`)."""
+
+    head: bytes
+    tail: bytes
+
+    def render(self, text: str) -> bytes:
+        """The event carrying ``text``: what :func:`sse_event` gives, without encoding the rest again.
+
+        ``encode_basestring_ascii`` is the string encoder ``json.dumps`` itself uses (with its
+        default ``ensure_ascii``), so the bytes are the same.
+        """
+        return self.head + encode_basestring_ascii(text).encode() + self.tail
+
+
+def event_template(delta: Any) -> EventTemplate:
+    """The template of ``sse_event(delta(text, None))`` for any text.
+
+    ``delta`` builds an event object from a text; it is called once, with a marker, and the
+    encoded event is cut at the marker's last occurrence (the text comes after the id and the
+    model name, the only fields a caller chooses, and before the constant fields).
+    """
+    encoded = sse_event(delta(_MARK, None))
+    head, mark, tail = encoded.rpartition(encode_basestring_ascii(_MARK).encode())
+    if not mark:  # cannot happen for the frames of this module
+        raise ValueError("the event does not carry its text")
+    return EventTemplate(head, tail)
 
 
 def embedding_vectors(chunks: Sequence[Any], expected: int, peer: str) -> list[list[float]]:
