@@ -64,6 +64,8 @@ from .services.inference.admission import Admission, AdmissionLimits
 from .services.inference.handlers import Handler, InferenceRequest
 from .services.inference.server import InferenceServer, Limits
 from .services.relay import RelayService, keep_reservations
+from .services.revocation import PROTOCOL_ID as REVOCATION_PROTOCOL_ID
+from .services.revocation import RevocationService
 
 __all__ = ["InferenceStream", "Peer", "PeerConfig", "Response"]
 
@@ -170,6 +172,10 @@ class Peer:
         self.inference.access = AccessControl(
             trusted=cfg.trust, require_token=cfg.require_token, revocation_files=cfg.revocations
         )
+        #: Revocation lists from files, gossip and polls (``services/revocation.py``, specs/token.md).
+        self.revocation = RevocationService(
+            self.inference.access, cfg.revocations, network_topic=lambda t: topic(t, self.network)
+        )
         self.inference.mesh_factory = self._mesh_context
         self.inference.signer, self.inference.always_sign = self.identity, cfg.sign_receipts  # receipts
         self._load = InferenceLoad(self.inference, cfg.max_concurrency)
@@ -252,6 +258,11 @@ class Peer:
                     gossip, where = self.availability.gossip, topic(REPUTATION_TOPIC, self.network)
                     shared = share_reputation(self.reputation, self.peer_id, gossip, where, nursery)
                     self.shared_reputation = shared
+            rev = protocol_id(REVOCATION_PROTOCOL_ID, self.network)
+            host.set_stream_handler(rev, self.revocation.handle_stream)  # type: ignore[arg-type]
+            heard = self.availability.gossip if self.availability is not None else None
+            poll = self._dialer.for_protocol(rev).open_stream
+            nursery.start_soon(self.revocation.run, heard, poll, self._dialer.is_connected)
             self._bootstrap = await resolve_addrs(self._bootstrap)  # /dns4/, /dns6/ names to IPs
             await self._dialer.connect_bootstrap(self._bootstrap, required=cfg.require_bootstrap)
             await self.discovery.bootstrap(self._dialer.connected_among(self._bootstrap))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import trio
 
 from ..errors import ConfigError, ProtocolError
 from ..p2p.identity import Identity
@@ -30,6 +31,7 @@ from ..proto.token import (
     open_revocations,
     seal_revocations,
 )
+from .options import PSK_HELP, PeerOptions, State, pass_state
 
 __all__ = ["AccessFlags", "access_options", "parse_duration", "parse_rate", "token_group"]
 
@@ -190,10 +192,27 @@ def token_inspect(token: str, as_json: bool) -> None:
 @click.option(
     "--output", "-o", required=True, type=click.Path(dir_okay=False), help="Revocation list file (updated)."
 )
-def token_revoke(tokens: tuple[str, ...], identity: str, output: str) -> None:
+@click.option(
+    "--publish",
+    "publish",
+    multiple=True,
+    help="Multiaddr of a peer to publish the list to, by gossip on the issuer's topic (repeatable).",
+)
+@click.option("--psk-file", "psk_file", type=click.Path(dir_okay=False), help=PSK_HELP)
+@pass_state
+def token_revoke(
+    state: State,
+    tokens: tuple[str, ...],
+    identity: str,
+    output: str,
+    publish: tuple[str, ...],
+    psk_file: str | None,
+) -> None:
     """Add TOKENS (every block of each) to the issuer's signed revocation list file.
 
-    Serve with --revocations FILE: the server re-reads it when it changes.
+    A peer serving with --revocations FILE re-reads it when it changes (every 5 s) and
+    publishes it to the providers that trust the issuer (gossip; they also poll it).
+    --publish ADDR publishes it now through the peers at ADDR, from a short-lived peer.
     """
     issuer, _ = _key(identity)
     path = Path(output)
@@ -215,6 +234,40 @@ def token_revoke(tokens: tuple[str, ...], identity: str, output: str) -> None:
     tmp.write_bytes(data)
     os.replace(tmp, path)  # readers never see half a file
     click.echo(f"{output}: {len(ids)} revoked ids, seq {seq}", err=True)
+    if publish:
+        flags = PeerOptions(listen=("/ip4/127.0.0.1/tcp/0",), bootstrap=publish, psk_file=psk_file)
+        cfg, _ = state.config(flags)
+        reached = trio.run(_publish, cfg, str(issuer.peer_id), data)
+        if not reached:
+            raise ConfigError(
+                "no peer at --publish subscribes to the issuer's revocations (do they --trust it?)"
+            )
+        click.echo(f"published to {reached} peer(s) subscribed to the issuer's revocations", err=True)
+
+
+#: Seconds ``token revoke --publish`` waits for a neighbour subscribed to the issuer's topic.
+PUBLISH_WAIT = 10.0
+
+
+async def _publish(cfg: Any, issuer: str, data: bytes) -> int:
+    """Publish ``data`` on ``issuer``'s topic from a short-lived peer: how many neighbours had joined it."""
+    from ..p2p.network import topic
+    from ..services.revocation import revocation_topic
+    from .common import make_peer
+
+    async with make_peer(cfg, gossip=True) as peer:
+        gossip = peer.availability.gossip if peer.availability is not None else None
+        if gossip is None:
+            return 0
+        where = revocation_topic(issuer, lambda t: topic(t, peer.network))
+        with trio.move_on_after(PUBLISH_WAIT):
+            while not gossip.subscribers(where):
+                await trio.sleep(0.1)
+        reached = len(gossip.subscribers(where))
+        if reached:
+            await gossip.publish(where, data)
+            await gossip.flush(5.0)
+        return reached
 
 
 # -- serve's access flags ---------------------------------------------------------------

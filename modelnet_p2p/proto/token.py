@@ -69,6 +69,7 @@ __all__ = [
     "inspect_token",
     "issue_token",
     "open_revocations",
+    "peek_revocations",
     "pattern_matches",
     "seal_revocations",
     "verify_token",
@@ -551,8 +552,16 @@ def seal_revocations(signer: Signer, ids: Iterable[str], *, seq: int, issued: in
     return seal_body(REVOCATION_FORMAT, body, signer)
 
 
-def open_revocations(data: bytes, trusted: Collection[str]) -> RevocationList:
-    """The list in ``data``, if signed by one of ``trusted``; :class:`ProtocolError` otherwise."""
+def peek_revocations(data: bytes) -> RevocationList:
+    """The list in ``data`` if it is well formed and signed by the issuer it names (whoever
+    that is: no trust decision); :class:`ProtocolError` otherwise. For peers that hold and
+    pass lists on (``services/revocation.py``); a verifier applies only :func:`open_revocations`."""
+    return open_revocations(data, None)
+
+
+def open_revocations(data: bytes, trusted: Collection[str] | None) -> RevocationList:
+    """The list in ``data``, if signed by one of ``trusted`` (``None``: by the issuer it names,
+    whoever that is); :class:`ProtocolError` otherwise."""
     body, sig = open_envelope(REVOCATION_FORMAT, data)
     obj = decode_body(REVOCATION_FORMAT, body)
     issuer, seq, issued, ids = obj.get("iss"), obj.get("seq"), obj.get("at"), obj.get("ids")
@@ -564,7 +573,7 @@ def open_revocations(data: bytes, trusted: Collection[str]) -> RevocationList:
         raise ProtocolError(f"revocation list ids must be a list of at most {MAX_REVOKED}")
     if not all(isinstance(i, str) and _REVOCATION_ID.match(i) for i in ids):
         raise ProtocolError("revocation ids are lower-case hex")
-    if issuer not in trusted:
+    if trusted is not None and issuer not in trusted:
         raise ProtocolError(f"revocation list from {issuer}, who is not a trusted issuer")
     if not verify_body(REVOCATION_FORMAT, issuer, body, sig):
         raise ProtocolError("revocation list signature does not verify")

@@ -20,7 +20,7 @@ The caller's side: :func:`using_token` sets the token the requests made inside i
 Revocation: signed revocation lists (:func:`~modelnet_p2p.proto.token.seal_revocations`),
 read from files that are checked for changes at most every ``reload_interval`` seconds,
 when a request needs them, and from :meth:`AccessControl.add_revocations` (for lists that
-arrive another way).
+arrive another way: gossip and polling, ``services/revocation.py``).
 """
 
 from __future__ import annotations
@@ -159,11 +159,18 @@ class AccessControl:
         """Every revocation id currently revoked."""
         return self._revoked
 
+    def revocation_seq(self, issuer: str) -> int | None:
+        """The ``seq`` of the list of ``issuer`` applied here, ``None`` if none."""
+        rl = self._lists.get(issuer)
+        return None if rl is None else rl.seq
+
     def add_revocations(self, data: bytes) -> RevocationList:
-        """Apply a signed revocation list (a newer ``seq`` of an issuer replaces its older list)."""
+        """Apply a signed revocation list of a trusted issuer: only a newer ``seq`` replaces the
+        issuer's list (an older or equal one changes nothing, so a replayed list never
+        un-revokes). Raises :class:`ProtocolError` for a list that is not valid or not trusted."""
         rl = open_revocations(data, self.trusted)
         old = self._lists.get(rl.issuer)
-        if old is None or rl.seq >= old.seq:
+        if old is None or rl.seq > old.seq:
             self._lists[rl.issuer] = rl
             self._revoked = frozenset().union(*(x.ids for x in self._lists.values()))
             self._cache.clear()
