@@ -27,7 +27,7 @@ from .errors import (
     UnavailableError,
 )
 from .log import set_verbose
-from .mesh.client import InferenceStream, MeshClient, Response
+from .mesh.client import InferenceStream, MeshClient, ReplayMismatchError, Response
 from .mesh.collab import Mesh, Result, Step, Trace
 from .mesh.context import MeshContext
 from .mesh.routing import Candidate, Policy, Router
@@ -37,6 +37,7 @@ from .peer import Peer
 from .proto.capability import Capability, CostHint
 from .proto.card import CapabilityCard
 from .proto.infer import TraceContext
+from .proto.receipt import Receipt, ReceiptError
 from .proto.session import Limits
 from .services.availability import MeshViewRow
 from .services.inference import Handler, InferenceRequest, ResponseInfo
@@ -71,6 +72,9 @@ __all__ = [
     "PeerID",
     "Policy",
     "ProtocolError",
+    "Receipt",
+    "ReceiptError",
+    "ReplayMismatchError",
     "Response",
     "ResponseInfo",
     "Result",

@@ -202,6 +202,7 @@ def _serve_upstream(
     as_json: bool,
     watch_stdin: bool,
     metrics_listen: str | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> None:
     try:
         from ..openai.upstream import parse_upstream_target, serve_upstream
@@ -215,7 +216,9 @@ def _serve_upstream(
         upstream = await serve_upstream(peer, base_url, models=models, api_key=api_key, tags=tags)
         return list(upstream.capabilities)
 
-    run_async(serve_until_stopped, cfg, [], drain_timeout, as_json, watch_stdin, None, setup, metrics_listen)
+    run_async(
+        serve_until_stopped, cfg, [], drain_timeout, as_json, watch_stdin, overrides, setup, metrics_listen
+    )
 
 
 @click.command("serve")
@@ -243,6 +246,11 @@ def _serve_upstream(
 @click.option(
     "--api-key-env", help="With openai+http(s)://: environment variable holding the upstream's API key."
 )
+@click.option(
+    "--sign-receipts",
+    is_flag=True,
+    help="Sign a receipt for every answer, asked for or not (specs/inference.md, Signed receipts).",
+)
 @access_options
 @metrics_option
 @peer_options()
@@ -261,6 +269,7 @@ def serve_command(
     watch_stdin: bool,
     models: tuple[str, ...],
     api_key_env: str | None,
+    sign_receipts: bool,
     metrics_listen: str | None,
     peer: PeerOptions,
     access: AccessFlags,
@@ -273,13 +282,15 @@ def serve_command(
     model it lists; --model chooses).
     """
     cfg, _ = state.config(peer)
+    overrides = {**access.peer_overrides(), **({"sign_receipts": True} if sign_receipts else {})}
     if target.startswith("openai+"):
         if cap_name or task or cap_version or description or only:
             raise click.UsageError("with openai+http(s):// the models come from the server; use --model")
         try:
             _serve_upstream(
-                cfg, target, models, api_key_env, tags, drain_timeout, as_json, watch_stdin, metrics_listen
-            )
+                cfg, target, models, api_key_env, tags, drain_timeout, as_json, watch_stdin, metrics_listen,
+                overrides,
+            )  # fmt: skip
         except KeyboardInterrupt:
             pass
         return
@@ -301,7 +312,7 @@ def serve_command(
             drain_timeout,
             as_json,
             watch_stdin,
-            access.peer_overrides(),
+            overrides,
             None,
             metrics_listen,
         )
