@@ -35,7 +35,7 @@ from libp2p.records.utils import InvalidRecordType
 from libp2p.tools.anyio_service import background_trio_service
 
 from modelnet_p2p import Capability, Peer
-from modelnet_p2p.p2p._compat.kad import KadHostView, MeshKadDHT, MeshProviderStore, TokenBuckets
+from modelnet_p2p.p2p._compat.kad import KadHostView, MeshKadDHT, MeshProviderStore
 from modelnet_p2p.p2p.host import build_host, running_host
 from modelnet_p2p.p2p.identity import Identity
 from modelnet_p2p.p2p.kad import InboundLimits, KadNode, PrivateProtocolError
@@ -257,15 +257,6 @@ def test_stock_strict_kad_dht_still_stores_pk_and_ipns_values() -> None:
         ours.validator.validate(key, value)
 
 
-def test_stock_handle_stream_resets_past_12_with_no_read_timeout() -> None:
-    """Shim: InboundGuard. The cap is a private limiter of 12; reads have no deadline."""
-    dht = KadDHT(new_host(), DHTMode.SERVER)
-    assert dht._inbound_limiter.total_tokens == 12
-    source = inspect.getsource(KadDHT._do_handle_stream)
-    assert "read_varint_prefixed_bytes_limited" in source
-    assert "fail_after" not in source and "move_on_after" not in source
-
-
 def test_ours_provider_store_answers_verified_first_and_evicts_refuted_first() -> None:
     store = MeshProviderStore(new_host(), None, ttl=60, max_per_key=3, wall_clock=lambda: clock[0])
     store.verifier = _never  # records from the network get verdicts only from the test
@@ -300,15 +291,6 @@ clock = [0.0]
 
 async def _never(key: bytes, info: PeerInfo) -> bool | None:
     return None
-
-
-def test_ours_token_buckets_refill_per_peer() -> None:
-    now = [0.0]
-    buckets = TokenBuckets(2.0, 3.0, lambda: now[0])
-    assert [buckets.take("a") for _ in range(4)] == [True, True, True, False]
-    assert buckets.take("b")  # another peer has its own bucket
-    now[0] = 0.5  # one token back
-    assert buckets.take("a") and not buckets.take("a")
 
 
 # -- KadDHT ----------------------------------------------------------------------------------

@@ -35,7 +35,9 @@ from libp2p.tools.anyio_service import background_trio_service
 from libp2p.tools.anyio_service.api import ManagerAPI
 from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
+from ..errors import ProtocolError
 from ..proto.framing import encode_varint
+from ..proto.kadcards import append_cards, cards_in
 from ._compat.kad import (
     IPFS_KAD_PROTOCOL_ID,
     InboundLimitError,
@@ -103,12 +105,15 @@ class KadPeer:
 
 @dataclass(frozen=True)
 class KadRequest:
-    """One DHT request: ``value`` for PUT_VALUE, ``provider`` for ADD_PROVIDER."""
+    """One DHT request: ``value`` for PUT_VALUE, ``provider`` for ADD_PROVIDER; ``cards``:
+    card envelopes in the extension field (``specs/capability.md``, "Cards beside provider
+    records"), e.g. the provider's own card in an ADD_PROVIDER."""
 
     kind: KadKind
     key: bytes
     value: bytes | None = None
     provider: KadPeer | None = None
+    cards: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,8 @@ class KadResponse:
     closer: tuple[KadPeer, ...] = ()
     providers: tuple[KadPeer, ...] = ()
     value: bytes | None = None
+    #: Card envelopes in the extension field (unverified: the caller checks them).
+    cards: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -179,7 +186,7 @@ def encode_request(req: KadRequest) -> bytes:
         peer = msg.providerPeers.add()
         peer.id = peer_id_bytes(req.provider.peer_id)
         peer.addrs.extend(multiaddr.Multiaddr(a).to_bytes() for a in req.provider.addrs)
-    return bytes(msg.SerializeToString())
+    return append_cards(bytes(msg.SerializeToString()), req.cards)
 
 
 def decode_response(data: bytes, *, max_closer: int, max_providers: int) -> KadResponse:
@@ -187,7 +194,15 @@ def decode_response(data: bytes, *, max_closer: int, max_providers: int) -> KadR
     msg = Message()
     msg.ParseFromString(data)
     value = msg.record.value if msg.HasField("record") and msg.record.value else None
-    return KadResponse(_peers(msg.closerPeers, max_closer), _peers(msg.providerPeers, max_providers), value)
+    cards: tuple[bytes, ...] = ()
+    if msg.providerPeers:
+        try:
+            cards = tuple(cards_in(data))
+        except ProtocolError:
+            cards = ()  # the known fields parsed: the answer stands without its cards
+    return KadResponse(
+        _peers(msg.closerPeers, max_closer), _peers(msg.providerPeers, max_providers), value, cards
+    )
 
 
 class KadNode:
@@ -398,6 +413,15 @@ class KadNode:
             return await verifier(key, KadPeer(str(info.peer_id), tuple(str(a) for a in info.addrs)))
 
         self._running.providers.start_verifying(self._background, check, concurrency)
+
+    def carry_cards(
+        self, offered: Callable[[bytes, str, bytes], None], cards_for: Callable[[list[str]], list[bytes]]
+    ) -> None:
+        """Cards beside provider records, as a server (``specs/capability.md``): ``offered(key,
+        provider, card)`` gets the card an ADD_PROVIDER carries (unverified);
+        ``cards_for(providers)`` gives the card envelopes to add to an answer listing them."""
+        guard = self._running.guard
+        guard.offered, guard.cards_for = offered, cards_for
 
     def provider_counts(self, key: bytes) -> tuple[int, int]:
         """``(verified, stored)`` provider records of ``key`` here."""

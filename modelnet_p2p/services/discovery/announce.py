@@ -12,6 +12,9 @@ lookup finds. A server *acknowledges* a record:
   spec gives ``ADD_PROVIDER`` no answer) acknowledges if a ``GET_PROVIDERS`` of the key
   sent to that same server lists this peer.
 
+Each ``ADD_PROVIDER`` carries the card itself ("Cards beside provider records"), so that a
+server can check the record without asking this peer for its card.
+
 A target needs ``min(replication, peers found)`` acknowledgements, where the peers found
 are those that answered any lookup of this announce or acknowledged any of its records
 (one record's lookup may fail on a busy machine while another's gets through; the mesh is
@@ -121,7 +124,7 @@ async def publish(
     if keys is None:
         keys = announced_keys(card.capabilities)  # the card's keys and the browse index
     for label, key in keys:
-        provide = KadRequest(KadKind.ADD_PROVIDER, key, provider=me)
+        provide = KadRequest(KadKind.ADD_PROVIDER, key, provider=me, cards=(card.envelope,))
         targets.append(_Target(label, key, provide, KadKind.FIND_NODE))
     result = AnnounceResult(card, provider_keys=len(keys), replication=replication)
     found_any: set[str] = set()  # answered a lookup of this announce

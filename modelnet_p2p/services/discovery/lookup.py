@@ -28,7 +28,7 @@ import trio
 
 from ...errors import ProtocolError
 from ...p2p.kad import KadKind, KadNode, KadOutcome, KadPeer, KadRequest, KadResponse, peer_id_bytes
-from ...proto.card import CapabilityCard, value_key
+from ...proto.card import CapabilityCard, open_card, value_key
 from .query import Query
 from .records import verified_card
 
@@ -146,6 +146,11 @@ class Lookups:
         self.rtt = RttEstimator(initial=INITIAL_PATIENCE, floor=MIN_PATIENCE, ceiling=rpc_timeout)
         #: Requests that were still unanswered after the patience (a slot went to another peer).
         self.slow_requests = 0
+        #: Providers found whose card came beside their record (no fetch), card fetches, and
+        #: cards beside records that did not verify or named a peer the answer did not list.
+        self.cards_carried = 0
+        self.card_fetches = 0
+        self.cards_refused = 0
 
     def _now_ms(self) -> int:
         return int(self._wall_clock() * 1000)
@@ -329,6 +334,7 @@ class Lookups:
                     nursery.cancel_scope.cancel()
 
             async def fetch(provider: KadPeer) -> None:
+                self.card_fetches += 1
                 async with limiter:
                     card = await self.fetch_direct(provider.peer_id, provider.addrs)
                 if card is None:
@@ -337,13 +343,18 @@ class Lookups:
                 deliver(card)
 
             def on_response(_peer: str, resp: KadResponse) -> None:
+                carried = self._cards_beside(resp)
                 for provider in resp.providers:
                     if len(seen) >= MAX_PROVIDERS_PER_LOOKUP:
                         return
                     if provider.peer_id in seen:
                         continue
                     seen.add(provider.peer_id)
-                    if provider.peer_id != me:
+                    card = carried.get(provider.peer_id)
+                    if card is not None and query.matches(card):
+                        self.cards_carried += 1
+                        deliver(card)  # the server gave the provider's own signed card
+                    elif provider.peer_id != me:
                         nursery.start_soon(fetch, provider)
                     else:
                         own = own_card()
@@ -353,6 +364,27 @@ class Lookups:
             await self.closest(key, KadKind.GET_PROVIDERS, on_response)
             log.debug("lookup of %s found %d providers", label, len(seen - done) + sent)
         return sent
+
+    def _cards_beside(self, resp: KadResponse) -> dict[str, CapabilityCard]:
+        """The cards an answer carries beside its provider records that verify, by peer id
+        (``specs/capability.md``, "Cards beside provider records"). Each is checked against
+        the provider record it stands beside: a server can withhold a card, not forge one."""
+        if not resp.cards:
+            return {}
+        listed = {p.peer_id for p in resp.providers}
+        found: dict[str, CapabilityCard] = {}
+        now = self._now_ms()
+        for envelope in resp.cards:
+            try:
+                card = open_card(envelope, now_ms=now)
+            except ProtocolError:
+                self.cards_refused += 1
+                continue
+            if card.peer_id not in listed:
+                self.cards_refused += 1
+            elif card.peer_id not in found:
+                found[card.peer_id] = card
+        return found
 
     async def fetch_card(self, peer_id: str, addrs: Sequence[str] = ()) -> CapabilityCard | None:
         """The newest valid card of ``peer_id``: from the peer itself, else from the DHT."""

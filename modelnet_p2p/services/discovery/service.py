@@ -262,8 +262,10 @@ class Discovery:
                 self._lookups,
                 self.wall_clock,
                 keys_of=lambda card: (key for _label, key in announced_keys(card.capabilities)),
+                own_card=lambda: self.card,
             )
             kad.verify_providers(self.provider_check, VERIFY_CONCURRENCY)
+            kad.carry_cards(self.provider_check.offer, self.provider_check.cards_for)
         log.debug("DHT on %s in %s mode", self.protocol, self.mode)
 
     async def bootstrap(self, peer_ids: Sequence[object]) -> None:

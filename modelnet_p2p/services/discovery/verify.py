@@ -11,7 +11,10 @@ verdict (streams fail now and then on a busy machine). So 300 made-up providers 
 at a tarpit neither fill a key nor keep sending discoverers to the tarpit.
 
 Cards are cached per provider until they expire, so the records of one announce (up to 64
-keys) cost one fetch.
+keys) cost one fetch, and none when the ADD_PROVIDER carries the card ("Cards beside
+provider records": :meth:`ProviderCheck.offer`). The cached cards go out beside the records
+in this server's GET_PROVIDERS answers (:meth:`ProviderCheck.cards_for`), so that a
+discoverer need not fetch them.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class ProviderCheck:
         lookups: fetches cards (from the provider itself, else from the DHT).
         wall_clock: seconds since the epoch (card expiry).
         keys_of: the provider keys a card may be announced under (default: the card's keys).
+        own_card: this server's own current card (it goes out beside its own records).
     """
 
     def __init__(
@@ -71,15 +75,22 @@ class ProviderCheck:
         lookups: Lookups,
         wall_clock: Callable[[], float],
         keys_of: Callable[[CapabilityCard], Iterable[bytes]] = _card_keys,
+        own_card: Callable[[], CapabilityCard | None] = lambda: None,
     ) -> None:
         self._lookups = lookups
         self._wall_clock = wall_clock
         self._keys_of = keys_of
+        self._own = own_card
         self._cards: OrderedDict[str, CapabilityCard] = OrderedDict()
         self._failed: OrderedDict[str, tuple[float, bool | None]] = OrderedDict()
         #: Records accepted and rejected so far.
         self.accepted = 0
         self.rejected = 0
+        #: Cards offered with provider records that verified, and that did not; card
+        #: fetches made for checks (from the provider, then the DHT).
+        self.offers_kept = 0
+        self.offers_rejected = 0
+        self.fetches = 0
 
     def _now_ms(self) -> int:
         return int(self._wall_clock() * 1000)
@@ -88,10 +99,35 @@ class ProviderCheck:
         return card is not None and not card.expired(self._now_ms()) and key in set(self._keys_of(card))
 
     def _remember(self, card: CapabilityCard) -> None:
-        self._cards.pop(card.peer_id, None)
+        old = self._cards.pop(card.peer_id, None)
+        if old is not None and old.seq > card.seq:
+            card = old  # never replace a newer card with an older one
         self._cards[card.peer_id] = card
         while len(self._cards) > MAX_CACHED_CARDS:
             self._cards.popitem(last=False)
+
+    def offer(self, key: bytes, peer_id: str, envelope: bytes) -> None:
+        """The card an ADD_PROVIDER from ``peer_id`` carries: kept if it verifies (it is
+        ``peer_id``'s, signed, unexpired), so that the record's check needs no fetch."""
+        try:
+            card = verified_card(envelope, peer_id, self._now_ms())
+        except ProtocolError as exc:
+            self.offers_rejected += 1
+            log.debug("card offered by %s rejected: %s", peer_id, exc.message)
+            return
+        self.offers_kept += 1
+        self._remember(card)
+
+    def cards_for(self, peer_ids: list[str]) -> list[bytes]:
+        """The envelopes of the unexpired cards kept of ``peer_ids`` (this server's own card
+        included), in that order, for a GET_PROVIDERS answer listing them."""
+        now = self._now_ms()
+        found = []
+        for pid in peer_ids:
+            card = self._own() if pid == self._lookups.kad.peer_id else self._cards.get(pid)
+            if card is not None and not card.expired(now):
+                found.append(card.envelope)
+        return found
 
     def _stored(self, peer_id: str) -> CapabilityCard | None:
         value = self._lookups.kad.local_value(value_key(peer_id).encode())
@@ -129,6 +165,7 @@ class ProviderCheck:
             card = self._stored(peer.peer_id)
             timed_out = False
             if card is None or not self._lists(card, key):
+                self.fetches += 1
                 with trio.move_on_after(VERIFY_TIMEOUT):
                     card, timed_out = await self._lookups.ask_for_card(peer.peer_id, peer.addrs)
                     if card is None:
