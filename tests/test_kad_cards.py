@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
 
-from modelnet_p2p import Capability, ProtocolError
+from modelnet_p2p import Capability, Peer, ProtocolError
 from modelnet_p2p.p2p.identity import Identity
 from modelnet_p2p.proto.card import MAX_CARD_SIZE, CapabilityCard, model_key, seal
 from modelnet_p2p.proto.kadcards import (
@@ -28,6 +28,7 @@ from modelnet_p2p.proto.kadcards import (
     cards_in,
     fit_cards,
 )
+from modelnet_p2p.services.discovery.announce import AnnounceResult
 from modelnet_p2p.testing import open_peers
 
 VECTORS = Path(__file__).parent.parent / "specs" / "vectors" / "kad-cards.json"
@@ -175,3 +176,29 @@ async def test_an_offered_card_that_is_not_the_providers_is_rejected() -> None:
             assert check.cards_for([str(stranger.peer_id), str(victim.peer_id)]) == []
             check.offer(b"k", str(stranger.peer_id), card.envelope)
             assert check.cards_for([str(victim.peer_id), str(stranger.peer_id)]) == [card.envelope]
+
+
+async def test_an_announce_after_a_change_is_partial_unless_the_addresses_changed() -> None:
+    """Provider records carry the provider's addresses: after an address change every record
+    is placed again; after any other change only the new ones (``specs/capability.md``)."""
+
+    async def next_announce(peer: Peer, seq: int) -> AnnounceResult:
+        with trio.fail_after(30):
+            while (r := peer.discovery.last_announce) is None or r.card.seq <= seq:
+                await trio.sleep(0.05)
+        return r
+
+    async with open_peers(3) as (_server, provider, _other):
+        provider.serve(Capability("first", task="chat"), answer)
+        await provider.announce()
+        full = provider.discovery.last_announce
+        assert full is not None and full.confirmed
+        provider.serve(Capability("second", task="chat"), answer)
+        partial = await next_announce(provider, full.card.seq)
+        # model:second and model-version:second@1.0 only (task:chat and the index are held)
+        assert partial.provider_keys == 2, partial.acks
+        relay = Identity.generate().peer_id
+        provider.discovery.set_extra_addrs([f"/ip4/127.0.0.1/tcp/9/p2p/{relay}/p2p-circuit"])
+        moved = await next_announce(provider, partial.card.seq)
+        assert any("/p2p-circuit" in a for a in moved.card.addrs)
+        assert moved.provider_keys == full.provider_keys + 2  # every record again

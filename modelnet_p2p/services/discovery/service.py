@@ -195,6 +195,8 @@ class Discovery:
         self.announces = 0
         #: Provider keys acknowledged by some server since the last full announce.
         self._placed: set[bytes] = set()
+        #: The addresses the placed provider records carry.
+        self._placed_addrs: tuple[str, ...] = ()
         #: Capability lookups made (:meth:`find`) and their seconds in all, for metrics.
         self.lookups_done = 0
         self.lookup_seconds = 0.0
@@ -439,7 +441,8 @@ class Discovery:
         ``full=False`` (an announce after a change) places the card and only the provider
         records not acknowledged since the last full announce, for example those of a
         capability just served: the others are still held, and the next full announce
-        (every ``announce_interval``) refreshes them all.
+        (every ``announce_interval``) refreshes them all. An announce whose card lists other
+        addresses than the records placed before is full: those records carry the old ones.
 
         Each record goes at once to the closest peers of the routing table, then to the
         k closest a lookup finds, and is retried until ``min(replication, peers found)``
@@ -466,6 +469,8 @@ class Discovery:
             for _label, key in keys:
                 kad.add_local_provider(key, me)
             current = {key for _label, key in keys}
+            if card.addrs != self._placed_addrs:
+                full = True  # the records placed carry the old addresses: place them all again
             self._placed = {k for k in self._placed if k in current and not full}
             result = await publish(
                 card,
@@ -477,6 +482,7 @@ class Discovery:
                 keys=[(label, key) for label, key in keys if key not in self._placed],
             )
             self._placed |= {key for label, key in keys if result.acks.get(label, 0) > 0}
+            self._placed_addrs = card.addrs
             self.last_announce = result
             return result
 
