@@ -38,6 +38,12 @@ that fail once upstream changes that behaviour; then the shim can go.
     - ``LeanYamux`` also enforces the receive window (upstream buffers past it and only logs)
       and drops unread data of reset streams; ``discard_incoming``: a stream closed locally
       keeps buffering what arrives until the remote ends it.
+    - ``LeanYamux`` and ``FastLock`` for bulk: writes joined per window, go-yamux's window
+      updates with a 2 MiB window, locks that do not yield when free, the Noise fast path.
+
+:mod:`.noise` (the Noise transport's reads and writes; canaries in ``tests/test_compat_noise.py``)
+    ``NoiseFastPath``, ``install``: a 64 KiB yamux frame goes out as two Noise messages with a
+    raw write each, and every read costs several system calls and copies.
 
 :mod:`.pnet` (the private-network protector; canaries in ``tests/test_compat_pnet.py``)
     ``PnetConn``, ``protect``, ``install``, ``protect_outbound``: upstream's pnet uses Salsa20
