@@ -206,9 +206,12 @@ class _LocalPeer:
     network = "local"
 
     def __init__(self, nursery: trio.Nursery) -> None:
+        from modelnet_p2p.p2p.pool import StreamPool
+
         self.nursery = nursery
         self.mesh_client = _LocalClient()
         self.inference = _LocalServer()
+        self.stream_pool = StreamPool()
 
 
 async def _direct() -> None:
@@ -679,6 +682,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="less work, about 30 s")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE ('-': stdout)")
     parser.add_argument(
+        "--extra",
+        default="heavy,bare",
+        help="paths measured beside mesh and direct, comma-separated (default: heavy,bare; '' for none)",
+    )
+    parser.add_argument(
         "--role", choices=["provider", "gateway", "direct", "bare", "heavy"], help=argparse.SUPPRESS
     )
     parser.add_argument("--provider", help=argparse.SUPPRESS)
@@ -694,18 +702,20 @@ def main() -> int:
         fn = roles[args.role]
         trio.run(fn, *([args.provider] if args.role in ("gateway", "bare") else []))
         return 0
+    paths = ["mesh", "direct", *(p for p in args.extra.split(",") if p)]
     children: list[Child] = []
     try:
         provider = _spawn("provider")
         children.append(provider)
-        gateway = _spawn("gateway", "--provider", provider.ready["addr"])
-        direct = _spawn("direct")
-        heavy = _spawn("heavy")
-        bare = _spawn("bare", "--provider", provider.ready["addr"])
-        children += [gateway, direct, heavy, bare]
-        urls = {"mesh": gateway.ready["url"], "direct": direct.ready["url"], "heavy": heavy.ready["url"],
-                "bare": bare.ready["url"]}  # fmt: skip
-        procs = {"mesh": [provider, gateway], "direct": [direct], "heavy": [heavy], "bare": [provider, bare]}
+        urls: dict[str, str] = {}
+        procs: dict[str, list[Child]] = {}
+        for path in paths:
+            role = {"mesh": "gateway"}.get(path, path)
+            args_ = ["--provider", provider.ready["addr"]] if role in ("gateway", "bare") else []
+            child = _spawn(role, *args_)
+            children.append(child)
+            urls[path] = child.ready["url"]
+            procs[path] = [provider, child] if role in ("gateway", "bare") else [child]
         trio.run(_client, urls, procs, args.quick, args.json)
     finally:
         _stop(children)

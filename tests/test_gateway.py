@@ -563,6 +563,38 @@ async def test_leaving_a_stream_cancels_the_provider():
     assert seen["tokens"] < 100
 
 
+async def test_concurrent_streams_leave_warm_streams_for_the_next_burst():
+    """Every stream of a burst of concurrent requests is kept for the next burst (up to
+    warm_streams per provider), not just the stream pool's default of 8."""
+    burst = 12
+    async with open_peers(2) as (gw_peer, provider):
+        provider.serve(CHAT, chat_handler(delay=0.05))
+        async with gateway_on(gw_peer, models=static(provider, CHAT), warm_streams=16) as (_gw, url):
+            body = {"model": CHAT.name, "messages": MESSAGES, "stream": True}
+
+            async def one(http: httpx.AsyncClient, texts: list[str]) -> None:
+                async with http.stream("POST", url + "/chat/completions", json=body) as resp:
+                    assert resp.status_code == 200
+                    texts.append((await resp.aread()).decode())
+
+            async def round_() -> list[str]:
+                texts: list[str] = []
+                async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=burst)) as http:
+                    async with trio.open_nursery() as nursery:
+                        for _ in range(burst):
+                            nursery.start_soon(one, http, texts)
+                return texts
+
+            first = await round_()
+            pool = gw_peer.stream_pool
+            assert pool.idle_count(provider.peer_id) == burst
+            reused = pool.stats().reused
+            second = await round_()
+            assert pool.stats().reused - reused == burst  # the whole second burst ran on warm streams
+    for text in first + second:
+        assert text.count("data: ") == len(reply_tokens(MESSAGES)) + 3 and text.endswith("data: [DONE]\n\n")
+
+
 async def test_end_to_end_from_an_ollama_server():
     async with trio.open_nursery() as nursery:
         fake = FakeServer("ollama")

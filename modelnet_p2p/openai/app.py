@@ -268,6 +268,8 @@ class Gateway:
             discovery found). Models with explicit ``providers`` always go to those.
         policy: the routing policy for a route's own providers
             (:data:`modelnet_p2p.mesh.routing.POLICIES`).
+        warm_streams: idle streams the peer's stream pool keeps per provider, at least
+            (:attr:`~.settings.GatewayConfig.warm_streams`).
     """
 
     def __init__(
@@ -284,6 +286,7 @@ class Gateway:
         max_attempts: int = GatewayConfig.max_attempts,
         routing: str = GatewayConfig.routing,
         policy: str = GatewayConfig.policy,
+        warm_streams: int = GatewayConfig.warm_streams,
     ) -> None:
         if routing not in ("mesh", "local"):
             raise ConfigError(f"routing must be mesh or local, not {routing!r}")
@@ -291,7 +294,12 @@ class Gateway:
             raise ConfigError("max_attempts must be at least 1")
         if policy not in POLICIES:
             raise ConfigError(f"unknown routing policy {policy!r} (known: {', '.join(POLICIES)})")
+        if warm_streams < 0:
+            raise ConfigError("warm_streams must not be negative")
         self.peer = peer
+        # Keep a warm stream for each of up to warm_streams concurrent requests to a provider:
+        # the pool's own bound (8) closes the rest after every burst, to be opened again.
+        peer.stream_pool.per_peer = max(peer.stream_pool.per_peer, warm_streams)
         self.api_key = api_key or None
         self.keys = _all_keys(keys, self.api_key)
         self.request_timeout = request_timeout
