@@ -311,3 +311,135 @@ async def test_unread_data_of_a_stream_reset_locally_is_dropped_at_once() -> Non
                 await trio.sleep(0.2)
             assert buffered_bytes(conn) == 0, how
             await stream.reset()
+
+
+# -- bulk: writes, window updates, locks (LeanYamux, _LeanStream, FastLock) -------------------
+
+
+def test_upstream_writes_one_frame_at_a_time_and_polls_for_window() -> None:
+    """Canary: ``YamuxStream.write`` hands the connection one 64 KiB frame per
+    ``_write_frame`` and, once the window is shut, sleeps 10 ms between checks."""
+    import inspect
+
+    from libp2p.stream_muxer.yamux import yamux
+
+    source = inspect.getsource(yamux.YamuxStream.write)
+    assert "MAX_MESSAGE_SIZE - HEADER_SIZE" in source
+    assert "await self.conn._write_frame(frame)" in source
+    assert "await trio.sleep(0.01)" in source
+    assert yamux.MAX_MESSAGE_SIZE == 64 * 1024 and yamux.DEFAULT_WINDOW_SIZE == 256 * 1024
+
+
+async def _transfer_over_pipe(receiver_class: type, total: int) -> tuple[int, int, bytes]:
+    """``total`` bytes from a LeanYamux to a ``receiver_class`` over an in-memory pipe, read in
+    64 KiB reads; returns the WINDOW_UPDATE frames the receiver sent, the writes the sender
+    made, and the bytes read."""
+    from modelnet_p2p.p2p._compat.yamux import LeanYamux
+
+    left, right = _pipe()
+    sender = LeanYamux(left, _an_id(), is_initiator=True)
+    receiver = receiver_class(right, _an_id(), is_initiator=False)
+    updates = 0
+    writes = 0
+    send_frame = receiver._write_frame
+    sender_frame = sender._write_frame
+
+    async def counting_updates(data: bytes) -> None:
+        nonlocal updates
+        if data[1] == 1 and not data[3] & 1:  # TYPE_WINDOW_UPDATE without SYN
+            updates += 1
+        await send_frame(data)
+
+    async def counting_writes(data: bytes) -> None:
+        nonlocal writes
+        writes += data[1] == 0
+        await sender_frame(data)
+
+    vars(receiver)["_write_frame"] = counting_updates
+    vars(sender)["_write_frame"] = counting_writes
+    payload = bytes(range(256)) * (total // 256)
+    got = bytearray()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender.start)
+            nursery.start_soon(receiver.start)
+            await sender.event_started.wait()
+            await receiver.event_started.wait()
+            stream = await sender.open_stream()
+            nursery.start_soon(stream.write, payload)
+            inbound = await receiver.accept_stream()
+            while len(got) < total:
+                got += await inbound.read(65536)
+            nursery.cancel_scope.cancel()
+    return updates, writes, bytes(got) if bytes(got) == payload else b""
+
+
+async def test_upstream_sends_a_window_update_for_nearly_every_read() -> None:
+    """Canary: upstream's receiver sends a WINDOW_UPDATE per 64 KiB read (release on read)."""
+    from libp2p.stream_muxer.yamux.yamux import Yamux
+
+    updates, _, got = await _transfer_over_pipe(Yamux, 4 << 20)
+    assert got
+    assert updates >= 48  # the upstream behaviour: about one per read (64 reads here)
+
+
+async def test_lean_streams_update_the_window_per_half_window_and_join_writes() -> None:
+    from modelnet_p2p.p2p._compat.yamux import MAX_STREAM_WINDOW, LeanYamux
+
+    total = 8 << 20
+    updates, writes, got = await _transfer_over_pipe(LeanYamux, total)
+    assert got  # every byte, in order
+    # one update on the first read (the whole window), then one per half window read
+    assert updates <= total // (MAX_STREAM_WINDOW // 2) + 2, updates
+    assert writes <= total // (MAX_STREAM_WINDOW // 2) + 4, writes  # not one per 64 KiB frame
+
+
+async def test_a_connections_streams_share_a_bounded_window() -> None:
+    """However many streams a connection has, their windows beyond the spec's 256 KiB each
+    stay within MAX_CONNECTION_WINDOW (and each within MAX_STREAM_WINDOW)."""
+    from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE
+
+    from modelnet_p2p.p2p._compat.yamux import MAX_CONNECTION_WINDOW, MAX_STREAM_WINDOW, LeanYamux
+
+    left, right = _pipe()
+    conn = LeanYamux(left, _an_id(), is_initiator=True)
+    other = LeanYamux(right, _an_id(), is_initiator=False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn.start)
+        nursery.start_soon(other.start)
+        await conn.event_started.wait()
+        await other.event_started.wait()
+        streams = [await conn.open_stream() for _ in range(40)]
+        targets = [s.target_recv_window for s in streams]
+        nursery.cancel_scope.cancel()
+    assert max(targets) == MAX_STREAM_WINDOW
+    assert min(targets) == DEFAULT_WINDOW_SIZE  # the streams past the budget
+    assert sum(t - DEFAULT_WINDOW_SIZE for t in targets) <= MAX_CONNECTION_WINDOW
+
+
+async def test_fast_lock_excludes_and_skips_the_checkpoint_when_free() -> None:
+    from modelnet_p2p.p2p._compat.yamux import FastLock
+
+    lock = FastLock()
+    inside = 0
+    most = 0
+
+    async def worker() -> None:
+        nonlocal inside, most
+        for _ in range(20):
+            async with lock:
+                inside += 1
+                most = max(most, inside)
+                await trio.sleep(0)
+                inside -= 1
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(worker)
+    assert most == 1
+    # free: taken without yielding (a cancelled scope would raise at a checkpoint)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        async with lock:
+            assert lock.locked()
+    assert not lock.locked()
