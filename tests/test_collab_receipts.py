@@ -26,6 +26,7 @@ from modelnet_p2p.mesh.collab import (
     pipeline,
     receipt_tree,
     route,
+    run_workflow,
     verify_receipt_tree,
 )
 from modelnet_p2p.mesh.collab.receipts import RECEIPT_TREE_FORMAT
@@ -227,6 +228,54 @@ async def test_router_draft_verify_and_streamed_pipeline_trees() -> None:
     assert rejected(lost) == "broken_chain"
 
 
+# -- workflows: patterns nested ------------------------------------------------------------------
+
+
+async def test_workflow_with_nested_patterns_tree() -> None:
+    solve_twice = {"ensemble": {"capability": "solve", "k": 2, "timeout": 15}}
+    workflow = {
+        "input": "12 times 7 plus 3",
+        "pipeline": {
+            "steps": [
+                {"router": {"capability": "classify", "default": "calc", "routes": {"math": solve_twice}}},
+                "wrap",
+            ]
+        },
+    }
+
+    async def classify(request):  # type: ignore[no-untyped-def]
+        return {"label": "math"}
+
+    async def solve(request):  # type: ignore[no-untyped-def]
+        yield "8"
+        yield "7"
+
+    async def wrap(request):  # type: ignore[no-untyped-def]
+        return f"[{request.input}]"
+
+    async with open_peers(4) as (client, p1, p2, p3):
+        p1.serve("classify", classify)
+        p1.serve("wrap", wrap)
+        for p in (p2, p3):
+            p.serve(Capability(name="solve", task="tool"), solve)
+        await announce(p1, p2, p3)
+        with trio.fail_after(60):
+            result = await run_workflow(client, workflow, receipts=True)
+    assert result.output == "[87]"
+    tree = as_file(receipt_tree(result.trace, "12 times 7 plus 3", result.output))
+    receipts = verify_receipt_tree(tree)
+    assert [r.capability for r in receipts] == ["classify", "solve", "solve", "wrap"]
+    assert {r.provider for r in receipts[1:3]} == {p2.peer_id, p3.peer_id}
+    nested = tree["root"]["steps"][0]["specialist"]
+    assert nested["kind"] == "ensemble" and len(nested["members"]) == 2
+    tampered = copy.deepcopy(tree)
+    tampered["root"]["steps"][0]["specialist"]["members"][1]["chunks"] = ["8", "8"]
+    assert rejected(tampered) == "bad_output"
+    unsigned = copy.deepcopy(tree)
+    del unsigned["root"]["steps"][1]["receipt"]
+    assert rejected(unsigned) == "missing_receipt"
+
+
 # -- vectors -----------------------------------------------------------------------------------
 
 
@@ -318,6 +367,14 @@ def build_vectors() -> dict[str, Any]:
         "steps": [stream, signed_step("call", "c", "count", "[One.] [Two!] [Three?]", ["3"], 15)],
     }
 
+    nested = {
+        "kind": "pipeline",
+        "steps": [
+            {"kind": "router", "label": "math", "classify": router["classify"], "specialist": vote},
+            signed_step("call", "c", "wrap", "42", ["[42]"], 16),
+        ],
+    }
+
     def bad(name: str, reason: str, tree: dict[str, Any]) -> dict[str, Any]:
         return {"name": name, "reason": reason, "tree": tree}
 
@@ -356,6 +413,11 @@ def build_vectors() -> dict[str, Any]:
                 "name": "draft_verify",
                 "tree": tree_of(draft, q, "42"),
                 "capabilities": ["solver", "check"] * 2,
+            },
+            {
+                "name": "nested_router_to_an_ensemble_then_a_call",
+                "tree": tree_of(nested, q, "[42]"),
+                "capabilities": ["classify", "solve", "solve", "solve", "wrap"],
             },
             {
                 "name": "pipeline_with_a_streamed_step",

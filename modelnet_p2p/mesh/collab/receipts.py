@@ -38,6 +38,7 @@ __all__ = [
     "AGGREGATES",
     "MAX_TREE_DEPTH",
     "MAX_TREE_STEPS",
+    "PATTERN_KINDS",
     "RECEIPT_TREE_FORMAT",
     "receipt_tree",
     "verify_receipt_tree",
@@ -75,8 +76,20 @@ def _index(key: str) -> Callable[[Trace], int]:
     return lambda node: int(node.detail.get(key, 0))
 
 
+#: Trace kinds that are patterns (the rest are calls); a workflow's root holds one node.
+PATTERN_KINDS = frozenset({"pipeline", "ensemble", "router", "draft-verify", "workflow"})
+
+
+def _node(node: Trace) -> dict[str, Any]:
+    return _pattern(node) if node.kind in PATTERN_KINDS else _leaf(node)
+
+
 def _pattern(node: Trace) -> dict[str, Any]:
     kids = node.children
+    if node.kind == "workflow":  # run_workflow's root: its one node, on the workflow's input
+        if len(kids) != 1:
+            raise ValueError("a workflow trace has one node")
+        return _node(kids[0])
     if node.kind == "pipeline":
         steps: list[dict[str, Any]] = []
         for i, child in enumerate(kids):
@@ -94,7 +107,7 @@ def _pattern(node: Trace) -> dict[str, Any]:
                     }
                 )
             else:
-                steps.append(_leaf(child))
+                steps.append(_node(child))
         return {"kind": "pipeline", "steps": steps}
     if node.kind == "ensemble":
         out: dict[str, Any] = {
@@ -108,12 +121,13 @@ def _pattern(node: Trace) -> dict[str, Any]:
             out["judge"] = _leaf(judges[0])
         return out
     if node.kind == "router":
-        classify, specialist = _ok(kids, "classify"), _ok(kids, "specialist")
         out = {"kind": "router", "label": node.detail.get("label")}
+        classify = _ok(kids, "classify")
         if classify:
             out["classify"] = _leaf(classify[0])
-        if specialist:
-            out["specialist"] = _leaf(specialist[0])
+        chosen = [c for c in kids if c.kind != "classify" and c.status == "ok"]
+        if chosen:  # a specialist call, or a nested pattern (workflows)
+            out["specialist"] = _node(chosen[0])
         return out
     if node.kind == "draft-verify":
         drafts, verdicts = _ok(kids, "draft"), _ok(kids, "verify")
@@ -124,13 +138,14 @@ def _pattern(node: Trace) -> dict[str, Any]:
 
 def receipt_tree(trace: Trace, input: Any, output: Any = None, *, with_output: bool = True) -> dict[str, Any]:
     """The JSON form of a collaboration's tree of receipts (``pipeline``, ``ensemble``,
-    ``route``, ``draft_verify`` called with ``receipts=True``): the first input, the output
+    ``route``, ``draft_verify`` or ``run_workflow`` called with ``receipts=True``, nested
+    patterns included): the first input, the output
     (``result.output``; left out with ``with_output=False``) and, per pattern, its signed steps
     with their chunks and providers. Steps that failed, were cut off or skipped are left out."""
     tree: dict[str, Any] = {
         "format": RECEIPT_TREE_FORMAT,
         "input": to_json_value(input),
-        "root": _pattern(trace),
+        "root": _node(trace),
     }
     if with_output:
         tree["output"] = to_json_value(output)
@@ -180,7 +195,7 @@ class _Check:
             _, out = self.leaf(node.get("classify"), input, f"{where}.classify")
             if label_of(out) != node.get("label"):
                 raise ReceiptError("broken_chain", f"{where}: the router's answer is not the label")
-            return self.leaf(node.get("specialist"), input, f"{where}.specialist")[1]
+            return self.node(node.get("specialist"), input, f"{where}.specialist", depth + 1)
         if kind == "draft-verify":
             rounds = _list(node, "rounds", where)
             draft: Any = None

@@ -58,8 +58,11 @@ def _check_keys(spec: Any, kind: str) -> None:
         )
 
 
-async def run_node(peer: Mesh, node: Mapping[str, Any], input: Any, trace: Trace, deadline: float) -> Any:
-    """Run one workflow node (see ``specs/workflow.md``) and return its output."""
+async def run_node(
+    peer: Mesh, node: Mapping[str, Any], input: Any, trace: Trace, deadline: float, receipts: bool = False
+) -> Any:
+    """Run one workflow node (see ``specs/workflow.md``) and return its output (with
+    ``receipts``, every call asks for a signed receipt: ``receipt_tree`` of the trace)."""
     kinds = [k for k in _PATTERNS if k in node]
     if len(kinds) != 1:
         raise BadRequestError(
@@ -80,6 +83,7 @@ async def run_node(peer: Mesh, node: Mapping[str, Any], input: Any, trace: Trace
             params,
             deadline,
             spec.get("target"),
+            receipt=receipts,
         )
     if kind == "pipeline":
         _check_keys(spec, "pipeline")
@@ -99,10 +103,10 @@ async def run_node(peer: Mesh, node: Mapping[str, Any], input: Any, trace: Trace
             if isinstance(s, (str, Mapping))
         )
         if plain:
-            result = await pipeline(peer, steps, input, timeout=timeout, trace=node_trace)
+            result = await pipeline(peer, steps, input, timeout=timeout, trace=node_trace, receipts=receipts)
             return result.output
         for s in steps:
-            value = await run_node(peer, _as_node(s), value, node_trace, deadline)
+            value = await run_node(peer, _as_node(s), value, node_trace, deadline, receipts)
         node_trace.finish("ok")
         return value
     if kind == "ensemble":
@@ -121,6 +125,7 @@ async def run_node(peer: Mesh, node: Mapping[str, Any], input: Any, trace: Trace
             params=spec.get("params"),
             timeout=float(spec.get("timeout", timeout or 30.0)),
             trace=trace.child("ensemble"),
+            receipts=receipts,
         )
         return result.output
     if kind == "router":
@@ -136,7 +141,13 @@ async def run_node(peer: Mesh, node: Mapping[str, Any], input: Any, trace: Trace
         node_trace = trace.child("router")
         label = label_of(
             await call_step(
-                peer, node_trace.child("classify"), _need_str(spec, "capability"), input, {}, deadline
+                peer,
+                node_trace.child("classify"),
+                _need_str(spec, "capability"),
+                input,
+                {},
+                deadline,
+                receipt=receipts,
             )
         )
         node_trace.detail["label"] = label
@@ -145,7 +156,7 @@ async def run_node(peer: Mesh, node: Mapping[str, Any], input: Any, trace: Trace
             node_trace.finish("error", f"no route for label {label!r}")
             raise BadRequestError(f"router chose {label!r}, which has no route and there is no default")
         if isinstance(chosen, Mapping) and any(p in chosen for p in _PATTERNS):
-            output = await run_node(peer, chosen, input, node_trace, deadline)  # a nested pattern
+            output = await run_node(peer, chosen, input, node_trace, deadline, receipts)  # a nested pattern
         else:
             step = as_step(chosen)
             output = await call_step(
@@ -156,6 +167,7 @@ async def run_node(peer: Mesh, node: Mapping[str, Any], input: Any, trace: Trace
                 step.params,
                 deadline,
                 step.target,
+                receipt=receipts,
             )
         node_trace.finish("ok")
         return output
@@ -170,6 +182,7 @@ async def run_node(peer: Mesh, node: Mapping[str, Any], input: Any, trace: Trace
         params=spec.get("params"),
         timeout=timeout,
         trace=trace.child("draft-verify"),
+        receipts=receipts,
     )
     return result.output
 
@@ -200,9 +213,15 @@ def load_workflow(text: str) -> dict[str, Any]:
 
 
 async def run_workflow(
-    peer: Mesh, workflow: Mapping[str, Any], input: Any = None, *, timeout: float | None = None
+    peer: Mesh,
+    workflow: Mapping[str, Any],
+    input: Any = None,
+    *,
+    timeout: float | None = None,
+    receipts: bool = False,
 ) -> Result:
-    """Run a parsed workflow (``[workflow]`` table) on ``input`` (or the file's ``input``)."""
+    """Run a parsed workflow (``[workflow]`` table) on ``input`` (or the file's ``input``); with
+    ``receipts``, ``receipt_tree(result.trace, input, result.output)`` is its tree of receipts."""
     if input is None:
         input = workflow.get("input")
     if input is None:
@@ -211,7 +230,7 @@ async def run_workflow(
     root = logged(peer, Trace("workflow", detail={"name": workflow.get("name", "")}))
     body = {k: v for k, v in workflow.items() if k in _PATTERNS}
     try:
-        output = await run_node(peer, body, input, root, trio.current_time() + timeout)
+        output = await run_node(peer, body, input, root, trio.current_time() + timeout, receipts)
     except BaseException as exc:
         root.finish("timeout" if isinstance(exc, DeadlineExceededError) else "error", exc)
         raise
