@@ -69,6 +69,10 @@ without a mesh call. A provider that refuses the key's token answers 403.
 
 The HTTP server is hypercorn's trio worker running the starlette app in the
 peer's own trio loop: no second event loop, and every task stops with the peer.
+(uvicorn runs only on asyncio: a second loop in a thread would put a cross-thread
+hop on every write.) A streamed answer's events are rendered from a template and
+written in batches (:mod:`.sse`); the peer's stream pool keeps ``warm_streams``
+idle streams per provider, so bursts of requests do not open new ones.
 """
 
 from __future__ import annotations
