@@ -128,12 +128,22 @@ async def test_revoked_at_the_issuer_refused_by_gossip_and_forged_or_older_lists
         assert provider.revocation.stats.get("taken_gossip", 0) >= 1
         assert provider.revocation.seq_of(iss) == 1 and provider.inference.access.revocation_seq(iss) == 1
 
+        # a second revocation, the issuer woken at once (no wait for its file check): gossip alone
+        second = token_for(issuer_id, alice.peer_id)
+        assert await reason_of(alice, target, second) is None
+        ids += list(inspect_token(second).revocation_ids)
+        write_atomically(revoked, seal_revocations(issuer_id, ids, seq=2, issued=3))
+        issuer.revocation.poke()
+        took = await wait_for(lambda: _is(reason_of(alice, target, second), "revoked"))
+        print(f"... and in {took:.2f} s with the issuer's file check woken at once")
+        assert provider.revocation.seq_of(iss) == 2
+
         # mallory gossips a list in the issuer's name, signed with its own key, that un-revokes
         refused = dict(provider.revocation.stats)
         await gm.publish(where, forged_list(issuer_id, mallory_id, [], seq=5))
-        # ... and an older list of the issuer's own (seq 0, nothing revoked; a copy of the one
+        # ... and an older list of the issuer's own (seq 1, nothing revoked; a copy of one
         # it had heard would be dropped by gossip as already seen: message ids are content digests)
-        await gm.publish(where, seal_revocations(issuer_id, [], seq=0, issued=7))
+        await gm.publish(where, seal_revocations(issuer_id, [], seq=1, issued=7))
         await gm.publish(where, seal_revocations(mallory_id, [], seq=9, issued=1))  # another issuer's
 
         async def all_refused() -> bool:
@@ -146,7 +156,7 @@ async def test_revoked_at_the_issuer_refused_by_gossip_and_forged_or_older_lists
 
         await wait_for(all_refused)
         assert await reason_of(alice, target, token) == "revoked"
-        assert provider.revocation.seq_of(iss) == 1
+        assert provider.revocation.seq_of(iss) == 2
 
 
 async def _is(value: Any, expected: Any) -> bool:
