@@ -276,6 +276,33 @@ async def test_workflow_with_nested_patterns_tree() -> None:
     assert rejected(unsigned) == "missing_receipt"
 
 
+# -- the command line: modelnet run --receipts, modelnet verify ----------------------------------
+
+
+def test_modelnet_run_receipts_and_verify(tmp_path: Path) -> None:
+    from cli_util import background, modelnet, read_event
+
+    workflow = Path(__file__).resolve().parent.parent / "examples" / "workflows" / "checked-math.toml"
+    path = tmp_path / "tree.json"
+    with background("serve", "modelnet_p2p.demo_models:ALL", "--json", cwd=tmp_path) as server:
+        ready = read_event(server)
+        out = modelnet("run", str(workflow), "--bootstrap", ready["addrs"][0], "--receipts", str(path))
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "87" and "tree of receipts checked and written" in out.stderr
+        server.terminate()
+        server.wait(20)
+    tree = json.loads(path.read_text())
+    assert tree["format"] == RECEIPT_TREE_FORMAT and tree["root"]["kind"] == "router"
+    ok = modelnet("verify", str(path))
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("ok: ") and "'topic-classifier' answered by " + ready["peer_id"] in ok.stdout
+    rounds = tree["root"]["specialist"]["rounds"]
+    rounds[-1]["draft"]["chunks"] = ["88"]
+    path.write_text(json.dumps(tree))
+    bad = modelnet("verify", str(path))
+    assert bad.returncode == 1 and "bad_output" in bad.stderr
+
+
 # -- vectors -----------------------------------------------------------------------------------
 
 

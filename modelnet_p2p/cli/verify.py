@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from ..errors import ConfigError
+from ..mesh.collab import RECEIPT_CHAIN_FORMAT, RECEIPT_TREE_FORMAT, verify_receipt_chain, verify_receipt_tree
 from ..proto.receipt import verify_receipt_file
 
 __all__ = ["verify_command"]
@@ -39,6 +40,15 @@ def verify_command(receipt_file: str, provider: str | None, as_json: bool) -> No
     """Check a receipt file offline: its signature, and the chunks (or their digests) and the
     input (or its digest) that the file holds. Exit 0 if it holds, 1 (with the reason) if not."""
     obj = _load(receipt_file)
+    if isinstance(obj, dict) and obj.get("format") in (RECEIPT_CHAIN_FORMAT, RECEIPT_TREE_FORMAT):
+        steps = (verify_receipt_tree if obj["format"] == RECEIPT_TREE_FORMAT else verify_receipt_chain)(obj)
+        if as_json:
+            click.echo(json.dumps({"ok": True, "receipts": [r.summary() for r in steps]}, indent=1))
+        else:  # specs/inference.md, "Chains of receipts" and "Trees of receipts"
+            click.echo(f"ok: {len(steps)} signed steps, every link checked")
+            for r in steps:
+                click.echo(f"  {r.capability!r} answered by {r.provider} ({r.chunks} chunks)")
+        return
     receipt = verify_receipt_file(obj, provider=provider)
     checked = ["signature"]
     if isinstance(obj, dict):
@@ -58,4 +68,3 @@ def verify_command(receipt_file: str, provider: str | None, as_json: bool) -> No
     )
     if "chunks" not in checked and "chunk digests" not in checked:
         click.echo("note: the file holds no chunks nor digests: only the signature was checked", err=True)
-

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 from ..context import MeshContext
 from .patterns import Mesh, Step, draft_verify, ensemble, pipeline, route
-from .receipts import receipt_tree, verify_receipt_tree
-from .trace import Result, Trace, receipt_chain, verify_receipt_chain
+from .receipts import RECEIPT_TREE_FORMAT, receipt_tree, verify_receipt_tree
+from .trace import RECEIPT_CHAIN_FORMAT, Result, Trace, receipt_chain, verify_receipt_chain
 from .workflows import load_workflow, run_node, run_workflow, stream_text
 
 __all__ = [
+    "RECEIPT_CHAIN_FORMAT",
+    "RECEIPT_TREE_FORMAT",
     "Mesh",
     "MeshContext",
     "Result",
