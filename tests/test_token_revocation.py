@@ -104,6 +104,7 @@ async def test_revoked_at_the_issuer_refused_by_gossip_and_forged_or_older_lists
         Peer() as alice,
         Peer() as mallory,
     ):
+        started = trio.current_time()
         provider.revocation.polling = False  # gossip only
         serve_secret(provider)
         target = provider.addrs[0]
@@ -157,6 +158,10 @@ async def test_revoked_at_the_issuer_refused_by_gossip_and_forged_or_older_lists
         await wait_for(all_refused)
         assert await reason_of(alice, target, token) == "revoked"
         assert provider.revocation.seq_of(iss) == 2
+        # the loops wake every 5 s (or when poked), polling or not: no busy loop
+        elapsed = trio.current_time() - started
+        for p in (issuer, provider, alice, mallory):
+            assert p.revocation.rounds <= elapsed / 5 + 5, (p.revocation.rounds, elapsed)
 
 
 async def _is(value: Any, expected: Any) -> bool:

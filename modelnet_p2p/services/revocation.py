@@ -183,6 +183,8 @@ class RevocationService:
         self._connected: set[str] = set()
         self._wake = trio.Event()
         self._answering = 0
+        #: Rounds of the loop run so far (re-read, publish, poll).
+        self.rounds = 0
 
     def _count(self, key: str) -> None:
         self.stats[key] = self.stats.get(key, 0) + 1
@@ -358,10 +360,14 @@ class RevocationService:
                         await self.poll(issuer, open_stream)
             for issuer in self.access.trusted:  # trusted after the start (Peer.trust)
                 self._join(issuer)
-            with trio.move_on_after(min(self.reload_interval, max(0.0, next_poll - trio.current_time()))):
+            wait = self.reload_interval
+            if open_stream is not None and self.polling:
+                wait = min(wait, max(0.0, next_poll - trio.current_time()))
+            with trio.move_on_after(wait):
                 await self._wake.wait()
                 next_poll = -math.inf  # poked: poll now
             self._wake = trio.Event()
+            self.rounds += 1
 
     def describe(self) -> dict[str, Any]:
         """What is held, for logs and ``status``."""
