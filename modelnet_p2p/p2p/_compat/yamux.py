@@ -42,9 +42,11 @@ upstream changes them):
 - **Bulk data moves slowly** (a stock stream: about 100-220 MB/s here, against 1.3-2 GB/s of
   raw TCP). :class:`LeanYamux` and its streams change what the profile showed:
 
-  - a write sends one 64 KiB frame per ``_write_frame`` and, once the window is shut, polls
-    for it every 10 ms: :meth:`_LeanStream.write` joins every frame the window allows (up to
-    :data:`MAX_WRITE_BATCH`) into one write, and a window update wakes it at once;
+  - a write sends one 64 KiB frame per ``_write_frame`` (a 64 KiB chunk and its framing
+    become a full frame and one of a few bytes) and, once the window is shut, polls for it
+    every 10 ms: :meth:`_LeanStream.write` joins every frame the window allows (up to
+    :data:`MAX_WRITE_BATCH`) into one write, in frames of equal size up to
+    :data:`MAX_FRAME_PAYLOAD` (256 KiB), and a window update wakes it at once;
   - nearly every read sends a window update (upstream's "release on read"), a Noise message
     each way per 64 KiB: a stream updates its window the way go-yamux does, once half of it
     was read, and gets the whole :data:`MAX_STREAM_WINDOW` on its first read (upstream starts
@@ -85,7 +87,6 @@ from libp2p.stream_muxer.yamux.yamux import (
     FLAG_SYN,
     GO_AWAY_PROTOCOL_ERROR,
     HEADER_SIZE,
-    MAX_MESSAGE_SIZE,
     TYPE_DATA,
     TYPE_GO_AWAY,
     TYPE_PING,
@@ -147,9 +148,13 @@ MAX_STREAM_WINDOW = 2 << 20
 #: 256 KiB a stream, in bytes: half the 64 MiB budget a peer grants one remote. Streams over
 #: it keep 256 KiB (the spec's initial window, which a receiver cannot take back).
 MAX_CONNECTION_WINDOW = 32 << 20
-#: Payload bytes of one DATA frame this side sends (upstream's: a 64 KiB frame, header
-#: included, go-yamux's default ``MaxMessageSize``; other implementations accept it).
-FRAME_PAYLOAD = MAX_MESSAGE_SIZE - HEADER_SIZE
+#: Most payload bytes of one DATA frame this side sends: the spec's initial window (256 KiB),
+#: which every receiver must take in one frame (the yamux spec sets no other limit; jvm-libp2p
+#: takes up to 1 MiB, rust-yamux up to its window). Upstream sends 64 KiB frames, go-yamux's
+#: default ``MaxMessageSize``, and splits a 64 KiB chunk plus its framing into a full frame
+#: and one of a few bytes, each a pass through the receiver's frame loop. A write is split
+#: into frames of equal size, so no frame is a tail of a few bytes.
+MAX_FRAME_PAYLOAD = DEFAULT_WINDOW_SIZE
 #: Most payload bytes one stream write hands the connection at once (frames joined into one
 #: Noise write); the send window bounds it too.
 MAX_WRITE_BATCH = 1 << 20
@@ -318,8 +323,10 @@ class _LeanStream(YamuxStream):
 def _data_frames(stream_id: int, view: memoryview, start: int, end: int) -> list[bytes | memoryview]:
     """Headers and payloads of the DATA frames carrying ``view[start:end]``."""
     parts: list[bytes | memoryview] = []
-    for pos in range(start, end, FRAME_PAYLOAD):
-        size = min(FRAME_PAYLOAD, end - pos)
+    frames = -(-(end - start) // MAX_FRAME_PAYLOAD)
+    step = -(-(end - start) // frames)
+    for pos in range(start, end, step):
+        size = min(step, end - pos)
         parts.append(struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_DATA, 0, stream_id, size))
         parts.append(view[pos : pos + size])
     return parts
