@@ -253,6 +253,21 @@ def test_holding_rule() -> None:
     assert access.revoked == frozenset()
 
 
+async def test_a_list_held_before_its_issuer_is_trusted_applies_once_trusted(tmp_path: Path) -> None:
+    issuer = Identity.generate()
+    big = tmp_path / "big.list"
+    big.write_bytes(b"\x00" * (REVOCATION_FORMAT.max_size + 1))
+    async with Peer(revocations=[str(big)]) as peer:
+        assert peer.revocation.offer(seal_revocations(issuer, ["ab" * 64], seq=1, issued=1), "test")
+        assert peer.inference.access.revoked == frozenset()  # held, not trusted: not applied
+        peer.inference.access.trust(str(issuer.peer_id))
+        peer.revocation.poke()
+        with trio.fail_after(BOUND):
+            while peer.inference.access.revoked != {"ab" * 64}:
+                await trio.sleep(0.05)
+        assert peer.revocation.held.keys() == {str(issuer.peer_id)}  # the oversized file: skipped
+
+
 def seeded(label: str) -> Identity:
     seed = hashlib.sha256(label.encode()).digest()
     return Identity(ed25519.Ed25519PrivateKey.from_private_bytes(seed))

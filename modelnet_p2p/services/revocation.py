@@ -236,8 +236,11 @@ class RevocationService:
                 stamp = (st.st_mtime_ns, st.st_size)
                 if self._stamps.get(path) == stamp:
                     continue
-                data = path.read_bytes()
                 self._stamps[path] = stamp
+                if st.st_size > REVOCATION_FORMAT.max_size:
+                    log.warning("revocation list %s is over %d bytes", path, REVOCATION_FORMAT.max_size)
+                    continue
+                data = path.read_bytes()
             except FileNotFoundError:
                 log.debug("revocation list %s does not exist (yet)", path)
                 continue
@@ -358,8 +361,11 @@ class RevocationService:
                     elif due or issuer not in self._connected:  # every interval, and when it connects
                         self._connected.add(issuer)
                         await self.poll(issuer, open_stream)
-            for issuer in self.access.trusted:  # trusted after the start (Peer.trust)
+            for issuer in sorted(self.access.trusted):  # trusted after the start (Peer.trust)
                 self._join(issuer)
+                held = self.held.get(issuer)
+                if held is not None and self.access.revocation_seq(issuer) != held[0].seq:
+                    self.access.add_revocations(held[1])
             wait = self.reload_interval
             if open_stream is not None and self.polling:
                 wait = min(wait, max(0.0, next_poll - trio.current_time()))
