@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_stream.py [--quick]
+    python benchmarks/bench_stream.py [--quick] [--json FILE]
 
 Every figure is printed next to a baseline measured in the same run, with the
 ratio modelnet / baseline:
@@ -10,10 +10,16 @@ ratio modelnet / baseline:
 1. A request answered with 256 short text chunks, sent one after another:
    modelnet vs an SSE endpoint (starlette on uvicorn) read with httpx.
 2. Bulk throughput in 64 KiB chunks: modelnet vs a raw trio TCP stream.
-3. A one-chunk request on an already open connection: modelnet (a new stream per
-   request) vs a tiny GET on a keep-alive httpx connection.
+3. A one-chunk request on an already open connection: modelnet (the stream pool keeps
+   the stream open between requests) vs a tiny GET on a keep-alive httpx connection.
 4. 64 concurrent requests of 256 chunks each: total chunks/s and chunks/s per
    core, modelnet vs the SSE endpoint under the same load.
+
+Then the goal table of issue 15 (each goal on a ratio above, met or MISSED), and with
+``--json FILE`` every row and goal as JSON (``-``: stdout), so that runs can be compared.
+The sequential measurements alternate modelnet and baseline request by request, and the
+load rounds alternate too, so that load from elsewhere on the machine falls on both; the
+load average is printed (and saved) before and after.
 
 Process layout: the modelnet server peer (with the raw TCP source beside it) runs
 in one child process, uvicorn in another, and the clients (the modelnet peer and
@@ -27,22 +33,44 @@ import argparse
 import json
 import math
 import os
-import platform
-import selectors
 import socket
 import struct
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
-from typing import IO, TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import trio
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from stream_common import (
+    REQUEST_LIMIT,
+    STARTUP_LIMIT,
+    Child,
+    Goal,
+    Report,
+    alternating,
+    attempt,
+    concurrent,
+    cpu_seconds,
+    describe,
+    load_average,
+    percentile,
+    phase,
+    print_child_stderr,
+    print_goals,
+    print_table,
+    read_hello,
+    report_json,
+    sequential,
+    spawn,
+    stop,
+    versions,
+    wait_for_stdin_eof,
+)
 
 if TYPE_CHECKING:
     import httpx
@@ -55,13 +83,16 @@ HOST = "127.0.0.1"
 STREAM_CHUNKS = 256
 BULK_CHUNK = 64 * 1024
 CONCURRENCY = 64
-#: Seconds one request may take before it counts as failed.
-REQUEST_LIMIT = 20.0
-#: Seconds a child process may take to print its address.
-STARTUP_LIMIT = 30.0
-#: A phase stops after this many failed requests.
-MAX_ERRORS = 10
 MB = 1_000_000
+
+#: The goals of issue 15 this benchmark measures, each on one row's ratio.
+GOALS = [
+    Goal("stream_total", f"{STREAM_CHUNKS} chunks a request, time p50 vs SSE", 0.35),
+    Goal("stream_first", f"{STREAM_CHUNKS} chunks a request, first chunk p50 vs SSE", 1.0),
+    Goal("tiny_p50", "one-chunk request, p50 vs HTTP keep-alive", 1.0),
+    Goal("tiny_p99", "one-chunk request, p99 vs HTTP keep-alive", 1.5),
+    Goal("load_per_core", f"{CONCURRENCY} concurrent streams, chunks/s per core vs SSE", 1.3, at_least=True),
+]
 
 
 @dataclass(frozen=True)
@@ -80,13 +111,13 @@ class Settings:
     def make(cls, quick: bool) -> Settings:
         if quick:
             return cls(
-                stream_requests=50,
+                stream_requests=100,
                 bulk_bytes=64 * 1024 * 1024,
                 bulk_reps=1,
-                tiny_requests=100,
-                load_per_stream=1,
-                rounds=1,
-                warmup=5,
+                tiny_requests=400,
+                load_per_stream=2,
+                rounds=2,
+                warmup=10,
             )
         return cls(
             stream_requests=200,
@@ -148,14 +179,6 @@ async def _tcp_source(stream: trio.SocketStream) -> None:
         await stream.aclose()
 
 
-async def _wait_for_stdin_eof() -> None:
-    """Return when the parent closes our stdin (or dies)."""
-    pipe = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
-    async with pipe:
-        while await pipe.receive_some(4096):
-            pass
-
-
 async def _modelnet_server() -> None:
     from modelnet_p2p import Capability, Peer
 
@@ -172,7 +195,7 @@ async def _modelnet_server() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.serve_listeners, _tcp_source, listeners)
             print(json.dumps({"addr": peer.addrs[0], "tcp_port": tcp_port}), flush=True)
-            await _wait_for_stdin_eof()
+            await wait_for_stdin_eof()
             nursery.cancel_scope.cancel()
 
 
@@ -218,145 +241,6 @@ def _sse_server() -> None:
     threading.Thread(target=watch_stdin, daemon=True).start()
     print(json.dumps({"port": sock.getsockname()[1]}), flush=True)
     asyncio.run(server.serve(sockets=[sock]))
-
-
-# -- parent: child processes ------------------------------------------------------------
-
-
-@dataclass
-class Child:
-    name: str
-    proc: subprocess.Popen[str]
-    stderr: IO[str]
-
-    def stderr_text(self) -> str:
-        self.stderr.flush()
-        self.stderr.seek(0)
-        return self.stderr.read()
-
-
-def _spawn(role: str) -> Child:
-    err = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--role", role],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=err,
-        text=True,
-        env=env,
-    )
-    return Child(role, proc, err)
-
-
-def _read_hello(child: Child, deadline: float) -> dict[str, Any]:
-    """The JSON line a child prints once it listens."""
-    assert child.proc.stdout is not None
-    with selectors.DefaultSelector() as sel:
-        sel.register(child.proc.stdout, selectors.EVENT_READ)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not sel.select(left):
-                raise RuntimeError(f"{child.name} printed no address within {STARTUP_LIMIT:.0f} s")
-            line = child.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(
-                    f"{child.name} exited with {child.proc.wait()}:\n{child.stderr_text()[-2000:]}"
-                )
-            line = line.strip()
-            if line.startswith("{"):
-                hello: dict[str, Any] = json.loads(line)
-                return hello
-
-
-def _stop(child: Child) -> None:
-    proc = child.proc
-    try:
-        if proc.stdin is not None:
-            proc.stdin.close()  # asks the child to exit cleanly
-    except OSError:
-        pass
-    try:
-        proc.wait(timeout=3)
-    except subprocess.TimeoutExpired:
-        proc.terminate()
-        try:
-            proc.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds used so far by process ``pid`` (all threads), Linux only."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-# -- results ----------------------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    section: str
-    label: str
-    unit: str
-    higher_is_better: bool
-    modelnet: float | None = None
-    baseline: float | None = None
-
-
-@dataclass
-class Report:
-    rows: list[Row] = field(default_factory=list)
-    errors: Counter[str] = field(default_factory=Counter)
-    notes: list[str] = field(default_factory=list)
-
-    def row(self, section: str, label: str, unit: str, higher_is_better: bool = False) -> Row:
-        r = Row(section, label, unit, higher_is_better)
-        self.rows.append(r)
-        return r
-
-
-def _percentile(samples: list[float], q: float) -> float:
-    """Linear-interpolated percentile, ``q`` in [0, 100]."""
-    s = sorted(samples)
-    if not s:
-        return math.nan
-    k = (len(s) - 1) * q / 100
-    lo = math.floor(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, BaseExceptionGroup):
-        return "; ".join(_describe(e) for e in exc.exceptions)
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
-
-
-class PhaseFailedError(Exception):
-    pass
-
-
-async def _attempt(report: Report, where: str, fn: Callable[[], Awaitable[Any]]) -> Any:
-    """Run one request; count a failure instead of raising, up to MAX_ERRORS per phase."""
-    try:
-        with trio.fail_after(REQUEST_LIMIT):
-            return await fn()
-    except trio.TooSlowError:
-        msg = f"{where}: request took longer than {REQUEST_LIMIT:.0f} s"
-    except Exception as exc:
-        msg = f"{where}: {_describe(exc)}"
-    report.errors[msg] += 1
-    if sum(n for m, n in report.errors.items() if m.startswith(where + ":")) >= MAX_ERRORS:
-        raise PhaseFailedError(f"{where}: stopped after {MAX_ERRORS} failed requests")
-    return None
 
 
 # -- client requests --------------------------------------------------------------------
@@ -445,69 +329,42 @@ async def _tcp_bulk(port: int, total: int) -> float:
 # -- measurements -----------------------------------------------------------------------
 
 
-async def _sequential(report: Report, where: str, n: int, fn: Callable[[], Awaitable[Any]]) -> list[Any]:
-    out = []
-    for _ in range(n):
-        got = await _attempt(report, where, fn)
-        if got is not None:
-            out.append(got)
-    return out
-
-
-async def _concurrent(
-    report: Report, where: str, workers: int, per_worker: int, fn: Callable[[], Awaitable[Any]]
-) -> int:
-    """Run ``per_worker`` requests in each of ``workers`` tasks; returns how many succeeded."""
-    ok = 0
-
-    async def worker() -> None:
-        nonlocal ok
-        for _ in range(per_worker):
-            if await _attempt(report, where, fn) is not None:
-                ok += 1
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(workers):
-            nursery.start_soon(worker)
-    return ok
-
-
 async def bench_streaming(
     report: Report, s: Settings, peer: Peer, addr: str, http: httpx.AsyncClient
 ) -> None:
     sec = f"1. {STREAM_CHUNKS} chunks/request, sequential"
-    p50 = report.row(sec, "request time p50", "ms")
-    p99 = report.row(sec, "request time p99", "ms")
-    ttfc = report.row(sec, "first chunk p50", "ms")
-    per_chunk = report.row(sec, "per chunk (mean)", "us")
-    await _sequential(report, "stream/modelnet", s.warmup, lambda: _mn_tokens(peer, addr))
-    await _sequential(report, "stream/sse", s.warmup, lambda: _sse_tokens(http))
-    mn: list[Timed] = []
-    sse: list[Timed] = []
-    per_round = max(1, s.stream_requests // s.rounds)
-    for _ in range(s.rounds):
-        mn += await _sequential(report, "stream/modelnet", per_round, lambda: _mn_tokens(peer, addr))
-        sse += await _sequential(report, "stream/sse", per_round, lambda: _sse_tokens(http))
+    p50 = report.row(sec, "request time p50", "ms", key="stream_total")
+    p99 = report.row(sec, "request time p99", "ms", key="stream_p99")
+    ttfc = report.row(sec, "first chunk p50", "ms", key="stream_first")
+    per_chunk = report.row(sec, "per chunk (mean)", "us", key="stream_per_chunk")
+    await sequential(report, "stream/modelnet", s.warmup, lambda: _mn_tokens(peer, addr))
+    await sequential(report, "stream/sse", s.warmup, lambda: _sse_tokens(http))
+    mn, sse = await alternating(
+        report,
+        s.stream_requests,
+        ("stream/modelnet", lambda: _mn_tokens(peer, addr)),
+        ("stream/sse", lambda: _sse_tokens(http)),
+    )
     for samples, attr in ((mn, "modelnet"), (sse, "baseline")):
         if not samples:
             continue
         totals = [t.total for t in samples]
-        setattr(p50, attr, _percentile(totals, 50) * 1e3)
-        setattr(p99, attr, _percentile(totals, 99) * 1e3)
-        setattr(ttfc, attr, _percentile([t.first for t in samples], 50) * 1e3)
+        setattr(p50, attr, percentile(totals, 50) * 1e3)
+        setattr(p99, attr, percentile(totals, 99) * 1e3)
+        setattr(ttfc, attr, percentile([t.first for t in samples], 50) * 1e3)
         setattr(per_chunk, attr, sum(totals) / (len(totals) * STREAM_CHUNKS) * 1e6)
 
 
 async def bench_bulk(report: Report, s: Settings, peer: Peer, addr: str, tcp_port: int) -> None:
     sec = f"2. bulk, {BULK_CHUNK // 1024} KiB chunks, {s.bulk_bytes // (1 << 20)} MiB"
     row = report.row(sec, f"throughput (best of {s.bulk_reps})", "MB/s", higher_is_better=True)
-    await _attempt(report, "bulk/modelnet", lambda: _mn_bulk(peer, addr, 4 << 20))
-    await _attempt(report, "bulk/tcp", lambda: _tcp_bulk(tcp_port, 4 << 20))
+    await attempt(report, "bulk/modelnet", lambda: _mn_bulk(peer, addr, 4 << 20))
+    await attempt(report, "bulk/tcp", lambda: _tcp_bulk(tcp_port, 4 << 20))
     mn: list[float] = []
     tcp: list[float] = []
     for _ in range(s.bulk_reps):
-        mn += await _sequential(report, "bulk/modelnet", 1, lambda: _mn_bulk(peer, addr, s.bulk_bytes))
-        tcp += await _sequential(report, "bulk/tcp", 1, lambda: _tcp_bulk(tcp_port, s.bulk_bytes))
+        mn += await sequential(report, "bulk/modelnet", 1, lambda: _mn_bulk(peer, addr, s.bulk_bytes))
+        tcp += await sequential(report, "bulk/tcp", 1, lambda: _tcp_bulk(tcp_port, s.bulk_bytes))
     if mn:
         row.modelnet = s.bulk_bytes / min(mn) / MB
     if tcp:
@@ -516,20 +373,20 @@ async def bench_bulk(report: Report, s: Settings, peer: Peer, addr: str, tcp_por
 
 async def bench_tiny(report: Report, s: Settings, peer: Peer, addr: str, http: httpx.AsyncClient) -> None:
     sec = "3. 1-chunk request, connection already open"
-    p50 = report.row(sec, "latency p50", "ms")
-    p99 = report.row(sec, "latency p99", "ms")
-    await _sequential(report, "tiny/modelnet", s.warmup, lambda: _mn_tiny(peer, addr))
-    await _sequential(report, "tiny/http", s.warmup, lambda: _http_tiny(http))
-    mn: list[float] = []
-    web: list[float] = []
-    per_round = max(1, s.tiny_requests // s.rounds)
-    for _ in range(s.rounds):
-        mn += await _sequential(report, "tiny/modelnet", per_round, lambda: _mn_tiny(peer, addr))
-        web += await _sequential(report, "tiny/http", per_round, lambda: _http_tiny(http))
+    p50 = report.row(sec, "latency p50", "ms", key="tiny_p50")
+    p99 = report.row(sec, "latency p99", "ms", key="tiny_p99")
+    await sequential(report, "tiny/modelnet", s.warmup, lambda: _mn_tiny(peer, addr))
+    await sequential(report, "tiny/http", s.warmup, lambda: _http_tiny(http))
+    mn, web = await alternating(
+        report,
+        s.tiny_requests,
+        ("tiny/modelnet", lambda: _mn_tiny(peer, addr)),
+        ("tiny/http", lambda: _http_tiny(http)),
+    )
     for samples, attr in ((mn, "modelnet"), (web, "baseline")):
         if samples:
-            setattr(p50, attr, _percentile(samples, 50) * 1e3)
-            setattr(p99, attr, _percentile(samples, 99) * 1e3)
+            setattr(p50, attr, percentile(samples, 50) * 1e3)
+            setattr(p99, attr, percentile(samples, 99) * 1e3)
 
 
 @dataclass
@@ -555,11 +412,11 @@ async def _load_round(
     server_pid: int,
     res: LoadResult,
 ) -> None:
-    client0, server0 = _cpu_seconds(os.getpid()), _cpu_seconds(server_pid)
+    client0, server0 = cpu_seconds(os.getpid()), cpu_seconds(server_pid)
     t0 = time.perf_counter()
-    ok = await _concurrent(report, where, CONCURRENCY, per_worker, fn)
+    ok = await concurrent(report, where, CONCURRENCY, per_worker, fn)
     res.wall += time.perf_counter() - t0
-    client1, server1 = _cpu_seconds(os.getpid()), _cpu_seconds(server_pid)
+    client1, server1 = cpu_seconds(os.getpid()), cpu_seconds(server_pid)
     res.chunks += ok * STREAM_CHUNKS
     res.cpu_client = _add_cpu(res.cpu_client, client0, client1)
     res.cpu_server = _add_cpu(res.cpu_server, server0, server1)
@@ -581,15 +438,21 @@ async def bench_load(
     cores = report.row(sec, "cores used: client+server CPU s / wall s", "cores")
     client_cores = report.row(sec, "  of which client process", "cores")
     server_cores = report.row(sec, "  of which server process", "cores")
-    per_core = report.row(sec, "chunks/s per core used", "chunks/s", higher_is_better=True)
+    per_core = report.row(
+        sec, "chunks/s per core used", "chunks/s", higher_is_better=True, key="load_per_core"
+    )
     # Warm up: open the connections (httpx needs one per concurrent SSE stream).
-    await _concurrent(report, "load/modelnet", CONCURRENCY, 1, lambda: _mn_tokens(peer, addr, 4))
-    await _concurrent(report, "load/sse", CONCURRENCY, 1, lambda: _sse_tokens(http, 4))
+    await concurrent(report, "load/modelnet", CONCURRENCY, 1, lambda: _mn_tokens(peer, addr, 4))
+    await concurrent(report, "load/sse", CONCURRENCY, 1, lambda: _sse_tokens(http, 4))
     mn = LoadResult()
     sse = LoadResult()
-    for _ in range(s.rounds):
-        await _load_round(report, "load/modelnet", per_worker, lambda: _mn_tokens(peer, addr), mn_pid, mn)
-        await _load_round(report, "load/sse", per_worker, lambda: _sse_tokens(http), sse_pid, sse)
+    rounds = (
+        ("load/modelnet", lambda: _mn_tokens(peer, addr), mn_pid, mn),
+        ("load/sse", lambda: _sse_tokens(http), sse_pid, sse),
+    )
+    for i in range(s.rounds):  # alternating which goes first
+        for where, fn, pid, res in rounds if i % 2 == 0 else rounds[::-1]:
+            await _load_round(report, where, per_worker, fn, pid, res)
     for res, attr in ((mn, "modelnet"), (sse, "baseline")):
         if not res.chunks or res.wall <= 0:
             continue
@@ -601,15 +464,6 @@ async def bench_load(
             if cpu > 0:
                 setattr(cores, attr, cpu / res.wall)
                 setattr(per_core, attr, res.chunks / cpu)
-
-
-async def _phase(report: Report, name: str, fn: Callable[[], Awaitable[None]]) -> None:
-    try:
-        await fn()
-    except PhaseFailedError as exc:
-        report.errors[str(exc)] += 1
-    except Exception as exc:
-        report.errors[f"{name}: {_describe(exc)}"] += 1
 
 
 async def run_client(
@@ -635,110 +489,53 @@ async def run_client(
         report.notes.append(
             f"modelnet connect (dial + Noise + yamux): {(time.perf_counter() - t0) * 1e3:.1f} ms"
         )
-        await _phase(report, "stream", lambda: bench_streaming(report, s, peer, mn_addr, http))
-        await _phase(report, "bulk", lambda: bench_bulk(report, s, peer, mn_addr, tcp_port))
-        await _phase(report, "tiny", lambda: bench_tiny(report, s, peer, mn_addr, http))
-        await _phase(
+        await phase(report, "stream", lambda: bench_streaming(report, s, peer, mn_addr, http))
+        await phase(report, "bulk", lambda: bench_bulk(report, s, peer, mn_addr, tcp_port))
+        await phase(report, "tiny", lambda: bench_tiny(report, s, peer, mn_addr, http))
+        await phase(
             report,
             "load",
             lambda: bench_load(report, s, peer, mn_addr, http, mn_pid, sse_pid),
         )
 
 
-# -- output -----------------------------------------------------------------------------
-
-
-def _fmt(value: float | None, unit: str) -> str:
-    if value is None or math.isnan(value):
-        return "n/a"
-    if unit == "chunks/s":
-        return f"{value:,.0f}"
-    if unit == "cores":
-        return f"{value:.2f}"
-    if unit == "MB/s":
-        return f"{value:,.1f}"
-    if unit == "us":
-        return f"{value:,.1f}"
-    return f"{value:,.2f}"
-
-
-def _verdict(row: Row) -> tuple[str, str]:
-    if row.modelnet is None or row.baseline is None or not row.baseline or not row.modelnet:
-        return "n/a", ""
-    ratio = row.modelnet / row.baseline
-    if row.unit == "cores":
-        return f"{ratio:.2f}", ""
-    better = ratio if row.higher_is_better else 1 / ratio
-    return f"{ratio:.2f}", (f"{better:.2f}x better" if better >= 1 else f"{1 / better:.2f}x worse")
-
-
-def _version(dist: str) -> str:
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "?"
+BASELINES = {
+    "1": "SSE: starlette StreamingResponse on uvicorn, httpx stream",
+    "2": "raw TCP, trio SocketStream",
+    "3": "GET on a keep-alive httpx connection to uvicorn",
+    "4": "the same SSE endpoint, 64 httpx connections",
+}
 
 
 def print_report(report: Report, s: Settings, quick: bool, elapsed: float) -> None:
-    baselines = {
-        "1": "SSE: starlette StreamingResponse on uvicorn, httpx stream",
-        "2": "raw TCP, trio SocketStream",
-        "3": "GET on a keep-alive httpx connection to uvicorn",
-        "4": "the same SSE endpoint, 64 httpx connections",
-    }
+    v = versions()
     print()
     print(f"modelnet_p2p stream benchmark{' (--quick)' if quick else ''}")
     print(
-        f"  python {platform.python_version()}, trio {_version('trio')}, "
-        f"libp2p {_version('libp2p')}, httpx {_version('httpx')}, "
-        f"uvicorn {_version('uvicorn')} (asyncio loop, h11), starlette {_version('starlette')}"
+        f"  python {v['python']}, trio {v['trio']}, libp2p {v['libp2p']}, httpx {v['httpx']}, "
+        f"uvicorn {v['uvicorn']} (asyncio loop, h11), starlette {v['starlette']}"
     )
     print(
         f"  {os.cpu_count()} CPUs; 3 processes: client (modelnet peer + httpx, both under trio), "
         "modelnet server peer (+ raw TCP source), uvicorn"
     )
+    print(f"  load average (1, 5, 15 min): {report.load_before} before, {report.load_after} after")
     print("  ratio = modelnet / baseline; the last column says which way is better")
     print(
-        "  each modelnet request opens a new stream on the one open connection; httpx reuses "
-        "keep-alive connections; per chunk = mean request time / 256; per core = chunks / "
+        "  modelnet requests reuse a kept stream on the one open connection (stream pool); httpx "
+        "reuses keep-alive connections; per chunk = mean request time / 256; per core = chunks / "
         "(client + server process CPU seconds, from /proc)"
     )
     for note in report.notes:
         print(f"  {note}")
-    header = ("measurement", "unit", "modelnet", "baseline", "ratio", "modelnet is")
-    widths = (44, 9, 12, 12, 7, 14)
-    line = "  ".join(
-        h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True))
-    )
-    print()
-    print(line)
-    print("-" * len(line))
-    section = ""
-    for row in report.rows:
-        if row.section != section:
-            section = row.section
-            print(f"{section}  [baseline: {baselines[section[0]]}]")
-        ratio, verdict = _verdict(row)
-        cells = (
-            "  " + row.label,
-            row.unit,
-            _fmt(row.modelnet, row.unit),
-            _fmt(row.baseline, row.unit),
-            ratio,
-            verdict,
-        )
-        print(
-            "  ".join(
-                c.ljust(w) if i < 2 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-            )
-        )
-    print("-" * len(line))
+    print_table(report, BASELINES)
     print(
         f"requests: {s.stream_requests} streamed, {s.tiny_requests} tiny, {s.bulk_reps} bulk "
-        f"per side, after {s.warmup} warm-up requests; measurements alternate between modelnet "
-        f"and baseline in {s.rounds} round(s). Run took {elapsed:.1f} s."
+        f"per side, after {s.warmup} warm-up requests; streamed and tiny requests alternate "
+        f"between modelnet and baseline one by one, the load in {s.rounds} alternating round(s). "
+        f"Run took {elapsed:.1f} s."
     )
+    print_goals(report, GOALS)
     if report.errors:
         print("\nerrors (count x message):")
         for msg, n in report.errors.most_common():
@@ -747,22 +544,13 @@ def print_report(report: Report, s: Settings, quick: bool, elapsed: float) -> No
         print("no request failed.")
 
 
-def _print_child_stderr(children: list[Child]) -> None:
-    for child in children:
-        text = child.stderr_text().strip()
-        if text:
-            lines = text.splitlines()
-            print(f"\nstderr of {child.name} ({len(lines)} lines, last 40):")
-            for ln in lines[-40:]:
-                print(f"  | {ln}")
-
-
 # -- entry point ------------------------------------------------------------------------
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="less work, about 20 s")
+    parser.add_argument("--json", metavar="FILE", help="also write every row and goal as JSON (- for stdout)")
     parser.add_argument("--role", choices=["modelnet-server", "sse-server"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "modelnet-server":
@@ -777,10 +565,11 @@ def main() -> int:
     children: list[Child] = []
     started = time.perf_counter()
     try:
-        children = [_spawn("modelnet-server"), _spawn("sse-server")]
+        report.load_before = load_average()
+        children = [spawn(__file__, "modelnet-server"), spawn(__file__, "sse-server")]
         deadline = time.monotonic() + STARTUP_LIMIT
-        mn_hello = _read_hello(children[0], deadline)
-        sse_hello = _read_hello(children[1], deadline)
+        mn_hello = read_hello(children[0], deadline)
+        sse_hello = read_hello(children[1], deadline)
         trio.run(
             run_client,
             settings,
@@ -792,12 +581,23 @@ def main() -> int:
             children[1].proc.pid,
         )
     except Exception as exc:
-        report.errors[f"setup: {_describe(exc)}"] += 1
+        report.errors[f"setup: {describe(exc)}"] += 1
     finally:
         for child in children:
-            _stop(child)
-    print_report(report, settings, args.quick, time.perf_counter() - started)
-    _print_child_stderr(children)
+            stop(child)
+    report.load_after = load_average()
+    elapsed = time.perf_counter() - started
+    if args.json != "-":
+        print_report(report, settings, args.quick, elapsed)
+        print_child_stderr(children)
+    if args.json:
+        doc = report_json(report, GOALS, {"quick": args.quick, **asdict(settings)}, elapsed)
+        text = json.dumps(doc, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
     for child in children:
         child.stderr.close()
     return 0

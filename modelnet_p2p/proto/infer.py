@@ -396,8 +396,13 @@ def _parse_request(obj: dict[str, Any]) -> Request:
 
 
 def _parse_chunk(obj: dict[str, Any]) -> Chunk:
+    # The hot path of every answer (one call per chunk): the common case checked inline.
+    seq = obj.get("seq")
+    if type(seq) is not int or not 0 <= seq < 2**63:
+        seq = _uint(obj, "seq")  # raises
     _need("d" in obj, "chunk frame has no data")
-    return Chunk(_uint(obj, "seq"), obj["d"], Load.from_wire(obj.get("load")))
+    load = obj.get("load")
+    return Chunk(seq, obj["d"], None if load is None else Load.from_wire(load))
 
 
 def _parse_end(obj: dict[str, Any]) -> End:

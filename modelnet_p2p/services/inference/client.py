@@ -170,11 +170,14 @@ async def run_request(
     chain = ChunkChain(input) if receipt else None
     #: When the stall clock last restarted (a chunk arrived, or the consumer pulled again).
     progress_at = info.started
+    pulled = False  # a chunk was handed out since the last read
     try:
         await write_whole(stream, frame)
         while True:
             event = session.next_event()
             if event is NEED_DATA:
+                if pulled:  # the consumer has just pulled again: one clock read per read
+                    progress_at, pulled = trio.current_time(), False
                 data = b""
                 stall_at = math.inf
                 if stall_timeout is not None and session.chunks:
@@ -213,7 +216,7 @@ async def run_request(
                 if info.first_chunk_at is None:
                     info.first_chunk_at = trio.current_time()
                 yield event.data
-                progress_at = trio.current_time()
+                pulled = True
             elif isinstance(event, Finished):
                 if event.end.load is not None:
                     info.load, info.load_at = event.end.load, trio.current_time()

@@ -104,6 +104,8 @@ MAX_VIOLATORS = 4096
 
 _WRITE_ERRORS: tuple[type[BaseException], ...] = (UnavailableError, *STREAM_ERRORS)
 _IN_REQUEST = (ServerState.ADMITTING, ServerState.RUNNING, ServerState.FINISHING)
+#: Handler kinds that give exactly one chunk, their return value (``handlers.run_handler``).
+_ONE_CHUNK = frozenset({"async", "sync"})
 
 
 class LoadFigures(Protocol):
@@ -135,18 +137,23 @@ class _Link:
     def __init__(self, stream: Stream, session: ServerSession) -> None:
         self.stream = stream
         self.session = session
-        self._changed = trio.Event()
+        # A parking lot, not an Event: notify runs once per chunk, and waking nobody (the
+        # common case while a fast handler fills the queue) then costs one empty check.
+        self._changed = trio.lowlevel.ParkingLot()
         #: Stops the running request's handler (set while one runs).
         self.on_stop: Callable[[], None] | None = None
         #: The client broke the protocol on this stream.
         self.violated = False
+        #: The remote's address key for admission, looked up once per stream (a multiaddr parse).
+        self.ip: str | None = None
+        self.ip_known = False
 
     def notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+        if self._changed:
+            self._changed.unpark_all()
 
     async def changed(self) -> None:
-        await self._changed.wait()
+        await self._changed.park()
 
     def stop_request(self) -> None:
         if self.on_stop is not None:
@@ -421,7 +428,10 @@ class InferenceServer:
 
     def _take_slot(self, link: _Link, remote: str) -> Ticket | ModelNetError:
         """A request slot (fair shares, a rate per caller: ``admission.py``), or why not."""
-        ip = remote_ip(link.stream, limit_loopback=self.admission.limits.limit_loopback)
+        if not link.ip_known:  # a kept stream serves many requests; its remote never changes
+            link.ip = remote_ip(link.stream, limit_loopback=self.admission.limits.limit_loopback)
+            link.ip_known = True
+        ip = link.ip
         try:
             return self.admission.admit(remote, ip, trio.current_time(), lambda e: _preempt(link, e))
         except OverloadedError as exc:
@@ -485,6 +495,7 @@ class InferenceServer:
         if self.mesh_factory is not None:
             request.mesh = self.mesh_factory(request)
         link.on_stop = request.cancel
+        streaming = served.kind not in _ONE_CHUNK
 
         async def emit(item: Any) -> None:
             # Queue without yielding to the scheduler when there is room, so a fast
@@ -499,6 +510,13 @@ class InferenceServer:
             elif chain is not None:
                 chain.add(item)
             link.notify()
+            if streaming and not s.chunks_written:
+                # The first chunk goes out at once, alone: a handler that never awaits would
+                # otherwise fill the queue before the writer's turn, and the first chunk would
+                # wait for the whole batch. Later chunks pile up while a write is under way and
+                # go out joined in the next one.
+                while s.running and not s.chunks_written:
+                    await link.changed()
 
         async def produce() -> None:
             error: BaseException | None = None
@@ -526,10 +544,16 @@ class InferenceServer:
             link.notify()
 
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(produce)
+            if served.kind in _ONE_CHUNK:
+                # One chunk, after the handler returns: nothing to write meanwhile, so the
+                # handler runs here rather than in a task of its own (one spawn less a request).
+                await produce()
                 await link.write_out()
-                nursery.cancel_scope.cancel()
+            else:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(produce)
+                    await link.write_out()
+                    nursery.cancel_scope.cancel()
         finally:
             link.on_stop = None
             request.mark_cancelled()
