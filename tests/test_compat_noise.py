@@ -118,6 +118,23 @@ def test_upstream_reads_through_a_bytesio_and_exact_reads() -> None:
     assert "read_exactly" in inspect.getsource(msgio.BaseMsgReadWriter.read_msg)
 
 
+def test_upstream_tcp_stream_is_a_locked_trio_socket_stream() -> None:
+    """Canary of what the fast path bypasses on TCP: ``TrioTCPStream`` reads and writes under
+    a lock of its own and only translates trio's errors (broken: ``ConnectionClosedError``;
+    closed locally: an empty read, a silent write); ``RawConnection`` passes them on."""
+    from libp2p.io.trio import TrioTCPStream
+    from libp2p.network.connection.raw_connection import RawConnection
+
+    write = inspect.getsource(TrioTCPStream.write)
+    read = inspect.getsource(TrioTCPStream.read)
+    assert "async with self.write_lock" in write and "await self.stream.send_all(data)" in write
+    assert "async with self.read_lock" in read and "await self.stream.receive_some(n)" in read
+    assert write.count("except") == 2 and read.count("except") == 2
+    assert "ConnectionClosedError" in write and 'return b""' in read
+    assert "await self.stream.write(data)" in inspect.getsource(RawConnection.write)
+    assert "return await self.stream.read(n)" in inspect.getsource(RawConnection.read)
+
+
 # -- the fast path ------------------------------------------------------------------------------
 
 
@@ -274,6 +291,7 @@ async def test_bulk_both_ways_between_a_modelnet_host_and_a_stock_host(direction
         await peer.host.connect(info_from_p2p_addr(multiaddr.Multiaddr(addr)))
         stream = await peer.host.new_stream(stock.get_id(), [TProtocol(PROTO)])
         assert isinstance(stream.muxed_conn, LeanYamux) and stream.muxed_conn.noise is not None
+        assert type(stream.muxed_conn.noise.raw).__name__ == "_Socket"  # TCP: the socket itself
         with trio.fail_after(60):
             if direction == "modelnet-writes":
                 await stream.write(data)

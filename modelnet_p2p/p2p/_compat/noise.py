@@ -30,12 +30,14 @@ import logging
 from typing import Any
 
 import trio
-from libp2p.io.exceptions import IncompleteReadError
+from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError
+from libp2p.io.trio import TrioTCPStream
 from libp2p.network.connection.exceptions import RawConnError
+from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.security.noise.io import MAX_NOISE_MESSAGE_LEN, MAX_PLAINTEXT_LENGTH, NoiseTransportReadWriter
 from libp2p.security.secure_session import SecureSession
 
-__all__ = ["MAX_PLAINTEXT", "READ_SIZE", "NoiseFastPath", "install"]
+__all__ = ["MAX_PLAINTEXT", "READ_SIZE", "FastLock", "NoiseFastPath", "install"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,80 @@ MAX_PLAINTEXT = MAX_PLAINTEXT_LENGTH
 #: then hold at most one read, one partial message and what a reader has not yet taken.
 READ_SIZE = 4 * (MAX_NOISE_MESSAGE_LEN + 2)
 _LEN = 2
+
+
+class FastLock:
+    """A ``trio.Lock`` stand-in that takes the lock without a checkpoint when it is free.
+
+    Upstream takes a lock (a trip through trio's scheduler even when nobody holds it) several
+    times per frame, read and write; the critical sections stay mutually exclusive, only the
+    free case skips the schedule point. ``trio.Lock`` cannot be subclassed.
+    """
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+
+    async def acquire(self) -> None:
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+
+    def acquire_nowait(self) -> None:
+        self._lock.acquire_nowait()
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+class _Socket:
+    """Upstream's TCP connection (``RawConnection`` over ``TrioTCPStream``) without its two
+    locks (the fast path has one writer and one reader, and locks of its own): the same
+    calls on the trio socket stream, the same errors."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+
+    async def read(self, n: int) -> bytes:
+        try:
+            return await self.stream.receive_some(n)
+        except trio.BrokenResourceError as exc:
+            raise _reset(exc) from exc
+        except trio.ClosedResourceError:
+            return b""
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await self.stream.send_all(data)
+        except trio.BrokenResourceError as exc:
+            raise _reset(exc) from exc
+        except trio.ClosedResourceError:
+            return
+
+
+def _reset(exc: BaseException) -> ConnectionClosedError:
+    return ConnectionClosedError(f"TCP connection reset by remote peer: {exc}", transport="tcp")
+
+
+def _raw_io(raw: Any) -> Any:
+    """What the fast path reads and writes: the trio socket stream itself when ``raw`` is
+    upstream's TCP connection, else ``raw`` (a relayed or protected connection)."""
+    tcp = getattr(raw, "stream", None)
+    if type(raw) is RawConnection and type(tcp) is TrioTCPStream:
+        if isinstance(tcp.stream, trio.SocketStream):
+            return _Socket(tcp.stream)
+    return raw
 
 
 class NoiseFastPath:
@@ -61,7 +137,7 @@ class NoiseFastPath:
 
     def __init__(self, session: SecureSession, transport: NoiseTransportReadWriter) -> None:
         self.session = session
-        self.raw = transport.read_writer.read_write_closer
+        self.raw = _raw_io(transport.read_writer.read_write_closer)
         state = transport.noise_state.noise_protocol
         # The cipher states themselves: NoiseConnection.encrypt/decrypt only add a check that
         # the data is ``bytes`` (so a memoryview would need a copy first).
@@ -71,7 +147,7 @@ class NoiseFastPath:
         self._plain = bytearray(session._drain(None))
         self._cipher = bytearray()
         self._broken: RawConnError | None = None
-        self._write_lock = trio.Lock()
+        self._write_lock = FastLock()
 
     # -- reading --------------------------------------------------------------------------
 

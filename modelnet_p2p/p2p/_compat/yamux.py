@@ -96,7 +96,7 @@ from libp2p.stream_muxer.yamux.yamux import (
     _yamux_data_read_timeout,
 )
 
-from .noise import NoiseFastPath
+from .noise import FastLock, NoiseFastPath
 from .noise import install as install_noise_fast_path
 
 __all__ = [
@@ -173,41 +173,6 @@ OVERRUN_GRACE = 1.0
 GO_AWAY_TIMEOUT = 2.0
 
 
-class FastLock:
-    """A ``trio.Lock`` stand-in that takes the lock without a checkpoint when it is free.
-
-    Upstream's yamux takes a lock (a trip through trio's scheduler even when nobody holds
-    it) several times per frame and per read; the critical sections stay mutually exclusive,
-    only the free case skips the schedule point. ``trio.Lock`` cannot be subclassed.
-    """
-
-    __slots__ = ("_lock",)
-
-    def __init__(self) -> None:
-        self._lock = trio.Lock()
-
-    async def acquire(self) -> None:
-        try:
-            self._lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._lock.acquire()
-
-    def acquire_nowait(self) -> None:
-        self._lock.acquire_nowait()
-
-    def release(self) -> None:
-        self._lock.release()
-
-    def locked(self) -> bool:
-        return self._lock.locked()
-
-    async def __aenter__(self) -> None:
-        await self.acquire()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._lock.release()
-
-
 def reset_by_remote(stream: Any) -> bool:
     """Whether the remote reset ``stream`` (a libp2p net stream), even if a read said EOF."""
     muxed = getattr(stream, "muxed_stream", None)
@@ -264,7 +229,7 @@ class _LeanStream(YamuxStream):
         with memoryview(data) as view:
             while sent < total:
                 batch: list[bytes | memoryview] = []
-                async with self.rw_lock.write_lock():
+                async with self._write_lock:
                     if self.send_closed:
                         raise MuxedStreamError("Stream is closed for sending")
                     async with self.window_lock:
@@ -288,6 +253,14 @@ class _LeanStream(YamuxStream):
             if not self.recv_closed and not self.closed:
                 await self._auto_tune_and_send_window_update()
         return await super().read(n)
+
+    @property
+    def _write_lock(self) -> FastLock:
+        # Serializes this stream's writers (upstream: a ReadWriteLock of two trio locks).
+        lock = self.__dict__.get("write_lock")
+        if lock is None:
+            lock = self.__dict__["write_lock"] = FastLock()
+        return lock
 
     async def _wait_for_window(self) -> None:
         with trio.move_on_after(WINDOW_WAIT_TIMEOUT):
