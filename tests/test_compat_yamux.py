@@ -385,15 +385,16 @@ async def test_upstream_sends_a_window_update_for_nearly_every_read() -> None:
     assert updates >= 48  # the upstream behaviour: about one per read (64 reads here)
 
 
-async def test_lean_streams_update_the_window_per_half_window_and_join_writes() -> None:
-    from modelnet_p2p.p2p._compat.yamux import MAX_STREAM_WINDOW, LeanYamux
+async def test_lean_streams_update_the_window_per_quarter_window_and_join_writes() -> None:
+    from modelnet_p2p.p2p._compat.yamux import MAX_STREAM_WINDOW, UPDATE_FRACTION, LeanYamux
 
     total = 8 << 20
+    per_update = MAX_STREAM_WINDOW // UPDATE_FRACTION
     updates, writes, got = await _transfer_over_pipe(LeanYamux, total)
     assert got  # every byte, in order
-    # one update on the first read (the whole window), then one per half window read
-    assert updates <= total // (MAX_STREAM_WINDOW // 2) + 2, updates
-    assert writes <= total // (MAX_STREAM_WINDOW // 2) + 4, writes  # not one per 64 KiB frame
+    # one update on the first read (the whole window), then one per quarter window read
+    assert updates <= total // per_update + 2, updates
+    assert writes <= total // per_update + 4, writes  # not one per 64 KiB frame
 
 
 async def test_a_connections_streams_share_a_bounded_window() -> None:

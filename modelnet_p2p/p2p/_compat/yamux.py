@@ -48,8 +48,9 @@ upstream changes them):
     :data:`MAX_WRITE_BATCH`) into one write, in frames of equal size up to
     :data:`MAX_FRAME_PAYLOAD` (256 KiB), and a window update wakes it at once;
   - nearly every read sends a window update (upstream's "release on read"), a Noise message
-    each way per 64 KiB: a stream updates its window the way go-yamux does, once half of it
-    was read, and gets the whole :data:`MAX_STREAM_WINDOW` on its first read (upstream starts
+    each way per 64 KiB: a stream updates its window as go-yamux does, in one update once a
+    good part of it was read (:data:`UPDATE_FRACTION`; go-yamux: half), and gets the whole
+    :data:`MAX_STREAM_WINDOW` on its first read (upstream starts
     at 256 KiB and doubles it per update, up to 16 MiB). All streams of a connection together
     hold at most :data:`MAX_CONNECTION_WINDOW` beyond the spec's 256 KiB each;
   - the locks taken for every frame and read yield to trio's scheduler even when free:
@@ -137,13 +138,16 @@ RESPONDER_FACTOR = 2.0
 #: Seconds upstream waits before the first RTT sample of a new connection.
 FIRST_RTT_DELAY = 0.5
 #: Receive window of every stream, in bytes, from its first read on (upstream starts at the
-#: spec's 256 KiB and auto-tunes up to 16 MiB). It is twice the inference protocol's default
-#: credit window (1 MiB): a window update goes out once half the window was read, so the
-#: window a sender has left (at least half of it, less what is buffered unread) always covers
-#: the credit a client has left, and the credit, not yamux, holds a server back when its
-#: client stops reading (yamux resets a stream whose writer waited 5 s for window). At 2 MiB
-#: per round trip a stream still moves 200 MB/s at 10 ms and 20 MB/s at 100 ms.
+#: spec's 256 KiB and auto-tunes up to 16 MiB). At 2 MiB per round trip a stream still moves
+#: 200 MB/s at 10 ms and 20 MB/s at 100 ms.
 MAX_STREAM_WINDOW = 2 << 20
+#: A window update goes out once this fraction (1/4) of the window was read. A sender then has
+#: at least 3/4 of the window (1.5 MiB), less what is buffered unread, which covers what the
+#: inference protocol's credit lets a server have unacknowledged (``specs/inference.md``: at
+#: most 1.25 MiB with the default 1 MiB window and 1 MiB frames): the credit, not yamux, holds
+#: a server back when its client stops reading (yamux resets a stream whose writer waited 5 s
+#: for window). Updates per 512 KiB read, against upstream's one per 64 KiB read.
+UPDATE_FRACTION = 4
 #: Most receive window all the streams of one connection may hold together beyond the spec's
 #: 256 KiB a stream, in bytes: half the 64 MiB budget a peer grants one remote. Streams over
 #: it keep 256 KiB (the spec's initial window, which a receiver cannot take back).
@@ -273,13 +277,13 @@ class _LeanStream(YamuxStream):
 
     async def _auto_tune_and_send_window_update(self, *, bytes_read: int = 0) -> None:
         """go-yamux's window update: once the window the remote has left (plus what is
-        buffered unread) is below half the target, grow it back to the target in one update
-        (and let the auto-tuning double the target). Upstream's version sends an update for
-        nearly every read (its release-on-read), one frame per 64 KiB read."""
+        buffered unread) is a :data:`UPDATE_FRACTION` short of the target, grow it back to
+        the target in one update (go-yamux waits for half). Upstream's version sends an update
+        for nearly every read (its release-on-read), one frame per 64 KiB read."""
         async with self.window_lock:
             buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
             delta = self.target_recv_window - (self.recv_window + buffered)
-            if delta < self.target_recv_window // 2:
+            if delta < self.target_recv_window // UPDATE_FRACTION:
                 return
             increment = self._grow_to_delta(buffered) + self._apply_autotune_epoch(buffered)
         opened = self.__dict__.pop("recv_opened", None)
