@@ -53,6 +53,11 @@ __all__ = [
 ]
 
 
+#: Largest body :func:`unpackb` decodes without its counting hooks (see there): 1.9 us a chunk
+#: frame with them, 0.3 us without.
+_SMALL_BODY = 4096
+
+
 class _TooMany(Exception):
     pass
 
@@ -105,9 +110,23 @@ def unpackb(
     value are an error. With ``max_objects``, the value may hold at most that
     many values in all (the root, every container, every key and every item).
     """
+    limit = max_objects if max_objects is not None else 2**62
+    if len(data) <= min(_SMALL_BODY, limit, max_containers) and not allow_ext:
+        # Small values (answer chunks, credit, most requests): every value takes a byte at
+        # least, so the counts cannot exceed the length; depth is checked on the result and
+        # timestamps (extension type -1, decoded without ext_hook) need a 0xff byte.
+        small = bytes(data)
+        if b"\xff" not in small:
+            try:
+                obj = _msgpack.unpackb(small, raw=False, strict_map_key=False, ext_hook=_no_ext)
+            except _ExtType as exc:
+                raise ProtocolError(f"{what} holds a msgpack extension type ({exc.args[0]})") from None
+            except Exception as exc:  # ExtraData, ValueError, UnicodeDecodeError, ...
+                raise ProtocolError(f"{what} is not valid msgpack ({type(exc).__name__})") from None
+            check_depth(obj, max_depth)
+            return obj
     count = 0
     objects = 1
-    limit = max_objects if max_objects is not None else 2**62
     native: dict[str, int] = {}
     if max_objects is not None:
         native = {"max_array_len": max_objects, "max_map_len": max_objects // 2}
