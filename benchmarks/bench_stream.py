@@ -46,6 +46,7 @@ import trio
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import stream_bulk
 from stream_common import (
     REQUEST_LIMIT,
     STARTUP_LIMIT,
@@ -92,6 +93,7 @@ GOALS = [
     Goal("tiny_p50", "one-chunk request, p50 vs HTTP keep-alive", 1.0),
     Goal("tiny_p99", "one-chunk request, p99 vs HTTP keep-alive", 1.5),
     Goal("load_per_core", f"{CONCURRENCY} concurrent streams, chunks/s per core vs SSE", 1.3, at_least=True),
+    Goal("bulk_vs_stock", "bulk 64 KiB chunks, MB/s vs stock py-libp2p (2 procs)", 2.0, at_least=True),
 ]
 
 
@@ -504,6 +506,7 @@ BASELINES = {
     "2": "raw TCP, trio SocketStream",
     "3": "GET on a keep-alive httpx connection to uvicorn",
     "4": "the same SSE endpoint, 64 httpx connections",
+    "2b": "stock py-libp2p (Noise + yamux) in processes that never import modelnet; raw TCP",
 }
 
 
@@ -580,6 +583,7 @@ def main() -> int:
             children[0].proc.pid,
             children[1].proc.pid,
         )
+        stream_bulk.add_rows(report, args.quick)  # bulk beside stock py-libp2p in its own processes
     except Exception as exc:
         report.errors[f"setup: {describe(exc)}"] += 1
     finally:

@@ -608,3 +608,31 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def add_rows(report: Any, quick: bool = False) -> None:
+    """Measure and add the bulk rows to a ``bench_stream`` report (``stream_common.Report``):
+    modelnet beside stock py-libp2p in two processes (the row the goal uses, key
+    ``bulk_vs_stock``) and in one, with each kind's distance from raw TCP as notes."""
+    total = (32 if quick else 64) << 20
+    reps = 1 if quick else 3
+    results = run_bulk(total, reps)
+    table = {r["kind"]: r for r in rows(results, total)}
+    mn = table["modelnet"]["mb_s"]
+    section = f"2b. bulk, {CHUNK >> 10} KiB chunks, {total >> 20} MiB (stream_bulk.py)"
+    for kind, label, key in (
+        ("stock-2proc", "vs stock py-libp2p, 2 procs", "bulk_vs_stock"),
+        ("stock-1proc", "vs stock py-libp2p, 1 proc", "bulk_vs_stock_1proc"),
+        ("tcp", "vs raw TCP (trio)", "bulk_vs_tcp"),
+    ):
+        row = report.row(section, f"{label} (best of {reps})", "MB/s", True, key)
+        row.modelnet, row.baseline = mn, table[kind]["mb_s"]
+    for r in table.values():
+        vs_tcp = "-" if r["vs_tcp"] is None else f"{r['vs_tcp']:.3f}x"
+        cpu = r["mb_per_cpu_s"]
+        report.notes.append(
+            f"bulk {r['label']}: {_fmt(r['mb_s'], '.1f')} MB/s, {vs_tcp} raw TCP, "
+            f"{_fmt(cpu, '.0f')} MB per CPU second (imports modelnet: {r['modelnet_imported']})"
+        )
+        for err in r["errors"][:3]:
+            report.errors[f"bulk/{r['kind']}: {err}"] += 1
