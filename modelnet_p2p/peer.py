@@ -12,14 +12,14 @@ import logging
 import math
 import os
 from collections.abc import AsyncIterator, Collection, Iterator, Sequence
-from contextlib import AsyncExitStack, contextmanager
+from contextlib import AsyncExitStack, contextmanager, suppress
 from typing import Any, TypeVar
 
 import multiaddr
 import trio
 
 from .config import PeerConfig
-from .errors import BadRequestError, ConfigError
+from .errors import BadRequestError, ConfigError, UnavailableError
 from .log import quiet_libp2p
 from .mesh.client import InferenceStream, MeshClient, Response
 from .mesh.collab.trace import TraceLog
@@ -60,6 +60,7 @@ from .services.availability import (
 )
 from .services.discovery import DHT_PROTOCOL_ID, Discovery
 from .services.discovery.index import find_or_browse
+from .services.discovery.rejoin import keep_joined
 from .services.inference.admission import Admission, AdmissionLimits
 from .services.inference.handlers import Handler, InferenceRequest
 from .services.inference.server import InferenceServer, Limits
@@ -266,6 +267,8 @@ class Peer:
             self._bootstrap = await resolve_addrs(self._bootstrap)  # /dns4/, /dns6/ names to IPs
             await self._dialer.connect_bootstrap(self._bootstrap, required=cfg.require_bootstrap)
             await self.discovery.bootstrap(self._dialer.connected_among(self._bootstrap))
+            if self._bootstrap:  # left with no connection: dial the bootstrap peers again
+                nursery.start_soon(keep_joined, lambda: not host.get_connected_peers(), self._join_again)
             if self.needs_relay:  # announce only relayed addresses: the direct ones are unreachable
                 self.discovery.relayed_only = True
                 relays = [str(a) for a in self._bootstrap]
@@ -282,6 +285,16 @@ class Peer:
         self._stack = stack
         log.info("peer %s listening on %s", self.peer_id, ", ".join(self.addrs))
         return self
+
+    async def _join_again(self) -> bool:
+        assert self._dialer is not None
+        self._dialer.unblock(self._bootstrap)  # a bootstrap peer that was down may be up now
+        with suppress(UnavailableError):  # said at info level; tried again later
+            await self._dialer.connect_bootstrap(self._bootstrap, required=True)
+        connected = self._dialer.connected_among(self._bootstrap)
+        if connected:
+            await self.discovery.rejoin(connected)
+        return bool(connected)
 
     async def __aexit__(self, *exc_info: Any) -> None:
         # Shut down as if the body had ended normally, then let the body's own exception

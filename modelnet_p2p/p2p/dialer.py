@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import multiaddr
 import trio
@@ -246,6 +246,16 @@ class Dialer:
             if self.host.get_network().get_connections(pid):
                 out.append(pid)
         return out
+
+    def unblock(self, addrs: Sequence[multiaddr.Multiaddr]) -> None:
+        """Let the peers of ``addrs`` be dialed at once again: py-libp2p's swarm refuses, for
+        60 s, every dial of a peer whose addresses all failed once (its negative cache)."""
+        network: Any = self.host.get_network()  # the Swarm: ``unblock_peer`` is not in its interface
+        for addr in addrs:
+            try:
+                network.unblock_peer(info_from_p2p_addr(addr).peer_id)
+            except Exception:
+                continue
 
     async def ping(self, peer_id: str, *, timeout: float = 5.0) -> float | None:
         """Round-trip time to ``peer_id`` in milliseconds (libp2p ping), or ``None``."""

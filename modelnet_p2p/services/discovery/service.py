@@ -284,6 +284,18 @@ class Discovery:
         self._nursery.start_soon(self._announcer)
         self._nursery.start_soon(self._housekeeping)
 
+    async def rejoin(self, peer_ids: Sequence[object]) -> None:
+        """Join again through ``peer_ids`` (connected bootstrap peers) after this peer was left
+        with no connection: add them to the routing table, refresh it, and announce (the
+        servers that held this peer's records may have forgotten them)."""
+        for pid in peer_ids:
+            await self.kad.add_to_routing_table(str(pid))
+        with trio.move_on_after(JOIN_TIMEOUT):
+            await self.refresh()
+        self.bootstrapped.set()
+        if self.card is not None and self.card.capabilities:
+            await self.announce()
+
     async def _refresh(self) -> None:
         try:
             with trio.move_on_after(JOIN_TIMEOUT):
