@@ -101,3 +101,38 @@ def test_peer_of_remembers_text_targets_within_a_bound():
     for port in range(PEER_OF_CACHE + 10):
         assert dialer.peer_of(f"/ip4/127.0.0.1/tcp/{port + 1}/p2p/{pid}") == pid
     assert dialer.peer_of(pid) == pid
+
+
+async def _produced_while_not_reading(item: str, total: int) -> tuple[int, int]:
+    """How many chunks a handler that never awaits has produced while its caller, with the
+    smallest window (1024 bytes), holds the stream without reading, and how many arrived."""
+    produced = 0
+
+    async def many(request):
+        nonlocal produced
+        for _ in range(total):
+            produced += 1
+            yield item
+
+    async with open_peers(2, window=1024) as (a, b):
+        b.serve(Capability("many"), many)
+        with trio.fail_after(30):
+            async with a.infer(b.addrs[0], "many", None) as stream:
+                async for _ in stream:  # the first chunk; then the caller stops reading
+                    break
+                await trio.sleep(1.0)
+                held = produced
+    return held, total
+
+
+async def test_short_chunks_queue_beyond_64_within_the_write_batch():
+    """A handler of short tokens runs ahead of a writer held back by credit by more than
+    HANDLER_BUFFER (64) chunks, so that they fill one write; long chunks stop at 64 as before,
+    so what the queue holds stays within max(64 chunks, MAX_WRITE_BATCH)."""
+    from modelnet_p2p.services.inference.server import HANDLER_BUFFER, SMALL_CHUNK_BUFFER
+
+    short, _ = await _produced_while_not_reading("tok ", 3000)
+    # What the window let out (1024 bytes of ~15-byte frames) plus the queue.
+    assert 2 * HANDLER_BUFFER + 200 < short <= SMALL_CHUNK_BUFFER + 200, short  # old code: 156
+    long, _ = await _produced_while_not_reading("x" * 8192, 3000)
+    assert long <= HANDLER_BUFFER + 8, long  # an 8 KiB chunk exceeds the window: one at a time

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -87,6 +88,12 @@ log = logging.getLogger(__name__)
 READ_SIZE = 1 << 16
 #: Chunks a handler may run ahead of the writer before it is suspended.
 HANDLER_BUFFER = 64
+#: ... or, while every chunk queued is text or bytes whose frames add up to at most
+#: :data:`MAX_WRITE_BATCH` bytes (an upper bound from their lengths), this many: a fast
+#: handler of short tokens then fills one write (256 chunks in 2 writes, not 6).
+SMALL_CHUNK_BUFFER = 1024
+#: Bytes of a chunk frame besides its data, at most (prefix, keys, ``seq``, ``load``, headers).
+CHUNK_OVERHEAD = 128
 #: How long a last ``err`` may take to write when the server gives a stream up.
 FAREWELL_TIMEOUT = 0.5
 #: After an ``err`` and its close, how long the client has to end its side before the server
@@ -497,18 +504,34 @@ class InferenceServer:
         link.on_stop = request.cancel
         streaming = served.kind not in _ONE_CHUNK
 
+        #: Upper bounds of the frames of the chunks queued, oldest first, and their sum.
+        bounds: deque[int] = deque()
+        bounded = 0
+
         async def emit(item: Any) -> None:
             # Queue without yielding to the scheduler when there is room, so a fast
             # handler's chunks pile up and go out in one write; a handler that awaits
             # between chunks still has each one written at once.
-            while s.running and s.queued_frames >= HANDLER_BUFFER:
+            nonlocal bounded
+            size = _frame_bound(item)
+            while s.running:
+                while len(bounds) > s.queued_frames:  # the writer took the oldest
+                    bounded -= bounds.popleft()
+                queued = s.queued_frames
+                if queued < HANDLER_BUFFER or (
+                    queued < SMALL_CHUNK_BUFFER and bounded + size <= MAX_WRITE_BATCH
+                ):
+                    break
                 await link.changed()
             if not s.running:
                 return  # the request ended; the handler's scope is cancelled
             if not s.send_chunk(item):
                 request.cancel_scope.cancel()  # the chunk could not be sent: the request failed
-            elif chain is not None:
-                chain.add(item)
+            else:
+                bounds.append(size)
+                bounded += size
+                if chain is not None:
+                    chain.add(item)
             link.notify()
             if streaming and not s.chunks_written:
                 # The first chunk goes out at once, alone: a handler that never awaits would
@@ -557,6 +580,17 @@ class InferenceServer:
         finally:
             link.on_stop = None
             request.mark_cancelled()
+
+
+def _frame_bound(item: Any) -> int:
+    """At most how many bytes the chunk frame of ``item`` takes (text: 4 bytes a character at
+    most in UTF-8; anything but text and bytes counts as large)."""
+    kind = type(item)
+    if kind is str:
+        return 4 * len(item) + CHUNK_OVERHEAD
+    if kind is bytes:
+        return len(item) + CHUNK_OVERHEAD
+    return MAX_WRITE_BATCH + 1
 
 
 def _preempt(link: _Link, error: ModelNetError) -> None:
