@@ -136,3 +136,34 @@ async def test_short_chunks_queue_beyond_64_within_the_write_batch():
     assert 2 * HANDLER_BUFFER + 200 < short <= SMALL_CHUNK_BUFFER + 200, short  # old code: 156
     long, _ = await _produced_while_not_reading("x" * 8192, 3000)
     assert long <= HANDLER_BUFFER + 8, long  # an 8 KiB chunk exceeds the window: one at a time
+
+
+def test_small_bodies_keep_every_limit():
+    """unpackb decodes bodies of at most 4096 bytes without its counting hooks: the limits
+    still hold there (depth, extension types and timestamps, trailing bytes, control limits)."""
+    import msgpack
+    import pytest
+
+    from modelnet_p2p.errors import ProtocolError
+    from modelnet_p2p.proto.framing import unpack_body
+    from modelnet_p2p.proto.limits import MAX_DEPTH
+    from modelnet_p2p.proto.packing import packb, unpackb
+
+    nested: object = []
+    for _ in range(MAX_DEPTH - 2):
+        nested = [nested]
+    ok = packb({"d": nested})  # the map and 31 arrays: exactly 32 levels, in 34 bytes
+    assert len(ok) < 4096 and unpack_body(ok)["d"] == nested
+    with pytest.raises(ProtocolError, match="deeper than 32"):
+        unpack_body(packb({"d": [nested]}))
+    with pytest.raises(ProtocolError, match="extension type"):
+        unpack_body(packb({"d": msgpack.ExtType(5, b"x")}))
+    with pytest.raises(ProtocolError, match="extension type"):  # a timestamp (type -1)
+        unpack_body(msgpack.packb({"d": msgpack.Timestamp(1, 0)}, datetime=False))
+    with pytest.raises(ProtocolError, match="not valid msgpack"):
+        unpack_body(packb({"t": "chunk"}) + b"\x00")
+    with pytest.raises(ProtocolError, match="more than 4 values"):
+        unpackb(packb([1, 2, 3, 4]), max_objects=4)
+    with pytest.raises(ProtocolError, match="more than 2 maps and arrays"):
+        unpackb(packb([[], []]), max_containers=2)
+    assert unpack_body(packb({"t": "chunk", "seq": 1, "d": "tok "})) == {"t": "chunk", "seq": 1, "d": "tok "}

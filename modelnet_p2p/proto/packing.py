@@ -123,7 +123,8 @@ def unpackb(
                 raise ProtocolError(f"{what} holds a msgpack extension type ({exc.args[0]})") from None
             except Exception as exc:  # ExtraData, ValueError, UnicodeDecodeError, ...
                 raise ProtocolError(f"{what} is not valid msgpack ({type(exc).__name__})") from None
-            check_depth(obj, max_depth)
+            if len(small) > max_depth:  # n bytes nest at most n deep
+                check_depth(obj, max_depth)
             return obj
     count = 0
     objects = 1
