@@ -2,7 +2,8 @@
 
 An announce has one *target* per record: the card itself under its value key (``PUT_VALUE``)
 and one provider record per provider key (``ADD_PROVIDER``). Each target goes at once to
-the closest peers of the routing table, and then to the k closest peers an iterative
+the closest peers of the routing table, then to each server that answers an iterative
+lookup of its key as it answers (at most k of them), and then to the k closest peers the
 lookup finds. A server *acknowledges* a record:
 
 - ``PUT_VALUE``: by its answer (a server answers only once it has validated and stored the
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ...p2p.kad import KadKind, KadPeer, KadRequest
+from ...p2p.kad import KadKind, KadPeer, KadRequest, KadResponse
 from ...proto.card import CapabilityCard, value_key
 from .index import announced_keys
 from .lookup import K, Lookups
@@ -50,6 +51,9 @@ FIRST_RETRY = 0.25
 MAX_RETRY = 4.0
 #: Record deliveries one announce has in flight at once.
 DELIVERY_CONCURRENCY = 32
+#: Servers a record goes to as they answer its lookup, at most, besides the k closest
+#: known before it and the k closest it finds.
+EARLY_DELIVERIES = K
 
 
 @dataclass
@@ -160,8 +164,17 @@ async def publish(
 
     async def place(t: _Target, nursery: trio.Nursery) -> None:
         start(nursery, t, kad.closest_known(t.key, K))  # at once, before any lookup
+        early: set[str] = set()
+
+        def answered(pid: str, _resp: KadResponse) -> None:
+            # A server near the key answered the lookup: place the record there now, not
+            # once the lookup ends (it waits for the slowest of the k closest).
+            if len(early) < EARLY_DELIVERIES:
+                early.add(pid)
+                start(nursery, t, [pid])
+
         async with lookup_limiter:
-            found = await lookups.closest(t.key, t.lookup_kind)
+            found = await lookups.closest(t.key, t.lookup_kind, answered)
         t.found.update(found)
         found_any.update(found)
         start(nursery, t, found)
