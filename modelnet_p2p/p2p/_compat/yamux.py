@@ -256,6 +256,16 @@ class _LeanStream(YamuxStream):
             self.__dict__["window_granted"] = True
             if not self.recv_closed and not self.closed:
                 await self._auto_tune_and_send_window_update()
+        conn = self.conn
+        if n is not None and n > 0 and not self.closed and not self.reset_received:
+            # Data already here: what upstream's read(n) returns (through read_stream), taken
+            # straight from the buffer while nothing else holds the streams' lock.
+            buffer = conn.stream_buffers.get(self.stream_id)
+            if buffer and not conn.streams_lock.locked() and not conn.event_shutting_down.is_set():
+                if conn.streams.get(self.stream_id) is self:
+                    data = _take(buffer, n)
+                    await self._auto_tune_and_send_window_update(bytes_read=len(data))
+                    return data
         return await super().read(n)
 
     @property
