@@ -8,6 +8,9 @@ not. The other tests check that the shim corrects it.
 from __future__ import annotations
 
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 import multiaddr
 import pytest
@@ -23,6 +26,7 @@ from modelnet_p2p.errors import ConfigError
 from modelnet_p2p.p2p._compat.host import (
     check_port_free,
     disable_auto_connector,
+    gate_inbound,
     guard_handler,
     retire_stream_handler,
 )
@@ -296,3 +300,91 @@ async def test_inbound_slots_end_with_their_connections() -> None:
         with trio.fail_after(5):
             while swarm._inbound_limiter.borrowed_tokens:  # type: ignore[attr-defined]
                 await trio.sleep(0.02)
+
+
+# -- gating inbound connections and streams before negotiation --------------------------------
+
+
+async def test_stock_swarm_negotiates_every_inbound_stream_of_a_peer() -> None:
+    """Upstream has no per-peer rate of inbound streams: 300 streams opened at once by one
+    peer are all negotiated (and pay multistream-select) before any handler could say no."""
+    async with running_host(build_host(Identity.generate()), LOOPBACK) as a, b_run() as b:
+        negotiated = 0
+
+        async def count(stream: INetStream) -> None:
+            nonlocal negotiated
+            negotiated += 1
+            await stream.close()
+
+        b.set_stream_handler(PROTO, count)
+        await a.connect(PeerInfo(b.get_id(), b.get_addrs()))
+
+        async def one() -> None:
+            stream = await a.new_stream(b.get_id(), [PROTO])
+            await stream.close()
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(300):
+                nursery.start_soon(one)
+        with trio.fail_after(10):
+            while negotiated < 300:
+                await trio.sleep(0.01)
+    await b.close()
+
+
+async def _fails(attempt: Any) -> bool:
+    try:
+        with trio.fail_after(5):
+            await attempt()
+    except Exception:
+        return True
+    return False
+
+
+def b_run() -> Any:
+    host = stock_host()
+
+    @asynccontextmanager
+    async def run() -> AsyncIterator[IHost]:
+        async with host.run(LOOPBACK):
+            yield host
+
+    return run()
+
+
+async def test_gate_refuses_streams_before_negotiation_and_peers_after_noise() -> None:
+    async with running_host(build_host(Identity.generate()), LOOPBACK) as a:
+        async with running_host(build_host(Identity.generate()), LOOPBACK) as b:
+            handled = 0
+
+            async def count(stream: INetStream) -> None:
+                nonlocal handled
+                handled += 1
+                await stream.close()
+
+            b.set_stream_handler(PROTO, count)
+            refuse_peer = refuse_streams = False
+            asked: list[str] = []
+
+            def admit_stream(peer: str) -> float | None:
+                asked.append(peer)
+                return None if refuse_streams else 0.0
+
+            assert gate_inbound(b, admit_peer=lambda peer: not refuse_peer, admit_stream=admit_stream)
+            await a.connect(PeerInfo(b.get_id(), b.get_addrs()))
+            for _ in range(2):
+                stream = await a.new_stream(b.get_id(), [PROTO])
+                await stream.close()
+            refuse_streams = True
+            assert await _fails(lambda: a.new_stream(b.get_id(), [PROTO]))
+            assert set(asked) == {str(a.get_id())}
+            with trio.fail_after(5):
+                while handled < 2:
+                    await trio.sleep(0.01)
+            assert handled == 2  # the third never reached negotiation
+            for conn in list(a.get_network().get_connections(b.get_id())):
+                await conn.close()
+            refuse_peer = True
+            a.get_network().unblock_peer(b.get_id())  # type: ignore[attr-defined]
+            assert await _fails(lambda: a.connect(PeerInfo(b.get_id(), b.get_addrs())))
+            assert not b.get_network().get_connections(a.get_id())

@@ -27,7 +27,8 @@ could connect). So the manager also enforces, at once on every new connection:
 
 - at most ``max_connections_per_ip`` connections from one IP address: its idle ones are
   closed first (those that never carried a stream but identify and ping, the oldest first,
-  then the least recently used), then its newest ones;
+  then the least recently used; one younger than ``NEWCOMER_GRACE`` counts as used when it
+  opened), then its newest ones;
 - at most ``max_connections_per_peer`` to one peer id (the same order);
 - at most ``max_connections`` in all: idle unprotected connections are closed, grace period
   or not: those of the address holding the most connections first, in the same order (a
@@ -35,7 +36,20 @@ could connect). So the manager also enforces, at once on every new connection:
   stream (but identify and ping, which every new connection runs, and streams whose protocol
   is not agreed yet) is in use and stays.
 
-Protected peers are never closed by these limits either. The swarm's own caps are set above
+Within each of these orders, the connections of peers already closed over a limit within
+the penalty window (strikes) go first, for the total even when they are in use: Sybils that
+redial as fast as they are closed make room before a newcomer does. A peer closed
+``connection_strikes`` times within ``penalty_window`` seconds is refused for
+``penalty_time`` seconds: its connections are closed right after their security handshake,
+before the muxer and any service sees them.
+
+Inbound streams (:class:`~.resources.StreamGate`): each remote peer may open
+``stream_rate`` streams a second (bursts of ``stream_burst``), all protocols together; a
+stream over it is reset before its protocol is negotiated, and ``stream_strikes`` such
+refusals within the penalty window make the peer refused as above (its connections closed
+at once, its streams reset unread).
+
+Protected peers are never closed by these limits either, nor refused. The swarm's own caps are set above
 ``max_connections`` (``_compat/rcmgr.py``), so that the choice is made here and not by a
 swarm that refuses every newcomer once full.
 
@@ -58,7 +72,8 @@ from typing import Any, cast
 import trio
 from libp2p.abc import INetConn, INetStream, INotifee
 
-from .resources import ResourceLimits, conn_ip
+from ._compat.host import gate_inbound
+from .resources import Penalties, ResourceLimits, StreamGate, conn_ip
 
 __all__ = ["ConnManager", "ConnStats", "peer_id_of_addr"]
 
@@ -72,6 +87,10 @@ HOUSEKEEPING_PROTOCOLS: tuple[str, ...] = ("/ipfs/id/", "/ipfs/ping/")
 MIN_CHECK_GAP = 1.0
 #: Seconds a trimmed connection is given to close.
 CLOSE_TIMEOUT = 2.0
+#: Seconds a new connection that has carried no stream yet counts, for the hard limits, as
+#: used when it opened rather than as one that did no work (a newcomer's first call comes
+#: after its handshakes; Sybils holding the slots had done work, and it was closed first).
+NEWCOMER_GRACE = 5.0
 
 
 def peer_id_of_addr(addr: str) -> str | None:
@@ -100,6 +119,12 @@ class ConnStats:
     limited: int
     low: int
     high: int
+    #: Inbound streams reset before negotiation: over their peer's rate, or of a refused peer.
+    streams_refused: int = 0
+    #: Inbound connections closed after the security handshake because their peer was refused.
+    connections_refused: int = 0
+    #: Peers refused now.
+    peers_refused: int = 0
 
 
 @dataclass
@@ -200,6 +225,14 @@ class ConnManager:
         self.limits = limits or ResourceLimits()
         self._limited = 0
         self._over_limit = trio.Event()
+        #: Strikes and refused peers (see the module docs).
+        self.penalties = Penalties(self.limits.penalty_window, self.limits.penalty_time)
+        #: The inbound stream admission, asked before each stream's protocol negotiation.
+        self.streams = StreamGate(
+            self.limits, self.penalties, trio.current_time, on_refused=self._refuse, exempt=self.is_protected
+        )
+        self._conns_refused = 0
+        self._nursery: trio.Nursery | None = None
 
     @property
     def high(self) -> int:
@@ -309,6 +342,9 @@ class ConnManager:
         self._notifee = _Notifee(self)
         # INotifee is an interface the swarm calls by method name; the plain object serves.
         host.get_network().register_notifee(cast(INotifee, self._notifee))
+        self._nursery = nursery
+        if not gate_inbound(host, admit_peer=self._admit_peer, admit_stream=self.streams.admit):
+            log.warning("cannot gate inbound connections and streams: no per-peer stream rate")
         for conn in self._open_conns():
             self.connected(conn)
         nursery.start_soon(self._run)
@@ -394,6 +430,28 @@ class ConnManager:
         out.sort(key=lambda item: item[0])
         return [conn for _, conn in out]
 
+    # -- refused peers -------------------------------------------------------------------
+
+    def _admit_peer(self, peer: str) -> bool:
+        if not self.penalties.refused(peer, trio.current_time()) or self.is_protected(peer):
+            return True
+        self._conns_refused += 1
+        return False
+
+    def _refuse(self, peer: str) -> None:
+        """``peer`` was just refused: close its connections (unless it is protected)."""
+        if self._nursery is None or self.is_protected(peer):
+            return
+        log.info("refusing peer %s for %.0f s (streams over its rate)", peer, self.limits.penalty_time)
+        self._nursery.start_soon(self._close_peer, peer)
+
+    async def _close_peer(self, peer: str) -> None:
+        conns = [c for c in self._open_conns() if _conn_peer(c) == peer]
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                for conn in conns:
+                    nursery.start_soon(self._close_now, conn)
+
     def _protected_now(self) -> set[str]:
         return set(self._tags) | self._named_by_sources()
 
@@ -435,11 +493,15 @@ class ConnManager:
         records = {id(c.muxed_conn): self._record(c, now) for c in self._open_conns()}
         chosen: dict[int, INetConn] = {}
         in_use = {id(c.muxed_conn): self._working(c) for c in conns}
+        strikes = {r.peer: self.penalties.strikes(r.peer, "connection", now) for r in records.values()}
 
-        def age(c: INetConn) -> tuple[bool, float]:
-            # those that did no work, the oldest first; then the least recently used
+        def age(c: INetConn) -> tuple[int, bool, float]:
+            # peers with the most strikes first; then those that did no work, the oldest
+            # first; then the least recently used (a connection younger than NEWCOMER_GRACE
+            # counts as used when it opened: it has not had its chance to work yet)
             rec = records[id(c.muxed_conn)]
-            return (rec.worked, rec.last_used if rec.worked else rec.opened)
+            worked = rec.worked or now - rec.opened < NEWCOMER_GRACE
+            return (-strikes.get(rec.peer, 0), worked, rec.last_used if worked else rec.opened)
 
         def idle_first(group: list[INetConn]) -> list[INetConn]:
             # idle ones (see age); then the rest, newest first
@@ -468,9 +530,14 @@ class ConnManager:
             per_ip: dict[str | None, int] = {}
             for rec in records.values():
                 per_ip[rec.ip] = per_ip.get(rec.ip, 0) + 1
-            idle = [c for c in conns if not in_use[id(c.muxed_conn)] and id(c.muxed_conn) not in chosen]
+            # idle ones, and those of peers with strikes even if in use (repeat offenders)
+            idle = [
+                c for c in conns
+                if (not in_use[id(c.muxed_conn)] or strikes.get(records[id(c.muxed_conn)].peer, 0) > 0)
+                and id(c.muxed_conn) not in chosen
+            ]
 
-            def rank(c: INetConn) -> tuple[int, tuple[bool, float]]:
+            def rank(c: INetConn) -> tuple[int, tuple[int, bool, float]]:
                 rec = records[id(c.muxed_conn)]
                 return (-per_ip.get(rec.ip, 1) if rec.ip is not None else -1, age(c))
 
@@ -486,6 +553,9 @@ class ConnManager:
         log.info("closing %d connections over the connection limits (%d open)",
                  len(victims), len(self._conns))
         self._limited += len(victims)
+        now = trio.current_time()
+        for conn in victims:
+            self.penalties.strike(_conn_peer(conn), "connection", now, self.limits.connection_strikes)
         with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
             async with trio.open_nursery() as nursery:
                 for conn in victims:
@@ -512,4 +582,7 @@ class ConnManager:
             limited=self._limited,
             low=self.low,
             high=self.high,
+            streams_refused=self.streams.rate_limited + self.streams.refused,
+            connections_refused=self._conns_refused,
+            peers_refused=self.penalties.refused_now(trio.current_time()),
         )

@@ -12,12 +12,19 @@ connection comes from its relay's address; it is counted under the relay's peer 
 from __future__ import annotations
 
 import ipaddress
+import math
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
 
-__all__ = ["ResourceLimits", "conn_ip", "ip_key", "remote_ip"]
+__all__ = ["Penalties", "ResourceLimits", "StreamGate", "TokenBuckets", "conn_ip", "ip_key", "remote_ip"]
+
+#: Remote peers a :class:`TokenBuckets` or :class:`Penalties` remembers at most (the least
+#: recently seen are forgotten first: a forgotten peer starts with a full bucket, no strikes).
+MAX_TRACKED_PEERS = 4096
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,27 @@ class ResourceLimits:
     relay_max_circuit_duration: int = 1200
     #: Bytes a circuit may carry, both directions together.
     relay_max_circuit_bytes: int = 64 << 20
+    # -- inbound streams and repeat offenders (p2p/connmgr.py, before protocol negotiation) --
+    #: Inbound streams one peer may open per second, all protocols together (token bucket),
+    #: checked before their protocol is negotiated: a stream over it waits its turn, at most
+    #: ``stream_wait`` seconds; one that would wait longer is reset. 0: no limit. The hostile
+    #: benchmark's legitimate caller opened 25-75 a second; a DHT request flood 100-230.
+    stream_rate: float = 64.0
+    #: Inbound streams one peer may open at once (the bucket's size).
+    stream_burst: float = 256.0
+    #: Seconds a stream over the rate may wait for its turn (so at most ``stream_rate *
+    #: stream_wait`` streams of one peer wait at once).
+    stream_wait: float = 0.5
+    #: Streams reset for the rate within ``penalty_window`` after which the peer is refused.
+    stream_strikes: int = 64
+    #: Connections closed over a connection limit within ``penalty_window`` after which the
+    #: peer is refused (Sybils redialing as fast as they are closed).
+    connection_strikes: int = 3
+    #: Seconds over which strikes count.
+    penalty_window: float = 60.0
+    #: Seconds a refused peer is refused: its connections are closed, new ones closed right
+    #: after the security handshake, its streams reset unread.
+    penalty_time: float = 30.0
 
     def __post_init__(self) -> None:
         counts = (
@@ -73,6 +101,167 @@ class ResourceLimits:
             raise ConfigError("resource limits must be at least 1")
         if self.request_rate < 0 or (self.request_rate > 0 and self.request_burst < 1):
             raise ConfigError("request_rate must be >= 0 and request_burst at least 1")
+        if self.stream_rate < 0 or (self.stream_rate > 0 and self.stream_burst < 1) or self.stream_wait < 0:
+            raise ConfigError("stream_rate and stream_wait must be >= 0 and stream_burst at least 1")
+        if min(self.stream_strikes, self.connection_strikes) < 1:
+            raise ConfigError("stream_strikes and connection_strikes must be at least 1")
+        if self.penalty_window <= 0 or self.penalty_time < 0:
+            raise ConfigError("penalty_window must be positive and penalty_time >= 0")
+
+
+class TokenBuckets:
+    """A token bucket per key (``rate`` tokens a second, at most ``burst``); sans-I/O.
+
+    At most ``max_keys`` keys are remembered; the least recently used is forgotten first.
+    """
+
+    def __init__(self, rate: float, burst: float, *, max_keys: int = MAX_TRACKED_PEERS) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def take(self, key: str, now: float, max_wait: float = 0.0) -> float | None:
+        """Take one token of ``key``'s bucket at time ``now``: the seconds to wait for it
+        (0: at once), or ``None`` if it would come later than ``max_wait`` seconds from now
+        (nothing is taken then). A token waited for is taken at once (the bucket goes below
+        zero), so the waits of several takers queue up.
+        """
+        tokens, last = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        wait = 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate if self.rate > 0 else math.inf
+        ok = wait <= max_wait
+        self._buckets[key] = (tokens - 1.0 if ok else tokens, now)
+        while len(self._buckets) > self.max_keys:
+            self._buckets.popitem(last=False)
+        return wait if ok else None
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+class Penalties:
+    """Strikes against remote peers, and the peers refused for them; sans-I/O.
+
+    A peer that collects ``threshold`` strikes of one kind within ``window`` seconds is
+    refused for ``duration`` seconds (its strikes start again from 0). At most ``max_peers``
+    peers are remembered, the least recently struck forgotten first (a peer still refused is
+    forgotten only when every remembered peer is).
+    """
+
+    def __init__(self, window: float, duration: float, *, max_peers: int = MAX_TRACKED_PEERS) -> None:
+        self.window = window
+        self.duration = duration
+        self.max_peers = max_peers
+        #: (peer, kind) -> (strikes, time of the first in the window)
+        self._strikes: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()
+        self._until: OrderedDict[str, float] = OrderedDict()
+        #: Peers refused since this was made.
+        self.refusals = 0
+
+    def strike(self, peer: str, kind: str, now: float, threshold: int) -> bool:
+        """Count a strike of ``kind`` against ``peer``; ``True`` if that makes it refused now."""
+        key = (peer, kind)
+        count, since = self._strikes.pop(key, (0, now))
+        if now - since > self.window:
+            count, since = 0, now
+        count += 1
+        if count >= threshold:
+            self.refuse(peer, now)
+            return True
+        self._strikes[key] = (count, since)
+        while len(self._strikes) > self.max_peers:
+            self._strikes.popitem(last=False)
+        return False
+
+    def strikes(self, peer: str, kind: str, now: float) -> int:
+        """The strikes of ``kind`` against ``peer`` within the window."""
+        count, since = self._strikes.get((peer, kind), (0, now))
+        return count if now - since <= self.window else 0
+
+    def refuse(self, peer: str, now: float) -> None:
+        """Refuse ``peer`` for ``duration`` seconds from ``now``."""
+        self._until.pop(peer, None)
+        self._until[peer] = now + self.duration
+        self.refusals += 1
+        for key in [k for k in self._strikes if k[0] == peer]:
+            del self._strikes[key]
+        while len(self._until) > self.max_peers:
+            self._until.popitem(last=False)
+
+    def refused(self, peer: str, now: float) -> bool:
+        """Whether ``peer`` is refused at ``now``."""
+        until = self._until.get(peer)
+        if until is None:
+            return False
+        if now >= until:
+            del self._until[peer]
+            return False
+        return True
+
+    def refused_now(self, now: float) -> int:
+        """Peers refused at ``now``."""
+        return sum(1 for until in self._until.values() if until > now)
+
+
+class StreamGate:
+    """Admission of inbound streams before protocol negotiation: a rate per remote peer.
+
+    :meth:`admit` is asked for every inbound stream, with its remote peer id. A stream of a
+    refused peer (:class:`Penalties`) is refused (the caller resets it unread); a stream over
+    the peer's ``stream_rate`` waits for its turn, at most ``stream_wait`` seconds, and is
+    refused if its turn is further away (the peer has that many streams waiting already).
+    ``stream_strikes`` refusals for the rate within the penalty window make the peer
+    refused, and ``on_refused(peer)`` is called (the connection manager closes its
+    connections). ``exempt(peer)`` peers (protected ones) are limited by the rate but never
+    refused.
+    """
+
+    def __init__(
+        self,
+        limits: ResourceLimits,
+        penalties: Penalties,
+        clock: Callable[[], float],
+        *,
+        on_refused: Callable[[str], None] | None = None,
+        exempt: Callable[[str], bool] | None = None,
+    ) -> None:
+        self.limits = limits
+        self.penalties = penalties
+        self.clock = clock
+        self.on_refused = on_refused
+        self.exempt = exempt
+        self._buckets = TokenBuckets(limits.stream_rate, limits.stream_burst)
+        #: Streams admitted (of them, delayed for the rate), refused for the rate, and refused
+        #: because their peer was.
+        self.admitted = 0
+        self.delayed = 0
+        self.rate_limited = 0
+        self.refused = 0
+
+    def admit(self, peer: str) -> float | None:
+        """Seconds an inbound stream of ``peer`` waits before its protocol negotiation (0: none),
+        or ``None``: refused."""
+        now = self.clock()
+        if self.penalties.refused(peer, now):
+            self.refused += 1
+            return None
+        if self.limits.stream_rate <= 0:
+            self.admitted += 1
+            return 0.0
+        wait = self._buckets.take(peer, now, self.limits.stream_wait)
+        if wait is not None:
+            self.admitted += 1
+            if wait > 0:
+                self.delayed += 1
+            return wait
+        self.rate_limited += 1
+        if self.exempt is not None and self.exempt(peer):
+            return None
+        if self.penalties.strike(peer, "stream", now, self.limits.stream_strikes):
+            if self.on_refused is not None:
+                self.on_refused(peer)
+        return None
 
 
 def ip_key(ip: str | None, *, limit_loopback: bool = False) -> str | None:

@@ -18,6 +18,10 @@ fail once upstream changes it):
   long closed, every new one is refused (measured: 260 identities redialing a peer whose
   connection manager closed them locked out newcomers, and each closed connection left a
   task and its connection objects behind).
+- :func:`gate_inbound`: the swarm has no per-peer admission of inbound streams before
+  multistream-select runs (its resource manager counts streams, it does not rate them), and
+  no way to refuse a peer id: a peer that opens streams as fast as they are reset makes the
+  host pay a negotiation each, and Sybils closed over a connection limit redial at once.
 - :func:`guard_handler`: an exception escaping a stream handler stops ``host.run()`` and with
   it the whole host.
 - :func:`retire_stream_handler`: removing a handler races with multistream-select, which checks
@@ -45,6 +49,7 @@ __all__ = [
     "disable_auto_connector",
     "guard_handler",
     "end_inbound_handlers",
+    "gate_inbound",
     "retire_stream_handler",
 ]
 
@@ -154,6 +159,73 @@ def end_inbound_handlers(host: IHost) -> bool:
 
     upgrade.ends_with_connection = True  # type: ignore[attr-defined]
     swarm.upgrade_inbound_raw_conn = upgrade
+    return True
+
+
+class PeerRefused(Exception):
+    """Raised out of the swarm's inbound security upgrade for a peer :func:`gate_inbound` refuses."""
+
+
+def gate_inbound(
+    host: IHost, *, admit_peer: Callable[[str], bool], admit_stream: Callable[[str], float | None]
+) -> bool:
+    """Ask ``admit_peer(peer_id)`` of each inbound connection once its security handshake
+    is done (before the muxer, identify and every service's new-peer work), and
+    ``admit_stream(peer_id)`` of each inbound stream before its protocol is negotiated: the
+    seconds it waits first, or ``None`` (refused).
+
+    A refused connection is closed (the swarm logs a failed security upgrade at debug level);
+    a refused stream is reset unread. Calling it again replaces the two checks. Returns
+    whether the swarm had both hooks (an unknown swarm: upstream's behaviour).
+    """
+    from libp2p.transport.exceptions import SecurityUpgradeFailure
+
+    swarm: Any = host.get_network()
+    upgrader: Any = getattr(swarm, "upgrader", None)
+    secure = getattr(upgrader, "upgrade_security", None)
+    handler = getattr(swarm, "common_stream_handler", None)
+    if secure is None or handler is None:
+        return False
+    checks = getattr(secure, "gate_checks", None)
+    if checks is not None:
+        checks["peer"] = admit_peer
+    else:
+        checks = {"peer": admit_peer}
+
+        async def upgrade_security(raw_conn: Any, is_initiator: bool, peer_id: Any = None) -> Any:
+            conn = await secure(raw_conn, is_initiator, peer_id)
+            if not is_initiator and not checks["peer"](str(conn.get_remote_peer())):
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    try:
+                        await conn.close()
+                    except Exception:
+                        pass
+                raise SecurityUpgradeFailure("peer refused") from PeerRefused()
+            return conn
+
+        upgrade_security.gate_checks = checks  # type: ignore[attr-defined]
+        upgrader.upgrade_security = upgrade_security
+    stream_checks = getattr(handler, "gate_checks", None)
+    if stream_checks is not None:
+        stream_checks["stream"] = admit_stream
+    else:
+        stream_checks = {"stream": admit_stream}
+
+        async def gated(stream: INetStream) -> None:
+            try:
+                peer = str(stream.muxed_conn.peer_id)
+            except Exception:
+                peer = ""
+            wait = stream_checks["stream"](peer) if peer else 0.0
+            if wait is None:
+                await _reset(stream)
+                return
+            if wait > 0:
+                await trio.sleep(wait)
+            await handler(stream)
+
+        gated.gate_checks = stream_checks  # type: ignore[attr-defined]
+        swarm.common_stream_handler = gated
     return True
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -58,6 +59,9 @@ log = logging.getLogger(__name__)
 
 #: ``(peer, ip, holders: {peer: (ip, since)})`` -> ``""`` accept, a holder to evict, ``None`` refuse.
 ReservationDecider = Callable[[str, "str | None", "dict[str, tuple[str | None, float]]"], "str | None"]
+
+#: Seconds between two prunings of gone reservations while the table is not full.
+PRUNE_INTERVAL = 1.0
 
 #: What "no data limit" has to be written as (py-libp2p reads 0 as "nothing may pass").
 NO_DATA_LIMIT = 2**62
@@ -133,6 +137,7 @@ class CircuitRelay(CircuitV2Protocol):
         self.limit_loopback = limit_loopback
         #: The IP address (key) and trio time of each reservation made here.
         self._holders: dict[ID, tuple[str | None, float]] = {}
+        self._next_prune = -math.inf
 
     # -- what the adapter reads --------------------------------------------------------
 
@@ -183,10 +188,18 @@ class CircuitRelay(CircuitV2Protocol):
         peer = stream.muxed_conn.peer_id
         msg.peer.id = peer.to_bytes()
         reservations = self.resource_manager._reservations
-        for gone in [p for p, r in reservations.items() if r.is_expired() or not _connected(self.host, p)]:
-            del reservations[gone]
-        for gone in [p for p in self._holders if p not in reservations]:
-            del self._holders[gone]
+        now = trio.current_time()
+        if len(reservations) >= self.resource_manager.limits.max_reservations or now >= self._next_prune:
+            # O(reservations) with a swarm lookup each: only when the table is full (the policy
+            # needs the live holders) or once a second (262 Sybils refreshing every second
+            # made it most of a relay's work).
+            self._next_prune = now + PRUNE_INTERVAL
+            host = self.host
+            gone_peers = [p for p, r in reservations.items() if r.is_expired() or not _connected(host, p)]
+            for gone in gone_peers:
+                del reservations[gone]
+            for gone in [p for p in self._holders if p not in reservations]:
+                del self._holders[gone]
         if self.policy is not None and peer not in reservations:
             ip = conn_ip(stream.muxed_conn, limit_loopback=self.limit_loopback)
             holders = {str(p): self._holders.get(p, (None, 0.0)) for p in reservations}
