@@ -6,6 +6,7 @@ Tokens are signed with a peer identity's key file (``-i``): the issuer's for ``i
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -64,13 +65,47 @@ def _audience(to: str) -> str:
     return ANY if to in ("any", ANY) else to
 
 
-def _caveats(rate: str | None, tokens_per_day: int | None, max_input: int | None) -> Caveats:
-    return Caveats(
-        rate_per_minute=parse_rate(rate) if rate else None, tokens_per_day=tokens_per_day, max_input=max_input
-    )
+@dataclass(frozen=True)
+class _Terms:
+    """The options ``issue`` and ``delegate`` share: the signer's key file, the audience, the
+    lifetime and the caveats of the new token (or block)."""
+
+    identity: str
+    to: str
+    ttl: str
+    rate: str | None
+    tokens_per_day: int | None
+    max_input: int | None
+
+    def key(self) -> bytes:
+        return _key(self.identity)[1]
+
+    def fields(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`issue_token` and :func:`delegate_token` they set."""
+        now = time.time()
+        return {
+            "audience": _audience(self.to),
+            "not_before": now - 60,  # a minute of clock skew
+            "expires": now + parse_duration(self.ttl),
+            "caveats": Caveats(
+                rate_per_minute=parse_rate(self.rate) if self.rate else None,
+                tokens_per_day=self.tokens_per_day,
+                max_input=self.max_input,
+            ),
+            "nonce": secrets.token_bytes(NONCE_SIZE),
+        }
 
 
-def _caveat_options(fn: Any) -> Any:
+def _terms_options(fn: Any) -> Any:
+    """Add the options of :class:`_Terms`; ``fn`` gets them as one ``terms`` argument."""
+
+    @functools.wraps(fn)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        terms = _Terms(**{name: kwargs.pop(name) for name in _Terms.__dataclass_fields__})
+        return fn(*args, terms=terms, **kwargs)
+
+    command.__dict__["__click_params__"] = list(getattr(fn, "__click_params__", []))
+    wrapped: Any = command
     for option in reversed(
         [
             click.option("--rate", help="Requests per minute, per second or per hour: 60/min, 2/s, 100/h."),
@@ -83,8 +118,8 @@ def _caveat_options(fn: Any) -> Any:
             click.option("--identity", "-i", "identity", required=True, type=click.Path(dir_okay=False)),
         ]
     ):
-        fn = option(fn)
-    return fn
+        wrapped = option(wrapped)
+    return wrapped
 
 
 @click.group("token")
@@ -96,29 +131,12 @@ def token_group() -> None:
 @click.option(
     "--capability", "-c", "capabilities", multiple=True, required=True, help="Name or prefix*, repeatable."
 )
-@_caveat_options
-def token_issue(
-    capabilities: tuple[str, ...],
-    identity: str,
-    to: str,
-    ttl: str,
-    rate: str | None,
-    tokens_per_day: int | None,
-    max_input: int | None,
-) -> None:
+@_terms_options
+def token_issue(capabilities: tuple[str, ...], terms: _Terms) -> None:
     """Print a new token signed with the issuer's key (-i)."""
-    _, key = _key(identity)
-    now = time.time()
+    key = terms.key()
     try:
-        token = issue_token(
-            key,
-            audience=_audience(to),
-            capabilities=list(capabilities),
-            not_before=now - 60,  # a minute of clock skew
-            expires=now + parse_duration(ttl),
-            caveats=_caveats(rate, tokens_per_day, max_input),
-            nonce=secrets.token_bytes(NONCE_SIZE),
-        )
+        token = issue_token(key, capabilities=list(capabilities), **terms.fields())
     except (ValueError, ProtocolError) as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(token)
@@ -127,31 +145,12 @@ def token_issue(
 @token_group.command("delegate")
 @click.argument("token")
 @click.option("--capability", "-c", "capabilities", multiple=True, help="Narrow to these names or prefixes*.")
-@_caveat_options
-def token_delegate(
-    token: str,
-    capabilities: tuple[str, ...],
-    identity: str,
-    to: str,
-    ttl: str,
-    rate: str | None,
-    tokens_per_day: int | None,
-    max_input: int | None,
-) -> None:
+@_terms_options
+def token_delegate(token: str, capabilities: tuple[str, ...], terms: _Terms) -> None:
     """Print a narrower token for another peer, signed with the holder's key (-i)."""
-    _, key = _key(identity)
-    now = time.time()
+    key = terms.key()
     try:
-        out = delegate_token(
-            token.strip(),
-            key,
-            audience=_audience(to),
-            capabilities=list(capabilities) or None,
-            not_before=now - 60,
-            expires=now + parse_duration(ttl),
-            caveats=_caveats(rate, tokens_per_day, max_input),
-            nonce=secrets.token_bytes(NONCE_SIZE),
-        )
+        out = delegate_token(token.strip(), key, capabilities=list(capabilities) or None, **terms.fields())
     except TokenError as exc:
         raise ConfigError(f"cannot delegate this token: {exc}") from None
     except (ValueError, ProtocolError) as exc:
@@ -306,7 +305,6 @@ class AccessFlags:
 
 def access_options(fn: Any) -> Any:
     """Add ``--access``, ``--allow``, ``--require-token``, ``--trust``, ``--revocations``."""
-    import functools
 
     @functools.wraps(fn)
     def command(*args: Any, **kwargs: Any) -> Any:
