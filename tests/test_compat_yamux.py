@@ -446,3 +446,51 @@ async def test_fast_lock_excludes_and_skips_the_checkpoint_when_free() -> None:
         async with lock:
             assert lock.locked()
     assert not lock.locked()
+
+
+async def test_an_overrunning_frame_is_not_read_and_cuts_the_connection() -> None:
+    """A DATA frame far beyond the window (4 MiB against 2 MiB), on a stream nobody reads:
+    after the grace its body is not read (upstream reads up to 16 MiB before any check),
+    the connection is closed, and the Noise buffers never held more than a few reads."""
+    import struct
+
+    from libp2p.stream_muxer.yamux.yamux import TYPE_DATA, YAMUX_HEADER_FORMAT
+
+    from modelnet_p2p.p2p._compat.yamux import LeanYamux
+
+    async with open_peers(2, gossip=False) as (a, b):
+        held: list[Any] = []
+        got = trio.Event()
+
+        async def handler(stream: Any) -> None:
+            held.append(stream)
+            got.set()
+            await trio.sleep(30)
+
+        b.host.set_stream_handler(PROBE, handler)
+        await a.connect(b.addrs[0])
+        stream = await a.host.new_stream(b.identity.peer_id, [PROBE])
+        await stream.write(b"hello")
+        with trio.fail_after(5):
+            await got.wait()
+        victim = held[0].muxed_conn
+        assert isinstance(victim, LeanYamux) and victim.noise is not None
+        size = 4 << 20
+        header = struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_DATA, 0, stream.muxed_stream.stream_id, size)
+        most = 0
+        with trio.fail_after(15):
+            async with trio.open_nursery() as nursery:
+
+                async def flood() -> None:
+                    try:
+                        await stream.muxed_conn._write_frame(header + bytes(size))
+                    except Exception:
+                        pass
+
+                nursery.start_soon(flood)
+                while not victim.event_shutting_down.is_set():
+                    most = max(most, victim.noise.buffered)
+                    await trio.sleep(0.005)
+                nursery.cancel_scope.cancel()
+        assert victim.window_violations >= 1
+        assert most < 1 << 20, most

@@ -80,6 +80,7 @@ from typing import Any
 import trio
 from libp2p.abc import INetConn, INetwork, ISecureConn
 from libp2p.custom_types import TMuxerOptions
+from libp2p.network.connection.exceptions import RawConnError
 from libp2p.peer.id import ID
 from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamError, MuxedStreamReset
 from libp2p.stream_muxer.muxer_multistream import MuxerMultistream
@@ -446,7 +447,8 @@ class LeanYamux(Yamux):
         :data:`OVERRUN_GRACE` seconds) for the stream's reader to open the window: the
         connection is not read meanwhile, so TCP holds the sender back. A sender that ignores
         the window is then slowed to its reader's pace instead of cut off; one whose reader
-        does not catch up in time is cut off by :class:`_Buffer` as before."""
+        does not catch up in time is cut off without the body being read (upstream reads
+        bodies of up to 16 MiB before any check)."""
         header = self._last_header
         if len(header) != HEADER_SIZE:
             return
@@ -461,6 +463,10 @@ class LeanYamux(Yamux):
                 opened = stream.__dict__.setdefault("recv_opened", trio.Event())
                 with trio.move_on_after(WINDOW_WAIT_POLL):
                     await opened.wait()
+        if length > stream.recv_window and not stream.closed and not stream.recv_closed:
+            self.window_overrun(stream, length)
+            # handle_incoming ends the connection on a RawConnError (its cleanup runs once).
+            raise RawConnError(f"yamux: a DATA frame of {length} bytes overran stream {stream_id}'s window")
 
     async def read_stream(self, stream_id: int, n: int = -1) -> bytes:
         """Upstream's ``read_stream`` (the same outcomes in the same order) without its debug
