@@ -27,7 +27,8 @@ import trio
 from ..errors import ProtocolError
 from ..p2p.probe import stream_remote_ip
 from ..p2p.stream import Stream, close_quietly, remote_peer, reset_quietly
-from ..proto.framing import FrameDecoder, pack_frame
+from ..proto.framing import pack_frame
+from .messages import read_message
 
 __all__ = [
     "DIAL_TIMEOUT",
@@ -68,18 +69,9 @@ class DialbackAnswer(dict[str, Any]):
 
 
 async def _read_frame(stream: Stream, timeout: float) -> dict[str, Any]:
-    decoder = FrameDecoder(max_frame_size=MAX_MESSAGE, max_objects=64)
-    with trio.fail_after(timeout):
-        while True:
-            try:
-                data = await stream.read(MAX_MESSAGE)
-            except Exception as exc:
-                raise ProtocolError(f"stream ended before a message: {type(exc).__name__}") from None
-            if not data:
-                raise ProtocolError("stream ended before a message")
-            frames = decoder.feed(data)
-            if frames:
-                return frames[0]
+    return await read_message(
+        stream, max_size=MAX_MESSAGE, max_objects=64, timeout=timeout, read_size=MAX_MESSAGE
+    )
 
 
 async def tcp_dial(ip: str, port: int, timeout: float = DIAL_TIMEOUT) -> Result:

@@ -39,9 +39,10 @@ import trio
 
 from ..errors import ModelNetError, ProtocolError
 from ..p2p.stream import Stream, close_quietly, remote_peer, reset_quietly
-from ..proto.framing import FrameDecoder, pack_frame
+from ..proto.framing import pack_frame
 from ..proto.token import REVOCATION_FORMAT, RevocationList, peek_revocations
 from .access import AccessControl
+from .messages import read_message
 
 __all__ = [
     "MAX_GOSSIP_LIST",
@@ -105,18 +106,7 @@ OpenStream = Callable[[str], Awaitable[Stream]]
 
 
 async def _read_frame(stream: Stream, limit: int, timeout: float) -> dict[str, Any]:
-    decoder = FrameDecoder(max_frame_size=limit, max_objects=8)
-    with trio.fail_after(timeout):
-        while True:
-            try:
-                data = await stream.read(65536)
-            except Exception as exc:
-                raise ProtocolError(f"stream ended before a message: {type(exc).__name__}") from None
-            if not data:
-                raise ProtocolError("stream ended before a message")
-            frames = decoder.feed(data)
-            if frames:
-                return frames[0]
+    return await read_message(stream, max_size=limit, max_objects=8, timeout=timeout)
 
 
 async def poll_revocations(
