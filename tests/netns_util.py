@@ -1,4 +1,6 @@
-"""Linux network namespaces for the multi-host test (``test_netns.py``).
+"""Linux network namespaces for the multi-host tests: the topology of ``test_netns.py``, and
+what ``test_wan.py``'s own topology shares with it (namespaces made and removed, processes,
+commands run and noted, diagnostics on failure).
 
 A small, self-contained topology; nothing is created in the root namespace
 (every link is made with ``ip -n NS``), and only addresses in 10.77.0.0/16 are
@@ -22,17 +24,21 @@ stderr never blocks a child.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import pytest
 
 IP = "ip"
 PREFIX = "mnnt"  # every namespace of this module is named mnnt<pid>-<role>
@@ -91,8 +97,28 @@ def _delete_ns(ns: str) -> list[str]:
     return problems
 
 
-#: Public name for other topologies of the tests (``test_wan.py``).
-delete_namespace = _delete_ns
+def delete_namespaces(created: list[str]) -> list[str]:
+    """Delete the namespaces in ``created``, the last first, and empty it; return what could not be."""
+    problems: list[str] = []
+    for ns in reversed(created):
+        try:
+            problems += _delete_ns(ns)
+        except Exception as exc:  # keep deleting the others
+            problems.append(f"{ns}: {exc}")
+    created.clear()
+    return problems
+
+
+def add_first_namespace(ns: str) -> None:
+    """Create the first namespace of a topology; raise :class:`NetnsUnavailable` if not permitted."""
+    if not sys.platform.startswith("linux"):
+        raise NetnsUnavailable(f"network namespaces need Linux, this is {sys.platform}")
+    try:
+        first = subprocess.run([IP, "netns", "add", ns], capture_output=True, text=True, timeout=10)
+    except FileNotFoundError:
+        raise NetnsUnavailable("the 'ip' command (iproute2) is not installed")
+    if first.returncode != 0:
+        raise NetnsUnavailable(first.stderr.strip() or f"ip netns add exited {first.returncode}")
 
 
 def list_namespaces() -> list[str]:
@@ -154,16 +180,7 @@ class Topology:
 
     def up(self) -> None:
         """Create everything; raise :class:`NetnsUnavailable` if namespaces are not permitted."""
-        if not sys.platform.startswith("linux"):
-            raise NetnsUnavailable(f"network namespaces need Linux, this is {sys.platform}")
-        try:
-            first = subprocess.run(
-                [IP, "netns", "add", self.bridge_ns], capture_output=True, text=True, timeout=10
-            )
-        except FileNotFoundError:
-            raise NetnsUnavailable("the 'ip' command (iproute2) is not installed")
-        if first.returncode != 0:
-            raise NetnsUnavailable(first.stderr.strip() or f"ip netns add exited {first.returncode}")
+        add_first_namespace(self.bridge_ns)
         self.created.append(self.bridge_ns)
         hosts = [self.boot_ns, *(self.peer_ns(i) for i in range(1, self.peers + 1)), self.hidden_ns]
         for ns in hosts:
@@ -213,25 +230,32 @@ class Topology:
 
     def down(self) -> list[str]:
         """Delete every namespace (and so every link and the bridge); return what could not be."""
-        problems: list[str] = []
-        for ns in reversed(self.created):
-            try:
-                problems += _delete_ns(ns)
-            except Exception as exc:  # keep deleting the others
-                problems.append(f"{ns}: {exc}")
-        self.created.clear()
-        return problems
+        return delete_namespaces(self.created)
 
     def cut(self, i: int) -> None:
         """Take peer host ``i``'s only link down (its process keeps running, now cut off)."""
         ip("-n", self.peer_ns(i), "link", "set", self.LAN_IF, "down")
 
 
+class Namespaces(Protocol):
+    """A topology of namespaces: each named ``<tag>-<role>``."""
+
+    tag: str
+
+    def up(self) -> None: ...
+
+    def down(self) -> list[str]: ...
+
+
+N = TypeVar("N", bound=Namespaces)
+
+
 @contextlib.contextmanager
-def topology(peers: int = 3) -> Iterator[Topology]:
-    """Create the topology; always remove it, even when creating it half failed."""
-    remove_stale_namespaces()
-    topo = Topology(peers=peers)
+def built(topo: N) -> Iterator[N]:
+    """Create ``topo``; always remove it, even when creating it half failed."""
+    have_ip = shutil.which(IP) is not None  # without it, topo.up() says why (NetnsUnavailable)
+    if have_ip:
+        remove_stale_namespaces()
     failed = False
     try:
         topo.up()
@@ -241,12 +265,18 @@ def topology(peers: int = 3) -> Iterator[Topology]:
         raise
     finally:
         problems = topo.down()
-        left = [ns for ns in list_namespaces() if ns.startswith(topo.tag + "-")]
+        listed = list_namespaces() if have_ip else []
+        left = [ns for ns in listed if ns.startswith(topo.tag + "-")]
         if problems or left:
             message = f"namespaces left behind: {left} {problems}"
             if not failed:
                 raise RuntimeError(message)
             print(message)  # do not hide the error already on its way
+
+
+def topology(peers: int = 3) -> contextlib.AbstractContextManager[Topology]:
+    """The topology of the module docstring with ``peers`` peer hosts (see :func:`built`)."""
+    return built(Topology(peers=peers))
 
 
 # -- processes ------------------------------------------------------------------
@@ -402,6 +432,68 @@ def run_in(ns: str, *args: str, timeout: float = 30, cwd: Any = None) -> subproc
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
+
+
+class CommandLog:
+    """What the meshes of the namespace tests share: ``modelnet`` commands run in a namespace
+    with their outcome noted, and the notes and every process's output printed when a test
+    fails (:func:`diagnosed`). A subclass gives ``cwd``, ``notes`` and :meth:`processes`."""
+
+    cwd: Any
+    notes: list[str]
+    #: Seconds a command may take unless told.
+    run_timeout: ClassVar[float] = 45
+
+    def namespace(self, where: str) -> str:
+        """The namespace of the host named ``where`` (here, ``where`` is the namespace)."""
+        return where
+
+    def processes(self) -> Iterable[Proc]:
+        raise NotImplementedError
+
+    def run(self, where: str, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+        """``modelnet ARGS`` in host ``where``; the outcome is kept for the diagnostics."""
+        timeout = self.run_timeout if timeout is None else timeout
+        started = time.monotonic()
+        try:
+            result = run_in(self.namespace(where), *args, timeout=timeout, cwd=self.cwd)
+        except subprocess.TimeoutExpired as exc:
+            self.notes.append(f"$ modelnet {' '.join(args)}  [in {where}]: timed out after {timeout} s")
+            raise AssertionError(f"modelnet {' '.join(args)} in {where} timed out after {timeout} s") from exc
+        self.notes.append(
+            f"$ modelnet {' '.join(args)}  [in {where}, {time.monotonic() - started:.1f} s, "
+            f"exit {result.returncode}]\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+        )
+        return result
+
+    def run_json(self, where: str, *args: str, timeout: float | None = None) -> dict[str, Any]:
+        """:meth:`run`, which must succeed and print one JSON object."""
+        result = self.run(where, *args, timeout=timeout)
+        assert result.returncode == 0, (
+            f"modelnet {' '.join(args)} in {where} failed: {result.stderr.strip()[-2000:]}"
+        )
+        return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+    def diagnostics(self) -> str:
+        parts = ["=== commands ===", *self.notes[-30:], "=== processes ==="]
+        parts += [p.logs() for p in self.processes()]
+        return "\n".join(parts)
+
+
+def diagnosed(test: Callable[..., None]) -> Callable[..., None]:
+    """On failure, print the mesh's diagnostics (every process's output and the commands run;
+    pytest shows them). The test takes the mesh (a :class:`CommandLog`) first."""
+
+    @functools.wraps(test)
+    def wrapper(mesh: CommandLog, *args: Any, **kwargs: Any) -> None:
+        try:
+            test(mesh, *args, **kwargs)
+        except BaseException as exc:
+            if not isinstance(exc, pytest.skip.Exception):
+                print(mesh.diagnostics())
+            raise
+
+    return wrapper
 
 
 def tcp_connect(ns: str, host: str, port: int, timeout: float = 2.0) -> tuple[bool, str, float]:

@@ -21,7 +21,6 @@ passed without running.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import subprocess
 import time
@@ -33,12 +32,13 @@ from typing import Any
 import pytest
 from netns_util import (
     MODELNET,
+    CommandLog,
     NetnsUnavailable,
     Proc,
     Topology,
     clean_env,
+    diagnosed,
     in_ns,
-    run_in,
     stop_all,
     tcp_connect,
     topology,
@@ -61,7 +61,7 @@ LIVE_STATES = {"joining", "ready", "draining"}
 
 
 @dataclass
-class Mesh:
+class Mesh(CommandLog):
     topo: Topology
     cwd: Any
     procs: list[Proc] = field(default_factory=list)
@@ -87,29 +87,8 @@ class Mesh:
         self.procs.append(proc)
         return proc
 
-    def run(self, ns: str, *args: str, timeout: float = 45) -> subprocess.CompletedProcess[str]:
-        """``modelnet ARGS`` inside ``ns``; the outcome is kept for the diagnostics."""
-        started = time.monotonic()
-        try:
-            result = run_in(ns, *args, timeout=timeout, cwd=self.cwd)
-        except subprocess.TimeoutExpired as exc:
-            self.notes.append(f"$ modelnet {' '.join(args)}  [in {ns}]: timed out after {timeout} s")
-            raise AssertionError(f"modelnet {' '.join(args)} timed out after {timeout} s") from exc
-        self.notes.append(
-            f"$ modelnet {' '.join(args)}  [in {ns}, {time.monotonic() - started:.1f} s, "
-            f"exit {result.returncode}]\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
-        )
-        return result
-
-    def run_json(self, ns: str, *args: str, timeout: float = 45) -> dict[str, Any]:
-        result = self.run(ns, *args, timeout=timeout)
-        assert result.returncode == 0, f"modelnet {' '.join(args)} failed: {result.stderr.strip()}"
-        return json.loads(result.stdout)  # type: ignore[no-any-return]
-
-    def diagnostics(self) -> str:
-        parts = ["=== commands ===", *self.notes[-30:], "=== processes ==="]
-        parts += [p.logs() for p in self.procs]
-        return "\n".join(parts)
+    def processes(self) -> list[Proc]:
+        return self.procs
 
 
 @pytest.fixture(scope="module")
@@ -186,21 +165,6 @@ def _start(m: Mesh) -> None:
         m.ready[proc.name] = event
     circuits = [a for a in m.ready["hidden"]["addrs"] if "/p2p-circuit/" in a]
     assert circuits, f"the hidden host holds no relay slot: {m.ready['hidden']}"
-
-
-def diagnosed(test: Callable[..., None]) -> Callable[..., None]:
-    """On failure, print every process's output and the commands run (pytest shows it)."""
-
-    @functools.wraps(test)
-    def wrapper(mesh: Mesh, *args: Any, **kwargs: Any) -> None:
-        try:
-            test(mesh, *args, **kwargs)
-        except BaseException as exc:
-            if not isinstance(exc, pytest.skip.Exception):
-                print(mesh.diagnostics())
-            raise
-
-    return wrapper
 
 
 def discover_all(mesh: Mesh, want: set[str], deadline_s: float = 40) -> dict[str, list[dict[str, Any]]]:

@@ -41,7 +41,6 @@ where it fails instead.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import queue
@@ -50,7 +49,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,15 +59,16 @@ import pytest
 from netns_util import (
     IP,
     PREFIX,
+    CommandLog,
     NetnsUnavailable,
     Proc,
+    add_first_namespace,
+    built,
     clean_env,
-    delete_namespace,
+    delete_namespaces,
+    diagnosed,
     in_ns,
     ip,
-    list_namespaces,
-    remove_stale_namespaces,
-    run_in,
     stop_all,
 )
 
@@ -240,11 +240,7 @@ class Wan:
             raise NetnsUnavailable("the 'nft' command (nftables) is not installed: apt-get install nftables")
         if not os.path.exists("/dev/net/tun"):
             raise NetnsUnavailable("/dev/net/tun is missing (the emulated WAN links are TUN devices)")
-        first = subprocess.run(
-            [IP, "netns", "add", self.ns("rt")], capture_output=True, text=True, timeout=10
-        )
-        if first.returncode != 0:
-            raise NetnsUnavailable(first.stderr.strip() or f"ip netns add exited {first.returncode}")
+        add_first_namespace(self.ns("rt"))
         self.created.append(self.ns("rt"))
         wan_hosts = {"boot": (BOOT_LINK, BOOT_DELAY), "fresh": (FRESH_LINK, FRESH_DELAY)}
         wan_hosts.update({name: (k, d) for name, (k, d, _) in PUBLIC.items()})
@@ -330,47 +326,21 @@ class Wan:
         self.wire.set(self.link_of[host], loss_pct=100)
 
     def down(self) -> list[str]:
-        problems: list[str] = []
         if self.wire is not None:
             self.wire.stop()
-        for ns in reversed(self.created):
-            try:
-                problems += delete_namespace(ns)
-            except Exception as exc:  # keep deleting the others
-                problems.append(f"{ns}: {exc}")
-        self.created.clear()
-        return problems
+        return delete_namespaces(self.created)
 
 
-@contextlib.contextmanager
-def wan() -> Iterator[Wan]:
+def wan() -> contextlib.AbstractContextManager[Wan]:
     """Create the WAN; always remove every namespace (and with them every link), even on failure."""
-    if shutil.which(IP) is not None:
-        remove_stale_namespaces()
-    topo = Wan()
-    failed = False
-    try:
-        topo.up()
-        yield topo
-    except BaseException:
-        failed = True
-        raise
-    finally:
-        problems = topo.down()
-        listed = list_namespaces() if shutil.which(IP) is not None else []
-        left = [ns for ns in listed if ns.startswith(topo.tag + "-")]
-        if problems or left:
-            message = f"namespaces left behind: {left} {problems}"
-            if not failed:
-                raise RuntimeError(message)
-            print(message)
+    return built(Wan())
 
 
 # -- the mesh ----------------------------------------------------------------------
 
 
 @dataclass
-class Mesh:
+class Mesh(CommandLog):
     wan: Wan
     cwd: Path
     procs: dict[str, Proc] = field(default_factory=dict)
@@ -398,26 +368,10 @@ class Mesh:
     def serving(self) -> list[str]:
         return [*PUBLIC, *NATED]
 
-    def run(self, host: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        ns = self.wan.ns(host)
-        started = time.monotonic()
-        try:
-            result = run_in(ns, *args, timeout=timeout, cwd=self.cwd)
-        except subprocess.TimeoutExpired as exc:
-            self.notes.append(f"$ modelnet {' '.join(args)}  [in {host}]: timed out after {timeout} s")
-            raise AssertionError(f"modelnet {' '.join(args)} in {host} timed out after {timeout} s") from exc
-        self.notes.append(
-            f"$ modelnet {' '.join(args)}  [in {host}, {time.monotonic() - started:.1f} s, "
-            f"exit {result.returncode}]\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
-        )
-        return result
+    run_timeout = 60.0
 
-    def run_json(self, host: str, *args: str, timeout: float = 60) -> dict[str, Any]:
-        result = self.run(host, *args, timeout=timeout)
-        assert result.returncode == 0, (
-            f"modelnet {' '.join(args)} in {host} failed: {result.stderr.strip()[-2000:]}"
-        )
-        return json.loads(result.stdout)  # type: ignore[no-any-return]
+    def namespace(self, where: str) -> str:
+        return self.wan.ns(where)
 
     def figure(self, line: str) -> None:
         self.figures.append(line)
@@ -425,10 +379,8 @@ class Mesh:
         with open(self.cwd / "wan_latency.txt", "a") as f:
             f.write(line + "\n")
 
-    def diagnostics(self) -> str:
-        parts = ["=== commands ===", *self.notes[-30:], "=== processes ==="]
-        parts += [p.logs() for p in self.procs.values()]
-        return "\n".join(parts)
+    def processes(self) -> Iterable[Proc]:
+        return self.procs.values()
 
 
 @pytest.fixture(scope="module")
@@ -497,19 +449,6 @@ def _start(m: Mesh) -> None:
     for name in NATED:
         circuits = [a for a in m.ready[name]["addrs"] if "/p2p-circuit/" in a]
         assert circuits, f"{name} holds no relay slot: {m.ready[name]}"
-
-
-def diagnosed(test: Callable[..., None]) -> Callable[..., None]:
-    @functools.wraps(test)
-    def wrapper(mesh: Mesh, *args: Any, **kwargs: Any) -> None:
-        try:
-            test(mesh, *args, **kwargs)
-        except BaseException as exc:
-            if not isinstance(exc, pytest.skip.Exception):
-                print(mesh.diagnostics())
-            raise
-
-    return wrapper
 
 
 def browse(mesh: Mesh, want: set[str], deadline_s: float = 60) -> dict[str, list[dict[str, Any]]]:
