@@ -176,17 +176,28 @@ def test_garbage_is_a_token_error(text: str) -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(position=st.integers(0, 10_000), bit=st.integers(0, 7))
-def test_a_flipped_bit_never_verifies(position: int, bit: int) -> None:
+def test_a_flipped_bit_never_verifies_a_different_token(position: int, bit: int) -> None:
     token = VECTORS["tokens"]["root"]
     raw = bytearray(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
     raw[position % len(raw)] ^= 1 << bit
     tampered = base64.urlsafe_b64encode(bytes(raw)).decode().rstrip("=")
-    with pytest.raises(TokenError) as refused:
-        verify_token(
+    try:
+        grant = verify_token(
             tampered, trusted={VECTORS["keys"]["issuer"]["peer_id"]},
             remote_peer=VECTORS["keys"]["alice"]["peer_id"], capability="echo", now=1796000010,
         )  # fmt: skip
-    assert refused.value.reason in ("malformed", "bad_signature", "untrusted_issuer")
+    except TokenError as refused:
+        assert refused.reason in ("malformed", "bad_signature", "untrusted_issuer")
+        return
+    # Protobuf lets a few bits change the bytes but not the token: a field's tag turned into
+    # an unknown field's (which is skipped) whose value was the default anyway, e.g. the
+    # algorithm (Ed25519 = 0) of a block's next key. Such a token is the same token: the
+    # same signed blocks, so the same revocation ids, and the same grant.
+    original = verify_token(
+        token, trusted={VECTORS["keys"]["issuer"]["peer_id"]},
+        remote_peer=VECTORS["keys"]["alice"]["peer_id"], capability="echo", now=1796000010,
+    )  # fmt: skip
+    assert grant == original
 
 
 def test_revocation_lists() -> None:
