@@ -7,15 +7,13 @@ peers on 127.0.0.1, and the vectors of specs/vectors/receipt_tree.json."""
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from signers import KeySigner
 
 from modelnet_p2p import Capability, Peer
 from modelnet_p2p.demo.models import verify_arithmetic
@@ -30,7 +28,6 @@ from modelnet_p2p.mesh.collab import (
     verify_receipt_tree,
 )
 from modelnet_p2p.mesh.collab.receipts import RECEIPT_TREE_FORMAT
-from modelnet_p2p.proto.peerid import peer_id_from_public_key, peer_id_text
 from modelnet_p2p.proto.receipt import ChunkChain, Receipt, ReceiptError, receipt_file, seal_receipt
 from modelnet_p2p.testing import open_peers
 
@@ -304,19 +301,6 @@ def test_modelnet_run_receipts_and_verify(tmp_path: Path) -> None:
 
 
 # -- vectors -----------------------------------------------------------------------------------
-
-
-class KeySigner:
-    """An Ed25519 signer from a seed label (the vectors' keys), with a text peer id."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.key = ed25519.Ed25519PrivateKey.from_private_bytes(hashlib.sha256(label.encode()).digest())
-        pub = self.key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        self.peer_id = peer_id_text(peer_id_from_public_key(pub))
-
-    def sign(self, data: bytes) -> bytes:
-        return self.key.sign(data)
 
 
 SIGNERS = {n: KeySigner(f"modelnet receipt tree vector: {n}") for n in ("a", "b", "c", "caller")}

@@ -9,14 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from signers import KeySigner
 
 from modelnet_p2p.proto.envelope import encode_envelope, open_envelope
 from modelnet_p2p.proto.packing import canonical_packb
-from modelnet_p2p.proto.peerid import peer_id_from_public_key, peer_id_text
 from modelnet_p2p.proto.receipt import (
     RECEIPT_FORMAT,
     ChunkChain,
@@ -32,19 +30,6 @@ from modelnet_p2p.proto.receipt import (
 )
 
 VECTORS = Path(__file__).resolve().parent.parent / "specs" / "vectors" / "receipt.json"
-
-
-class KeySigner:
-    """An Ed25519 signer from a seed label (what the vectors use), with a text peer id."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.key = ed25519.Ed25519PrivateKey.from_private_bytes(hashlib.sha256(label.encode()).digest())
-        pub = self.key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        self.peer_id = peer_id_text(peer_id_from_public_key(pub))
-
-    def sign(self, data: bytes) -> bytes:
-        return self.key.sign(data)
 
 
 PROVIDER = KeySigner("modelnet receipt vector: provider")
