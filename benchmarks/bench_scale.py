@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bench_scale.py [--quick] [--sizes 20,50,100,200] [--size-limit S]
+    python benchmarks/bench_scale.py [--quick] [--sizes 20,50,100,200] [--size-limit S] [--netns]
 
 For each mesh size N (20, 50, 100 and 200; ``--quick`` stops at 50) it runs two meshes of N
 peers on 127.0.0.1, one after the other, on the same machine, in the same run:
@@ -583,8 +583,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--size-limit", type=float, default=0.0, help="seconds per mesh (default 180 + 1.5 N)"
     )
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument(
+        "--netns", action="store_true", help="namespaces behind a router, 50 ms RTT (scale_netns.py; N=40)"
+    )
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    trio.run(main, parse_args())
+    args = parse_args()
+    if args.netns:
+        from scale_netns import main as netns_main
+
+        trio.run(netns_main, args)
+    else:
+        trio.run(main, args)

@@ -8,7 +8,7 @@ the DHT and publishes a small record on the topic every ``--publish-interval`` s
 (2 s: modelnet's interval before issue 11). It speaks the line protocol of
 ``modelnet_p2p.testing.worker`` closely enough for ``modelnet_p2p.testing.Worker``::
 
-    python benchmarks/stock_mesh_worker.py --peers 10 [--bootstrap ADDR,ADDR...]
+    python benchmarks/stock_mesh_worker.py --peers 10 [--bootstrap ADDR,ADDR...] [--listen ADDR]
 
 Peer ``i`` bootstraps from ``--bootstrap`` address ``i mod n`` (without it, peer ``i > 0``
 from this process's peer 0), adds the peers it is connected to to its routing table (as
@@ -154,7 +154,7 @@ class StockPeer:
         return [s if s.endswith(suffix) else s + suffix for s in map(str, self.host.get_addrs())]
 
     async def run(self, boot: Sequence[str], *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        listen = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")] if self.listen else []
+        listen = [multiaddr.Multiaddr(self.node.args.listen)] if self.listen else []
         try:
             async with self.host.run(listen_addrs=listen), trio.open_nursery() as nursery:
                 async with background_trio_service(self.pubsub), background_trio_service(self.gossipsub):
@@ -340,6 +340,7 @@ def run(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--peers", type=int, required=True)
     parser.add_argument("--bootstrap", default="")
+    parser.add_argument("--listen", default="/ip4/127.0.0.1/tcp/0", help="each peer's listen multiaddr")
     parser.add_argument("--publish-interval", type=float, default=2.0)
     parser.add_argument("--max-seconds", type=float, default=600.0)
     args = parser.parse_args(argv)

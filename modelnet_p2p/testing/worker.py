@@ -12,7 +12,8 @@ Options: ``--peers K`` (0 runs none: a memory baseline); ``--bootstrap ADDR,ADDR
 bootstraps from address ``i mod n``; without it peer ``i > 0`` bootstraps from peer 0 of this
 process, and with ``--unlinked`` no peer bootstraps at all: use ``connect``); ``--dht-mode``
 (``auto``, ``server`` or ``client``); ``--no-gossip`` (no availability gossip);
-``--publish-interval S``; ``--card-ttl S``; ``--announce-interval S``; ``--serve JSON`` (peer
+``--publish-interval S``; ``--card-ttl S``; ``--listen ADDR`` (each peer's listen multiaddr,
+default ``/ip4/127.0.0.1/tcp/0``); ``--announce-interval S``; ``--serve JSON`` (peer
 index, or ``"*"`` for every peer, to a list of :class:`~modelnet_p2p.Capability` keyword
 arguments; each served capability answers ``"answer from <name>"``); ``--max-seconds S`` (a
 hard limit on the run).
@@ -194,7 +195,7 @@ class Node:
             else:
                 boot = [self.peers[0].addrs[0]] if i else []
             peer = Peer(
-                listen=["/ip4/127.0.0.1/tcp/0"],
+                listen=[args.listen],
                 bootstrap=boot,
                 dht_mode=args.dht_mode,
                 gossip=args.gossip,
@@ -438,6 +439,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--peers", type=int, required=True)
     parser.add_argument("--bootstrap", default="", help="comma-separated multiaddrs")
+    parser.add_argument("--listen", default="/ip4/127.0.0.1/tcp/0", help="each peer's listen multiaddr")
     parser.add_argument("--unlinked", action="store_true", help="no bootstrap at all; use 'connect'")
     parser.add_argument("--dht-mode", choices=["auto", "server", "client"], default=PeerConfig.dht_mode)
     parser.add_argument("--gossip", action=argparse.BooleanOptionalAction, default=True)
