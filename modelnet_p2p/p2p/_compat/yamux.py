@@ -433,14 +433,24 @@ class LeanYamux(Yamux):
         await self._hold_back_overrun(length)
         if self.noise.buffered_plaintext >= length:  # no wait, so no timeout to set
             data = await self.noise.read_exactly(length)
-            # Let the streams' readers run between frames, as upstream does (its locks yield):
-            # a reader then keeps up with a sender that ignores the window.
-            await trio.lowlevel.checkpoint()
+            # A stream whose reader lags (a quarter of the window unread): let the readers run
+            # before the next frame, as upstream does after every frame (its locks yield), so
+            # that a reader keeps up with a sender that ignores the window.
+            if self._lagging():
+                await trio.lowlevel.checkpoint()
             return data
         with trio.fail_after(_yamux_data_read_timeout()):
             data = await self.noise.read_exactly(length)
         self.last_heard = trio.current_time()
         return data
+
+    def _lagging(self) -> bool:
+        """Whether the stream of the frame being read holds a quarter of the window unread."""
+        header = self._last_header
+        if len(header) != HEADER_SIZE:
+            return True
+        buffer = self.stream_buffers.get(int.from_bytes(header[4:8], "big"))
+        return buffer is not None and len(buffer) >= MAX_STREAM_WINDOW // UPDATE_FRACTION
 
     async def _hold_back_overrun(self, length: int) -> None:
         """Before a DATA body that overruns its stream's window is read, wait (at most
