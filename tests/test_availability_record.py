@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import any_values
+from vector_util import nested_list, raw_pack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -94,27 +95,6 @@ def body_map(r: AvailabilityRecord) -> dict[str, Any]:
 
 def signed(body: bytes, key: Identity = KEY) -> bytes:
     return encode_envelope(body, key.sign(signing_input(body)))
-
-
-def raw_pack(obj: Any) -> bytes:
-    """msgpack with keys sorted, but no checks: for vectors holding what the canonical encoder refuses."""
-
-    def order(o: Any) -> Any:
-        if isinstance(o, dict):
-            return {k: order(o[k]) for k in sorted(o, key=lambda k: k.encode())}
-        if isinstance(o, list):
-            return [order(v) for v in o]
-        return o
-
-    return msgpack.packb(order(obj), use_bin_type=True)
-
-
-def nested_list(depth: int) -> Any:
-    """Lists nested ``depth`` deep: as a value of the body map, the innermost sits at ``depth + 1``."""
-    value: Any = []
-    for _ in range(depth - 1):
-        value = [value]
-    return value
 
 
 BASE = AvailabilityRecord(
@@ -603,8 +583,6 @@ def test_arbitrary_bytes_only_raise_protocol_error(data):
         open_envelope(data)
     except ProtocolError:
         pass
-
-
 
 
 @settings(max_examples=300, deadline=None)

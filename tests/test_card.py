@@ -17,6 +17,7 @@ from typing import Any
 import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from vector_util import nested_list, raw_pack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -98,19 +99,6 @@ def card_to_json(card: CapabilityCard) -> dict[str, Any]:
     }
 
 
-def raw_pack(obj: Any) -> bytes:
-    """msgpack with keys sorted, but no checks: for vectors holding what the canonical encoder refuses."""
-
-    def order(o: Any) -> Any:
-        if isinstance(o, dict):
-            return {k: order(o[k]) for k in sorted(o, key=lambda k: k.encode())}
-        if isinstance(o, list):
-            return [order(v) for v in o]
-        return o
-
-    return msgpack.packb(order(obj), use_bin_type=True)
-
-
 def cap_map(cap: Capability) -> dict[str, Any]:
     """The wire map of one capability, as the encoder writes it."""
     card = CapabilityCard(PID, (), 1, NOW, NOW + 60_000, (cap,))
@@ -120,14 +108,6 @@ def cap_map(cap: Capability) -> dict[str, Any]:
 
 def signed(body: bytes, key: Identity = KEY) -> bytes:
     return C.encode_envelope(body, key.sign(C.signing_input(body)))
-
-
-def nested_list(depth: int) -> Any:
-    """Lists nested ``depth`` deep: as a value of the body map, the innermost sits at ``depth + 1``."""
-    value: Any = []
-    for _ in range(depth - 1):
-        value = [value]
-    return value
 
 
 ECHO = Capability("echo", task="text-generation", version="1.0")

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import trio
-from signers import KeySigner
+from vector_util import KeySigner
 
 from modelnet_p2p import Capability, Peer
 from modelnet_p2p.demo.models import verify_arithmetic

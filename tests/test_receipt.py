@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from signers import KeySigner
+from vector_util import KeySigner
 
 from modelnet_p2p.proto.envelope import encode_envelope, open_envelope
 from modelnet_p2p.proto.packing import canonical_packb
