@@ -21,7 +21,7 @@ from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.tools.anyio_service import background_trio_service
-from test_relay import LOOPBACK, echo_through, hop, hosts, relay_addr, start_target
+from test_relay import LOOPBACK, concurrent_connects, echo_through, hop, hosts, relay_addr, start_target
 
 from modelnet_p2p.errors import UnavailableError
 from modelnet_p2p.services.relay import dial_via_relay, reserve
@@ -85,15 +85,7 @@ async def test_stock_circuit_limit_is_checked_before_it_is_counted() -> None:
             await start_target(t, nursery)
             await reserve(t, relay_addr(r))
             await c.connect(PeerInfo(r.get_id(), [r.get_addrs()[0]]))
-            connect = HopMessage(type=HopMessage.CONNECT, peer=CircuitPeerId(id=t.get_id().to_bytes()))
-            statuses: list[StatusCode] = []
-
-            async def one() -> None:
-                statuses.append(await hop(c, r, connect))
-
-            async with trio.open_nursery() as clients:
-                for _ in range(8):
-                    clients.start_soon(one)
+            statuses = await concurrent_connects(c, r, t, 8)
             assert statuses.count(StatusCode.OK) > 2, statuses
             nursery.cancel_scope.cancel()
 

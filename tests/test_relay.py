@@ -113,6 +113,20 @@ async def hop(client: IHost, relay: IHost, msg: HopMessage) -> StatusCode:
         await stream.reset()
 
 
+async def concurrent_connects(client: IHost, relay: IHost, target: IHost, n: int) -> list[StatusCode]:
+    """``n`` CONNECT requests for ``target`` sent from ``client`` to ``relay`` at once; their statuses."""
+    connect = HopMessage(type=HopMessage.CONNECT, peer=CircuitPeerId(id=target.get_id().to_bytes()))
+    statuses: list[StatusCode] = []
+
+    async def one() -> None:
+        statuses.append(await hop(client, relay, connect))
+
+    async with trio.open_nursery() as clients:
+        for _ in range(n):
+            clients.start_soon(one)
+    return statuses
+
+
 # -- a relayed connection ---------------------------------------------------------------
 
 
@@ -215,15 +229,7 @@ async def test_circuit_limit_holds_against_concurrent_connects() -> None:
         await relay.start(nursery)
         await start_target(t, nursery)
         await reserve(t, relay_addr(r))
-        connect = HopMessage(type=HopMessage.CONNECT, peer=CircuitPeerId(id=t.get_id().to_bytes()))
-        statuses: list[StatusCode] = []
-
-        async def one() -> None:
-            statuses.append(await hop(c, r, connect))
-
-        async with trio.open_nursery() as clients:
-            for _ in range(8):
-                clients.start_soon(one)
+        statuses = await concurrent_connects(c, r, t, 8)
         assert sorted(statuses) == sorted([StatusCode.OK] * 2 + [StatusCode.RESOURCE_LIMIT_EXCEEDED] * 6)
         with trio.fail_after(10):  # the circuits ended with their streams: the slots are free again
             while relay.slots.total:
