@@ -17,7 +17,7 @@ from .options import PeerOptions, State, pass_state, peer_options, require_boots
 if TYPE_CHECKING:
     from ..peer import Peer
 
-__all__ = ["DASHBOARD_LISTEN", "dashboard_command", "metrics_option", "start_metrics"]
+__all__ = ["DASHBOARD_LISTEN", "dashboard_command", "metrics_option", "serve_until_stopped", "start_metrics"]
 
 #: Where the dashboard listens unless told otherwise: loopback only.
 DASHBOARD_LISTEN = "127.0.0.1:8070"
@@ -42,6 +42,28 @@ async def start_metrics(peer: Peer, listen: str | None, as_json: bool = False) -
     urls: list[str] = await peer.nursery.start(partial(serve_metrics, peer_registry(peer), listen))
     emit(as_json, "metrics", f"metrics on {', '.join(urls)}", urls=urls)
     return urls
+
+
+async def serve_until_stopped(
+    peer: Peer,
+    what: str,
+    binds: list[str],
+    http_listen: str,
+    *,
+    path: str,
+    metrics_listen: str | None,
+    as_json: bool,
+    signals: Any,
+    watch_stdin: bool,
+) -> None:
+    """For a web face started on ``binds`` (its URLs): start the metrics, print the ready
+    event (``what`` on the first URL and ``path``), and wait for a signal (or stdin's end)."""
+    await start_metrics(peer, metrics_listen, as_json)
+    url = binds[0] if binds else f"http://{http_listen}"
+    text = f"{what} on {url}{path} (peer {peer.peer_id})"
+    emit(as_json, "ready", text, url=url, peer_id=peer.peer_id, addrs=peer.addrs)
+    await wait_for_stop(signals, watch_stdin)
+    emit(as_json, "stopped", "stopped")
 
 
 @click.command("dashboard")
@@ -90,15 +112,14 @@ async def _dashboard(
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with make_peer(cfg, require_bootstrap=True) as peer:
             binds = await peer.nursery.start(partial(serve_dashboard, peer, http_listen))
-            await start_metrics(peer, metrics_listen, as_json)
-            url = binds[0] if binds else f"http://{http_listen}"
-            emit(
-                as_json,
-                "ready",
-                f"dashboard on {url}/ (peer {peer.peer_id})",
-                url=url,
-                peer_id=peer.peer_id,
-                addrs=peer.addrs,
+            await serve_until_stopped(
+                peer,
+                "dashboard",
+                binds,
+                http_listen,
+                path="/",
+                metrics_listen=metrics_listen,
+                as_json=as_json,
+                signals=signals,
+                watch_stdin=watch_stdin,
             )
-            await wait_for_stop(signals, watch_stdin)
-            emit(as_json, "stopped", "stopped")

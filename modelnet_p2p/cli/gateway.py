@@ -11,8 +11,8 @@ import trio
 from ..config import Config
 from ..openai.keys import GatewayKeys
 from ..openai.settings import GatewayConfig
-from .common import emit, env_secret, gateway_extra_missing, make_peer, run_async, wait_for_stop
-from .dashboard import metrics_option, start_metrics
+from .common import env_secret, gateway_extra_missing, make_peer, run_async
+from .dashboard import metrics_option, serve_until_stopped
 from .options import PeerOptions, State, pass_state, peer_options, require_bootstrap
 
 __all__ = ["gateway_command"]
@@ -129,15 +129,14 @@ async def _gateway(
                     routing=routing,
                 )
             )
-            await start_metrics(peer, metrics_listen, as_json)
-            url = binds[0] if binds else f"http://{http_listen}"
-            emit(
-                as_json,
-                "ready",
-                f"OpenAI-compatible gateway on {url}/v1 (peer {peer.peer_id})",
-                url=url,
-                peer_id=peer.peer_id,
-                addrs=peer.addrs,
+            await serve_until_stopped(
+                peer,
+                "OpenAI-compatible gateway",
+                binds,
+                http_listen,
+                path="/v1",
+                metrics_listen=metrics_listen,
+                as_json=as_json,
+                signals=signals,
+                watch_stdin=watch_stdin,
             )
-            await wait_for_stop(signals, watch_stdin)
-            emit(as_json, "stopped", "stopped")
