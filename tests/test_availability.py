@@ -32,6 +32,7 @@ from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX
+from test_compat_pubsub import garbage_message
 from trio.testing import MockClock
 
 from modelnet_p2p import ConfigError, Peer, UnavailableError
@@ -752,15 +753,7 @@ async def test_malformed_gossip_message_does_not_stop_pubsub():
     async with mesh(2, links=[(1, 0)]) as (a, b):
         await all_see([a, b])
         before = b.svc.stats.rejected["malformed"] + b.svc.gossip.stats.dropped
-        bad = rpc_pb2.Message(
-            data=b"x",
-            topicIDs=[TOPIC],
-            from_id=b"not-a-peer-id",
-            seqno=b"\x00" * 8,
-            signature=b"s" * 64,
-            key=b"\x01\x02junk",
-        )
-        inject(a, b, bad)
+        inject(a, b, garbage_message(TOPIC))
         with trio.fail_after(5):
             while b.svc.stats.rejected["malformed"] + b.svc.gossip.stats.dropped == before:
                 await trio.sleep(0.02)

@@ -106,10 +106,11 @@ async def test_buffered_reads_serve_small_reads_from_one_large_one() -> None:
 # -- malformed input and failing handlers -------------------------------------------------
 
 
-def garbage_message() -> rpc_pb2.Message:
+def garbage_message(topic: str = TOPIC) -> rpc_pb2.Message:
+    """A message on ``topic`` whose ``key`` is garbage and whose ``from`` is no peer id."""
     return rpc_pb2.Message(
         data=b"x",
-        topicIDs=[TOPIC],
+        topicIDs=[topic],
         from_id=b"not-a-peer-id",
         seqno=b"\x00" * 8,
         signature=b"s" * 64,
