@@ -11,6 +11,8 @@ import json
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,20 @@ async def announce(*peers: Peer) -> None:
     async with trio.open_nursery() as nursery:
         for p in peers:
             nursery.start_soon(p.announce)
+
+
+@asynccontextmanager
+async def failing_providers() -> AsyncIterator[Peer]:
+    """A client, and two announced providers of ``down`` whose every answer is UnavailableError."""
+
+    async def failing(request: Any) -> None:
+        raise UnavailableError("down")
+
+    async with open_peers(3) as (client, p1, p2):
+        for p in (p1, p2):
+            p.serve("down", failing)
+        await announce(p1, p2)
+        yield client
 
 
 # -- pipeline --------------------------------------------------------------------------
@@ -232,13 +248,7 @@ async def test_ensemble_with_a_failing_and_a_slow_member(aggregate):
 
 
 async def test_ensemble_where_no_member_answers_is_unavailable():
-    async def failing(request):
-        raise UnavailableError("down")
-
-    async with open_peers(3) as (client, p1, p2):
-        for p in (p1, p2):
-            p.serve("down", failing)
-        await announce(p1, p2)
+    async with failing_providers() as client:
         trace = Trace("ensemble")
         with trio.fail_after(30), pytest.raises(UnavailableError, match="no ensemble member answered"):
             await ensemble(client, "down", "x", k=3, timeout=5, trace=trace)
@@ -264,13 +274,7 @@ async def test_requests_cancelled_mid_write_leave_the_connection_usable():
 
 
 async def test_first_of_an_ensemble_where_every_member_fails_returns_at_once():
-    async def failing(request):
-        raise UnavailableError("down")
-
-    async with open_peers(3) as (client, p1, p2):
-        for p in (p1, p2):
-            p.serve("down", failing)
-        await announce(p1, p2)
+    async with failing_providers() as client:
         with trio.fail_after(4), pytest.raises(UnavailableError, match="no ensemble member answered"):
             await ensemble(client, "down", "x", k=2, aggregate="first", timeout=8)
 
