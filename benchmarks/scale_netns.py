@@ -117,6 +117,10 @@ def table(m: SideResult, s: SideResult, wire: dict[str, dict[str, Any]]) -> list
             f"  {row.goal:<16} {verdict(row.ok(m))}"
         )
     for r in (m, s):
+        found = " ".join(str(x.found) for x in r.lookups) or "-"
+        busy = " ".join(str(x.found) for x in r.busy) or "-"
+        lines.append(f"  providers found per fresh lookup ({r.side}): {found}; cores busy: {busy}")
+    for r in (m, s):
         w = wire.get(r.side, {})
         lines.append(
             f"  router ({r.side}): {w.get('packets', '-')} packets forwarded, {w.get('dropped', '-')}"
