@@ -9,7 +9,8 @@ Prints one JSON line, ``{"addr": "<listen addr>/p2p/<id>"}``, once it serves, th
 until stdin closes. Capabilities:
 
 - ``stall-after-first``: yields ``"first"``, then blocks its whole event loop for
-  ``params["block"]`` seconds (``time.sleep``, no await), then yields ``"second"``.
+  ``params["block"]`` seconds (``time.sleep``, no await), then yields ``"second"``;
+- ``ok``: returns ``"ok"``.
 """
 
 from __future__ import annotations
@@ -34,9 +35,14 @@ async def stall_after_first(request: Any) -> AsyncIterator[str]:
     yield "second"
 
 
+async def ok(request: Any) -> str:
+    return "ok"
+
+
 async def main() -> None:
     async with Peer(listen=["/ip4/127.0.0.1/tcp/0"]) as peer:
         peer.serve(Capability("stall-after-first"), stall_after_first)
+        peer.serve(Capability("ok"), ok)
         sys.stdout.write(json.dumps({"addr": peer.addrs[0]}) + "\n")
         sys.stdout.flush()
         await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)

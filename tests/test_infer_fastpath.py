@@ -74,6 +74,11 @@ async def test_first_chunk_leaves_before_the_handler_goes_on():
                 line += data
         addr = json.loads(line)["addr"]
         async with open_peers(1) as (a,):
+            # Connect and let the connection's start-up (its first RTT ping, 0.5 s in) pass:
+            # a server whose loop is blocked then could not answer it, and the connection
+            # would be closed.
+            assert (await a.call(addr, "ok")).value == "ok"
+            await trio.sleep(1.5)
             got: list[tuple[str, float]] = []
             with trio.fail_after(30):
                 async with a.infer(addr, "stall-after-first", None, block=1.5) as stream:
