@@ -880,8 +880,12 @@ async def test_start_stop_leaves_nothing_behind(fd_count):
                 await svc.wait_for(a.id, timeout=5)  # its own record
                 nursery.cancel_scope.cancel()
             assert not svc.running and meshsub_handlers() == []
-            await trio.sleep(0.1)
-            assert count_tasks(trio.lowlevel.current_root_task()) <= tasks
+            # A stream the service was opening when it stopped is left half-negotiated at
+            # the neighbour (py-libp2p does not reset a stream whose negotiation is
+            # cancelled) until the neighbour's negotiation times out: bounded, so wait.
+            with trio.fail_after(20):
+                while count_tasks(trio.lowlevel.current_root_task()) > tasks:
+                    await trio.sleep(0.1)
             assert no_more_than(base), (snapshot(), base)
 
         # 2. With a neighbour that keeps running: each restart meshes again, and

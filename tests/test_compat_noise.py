@@ -192,6 +192,33 @@ async def test_a_forged_message_breaks_the_fast_reader_for_good() -> None:
         await receiver.read(5)
 
 
+class _SlowRaw(_Raw):
+    """A raw connection whose writes take a checkpoint first (as a socket's send does)."""
+
+    async def write(self, data: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        self.writes.append(bytes(data))
+
+
+async def test_a_cancelled_write_does_not_leave_the_remote_a_nonce_behind() -> None:
+    """Found by tests/test_availability.py: a pubsub task cancelled while it wrote spent a
+    nonce on a message that never went out, and every later message failed to decrypt at the
+    remote ("InvalidTag"), which closed the connection."""
+    a, b = _noise_pair()
+    raw_a, raw_b = _SlowRaw(), _Raw()
+    sender, receiver = _session(a, raw_a), _session(b, raw_b)
+    assert install(sender) is not None and install(receiver) is not None
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await sender.write(b"cancelled")  # encrypted, then its send meets the cancellation
+    await sender.write(b"next")
+    raw_b.incoming = list(raw_a.writes)
+    got = bytearray()
+    while len(got) < len(b"cancellednext"):
+        got += await receiver.read(64)
+    assert bytes(got) == b"cancellednext"
+
+
 def test_install_leaves_other_sessions_alone() -> None:
     assert install(object()) is None
     assert install(_Raw()) is None

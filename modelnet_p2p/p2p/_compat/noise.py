@@ -47,6 +47,8 @@ MAX_PLAINTEXT = MAX_PLAINTEXT_LENGTH
 #: Most bytes asked of the raw connection in one read (four full Noise messages). The buffers
 #: then hold at most one read, one partial message and what a reader has not yet taken.
 READ_SIZE = 4 * (MAX_NOISE_MESSAGE_LEN + 2)
+#: Seconds one send of encrypted messages may take before the connection is given up.
+SEND_TIMEOUT = 30.0
 _LEN = 2
 
 
@@ -100,6 +102,9 @@ class _Socket:
             raise _reset(exc) from exc
         except trio.ClosedResourceError:
             return b""
+
+    async def close(self) -> None:
+        await self.stream.aclose()
 
     async def write(self, data: bytes) -> None:
         try:
@@ -225,13 +230,20 @@ class NoiseFastPath:
     # -- writing --------------------------------------------------------------------------
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Encrypt ``data`` in messages of at most :data:`MAX_PLAINTEXT` bytes; send them at once."""
+        """Encrypt ``data`` in messages of at most :data:`MAX_PLAINTEXT` bytes; send them at once.
+
+        Once a message is encrypted its nonce is spent: its send is not cancelled (a
+        cancelled send would leave the remote a nonce behind, and every later message would
+        fail to decrypt there). A send that takes :data:`SEND_TIMEOUT` breaks the connection.
+        """
         encrypt = self._encrypt
         async with self._write_lock:  # nonces must go out in the order they were used
+            if self._broken is not None:
+                raise self._broken
             total = len(data)
             if total <= MAX_PLAINTEXT:
                 sealed = encrypt(None, data)
-                await self.raw.write(len(sealed).to_bytes(_LEN, "big") + sealed)
+                await self._send(len(sealed).to_bytes(_LEN, "big") + sealed)
                 return
             parts: list[bytes] = []
             with memoryview(data) as view:
@@ -239,7 +251,20 @@ class NoiseFastPath:
                     sealed = encrypt(None, view[pos : pos + MAX_PLAINTEXT])
                     parts.append(len(sealed).to_bytes(_LEN, "big"))
                     parts.append(sealed)
-            await self.raw.write(b"".join(parts))
+            await self._send(b"".join(parts))
+
+    async def _send(self, payload: bytes) -> None:
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(SEND_TIMEOUT) as timer:
+                await self.raw.write(payload)
+            if timer.cancelled_caught:  # part of a message may be out: the stream is lost
+                self._broken = RawConnError(f"noise: a write did not complete within {SEND_TIMEOUT} s")
+                with trio.move_on_after(1.0):
+                    try:
+                        await self.raw.close()
+                    except Exception:
+                        pass
+                raise self._broken
 
 
 def install(secured_conn: Any) -> NoiseFastPath | None:
