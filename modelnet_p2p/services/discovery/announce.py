@@ -124,12 +124,15 @@ async def publish(
     me = KadPeer(card.peer_id, card.addrs)
     vkey = value_key(card.peer_id).encode()
     put = KadRequest(KadKind.PUT_VALUE, vkey, value=card.envelope)
-    targets = [_Target("card", vkey, put, KadKind.GET_VALUE)]
+    targets: list[_Target] = []
     if keys is None:
         keys = announced_keys(card.capabilities)  # the card's keys and the browse index
     for label, key in keys:
         provide = KadRequest(KadKind.ADD_PROVIDER, key, provider=me, cards=(card.envelope,))
         targets.append(_Target(label, key, provide, KadKind.FIND_NODE))
+    # The card goes last: the provider records carry it, and they are what discoverers look
+    # up first (the deliveries of an announce share DELIVERY_CONCURRENCY slots, in order).
+    targets.append(_Target("card", vkey, put, KadKind.GET_VALUE))
     result = AnnounceResult(card, provider_keys=len(keys), replication=replication)
     found_any: set[str] = set()  # answered a lookup of this announce
     lookup_limiter = trio.CapacityLimiter(ANNOUNCE_CONCURRENCY)
