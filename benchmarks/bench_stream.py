@@ -114,7 +114,7 @@ class Settings:
         if quick:
             return cls(
                 stream_requests=100,
-                bulk_bytes=64 * 1024 * 1024,
+                bulk_bytes=16 * 1024 * 1024,
                 bulk_reps=1,
                 tiny_requests=400,
                 load_per_stream=2,
@@ -123,7 +123,7 @@ class Settings:
             )
         return cls(
             stream_requests=200,
-            bulk_bytes=64 * 1024 * 1024,
+            bulk_bytes=16 * 1024 * 1024,  # one answer: at most 32 MiB (MAX_ANSWER_SIZE)
             bulk_reps=5,
             tiny_requests=1000,
             load_per_stream=8,
