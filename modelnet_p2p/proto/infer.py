@@ -18,11 +18,13 @@ from typing import Any
 
 from ..errors import ERROR_CODES, ProtocolError
 from .availability import MAX_COUNT, MAX_LATENCY_MS, MAX_TOKENS_PER_S
+from .framing import encode_varint
 from .limits import MAX_CAPABILITY_LEN
 from .receipt import MAX_RECEIPT_SIZE
 
 __all__ = [
     "FINISH_REASONS",
+    "MAX_BATCH_CHUNKS",
     "MAX_CAPABILITY_LEN",
     "MAX_ERROR_MESSAGE_LEN",
     "MAX_HOPS",
@@ -32,6 +34,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Cancel",
     "Chunk",
+    "ChunkBatch",
     "Credit",
     "End",
     "ErrorFrame",
@@ -39,6 +42,7 @@ __all__ = [
     "Message",
     "Request",
     "TraceContext",
+    "chunk_frame",
     "parse_message",
     "via_entry",
 ]
@@ -59,6 +63,8 @@ MAX_HOPS = 32
 MIN_WINDOW = 1024
 #: Finish reasons an end frame may carry. Others are passed through as text.
 FINISH_REASONS = frozenset({"stop", "length", "cancelled"})
+#: Most chunks one ``chunks`` frame carries (the batch extension, r5-bat).
+MAX_BATCH_CHUNKS = 1024
 
 
 def _need(cond: bool, what: str) -> None:
@@ -251,6 +257,8 @@ class Request:
     token: str | None = None
     #: Ask the provider for a signed receipt (the ``rcpt`` extension of ``specs/inference.md``).
     receipt: bool = False
+    #: Accept ``chunks`` frames, several chunks in one (the ``bat`` extension, r5-bat).
+    batch: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         out = {
@@ -270,6 +278,8 @@ class Request:
             out["tok"] = self.token
         if self.receipt:
             out["rcpt"] = True
+        if self.batch:
+            out["bat"] = True
         return out
 
 
@@ -284,6 +294,46 @@ class Chunk:
 
     def to_wire(self) -> dict[str, Any]:
         return _with_load({"t": "chunk", "seq": self.seq, "d": self.data}, self.load)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkBatch:
+    """Chunks ``seq``, ``seq + 1``, ... in one frame, server to client, sent only to a client
+    that asked (``req.bat``). Each is text or bytes; there are 1 to :data:`MAX_BATCH_CHUNKS`."""
+
+    seq: int
+    data: tuple[str | bytes, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": "chunks", "seq": self.seq, "d": list(self.data)}
+
+
+_CHUNK_HEAD = b"\x83\xa1t\xa5chunk\xa3seq"
+_BATCH_HEAD = b"\x83\xa1t\xa6chunks\xa3seq"
+#: Bytes of a ``chunks`` frame besides its chunks' encodings, at most (prefix, keys, ``seq``).
+BATCH_OVERHEAD = 40
+
+
+def _uint_enc(n: int) -> bytes:
+    if n < 0x80:
+        return bytes((n,))
+    for tag, size in ((0xCC, 1), (0xCD, 2), (0xCE, 4), (0xCF, 8)):
+        if n < 1 << (8 * size):
+            return bytes((tag,)) + n.to_bytes(size, "big")
+    raise ValueError(f"seq {n} out of range")
+
+
+def chunk_frame(seq: int, encoded: list[bytes]) -> bytes:
+    """The frame of the chunks ``seq``, ``seq + 1``, ... whose data are ``encoded`` (each the
+    msgpack of one value): a ``chunk`` frame for one, else a ``chunks`` frame; byte for byte
+    what the canonical encoder gives for :class:`Chunk` or :class:`ChunkBatch`."""
+    if len(encoded) == 1:
+        body = b"".join((_CHUNK_HEAD, _uint_enc(seq), b"\xa1d", encoded[0]))
+    else:
+        n = len(encoded)
+        head = bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
+        body = b"".join((_BATCH_HEAD, _uint_enc(seq), b"\xa1d", head, *encoded))
+    return encode_varint(len(body)) + body
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,7 +403,7 @@ class Cancel:
         return {"t": "cancel", "why": self.reason[:MAX_ERROR_MESSAGE_LEN]}
 
 
-Message = Request | Chunk | End | ErrorFrame | Credit | Cancel
+Message = Request | Chunk | ChunkBatch | End | ErrorFrame | Credit | Cancel
 
 
 def _parse_request(obj: dict[str, Any]) -> Request:
@@ -392,6 +442,7 @@ def _parse_request(obj: dict[str, Any]) -> Request:
         keep=keep,
         token=token,
         receipt=_bool(obj, "rcpt"),
+        batch=_bool(obj, "bat"),
     )
 
 
@@ -403,6 +454,18 @@ def _parse_chunk(obj: dict[str, Any]) -> Chunk:
     _need("d" in obj, "chunk frame has no data")
     load = obj.get("load")
     return Chunk(seq, obj["d"], None if load is None else Load.from_wire(load))
+
+
+def _parse_batch(obj: dict[str, Any]) -> ChunkBatch:
+    seq = _uint(obj, "seq")
+    data = obj.get("d")
+    _need(
+        isinstance(data, list) and 0 < len(data) <= MAX_BATCH_CHUNKS,
+        f"field 'd' of a chunks frame must be a list of 1-{MAX_BATCH_CHUNKS} chunks",
+    )
+    assert isinstance(data, list)
+    _need(all(type(x) is str or type(x) is bytes for x in data), "a chunks frame holds only text or bytes")
+    return ChunkBatch(seq, tuple(data))
 
 
 def _parse_end(obj: dict[str, Any]) -> End:
@@ -446,6 +509,7 @@ def _parse_cancel(obj: dict[str, Any]) -> Cancel:
 _PARSERS: dict[str, Callable[[dict[str, Any]], Message]] = {
     "req": _parse_request,
     "chunk": _parse_chunk,
+    "chunks": _parse_batch,
     "end": _parse_end,
     "err": _parse_error,
     "credit": _parse_credit,

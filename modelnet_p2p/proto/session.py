@@ -38,19 +38,32 @@ from ..errors import (
     InternalError,
     ModelNetError,
     ProtocolError,
-    UnavailableError,
-    error_from_code,
 )
 from .capability import capability_key
+from .client_session import (
+    CREDIT_FRACTION,
+    DEFAULT_WINDOW,
+    NEED_DATA,
+    PAUSED,
+    ChunkReceived,
+    ClientEvent,
+    ClientSession,
+    ClientState,
+    ErrorReceived,
+    Finished,
+    SessionStateError,
+    Wait,
+)
 from .framing import (
     BYTES_PER_CONTROL_FRAME,
     DEFAULT_MAX_FRAME_SIZE,
-    MAX_ANSWER_SIZE,
     MAX_CONTROL_FRAMES,
     FrameDecoder,
     pack_frame,
 )
 from .infer import (
+    BATCH_OVERHEAD,
+    MAX_BATCH_CHUNKS,
     MAX_HOPS,
     Cancel,
     Chunk,
@@ -60,9 +73,11 @@ from .infer import (
     Load,
     Message,
     Request,
+    chunk_frame,
     parse_message,
     via_entry,
 )
+from .packing import packb
 
 __all__ = [
     "CREDIT_FRACTION",
@@ -95,12 +110,6 @@ __all__ = [
     "Wait",
 ]
 
-#: Default flow-control window a client grants, in bytes: well under the ~4 MiB
-#: py-libp2p 0.8.1's yamux lets pile up unread before it resets a stream.
-DEFAULT_WINDOW = 1 << 20
-#: The client returns credit once this fraction (1/4) of the window was read, and the
-#: server may send any frame while less than this fraction is unacknowledged.
-CREDIT_FRACTION = 4
 #: Largest batch of ready frames the server hands out at once (one stream write): one
 #: write per chunk costs ~167 us in py-libp2p 0.8.1, a joined write ~13 us per chunk.
 MAX_WRITE_BATCH = 256 * 1024
@@ -140,23 +149,6 @@ class Limits:
             raise ConfigError(f"max_hops must be between 0 and {MAX_HOPS}")
         if not self.max_request_time > 0:
             raise ConfigError("max_request_time must be positive")
-
-
-class Wait(enum.Enum):
-    """What ``next_event`` returns when it has no event."""
-
-    #: Feed more bytes (``receive_data``) or the end of stream (``receive_eof``).
-    NEED_DATA = "need data"
-    #: Nothing more is read until the state changes.
-    PAUSED = "paused"
-
-
-NEED_DATA = Wait.NEED_DATA
-PAUSED = Wait.PAUSED
-
-
-class SessionStateError(RuntimeError):
-    """The local code used a session wrongly (a bug here, not the remote's fault)."""
 
 
 def _frame_name(msg: Message) -> str:
@@ -244,8 +236,11 @@ ServerEvent = (
     | ProtocolViolation
 )
 
-# What sits in the server's output queue: (frame bytes, is a chunk, is final, sent regardless of window).
-_Out = tuple[bytes, bool, bool, bool]
+# What sits in the server's output queue: (frame bytes, kind, is final, sent regardless of window);
+# kind 0: not a chunk, 1: a chunk frame, _RAW: a chunk's data alone (packed, to be framed with
+# its neighbours into one ``chunks`` frame when it goes out).
+_Out = tuple[bytes, int, bool, bool]
+_RAW = 2
 
 
 def _plain_usage(usage: dict[str, Any] | None) -> dict[str, Any]:
@@ -289,7 +284,7 @@ class ServerSession:
         self._acked = 0
         self._queued_chunks = 0
         self._written_chunks = 0
-        self._keep = False
+        self._keep = self._batch = False
         #: How the current (or last) request ended: ``None`` after ``end``, else the code of its
         #: ``err``, ``"cancelled"`` if the client left, ``"unavailable"`` if the stream broke.
         self.final_code: str | None = None
@@ -386,7 +381,7 @@ class ServerSession:
         self.request = req
         self._window = req.window
         self._sent = self._acked = self._queued_chunks = self._written_chunks = self._controls = 0
-        self._accepted = False
+        self._accepted, self._batch = False, req.batch
         self.final_code = None
         self.deadline = math.inf
         error = self._check_path(req)
@@ -478,6 +473,8 @@ class ServerSession:
         """Queue one chunk. Returns ``False`` if it could not be encoded: then the request
         fails with ``internal`` (queued as its final frame) and the handler should stop."""
         self._need_running("send_chunk")
+        if self._queued_chunks and self._batch and type(data) in (str, bytes) and self._send_raw(data):
+            return True  # (the first chunk goes alone, with the load)
         chunk = Chunk(self._queued_chunks, data)
         try:
             if chunk.seq == 0 and (load := self._load(final=False)) is not None:
@@ -493,7 +490,16 @@ class ServerSession:
         except Exception as exc:  # msgpack: TypeError, OverflowError, ValueError, ...
             self.send_error(InternalError(f"handler produced a chunk that cannot be encoded: {exc}"))
             return False
-        self._out.append((frame, True, False, False))
+        self._out.append((frame, 1, False, False))
+        self._queued_chunks += 1
+        return True
+
+    def _send_raw(self, data: str | bytes) -> bool:
+        """Queue a text or bytes chunk of a request that accepts batches, packed alone."""
+        enc = packb(data)
+        if len(enc) + BATCH_OVERHEAD > self.limits.max_frame_size:
+            return False
+        self._out.append((enc, _RAW, False, False))
         self._queued_chunks += 1
         return True
 
@@ -510,7 +516,7 @@ class ServerSession:
             return
         self.final_code = None
         self._keep = keep
-        self._out.append((frame, False, True, False))
+        self._out.append((frame, 0, True, False))
         self.state = ServerState.FINISHING
 
     def send_error(self, error: ModelNetError) -> None:
@@ -522,7 +528,7 @@ class ServerSession:
         frame = replace(frame, load=self._load())
         self.final_code = frame.code
         self._keep = keep
-        self._out.append((pack_frame(frame.to_wire(), self.limits.max_frame_size), False, True, exempt))
+        self._out.append((pack_frame(frame.to_wire(), self.limits.max_frame_size), 0, True, exempt))
         self.state = ServerState.FINISHING
 
     def abort(self, error: ModelNetError) -> None:
@@ -552,7 +558,16 @@ class ServerSession:
         out: list[bytes] = []
         size = 0
         while self._out:
-            frame, is_chunk, is_final, exempt = self._out[0]
+            frame, kind, is_final, exempt = self._out[0]
+            if kind == _RAW:
+                frame, n = self._batch_frame(max_bytes - size, alone=not out)
+                if not n:
+                    break
+                out.append(frame)
+                size += len(frame)
+                self._sent += len(frame)
+                self._written_chunks += n
+                continue
             if out and size + len(frame) > max_bytes:
                 break
             if not exempt and not self._room(len(frame)):
@@ -561,12 +576,37 @@ class ServerSession:
             out.append(frame)
             size += len(frame)
             self._sent += len(frame)
-            if is_chunk:
+            if kind:
                 self._written_chunks += 1
             if is_final:
                 self._final_out(now)
                 break
         return b"".join(out)
+
+    def _batch_frame(self, budget: int, *, alone: bool) -> tuple[bytes, int]:
+        """Take the packed chunks at the head of the queue that fit one frame of ``budget`` bytes
+        (any size if ``alone``, within the frame limit) and the window, at most
+        :data:`MAX_BATCH_CHUNKS`: their frame and how many (0: none may go)."""
+        items: list[bytes] = []
+        bound = BATCH_OVERHEAD  # an upper bound of the frame's size
+        limit = min(budget, self.limits.max_frame_size)
+        for enc, kind, _, _ in self._out:
+            if kind != _RAW or len(items) == MAX_BATCH_CHUNKS or bound + len(enc) > limit:
+                break
+            if items and self._sent - self._acked + bound + len(enc) > self._window:
+                break  # a batch fits the window: it never lets out more than single frames would
+            if not self._room(bound + len(enc)):
+                break
+            items.append(enc)
+            bound += len(enc)
+        if not items:  # the exact size of one chunk frame may fit where the bound did not
+            frame = chunk_frame(self._written_chunks, [self._out[0][0]])
+            if (len(frame) > budget and not alone) or not self._room(len(frame)):
+                return b"", 0
+            items.append(self._out[0][0])
+        for _ in items:
+            self._out.popleft()
+        return chunk_frame(self._written_chunks, items), len(items)
 
     def _final_out(self, now: float) -> None:
         self._out.clear()
@@ -605,196 +645,3 @@ class ServerSession:
             return TimedOut(f"kept stream idle for {self.limits.idle_stream_timeout:g} s")
         self.abort(DeadlineExceededError("deadline exceeded on the provider"))
         return TimedOut("deadline exceeded")
-
-
-# -- client --------------------------------------------------------------------
-
-
-class ClientState(enum.Enum):
-    #: Created; ``send_request`` gives the request frame.
-    SEND_REQUEST = "send_request"
-    #: Reading the answer.
-    RECEIVING = "receiving"
-    #: The answer ended with ``end``.
-    DONE = "done"
-    #: The request failed or was abandoned: reset the stream.
-    FAILED = "failed"
-
-
-@dataclass(frozen=True, slots=True)
-class ChunkReceived:
-    seq: int
-    data: Any
-    #: The provider's load, if the chunk carried it.
-    load: Load | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Finished:
-    """The ``end`` frame: the answer is complete."""
-
-    end: End
-
-
-@dataclass(frozen=True, slots=True)
-class ErrorReceived:
-    """The ``err`` frame, as the exception for its code (``chunks_delivered`` set)."""
-
-    error: ModelNetError
-    #: The provider's load, if the frame carried it.
-    load: Load | None = None
-
-
-ClientEvent = ChunkReceived | Finished | ErrorReceived
-
-
-class ClientSession:
-    """The client end of one request on a stream.
-
-    ``request.timeout_ms`` is ignored: :meth:`send_request` computes it from ``deadline``.
-    ``reused`` says the stream was kept from an earlier request, so that an end of stream
-    before any byte of the answer can be told apart (:attr:`closed_before_answer`). An
-    answer may be at most ``max_answer_size`` bytes."""
-
-    def __init__(
-        self,
-        request: Request,
-        *,
-        deadline: float = math.inf,
-        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
-        reused: bool = False,
-        max_answer_size: int = MAX_ANSWER_SIZE,
-    ) -> None:
-        self.request = request
-        self.deadline = deadline
-        self.max_frame_size, self.max_answer_size = max_frame_size, max_answer_size
-        self.reused = reused
-        self.state = ClientState.SEND_REQUEST
-        self._decoder = FrameDecoder(max_frame_size)
-        self._eof = False
-        self._unacked = 0
-        #: Chunks received in order so far.
-        self.chunks = 0
-        #: Bytes read from the stream so far.
-        self.bytes_received = 0
-        self._reusable = False
-        #: The stream ended cleanly before any byte of the answer, on a reused stream: a server
-        #: that closed its idle stream never read the request (``specs/inference.md``, "Stream reuse").
-        self.closed_before_answer = False
-
-    def send_request(self, now: float) -> bytes:
-        """The request frame. Raises :class:`DeadlineExceededError` if ``now`` is past the
-        deadline, :class:`BadRequestError` if the request cannot be encoded or is too large."""
-        if self.state is not ClientState.SEND_REQUEST:
-            raise SessionStateError(f"send_request in state {self.state.name}")
-        self.state = ClientState.FAILED
-        if now >= self.deadline:
-            raise DeadlineExceededError("deadline exceeded before the request was sent")
-        ttl = 0 if math.isinf(self.deadline) else max(1, int((self.deadline - now) * 1000))
-        self.request = replace(self.request, timeout_ms=ttl)
-        try:
-            frame = pack_frame(self.request.to_wire(), self.max_frame_size)
-        except ProtocolError as exc:
-            raise BadRequestError(f"request too large: {exc.message}") from None
-        except Exception as exc:
-            raise BadRequestError(f"request cannot be encoded: {exc}") from None
-        self.state = ClientState.RECEIVING
-        return frame
-
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Bytes read from the stream. Call only after :data:`NEED_DATA`."""
-        if self.state is not ClientState.RECEIVING or self._eof:
-            raise SessionStateError(f"receive_data in state {self.state.name}")
-        self._unacked += len(data)
-        self.bytes_received += len(data)
-        self._decoder.receive(data)
-
-    def receive_eof(self) -> None:
-        self._eof = True
-
-    def data_to_send(self) -> bytes:
-        """A ``credit`` frame once a quarter of the window was read (send it before handing
-        out the chunks: those bytes are off the stream), else ``b""``."""
-        if self.state is ClientState.RECEIVING and self._unacked >= self.request.window // CREDIT_FRACTION:
-            frame = pack_frame(Credit(self._unacked).to_wire(), self.max_frame_size)
-            self._unacked = 0
-            return frame
-        return b""
-
-    def _fail(self, message: str, *, retryable: bool = False) -> ProtocolError:
-        self.state = ClientState.FAILED
-        return ProtocolError(message, chunks_delivered=self.chunks, retryable=retryable)
-
-    def next_event(self) -> ClientEvent | Wait:
-        """The next part of the answer, or :data:`NEED_DATA`. Raises :class:`ProtocolError` for any
-        breach by the server, a truncated answer included (then the state is ``FAILED``)."""
-        if self.state is not ClientState.RECEIVING:
-            return PAUSED
-        if self.bytes_received > self.max_answer_size:  # a provider that never stops
-            raise self._fail(f"answer larger than {self.max_answer_size} bytes")
-        try:
-            body = self._decoder.next_frame()
-        except ProtocolError as exc:
-            raise self._fail(exc.message) from None
-        if body is None:
-            if not self._eof:
-                return NEED_DATA
-            if self._decoder.buffered:
-                raise self._fail(
-                    f"answer truncated after {self.chunks} chunks: stream ended inside a frame "
-                    f"({self._decoder.buffered} bytes left over)",
-                    retryable=True,
-                )
-            self.closed_before_answer = self.reused and self.bytes_received == 0
-            # Usually the provider died: another one may well succeed, so this is retryable.
-            raise self._fail(f"stream ended after {self.chunks} chunks without an end frame", retryable=True)
-        try:
-            msg = parse_message(body)
-        except ProtocolError as exc:
-            raise self._fail(exc.message) from None
-        if isinstance(msg, Chunk):
-            if msg.seq != self.chunks:
-                raise self._fail(f"chunk sequence {msg.seq} where {self.chunks} was expected")
-            self.chunks += 1
-            return ChunkReceived(msg.seq, msg.data, msg.load)
-        if isinstance(msg, End):
-            if msg.chunks != self.chunks:
-                raise self._fail(f"end frame says {msg.chunks} chunks but {self.chunks} arrived")
-            self.state = ClientState.DONE
-            self._reusable = msg.keep and self.request.keep and not self._decoder.buffered and not self._eof
-            return Finished(msg)
-        if isinstance(msg, ErrorFrame):
-            self.state = ClientState.FAILED
-            error = error_from_code(
-                msg.code, msg.message, retryable=msg.retryable, chunks_delivered=self.chunks
-            )
-            return ErrorReceived(error, msg.load)
-        raise self._fail(f"unexpected {_frame_name(msg)} frame from server")
-
-    @property
-    def reusable(self) -> bool:
-        """The request ended cleanly and both sides agreed to keep the stream."""
-        return self.state is ClientState.DONE and self._reusable
-
-    def deadline_exceeded(self) -> DeadlineExceededError:
-        """The client's own deadline passed: the request fails (reset the stream)."""
-        self.state = ClientState.FAILED
-        return DeadlineExceededError(
-            f"deadline exceeded after {self.chunks} chunks", chunks_delivered=self.chunks
-        )
-
-    def connection_lost(self, detail: str = "") -> UnavailableError:
-        """A read or write failed: the request fails as ``unavailable`` (retryable)."""
-        self.state = ClientState.FAILED
-        what = f"stream to provider failed after {self.chunks} chunks"
-        return UnavailableError(f"{what}: {detail}" if detail else what, chunks_delivered=self.chunks)
-
-    def cancel(self, reason: str = "client stopped") -> bytes:
-        """Abandon the request: the ``cancel`` frame to send before resetting the stream
-        (``b""`` if the request already ended)."""
-        if self.state is not ClientState.RECEIVING:
-            if self.state is ClientState.SEND_REQUEST:
-                self.state = ClientState.FAILED
-            return b""
-        self.state = ClientState.FAILED
-        return pack_frame(Cancel(reason).to_wire(), self.max_frame_size)

@@ -160,6 +160,7 @@ async def run_request(
         keep=release is not None,
         token=current_token(),  # services/access.py: using_token()
         receipt=receipt,
+        batch=True,  # several chunks a frame (r5-bat); a server that does not know it ignores it
     )
     session = ClientSession(request, deadline=deadline, max_frame_size=max_frame_size, reused=reused)
     try:
