@@ -45,9 +45,10 @@ before the muxer and any service sees them.
 
 Inbound streams (:class:`~.resources.StreamGate`): each remote peer may open
 ``stream_rate`` streams a second (bursts of ``stream_burst``), all protocols together; a
-stream over it is reset before its protocol is negotiated, and ``stream_strikes`` such
-refusals within the penalty window make the peer refused as above (its connections closed
-at once, its streams reset unread).
+stream over it waits its turn (at most ``stream_wait`` seconds) or is reset before its
+protocol is negotiated; with ``stream_strikes`` set (off by default), that many resets
+within the penalty window make the peer refused as above (its connections closed at once,
+its streams reset unread).
 
 Protected peers are never closed by these limits either, nor refused. The swarm's own caps are set above
 ``max_connections`` (``_compat/rcmgr.py``), so that the choice is made here and not by a
