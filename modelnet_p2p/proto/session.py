@@ -590,15 +590,15 @@ class ServerSession:
         items: list[bytes] = []
         bound = BATCH_OVERHEAD  # an upper bound of the frame's size
         limit = min(budget, self.limits.max_frame_size)
+        fits = self._window - (self._sent - self._acked)  # what a batch of several may take
         for enc, kind, _, _ in self._out:
-            if kind != _RAW or len(items) == MAX_BATCH_CHUNKS or bound + len(enc) > limit:
+            size = bound + len(enc)
+            if kind != _RAW or size > limit or len(items) == MAX_BATCH_CHUNKS:
                 break
-            if items and self._sent - self._acked + bound + len(enc) > self._window:
+            if size > fits and (items or not self._room(size)):
                 break  # a batch fits the window: it never lets out more than single frames would
-            if not self._room(bound + len(enc)):
-                break
             items.append(enc)
-            bound += len(enc)
+            bound = size
         if not items:  # the exact size of one chunk frame may fit where the bound did not
             frame = chunk_frame(self._written_chunks, [self._out[0][0]])
             if (len(frame) > budget and not alone) or not self._room(len(frame)):
