@@ -262,3 +262,20 @@ def test_vectors():
         body = FrameDecoder().feed(bytes.fromhex(v["frame_hex"]))[0]
         with pytest.raises(ProtocolError, match=v["error"]):
             parse_message(body)
+
+
+def test_batching_is_asked_per_request_on_a_kept_stream():
+    s = ServerSession(0.0)
+    types: list[set[str]] = []
+    for batch in (True, False, True):
+        req = Request(request_id=b"r", capability="x", keep=True, batch=batch)
+        s.receive_data(pack_frame(req.to_wire()))
+        s.next_event()
+        s.accept(0.0)
+        for i in range(10):
+            assert s.send_chunk(f"t{i}")
+        s.send_end()
+        frames = FrameDecoder().feed(s.data_to_send(0.0))
+        assert _flatten(frames) == [f"t{i}" for i in range(10)] and frames[-1].get("keep")
+        types.append({f["t"] for f in frames})
+    assert types == [{"chunk", "chunks", "end"}, {"chunk", "end"}, {"chunk", "chunks", "end"}]
