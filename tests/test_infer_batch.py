@@ -16,6 +16,7 @@ from modelnet_p2p import Peer, ProtocolError
 from modelnet_p2p.proto.framing import FrameDecoder, encode_varint, pack_frame
 from modelnet_p2p.proto.infer import (
     MAX_BATCH_CHUNKS,
+    MAX_BATCH_FRAME,
     PROTOCOL_ID,
     Chunk,
     ChunkBatch,
@@ -103,6 +104,21 @@ async def test_batched_answer_equals_unbatched_and_old_clients_get_single_frames
         assert receipt is not None and receipt.output_digest == chain.head
         async with a.infer(b.addrs[0], "tokens", "in") as stream:
             assert [x async for x in stream] == _expected()
+
+
+@pytest.mark.parametrize(("max_frame_size", "asks"), [(1 << 20, True), (MAX_BATCH_FRAME - 1, False)])
+async def test_the_client_asks_if_its_frame_limit_holds_a_batch(max_frame_size, asks):
+    seen: list[dict[str, Any]] = []
+
+    async def handler(stream):
+        seen.extend(FrameDecoder().feed(await stream.read(65536)))
+        await stream.write(pack_frame(End(0).to_wire()))
+        await stream.close()
+
+    async with open_peers(2, max_frame_size=max_frame_size) as (a, b):
+        b.host.set_stream_handler(TProtocol(PROTOCOL_ID), handler)
+        assert (await a.call(b.addrs[0], "x", None, timeout=5)).chunks == []
+    assert seen[0]["t"] == "req" and seen[0].get("bat", False) is asks
 
 
 def _misbehaving_server(b: Peer, payload: bytes) -> None:
@@ -216,6 +232,15 @@ def test_batches_keep_the_window_and_the_batch_limit():
     frames_out = FrameDecoder().feed(s.data_to_send(0.0, max_bytes=1 << 20))
     sizes = [len(f["d"]) for f in frames_out if f["t"] == "chunks"]
     assert sizes == [MAX_BATCH_CHUNKS, MAX_BATCH_CHUNKS, 951]
+    # Batches stay within MAX_BATCH_FRAME (64 KiB), so a client with a smaller frame limit than
+    # the server's, down to 64 KiB, can read them; longer chunks go in fewer a frame.
+    long = ["y" * 1000] * 300
+    s = _serve(1 << 20, long)
+    data = s.data_to_send(0.0, max_bytes=1 << 20)
+    frames_out = FrameDecoder(MAX_BATCH_FRAME).feed(data)
+    assert [f["d"] for f in frames_out if f["t"] != "end"] != []
+    assert _flatten(frames_out) == long
+    assert max(len(pack_frame(f, 1 << 21)) for f in frames_out) <= MAX_BATCH_FRAME + 8
 
 
 def test_large_and_other_chunks_are_framed_alone_in_order():

@@ -25,6 +25,7 @@ from .receipt import MAX_RECEIPT_SIZE
 __all__ = [
     "FINISH_REASONS",
     "MAX_BATCH_CHUNKS",
+    "MAX_BATCH_FRAME",
     "MAX_CAPABILITY_LEN",
     "MAX_ERROR_MESSAGE_LEN",
     "MAX_HOPS",
@@ -65,6 +66,9 @@ MIN_WINDOW = 1024
 FINISH_REASONS = frozenset({"stop", "length", "cancelled"})
 #: Most chunks one ``chunks`` frame carries (the batch extension, r5-bat).
 MAX_BATCH_CHUNKS = 1024
+#: Largest ``chunks`` frame a server sends, in bytes of body: a client asks for batches only
+#: if its own frame limit is at least this, so a batch of small chunks never exceeds it.
+MAX_BATCH_FRAME = 65_536
 
 
 def _need(cond: bool, what: str) -> None:

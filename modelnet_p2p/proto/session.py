@@ -64,6 +64,7 @@ from .framing import (
 from .infer import (
     BATCH_OVERHEAD,
     MAX_BATCH_CHUNKS,
+    MAX_BATCH_FRAME,
     MAX_HOPS,
     Cancel,
     Chunk,
@@ -586,10 +587,10 @@ class ServerSession:
     def _batch_frame(self, budget: int, *, alone: bool) -> tuple[bytes, int]:
         """Take the packed chunks at the head of the queue that fit one frame of ``budget`` bytes
         (any size if ``alone``, within the frame limit) and the window, at most
-        :data:`MAX_BATCH_CHUNKS`: their frame and how many (0: none may go)."""
+        :data:`MAX_BATCH_CHUNKS` and :data:`MAX_BATCH_FRAME`: their frame and how many (0: none)."""
         items: list[bytes] = []
         bound = BATCH_OVERHEAD  # an upper bound of the frame's size
-        limit = min(budget, self.limits.max_frame_size)
+        limit = min(budget, self.limits.max_frame_size, MAX_BATCH_FRAME)
         fits = self._window - (self._sent - self._acked)  # what a batch of several may take
         for enc, kind, _, _ in self._out:
             size = bound + len(enc)

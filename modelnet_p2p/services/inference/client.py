@@ -37,7 +37,7 @@ from ...p2p.stream import (
     write_whole,
 )
 from ...proto.framing import DEFAULT_MAX_FRAME_SIZE
-from ...proto.infer import Load, Request, TraceContext
+from ...proto.infer import MAX_BATCH_FRAME, Load, Request, TraceContext
 from ...proto.receipt import ChunkChain, ReceiptCheck, check_receipt
 from ...proto.session import (
     DEFAULT_WINDOW,
@@ -160,7 +160,9 @@ async def run_request(
         keep=release is not None,
         token=current_token(),  # services/access.py: using_token()
         receipt=receipt,
-        batch=True,  # several chunks a frame (r5-bat); a server that does not know it ignores it
+        # Several chunks a frame (r5-bat; a server that does not know it ignores it), if this
+        # side reads frames of MAX_BATCH_FRAME bytes.
+        batch=max_frame_size >= MAX_BATCH_FRAME,
     )
     session = ClientSession(request, deadline=deadline, max_frame_size=max_frame_size, reused=reused)
     try:
