@@ -24,7 +24,8 @@ from libp2p.tools.anyio_service import background_trio_service
 from test_relay import LOOPBACK, concurrent_connects, echo_through, hop, hosts, relay_addr, start_target
 
 from modelnet_p2p.errors import UnavailableError
-from modelnet_p2p.services.relay import dial_via_relay, reserve
+from modelnet_p2p.p2p.relay import reserve_slot
+from modelnet_p2p.services.relay import RelayService, dial_via_relay, reserve
 
 
 def limits(**kw: int) -> RelayLimits:
@@ -112,3 +113,32 @@ async def test_stock_concurrent_circuits_to_one_target_close_each_other() -> Non
                         broken = True
             assert broken, "the other circuit to the target survived"
             nursery.cancel_scope.cancel()
+
+
+async def test_stock_answers_every_refresh_anew() -> None:
+    """Each RESERVE refresh is answered from scratch (a new voucher, a later expiry)."""
+    async with hosts(LOOPBACK, []) as (r, t), trio.open_nursery() as nursery:
+        async with stock_relay(r, limits()):
+            await start_target(t, nursery)
+            relay = PeerInfo(r.get_id(), [r.get_addrs()[0]])
+            first = await reserve_slot(t, relay, 10)
+            await trio.sleep(1.2)
+            assert await reserve_slot(t, relay, 10) > first
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_quick_refresh_gets_the_last_answer_again() -> None:
+    async with hosts(LOOPBACK, [], []) as (r, t, other), trio.open_nursery() as nursery:
+        await RelayService(r, hop=True).start(nursery)
+        await start_target(t, nursery)
+        await start_target(other, nursery)
+        relay = PeerInfo(r.get_id(), [r.get_addrs()[0]])
+        first = await reserve_slot(t, relay, 10)
+        await trio.sleep(1.2)
+        for _ in range(5):  # within MIN_REFRESH: the same reservation, not a new one
+            assert await reserve_slot(t, relay, 10) == first
+        await trio.sleep(1.2)
+        assert await reserve_slot(other, relay, 10) > first  # another peer: its own
+        await dial_via_relay(other, f"{relay_addr(r)}/p2p-circuit/p2p/{t.get_id()}", timeout=10)
+        await echo_through(other, t, 4096)  # the reservation still holds
+        nursery.cancel_scope.cancel()

@@ -25,6 +25,11 @@ fail once upstream changes it:
 - **Reservations of disconnected peers keep their slots until they expire.** They are void
   (a reservation holds only while its peer is connected), but still count against
   ``max_reservations``. Here they are dropped before a new one is counted.
+- **Every RESERVE is answered from scratch**: the relay's addresses parsed again, a voucher
+  signed, then a 0.1 s wait, however recently the peer reserved. Holders refreshing every
+  second (262 Sybils) made that most of a relay's work. Here a refresh within
+  :data:`MIN_REFRESH` seconds of the peer's last answered RESERVE gets that answer again (the
+  same reservation and voucher, which stay valid: the expiry is at most that much older).
 - **A data limit of 0 means "nothing may pass"**, not "no limit" (the stock code falls back to
   a per-reservation budget of 0 bytes). :func:`relay_limits` passes a practically infinite one.
 - **Stopping the service removes its stream handlers**, which races with multistream-select
@@ -62,6 +67,9 @@ ReservationDecider = Callable[[str, "str | None", "dict[str, tuple[str | None, f
 
 #: Seconds between two prunings of gone reservations while the table is not full.
 PRUNE_INTERVAL = 1.0
+#: Seconds after an answered RESERVE during which a refresh by the same peer gets the same
+#: answer (a client refreshes at half its reservation's lifetime: every 30 min by default).
+MIN_REFRESH = 30.0
 
 #: What "no data limit" has to be written as (py-libp2p reads 0 as "nothing may pass").
 NO_DATA_LIMIT = 2**62
@@ -108,6 +116,25 @@ class _Circuit:
         return f"{self.peer}#{self.number}"
 
 
+class _Recording:
+    """A stream whose writes are also kept (the answer to a RESERVE, to send again)."""
+
+    def __init__(self, stream: INetStream) -> None:
+        self._stream = stream
+        self.written = bytearray()
+        self.overflowed = False
+
+    async def write(self, data: bytes) -> None:
+        if len(self.written) + len(data) <= 4096:
+            self.written += data
+        else:
+            self.overflowed = True
+        await self._stream.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def _connected(host: IHost, peer: ID) -> bool:
     return any(not conn.is_closed for conn in host.get_network().get_connections(peer))
 
@@ -138,6 +165,8 @@ class CircuitRelay(CircuitV2Protocol):
         #: The IP address (key) and trio time of each reservation made here.
         self._holders: dict[ID, tuple[str | None, float]] = {}
         self._next_prune = -math.inf
+        #: The last answer to each holder's RESERVE, and when it was sent (trio time).
+        self._answers: dict[ID, tuple[float, bytes]] = {}
 
     # -- what the adapter reads --------------------------------------------------------
 
@@ -200,6 +229,12 @@ class CircuitRelay(CircuitV2Protocol):
                 del reservations[gone]
             for gone in [p for p in self._holders if p not in reservations]:
                 del self._holders[gone]
+            for gone in [p for p in self._answers if p not in reservations]:
+                del self._answers[gone]
+        cached = self._answers.get(peer)
+        if cached is not None and peer in reservations and now - cached[0] < MIN_REFRESH:
+            await stream.write(cached[1])
+            return
         if self.policy is not None and peer not in reservations:
             ip = conn_ip(stream.muxed_conn, limit_loopback=self.limit_loopback)
             holders = {str(p): self._holders.get(p, (None, 0.0)) for p in reservations}
@@ -212,12 +247,16 @@ class CircuitRelay(CircuitV2Protocol):
             if verdict:
                 await self._evict(ID.from_base58(verdict))
             self._holders[peer] = (ip, trio.current_time())
-        await super()._handle_reserve(stream, msg)
+        recorder = _Recording(stream)
+        await super()._handle_reserve(cast(INetStream, recorder), msg)
+        if peer in reservations and recorder.written and not recorder.overflowed:
+            self._answers[peer] = (now, bytes(recorder.written))
 
     async def _evict(self, peer: ID) -> None:
         """Drop ``peer``'s reservation and close its connections (it reserves again if it can)."""
         self.resource_manager._reservations.pop(peer, None)
         self._holders.pop(peer, None)
+        self._answers.pop(peer, None)
         log.info("relay reservation of %s evicted for a newcomer", peer)
         for conn in list(self.host.get_network().get_connections(peer)):
             with trio.CancelScope(shield=True), trio.move_on_after(1):
