@@ -18,6 +18,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import multiaddr
 import psutil
 import pytest
 import trio
+from hostile_util import keep_connected
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
@@ -301,22 +303,9 @@ async def _attack_connections(target: str, n: int) -> None:
     async with AsyncExitStack() as stack:
         hosts = [await stack.enter_async_context(new_host()) for _ in range(n)]
 
-        async def keep(host: IHost) -> None:
-            while True:
-                if not host.get_network().get_connections(info.peer_id):
-                    unblock = getattr(host.get_network(), "unblock_peer", None)
-                    if unblock is not None:  # py-libp2p blocks a peer for 60 s after a failed dial
-                        unblock(info.peer_id)
-                    with trio.move_on_after(5):
-                        try:
-                            await host.connect(info)
-                        except Exception:
-                            pass
-                await trio.sleep(2.0)
-
         async with trio.open_nursery() as nursery:
             for h in hosts:
-                nursery.start_soon(keep, h)
+                nursery.start_soon(partial(keep_connected, h, info, pause=2.0))
             await trio.sleep(3.0)
             sys.stdout.write("ready\n")
             sys.stdout.flush()

@@ -15,11 +15,13 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from functools import partial
 from typing import Any
 
 import multiaddr
 import psutil
 import trio
+from hostile_util import keep_connected
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
@@ -237,26 +239,15 @@ async def _sybils(target: str, n: int) -> AsyncIterator[list[IHost]]:
     async with AsyncExitStack() as stack:
         hosts = [await stack.enter_async_context(new_host()) for _ in range(n)]
 
-        async def keep(host: IHost) -> None:
-            while True:
-                if not host.get_network().get_connections(info.peer_id):
-                    unblock = getattr(host.get_network(), "unblock_peer", None)
-                    if unblock is not None:  # py-libp2p blocks a peer for 60 s after a failed dial
-                        unblock(info.peer_id)
-                    with trio.move_on_after(5):
-                        try:
-                            await host.connect(info)
-                            stream = await host.new_stream(info.peer_id, [ECHO])
-                            await stream.write(b"x")
-                            await stream.read(1)
-                            await stream.close()
-                        except Exception:
-                            pass
-                await trio.sleep(0.1)
+        async def use(host: IHost) -> None:
+            stream = await host.new_stream(info.peer_id, [ECHO])
+            await stream.write(b"x")
+            await stream.read(1)
+            await stream.close()
 
         async with trio.open_nursery() as nursery:
             for h in hosts:
-                nursery.start_soon(keep, h)
+                nursery.start_soon(partial(keep_connected, h, info, pause=0.1, use=use))
             yield hosts
             nursery.cancel_scope.cancel()
 
