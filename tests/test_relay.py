@@ -113,13 +113,22 @@ async def hop(client: IHost, relay: IHost, msg: HopMessage) -> StatusCode:
         await stream.reset()
 
 
-async def concurrent_connects(client: IHost, relay: IHost, target: IHost, n: int) -> list[StatusCode]:
-    """``n`` CONNECT requests for ``target`` sent from ``client`` to ``relay`` at once; their statuses."""
+async def concurrent_connects(
+    client: IHost, relay: IHost, target: IHost, n: int, *, closed_ok: bool = False
+) -> list[StatusCode | None]:
+    """``n`` CONNECT requests for ``target`` sent from ``client`` to ``relay`` at once; their
+    statuses. ``closed_ok``: a stream the relay closes without an answer counts as None
+    (the stock relay does so on a busy machine) instead of failing the test."""
     connect = HopMessage(type=HopMessage.CONNECT, peer=CircuitPeerId(id=target.get_id().to_bytes()))
-    statuses: list[StatusCode] = []
+    statuses: list[StatusCode | None] = []
 
     async def one() -> None:
-        statuses.append(await hop(client, relay, connect))
+        try:
+            statuses.append(await hop(client, relay, connect))
+        except StreamEOF:
+            if not closed_ok:
+                raise
+            statuses.append(None)
 
     async with trio.open_nursery() as clients:
         for _ in range(n):
@@ -230,7 +239,9 @@ async def test_circuit_limit_holds_against_concurrent_connects() -> None:
         await start_target(t, nursery)
         await reserve(t, relay_addr(r))
         statuses = await concurrent_connects(c, r, t, 8)
-        assert sorted(statuses) == sorted([StatusCode.OK] * 2 + [StatusCode.RESOURCE_LIMIT_EXCEEDED] * 6)
+        assert sorted(statuses, key=str) == sorted(
+            [StatusCode.OK] * 2 + [StatusCode.RESOURCE_LIMIT_EXCEEDED] * 6, key=str
+        )
         with trio.fail_after(10):  # the circuits ended with their streams: the slots are free again
             while relay.slots.total:
                 await trio.sleep(0.05)

@@ -243,7 +243,10 @@ class MeshProviderStore(ProviderStore):
         return self.verdict(key, pid) is True
 
     async def wait_checked(self, key: bytes, pid: str, timeout: float) -> bool:
-        """Wait (at most ``timeout`` s) for the check of ``pid``'s record of ``key``; False if refuted."""
+        """Wait (at most ``timeout`` s) for the check of ``pid``'s record of ``key``; False if
+        refuted, or if the store did not keep it (a full key)."""
+        if pid not in self.providers.get(key, {}):
+            return False
         checked = pid in self.verdicts.get(key, {})
         if self.verifier is not None and not checked and len(self._waiters) < VERIFY_QUEUE:
             event = self._waiters.setdefault((key, pid), trio.Event())
