@@ -286,6 +286,25 @@ def test_ours_provider_store_answers_verified_first_and_evicts_refuted_first() -
     assert set(store.providers[b"k"]) == {str(c[0]), str(d[0]), str(e[0])}
 
 
+async def test_ours_provider_store_refuses_to_acknowledge_a_record_it_did_not_keep() -> None:
+    """A full key whose records are all verified keeps no new one, and says so at once
+    (the inbound guard then sends no echo); a kept record waits for its check."""
+    store = MeshProviderStore(new_host(), None, ttl=60, max_per_key=1, wall_clock=lambda: 0.0)
+    store.verifier = _never
+    kept, late = some_peer(), some_peer()
+    store.add_verified(b"k", PeerInfo(kept[0], [kept[1]]))
+    store.add_provider(b"k", PeerInfo(late[0], [late[1]]))
+    assert set(store.providers[b"k"]) == {str(kept[0])}
+    with trio.fail_after(1):  # not the 30 s allowed: there is nothing to wait for
+        assert await store.wait_checked(b"k", str(late[0]), 30) is False
+    assert await store.wait_checked(b"k", str(kept[0]), 30) is True
+    store.max_per_key = 2
+    store.add_provider(b"k", PeerInfo(late[0], [late[1]]))  # kept now, not yet checked
+    with trio.move_on_after(0.05) as waited:
+        await store.wait_checked(b"k", str(late[0]), 30)
+    assert waited.cancelled_caught
+
+
 clock = [0.0]
 
 
