@@ -8,6 +8,9 @@ The victim runs in its own process: a Peer on 127.0.0.1 serving an echo capabili
 streams 8 chunks, in DHT server mode, with ``relay_hop`` (it is also the bootstrap peer and
 a relay). A legitimate caller, in another process, calls the echo for a fixed window with
 4 calls in flight, and looks the capability up in the DHT once at a time (``discover``).
+The caller paces its calls to 0.9x the victim's request rate per caller
+(``ResourceLimits.request_rate``): over it the victim refuses calls with ``overloaded``, and a
+baseline would measure the caller's own limit (a quiet machine's baseline is capped there).
 This is measured without any attack (the baseline) right before each attack, then during
 it (``--one-baseline``: one baseline at the start; on a machine shared with other work the
 load changes from minute to minute). The attacks run in this process; they come from
@@ -19,7 +22,11 @@ baseline, as a ratio; the discoveries that succeeded; the victim's peak RSS grow
 the attack (sampled every 50 ms), its open file descriptors, and the CPU the victim and
 the attackers (this process) used, in % of a core (all share the machine's cores, so a
 busy attacker slows the victim down too); and which goals the attack meets: throughput
->= 0.5x the baseline, and RSS growth <= 64 MiB (the per-peer budget).
+>= 0.5x the baseline, and RSS growth <= 64 MiB (the per-peer budget). The ``ovl`` column
+counts the requests the victim refused (or ended) with ``overloaded`` in the baseline and
+under attack. Below the table: the caller's failures by error type and message, and the
+victim's pauses in each window (its full garbage collections, and the event-loop stalls over
+50 ms a watchdog task saw).
 Nothing here asserts on timings; the run exits 0 unless the victim could not be started.
 """
 
@@ -31,11 +38,12 @@ import importlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import trio
@@ -55,40 +63,137 @@ THROUGHPUT_GOAL = 0.5
 RSS_BUDGET = 64 << 20
 #: Seconds the victim gets to settle after each attack before the next.
 SETTLE = 2.0
+#: The legitimate caller's call starts per second, as a share of the victim's request rate per
+#: caller (``ResourceLimits.request_rate``): a caller that goes over it is refused with
+#: ``overloaded``, so a baseline would measure the caller's own limit, not the victim.
+PACE = 0.9
+#: Distinct failure kinds (error type and message) a window keeps, with their counts.
+MAX_ERROR_KINDS = 8
 
 
 # -- child process: the victim ------------------------------------------------------------------
 
 
-async def _wait_for_stdin_eof() -> None:
+class _Pauses:
+    """The victim's event-loop stalls (a watchdog's lateness) and garbage-collection pauses,
+    since the last :meth:`take`."""
+
+    #: Seconds between the watchdog's wake-ups; a wake-up later than ``STALL`` counts as a stall.
+    TICK = 0.01
+    STALL = 0.05
+
+    def __init__(self) -> None:
+        self.gc_started = 0.0
+        self.reset()
+
+    def reset(self) -> None:
+        self.stalls: list[float] = []
+        self.gc: dict[int, list[float]] = {0: [], 1: [], 2: []}
+
+    def on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self.gc_started = time.perf_counter()
+        else:
+            pauses = self.gc[info["generation"]]
+            if len(pauses) < 100_000:
+                pauses.append(time.perf_counter() - self.gc_started)
+
+    async def watchdog(self) -> None:
+        while True:
+            t0 = time.perf_counter()
+            await trio.sleep(self.TICK)
+            late = time.perf_counter() - t0 - self.TICK
+            if late > self.STALL and len(self.stalls) < 100_000:
+                self.stalls.append(late)
+
+    def take(self) -> dict[str, Any]:
+        full = self.gc[2]
+        doc = {
+            "stalls": len(self.stalls),
+            "stall_max": max(self.stalls, default=0.0),
+            "stall_sum": sum(self.stalls),
+            "gc_full": len(full),
+            "gc_full_max": max(full, default=0.0),
+            "gc_full_p50": percentile(full, 0.5),
+            "gc_young_max": max(self.gc[0] + self.gc[1], default=0.0),
+            "gc_sum": sum(full) + sum(self.gc[0]) + sum(self.gc[1]),
+        }
+        self.reset()
+        return doc
+
+
+async def _serve_stdin(peer: Any, pauses: _Pauses) -> None:
+    """Answer each ``stats`` line on stdin with one JSON line (admission counters, pauses); return at EOF."""
+    import gc
+
     pipe = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    buf = b""
     async with pipe:
-        while await pipe.receive_some(4096):
-            pass
+        while chunk := await pipe.receive_some(4096):
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                if line.strip() == b"stats":
+                    adm = peer.inference.admission.stats()
+                    doc = asdict(adm) | pauses.take() | {"gc_frozen": gc.get_freeze_count()}
+                    print(json.dumps(doc), flush=True)
 
 
 async def _victim() -> None:
+    import gc
+
     from modelnet_p2p import Capability, InferenceRequest, Peer
 
     async def echo(request: InferenceRequest) -> AsyncIterator[str]:
         for i in range(CHUNKS):
             yield f"{request.input} {i} "
 
+    pauses = _Pauses()
+    gc.callbacks.append(pauses.on_gc)
     async with Peer(listen=[f"/ip4/{HOST}/tcp/0"], relay_hop=True, dht_mode="server") as peer:
         peer.serve(Capability(CAPABILITY, task="chat"), echo)
         await peer.announce()
         print(json.dumps({"addr": peer.addrs[0], "peer_id": peer.peer_id, "pid": os.getpid()}), flush=True)
-        await _wait_for_stdin_eof()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pauses.watchdog)
+            await _serve_stdin(peer, pauses)
+            nursery.cancel_scope.cancel()
 
 
 # -- child process: the legitimate caller -------------------------------------------------------
 
 
+class _Pace:
+    """Call starts at most ``rate`` a second, spread evenly (no bursts) over the tasks that wait."""
+
+    def __init__(self, rate: float) -> None:
+        self.interval = 1.0 / rate if rate > 0 else 0.0
+        self.next = 0.0
+
+    async def wait(self) -> None:
+        now = trio.current_time()
+        at = max(self.next, now)
+        self.next = at + self.interval
+        if at > now:
+            await trio.sleep_until(at)
+
+
+def _error_kind(exc: BaseException) -> str:
+    """A failure's kind: its type and its message without numbers and ids (like ones count together)."""
+    text = re.sub(r"\b[0-9A-Za-z]{40,}\b", "<id>", str(exc))
+    text = re.sub(r"\d+(\.\d+)?", "N", text)
+    return f"{type(exc).__name__}: {text[:160]}"
+
+
 async def _caller(addr: str, seconds: float) -> None:
     from modelnet_p2p import Peer
+    from modelnet_p2p.p2p.resources import ResourceLimits
 
     latencies: list[float] = []
     failed = 0
+    errors: dict[str, int] = {}
+    first_failure: list[float] = []
+    pace = _Pace(ResourceLimits.request_rate * PACE)
     found: list[float] = []
     lookups = 0
     async with Peer(listen=[f"/ip4/{HOST}/tcp/0"], bootstrap=[addr]) as peer:
@@ -103,13 +208,19 @@ async def _caller(addr: str, seconds: float) -> None:
         async def calls() -> None:
             nonlocal failed
             while trio.current_time() < end:
+                await pace.wait()
                 t0 = trio.current_time()
                 try:
                     with trio.fail_after(CALL_TIMEOUT):
                         await peer.call(addr, CAPABILITY, "hi", timeout=CALL_TIMEOUT)
                     latencies.append(trio.current_time() - t0)
-                except Exception:
+                except Exception as exc:
                     failed += 1
+                    kind = _error_kind(exc)
+                    if kind in errors or len(errors) < MAX_ERROR_KINDS:
+                        errors[kind] = errors.get(kind, 0) + 1
+                    if not first_failure:
+                        first_failure.append(trio.current_time() - (end - seconds))
 
         async def discoveries() -> None:
             nonlocal lookups
@@ -139,6 +250,8 @@ async def _caller(addr: str, seconds: float) -> None:
                 "found": len(found),
                 "discover_p50": percentile(found, 0.5),
                 "cpu": (time.process_time() - cpu0) / (time.monotonic() - wall0),
+                "errors": errors,
+                "first_failure_s": first_failure[0] if first_failure else None,
             }
         ),
         flush=True,
@@ -159,6 +272,15 @@ class Window:
     found: int = 0
     discover_p50: float = math.nan
     cpu: float = math.nan
+    errors: dict[str, int] = field(default_factory=dict)
+    first_failure_s: float | None = None
+    #: The victim's side of the window (:func:`_victim_window`): refusals and pauses.
+    victim: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def overloaded(self) -> int:
+        """Requests the victim refused or ended with ``overloaded`` during the window."""
+        return sum(int(self.victim.get(k, 0)) for k in ("refused_rate", "refused_share", "preempted"))
 
     @property
     def rate(self) -> float:
@@ -177,6 +299,8 @@ class Row:
     victim_alive: bool
     victim_cpu: float = math.nan
     attacker_cpu: float = math.nan
+    #: The machine's 1-minute load average at the end of the row.
+    load: float = math.nan
 
     @property
     def ratio(self) -> float:
@@ -231,6 +355,28 @@ async def _measure(addr: str, seconds: float) -> Window:
     return Window(**json.loads(lines[-1]))
 
 
+async def _victim_stats(proc: trio.Process) -> dict[str, Any]:
+    """The victim's counters (cumulative) and pauses (since the last ask); ``{}`` if it does not answer."""
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        await proc.stdin.send_all(b"stats\n")
+        line = await _read_line(proc.stdout, 10)
+        return dict(json.loads(line)) if line.startswith("{") else {}
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, ValueError):
+        return {}
+
+
+async def _victim_window(proc: trio.Process, addr: str, seconds: float) -> Window:
+    """:func:`_measure`, with the victim's refusals and pauses during the window."""
+    before = await _victim_stats(proc)
+    window = await _measure(addr, seconds)
+    after = await _victim_stats(proc)
+    window.victim = dict(after)
+    for key in ("refused_rate", "refused_share", "preempted"):
+        window.victim[key] = int(after.get(key, 0)) - int(before.get(key, 0))
+    return window
+
+
 @asynccontextmanager
 async def _victim_process() -> AsyncIterator[tuple[trio.Process, Target]]:
     cmd = [sys.executable, os.path.abspath(__file__), "--victim"]
@@ -270,14 +416,14 @@ async def run(
     async with _victim_process() as (proc, target):
         rss_start = rss_bytes(target.pid)
         t0, v0 = time.monotonic(), cpu_seconds(target.pid)
-        base = await _measure(target.addr, window)
+        base = await _victim_window(proc, target.addr, window)
         base_cpu = (cpu_seconds(target.pid) - v0) / (time.monotonic() - t0)
         for module, name, attack in attacks:
             alive = proc.returncode is None
             if not alive:
                 rows.append(Row(name, module, base, Window(seconds=window), 0, 0, 0, False))
                 continue
-            row_base = await _measure(target.addr, window) if fresh_baselines else base
+            row_base = await _victim_window(proc, target.addr, window) if fresh_baselines else base
             before, fds_before = rss_bytes(target.pid), open_fds(target.pid)
             peak, fds = [before], [fds_before]
             under = Window(seconds=window)
@@ -287,14 +433,17 @@ async def run(
                 try:
                     async with attack(target):
                         t0, v0, a0 = time.monotonic(), cpu_seconds(target.pid), cpu_seconds(os.getpid())
-                        under = await _measure(target.addr, window)
+                        under = await _victim_window(proc, target.addr, window)
                         dt = time.monotonic() - t0
                         cpu = [(cpu_seconds(target.pid) - v0) / dt, (cpu_seconds(os.getpid()) - a0) / dt]
                 except Exception as exc:
                     print(f"attack {name} failed: {exc!r}", file=sys.stderr)
                 nursery.cancel_scope.cancel()
             alive = proc.returncode is None and rss_bytes(target.pid) > 0
-            rows.append(Row(name, module, row_base, under, peak[0] - before, fds_before, fds[0], alive, *cpu))
+            rows.append(Row(
+                name, module, row_base, under, peak[0] - before, fds_before, fds[0], alive,
+                victim_cpu=cpu[0], attacker_cpu=cpu[1], load=os.getloadavg()[0],
+            ))  # fmt: skip
             await trio.sleep(SETTLE)
         meta = {
             "victim_rss_start": rss_start,
@@ -316,13 +465,15 @@ def _ms(x: float) -> str:
 def print_table(base: Window, rows: list[Row], meta: dict[str, Any]) -> None:
     print(
         f"baseline (no attack): {base.rate:.1f} calls/s, p50 {_ms(base.p50)} ms, p99 {_ms(base.p99)} ms, "
-        f"{base.failed} failed; discover {base.found}/{base.lookups} found, p50 {_ms(base.discover_p50)} ms; "
+        f"{base.failed} failed, {base.overloaded} overloaded; "
+        f"discover {base.found}/{base.lookups} found, p50 {_ms(base.discover_p50)} ms; "
         f"victim RSS {meta['victim_rss_start'] / 2**20:.0f} MiB at start, "
         f"CPU {meta['victim_cpu_baseline'] * 100:.0f}% of a core"
     )
     head = (
         f"{'attack':<26} {'calls/s base':>12} {'attack':>7} {'ratio':>6} {'p50 ms':>13} {'p99 ms':>15} "
-        f"{'fail':>5} {'disc ok':>8} {'RSS +MiB':>8} {'fds':>9} {'CPU v/a %':>9}  goals (>=0.5x, <=64 MiB)"
+        f"{'fail':>5} {'ovl b/a':>9} {'disc ok':>8} {'RSS +MiB':>8} {'fds':>9} {'CPU v/a %':>9} {'load':>5}  "
+        "goals (>=0.5x, <=64 MiB)"
     )
     print(head)
     print("-" * len(head))
@@ -334,13 +485,33 @@ def print_table(base: Window, rows: list[Row], meta: dict[str, Any]) -> None:
         print(
             f"{r.attack:<26} {r.base.rate:>12.1f} {r.under.rate:>7.1f} {r.ratio:>5.2f}x "
             f"{_ms(r.base.p50) + '/' + _ms(r.under.p50):>13} {_ms(r.base.p99) + '/' + _ms(r.under.p99):>15} "
-            f"{r.under.failed:>5} {str(r.under.found) + '/' + str(r.under.lookups):>8} "
+            f"{r.under.failed:>5} {str(r.base.overloaded) + '/' + str(r.under.overloaded):>9} "
+            f"{str(r.under.found) + '/' + str(r.under.lookups):>8} "
             f"{r.rss_growth / 2**20:>8.1f} {str(r.fds_before) + '->' + str(r.fds_peak):>9} "
-            f"{_pct(r.victim_cpu) + '/' + _pct(r.attacker_cpu):>9}  {goals}"
+            f"{_pct(r.victim_cpu) + '/' + _pct(r.attacker_cpu):>9} {r.load:>5.2f}  {goals}"
         )
     print(
         f"victim RSS {meta['victim_rss_end'] / 2**20:.0f} MiB at the end; window {meta['window_s']} s per row"
     )
+    windows = [("baseline", base)] + [(f"{r.attack} (baseline)", r.base) for r in rows if r.base is not base]
+    windows += [(r.attack, r.under) for r in rows]
+    for label, w in windows:
+        if w.errors:
+            at = "" if w.first_failure_s is None else f", first at {w.first_failure_s:.2f} s"
+            print(f"failures of {label} ({w.failed}{at}):")
+            for kind, n in sorted(w.errors.items(), key=lambda kv: -kv[1]):
+                print(f"  {n:>7}  {kind}")
+    print("victim pauses (full collections: count, max/p50 ms; event-loop stalls over 50 ms: count, max ms):")
+    for label, w in windows:
+        v = w.victim
+        if v:
+            print(
+                f"  {label:<38} gc {v.get('gc_full', 0):>3}, {_ms(v.get('gc_full_max', math.nan))}/"
+                f"{_ms(v.get('gc_full_p50', math.nan))} ms "
+                f"(young max {_ms(v.get('gc_young_max', math.nan))}); "
+                f"stalls {v.get('stalls', 0):>3}, max {_ms(v.get('stall_max', math.nan))} ms, "
+                f"sum {_ms(v.get('stall_sum', math.nan))} ms; frozen {v.get('gc_frozen', 0)}"
+            )
 
 
 def main() -> None:
