@@ -101,7 +101,7 @@ from ..p2p.dialer import Target
 from ..p2p.stream import Stream
 from ..proto.infer import TraceContext
 from ..proto.receipt import ChunkChain, Receipt, ReceiptCheck
-from ..services.inference import ResponseInfo, StreamSource, new_request_id, request_on_peer
+from ..services.inference import ResponseInfo, StreamSource, new_request_id, request_batches_on_peer
 from ..services.inference.client import StalledError
 from .providers import PROVIDERS_TIMEOUT, Providers
 from .routing import Candidate, Policy, Router
@@ -211,27 +211,67 @@ class InferenceStream:
     that happen at a known point rather than when the stream is garbage-collected.
     After the loop, :attr:`info` holds who answered, the finish reason, the usage
     counters and (with routing) every attempt.
+
+    :meth:`batches` gives the rest of the answer as lists of chunks instead, as they come
+    off the stream (one read holds many): the way to collect an answer, or to relay it,
+    at a cost per read rather than per chunk. Both views may be mixed: each chunk is
+    handed out once, in order.
     """
 
-    def __init__(self, agen: AsyncIterator[Any], info: ResponseInfo) -> None:
-        self._agen = agen
+    def __init__(self, batches: AsyncIterator[list[Any]], info: ResponseInfo) -> None:
+        self._batches = batches
+        self._buffer: list[Any] = []
+        self._pos = 0
         self.info = info
 
     def __aiter__(self) -> InferenceStream:
         return self
 
     async def __anext__(self) -> Any:
-        return await self._agen.__anext__()
+        pos = self._pos
+        if pos < len(self._buffer):
+            self._pos = pos + 1
+            return self._buffer[pos]
+        batch = await self._batches.__anext__()
+        self._buffer, self._pos = batch, 1
+        return batch[0]
+
+    def batches(self) -> AsyncIterator[list[Any]]:
+        """The rest of the answer as non-empty lists of chunks, in order (``async for``)."""
+        return _Batches(self)
+
+    async def next_batch(self) -> list[Any]:
+        """The chunks of the current batch not handed out yet, else the next batch (never
+        empty); raises :class:`StopAsyncIteration` at the end of the answer."""
+        if self._pos < len(self._buffer):
+            rest = self._buffer[self._pos :] if self._pos else self._buffer
+            self._buffer, self._pos = [], 0
+            return rest
+        return await self._batches.__anext__()
 
     async def aclose(self) -> None:
         """Stop the request (resetting the stream if it has not finished)."""
-        await self._agen.aclose()  # type: ignore[attr-defined]
+        self._buffer, self._pos = [], 0
+        await self._batches.aclose()  # type: ignore[attr-defined]
 
     async def __aenter__(self) -> InferenceStream:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+class _Batches:
+    """:meth:`InferenceStream.batches`: what is left of the current batch, then each next one."""
+
+    def __init__(self, stream: InferenceStream) -> None:
+        self._stream = stream
+
+    def __aiter__(self) -> _Batches:
+        return self
+
+    async def __anext__(self) -> list[Any]:
+        return await self._stream.next_batch()
 
 
 def remaining(deadline: float) -> float | None:
@@ -382,8 +422,8 @@ class MeshClient:
             chunks: list[Any] = []
             try:
                 async with stream:
-                    async for chunk in stream:
-                        chunks.append(chunk)
+                    async for batch in stream.batches():
+                        chunks.extend(batch)
             except ModelNetError as exc:
                 attempts.extend(stream.info.attempts)
                 tried.update(a["peer"] for a in stream.info.attempts if a.get("peer"))
@@ -430,9 +470,9 @@ class MeshClient:
         record: bool = True,
         receipt: bool = False,
         first_chunk_timeout: float | None = None,
-    ) -> AsyncIterator[Any]:
-        """One request to one peer. With ``record``, its outcome goes to the reputation (a
-        routed attempt records its own, with the ban). ``first_chunk_timeout``: see
+    ) -> AsyncIterator[list[Any]]:
+        """One request to one peer, in batches of chunks. With ``record``, its outcome goes to
+        the reputation (a routed attempt records its own, with the ban). ``first_chunk_timeout``: see
         :func:`~modelnet_p2p.services.inference.client.run_request`."""
         deadline = deadline_of(timeout)
         info.peer = self.connector.peer_of(target)
@@ -441,7 +481,7 @@ class MeshClient:
             self.pool.release_to,
             lambda: self.connector.open_stream(target, deadline),
         )
-        answer = request_on_peer(
+        answer = request_batches_on_peer(
             source,
             info.peer,
             capability=capability,
@@ -459,11 +499,11 @@ class MeshClient:
         seen = None
         self.router.started(info.peer)  # every request of this peer, routed or not
         try:
-            async for chunk in answer:
+            async for batch in answer:
                 if info.load is not seen:  # the first chunk's
                     seen = info.load
                     self._learn(info)
-                yield chunk
+                yield batch
             if record:
                 self.router.reputation.record(info.peer, "success")
         except ModelNetError as exc:
@@ -556,7 +596,7 @@ class MeshClient:
             return None
         return self.stall_timeout if left is None else min(self.stall_timeout, left / 2)
 
-    async def _routed(self, plan: _Plan, info: ResponseInfo) -> AsyncIterator[Any]:
+    async def _routed(self, plan: _Plan, info: ResponseInfo) -> AsyncIterator[list[Any]]:
         tried: set[str] = set(plan.avoid)
         while True:
             chosen = await self._choose(plan, tried, info)
@@ -585,24 +625,29 @@ class MeshClient:
                 first_chunk_timeout=self._first_chunk_bound(plan.deadline) if hashing else None,
             )
             try:
-                async for chunk in direct:
-                    attempt["chunks"] += 1
-                    if attempt["chunks"] == 1:
+                async for batch in direct:
+                    if not attempt["chunks"]:
                         self.router.observe_rtt(pid, (trio.current_time() - started) * 1000)
+                    attempt["chunks"] += len(batch)
                     if skip:
-                        skip -= 1  # delivered by an earlier provider
-                        replayed.add(chunk)
+                        # delivered by an earlier provider
+                        skipped, batch = batch[:skip], batch[skip:]
+                        skip -= len(skipped)
+                        for chunk in skipped:
+                            replayed.add(chunk)
                         if not skip and replayed.head != plan.prefix.head:
                             raise ReplayMismatchError(
                                 f"replay on {pid} differs from the {plan.delivered} chunks already delivered",
                                 chunks_delivered=plan.delivered,
                             )
-                        continue
+                        if not batch:
+                            continue
                     if hashing:
-                        plan.prefix.add(chunk)
-                    plan.delivered += 1
+                        for chunk in batch:
+                            plan.prefix.add(chunk)
+                    plan.delivered += len(batch)
                     info.peer, info.chunks = pid, plan.delivered
-                    yield chunk
+                    yield batch
                 if skip:
                     raise ProtocolError(
                         f"replay on {pid} gave {attempt['chunks']} chunks, fewer than the "

@@ -29,7 +29,9 @@ __all__ = [
     "DEFAULT_WINDOW",
     "NEED_DATA",
     "PAUSED",
+    "BatchEvent",
     "ChunkReceived",
+    "ChunksReceived",
     "ClientEvent",
     "ClientSession",
     "ClientState",
@@ -86,6 +88,17 @@ class ChunkReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class ChunksReceived:
+    """Chunks in order, from :meth:`ClientSession.next_batch`: every chunk the bytes received so
+    far hold, from one frame or several (``seq`` is the first one's)."""
+
+    seq: int
+    data: list[Any]
+    #: The provider's load, if one of the chunk frames carried it (the latest).
+    load: Load | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Finished:
     """The ``end`` frame: the answer is complete."""
 
@@ -102,6 +115,7 @@ class ErrorReceived:
 
 
 ClientEvent = ChunkReceived | Finished | ErrorReceived
+BatchEvent = ChunksReceived | Finished | ErrorReceived
 
 
 class ClientSession:
@@ -132,6 +146,9 @@ class ClientSession:
         #: Chunks received in order so far.
         self.chunks = 0
         self._pending: deque[str | bytes] = deque()  # the rest of a ``chunks`` frame
+        #: A frame after chunks that :meth:`next_batch` parsed but has not acted on yet.
+        self._held: Message | None = None
+        self._held_error: ProtocolError | None = None
         #: Bytes read from the stream so far.
         self.bytes_received = 0
         self._reusable = False
@@ -190,6 +207,78 @@ class ClientSession:
         if self._pending:
             self.chunks += 1
             return ChunkReceived(self.chunks - 1, self._pending.popleft())
+        msg = self._next_message()
+        if isinstance(msg, Wait):
+            return msg
+        if isinstance(msg, Chunk):
+            if msg.seq != self.chunks:
+                raise self._fail(f"chunk sequence {msg.seq} where {self.chunks} was expected")
+            self.chunks += 1
+            return ChunkReceived(msg.seq, msg.data, msg.load)
+        if isinstance(msg, ChunkBatch) and self.request.batch:
+            if msg.seq != self.chunks:
+                raise self._fail(f"chunk sequence {msg.seq} where {self.chunks} was expected")
+            self._pending.extend(msg.data[1:])
+            self.chunks += 1
+            return ChunkReceived(msg.seq, msg.data[0])
+        return self._final(msg)
+
+    def next_batch(self) -> BatchEvent | Wait:
+        """Like :meth:`next_event`, but every chunk the bytes received so far hold comes as one
+        :class:`ChunksReceived` (the chunks of every ``chunk`` and ``chunks`` frame buffered, in
+        order; never an empty list): one event a read, not one a chunk. The frame after them
+        (``end``, ``err``), or the breach of the protocol, is the next call's. Use one of the
+        two methods per session."""
+        if self._held_error is not None:
+            error, self._held_error = self._held_error, None
+            raise error
+        if self.state is not ClientState.RECEIVING:
+            return PAUSED
+        seq = self.chunks
+        items: list[Any] = []
+        load: Load | None = None
+        if self._pending:
+            items.extend(self._pending)
+            self._pending.clear()
+            self.chunks += len(items)
+        try:
+            while True:
+                msg = self._next_message()
+                kind = type(msg)
+                if kind is Chunk:
+                    assert isinstance(msg, Chunk)
+                    if msg.seq != self.chunks:
+                        raise self._fail(f"chunk sequence {msg.seq} where {self.chunks} was expected")
+                    items.append(msg.data)
+                    self.chunks += 1
+                    if msg.load is not None:
+                        load = msg.load
+                    continue
+                if kind is ChunkBatch and self.request.batch:
+                    assert isinstance(msg, ChunkBatch)
+                    if msg.seq != self.chunks:
+                        raise self._fail(f"chunk sequence {msg.seq} where {self.chunks} was expected")
+                    items.extend(msg.data)
+                    self.chunks += len(msg.data)
+                    continue
+                if items:
+                    if not isinstance(msg, Wait):
+                        self._held = msg  # acted on at the next call, after these chunks
+                    return ChunksReceived(seq, items, load)
+                if isinstance(msg, Wait):
+                    return msg
+                return self._final(msg)
+        except ProtocolError as exc:
+            if not items:
+                raise
+            self._held_error = exc  # the chunks before the breach are delivered first
+            return ChunksReceived(seq, items, load)
+
+    def _next_message(self) -> Message | Wait:
+        """The next frame, parsed, or :data:`NEED_DATA`; raises at a truncated answer."""
+        if self._held is not None:
+            msg, self._held = self._held, None
+            return msg
         if self.bytes_received > self.max_answer_size:  # a provider that never stops
             raise self._fail(f"answer larger than {self.max_answer_size} bytes")
         try:
@@ -209,20 +298,12 @@ class ClientSession:
             # Usually the provider died: another one may well succeed, so this is retryable.
             raise self._fail(f"stream ended after {self.chunks} chunks without an end frame", retryable=True)
         try:
-            msg = parse_message(body)
+            return parse_message(body)
         except ProtocolError as exc:
             raise self._fail(exc.message) from None
-        if isinstance(msg, Chunk):
-            if msg.seq != self.chunks:
-                raise self._fail(f"chunk sequence {msg.seq} where {self.chunks} was expected")
-            self.chunks += 1
-            return ChunkReceived(msg.seq, msg.data, msg.load)
-        if isinstance(msg, ChunkBatch) and self.request.batch:
-            if msg.seq != self.chunks:
-                raise self._fail(f"chunk sequence {msg.seq} where {self.chunks} was expected")
-            self._pending.extend(msg.data[1:])
-            self.chunks += 1
-            return ChunkReceived(msg.seq, msg.data[0])
+
+    def _final(self, msg: Message) -> Finished | ErrorReceived:
+        """Act on a frame that is not a chunk: the end of the answer, an error, or a breach."""
         if isinstance(msg, End):
             if msg.chunks != self.chunks:
                 raise self._fail(f"end frame says {msg.chunks} chunks but {self.chunks} arrived")

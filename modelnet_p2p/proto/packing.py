@@ -34,6 +34,7 @@ Pure code: no I/O, no clock.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgpack as _msgpack
@@ -48,6 +49,7 @@ __all__ = [
     "canonical_packb",
     "check_depth",
     "packb",
+    "packer",
     "unpack_canonical",
     "unpackb",
 ]
@@ -77,6 +79,13 @@ def _no_ext(code: int, data: bytes) -> Any:
 def packb(obj: Any) -> bytes:
     """Encode with ``bin`` for bytes and ``str`` for text (the form every spec here uses)."""
     return _msgpack.packb(obj, use_bin_type=True)
+
+
+def packer() -> Callable[[Any], bytes]:
+    """A reusable encoder giving what :func:`packb` gives (``packb`` makes one per call, 0.3 us
+    of a 0.4 us text chunk). Not thread-safe: one per user, such as a session."""
+    pack: Callable[[Any], bytes] = _msgpack.Packer(use_bin_type=True).pack
+    return pack
 
 
 def check_depth(obj: Any, max_depth: int = MAX_DEPTH) -> None:

@@ -2,7 +2,16 @@
 for them, :mod:`.handlers` runs every kind of handler. The protocol itself is
 :mod:`modelnet_p2p.proto.session`."""
 
-from .client import ResponseInfo, StaleStreamError, StreamSource, new_request_id, request_on_peer, run_request
+from .client import (
+    ResponseInfo,
+    StaleStreamError,
+    StreamSource,
+    new_request_id,
+    request_batches_on_peer,
+    request_on_peer,
+    run_request,
+    run_request_batches,
+)
 from .handlers import Handler, InferenceRequest
 from .server import InferenceServer, Limits, LoadFigures
 
@@ -16,6 +25,8 @@ __all__ = [
     "StaleStreamError",
     "StreamSource",
     "new_request_id",
+    "request_batches_on_peer",
     "request_on_peer",
     "run_request",
+    "run_request_batches",
 ]

@@ -1,10 +1,14 @@
 """The client side of ``/modelnet/infer/1.0.0``: send a request on a stream, yield its chunks.
 
 The protocol (sequence numbers, the end frame's count, credit, whether a stream may
-be kept) is :class:`~modelnet_p2p.proto.session.ClientSession`; :func:`run_request`
-drives it with trio, and :func:`request_on_peer` adds the idle-stream pool: it takes a
+be kept) is :class:`~modelnet_p2p.proto.session.ClientSession`; :func:`run_request_batches`
+drives it with trio, and :func:`request_batches_on_peer` adds the idle-stream pool: it takes a
 kept stream if there is one, and resends on a new stream only when the server
 provably never read the request.
+
+Both yield the answer in *batches*: lists of the chunks one read of the stream brought
+(one ``chunks`` frame holds up to 1,024), so that the layers above pay per read, not per
+chunk. :func:`run_request` and :func:`request_on_peer` give the same chunks one at a time.
 
 A provider that stops sending mid-stream is caught by the *stall timeout*: once the first
 chunk has arrived, a read that waits ``stall_timeout`` seconds for the next one (counted
@@ -42,7 +46,7 @@ from ...proto.receipt import ChunkChain, ReceiptCheck, check_receipt
 from ...proto.session import (
     DEFAULT_WINDOW,
     NEED_DATA,
-    ChunkReceived,
+    ChunksReceived,
     ClientSession,
     ClientState,
     ErrorReceived,
@@ -58,8 +62,10 @@ __all__ = [
     "StalledError",
     "StreamSource",
     "new_request_id",
+    "request_batches_on_peer",
     "request_on_peer",
     "run_request",
+    "run_request_batches",
 ]
 
 log = logging.getLogger(__name__)
@@ -111,7 +117,18 @@ def new_request_id() -> bytes:
     return os.urandom(16)
 
 
-async def run_request(
+async def run_request(stream: Stream, **kwargs: Any) -> AsyncIterator[Any]:
+    """:func:`run_request_batches`, one chunk at a time (the same arguments)."""
+    batches = run_request_batches(stream, **kwargs)
+    try:
+        async for batch in batches:
+            for chunk in batch:
+                yield chunk
+    finally:
+        await batches.aclose()  # type: ignore[attr-defined]
+
+
+async def run_request_batches(
     stream: Stream,
     *,
     capability: str,
@@ -128,8 +145,9 @@ async def run_request(
     stall_timeout: float | None = None,
     receipt: bool = False,
     first_chunk_by: float | None = None,
-) -> AsyncIterator[Any]:
-    """Send a request on ``stream`` and yield the answer's chunks (with ``receipt``, ask for a
+) -> AsyncIterator[list[Any]]:
+    """Send a request on ``stream`` and yield the answer's chunks in batches: each a non-empty
+    list of the chunks one read of the stream brought, in order (with ``receipt``, ask for a
     signed receipt and check it into ``info.receipt``: ``specs/inference.md``, "Signed receipts").
 
     Raises the :class:`ModelNetError` subclass of an error frame, a
@@ -174,11 +192,11 @@ async def run_request(
     chain = ChunkChain(input) if receipt else None
     #: When the stall clock last restarted (a chunk arrived, or the consumer pulled again).
     progress_at = info.started
-    pulled = False  # a chunk was handed out since the last read
+    pulled = False  # chunks were handed out since the last read
     try:
         await write_whole(stream, frame)
         while True:
-            event = session.next_event()
+            event = session.next_batch()
             if event is NEED_DATA:
                 if pulled:  # the consumer has just pulled again: one clock read per read
                     progress_at, pulled = trio.current_time(), False
@@ -211,12 +229,13 @@ async def run_request(
                 if credit:
                     # Before handing chunks out: these bytes are already off the stream.
                     await write_whole(stream, credit)
-            elif isinstance(event, ChunkReceived):
+            elif type(event) is ChunksReceived:
                 if event.load is not None:
                     info.load, info.load_at = event.load, trio.current_time()
                 info.chunks = session.chunks
                 if chain is not None:
-                    chain.add(event.data)
+                    for chunk in event.data:
+                        chain.add(chunk)
                 if info.first_chunk_at is None:
                     info.first_chunk_at = trio.current_time()
                 yield event.data
@@ -283,7 +302,18 @@ class StreamSource:
         self.open_stream = open_stream
 
 
-async def request_on_peer(
+async def request_on_peer(source: StreamSource, peer: str, **kwargs: Any) -> AsyncIterator[Any]:
+    """:func:`request_batches_on_peer`, one chunk at a time (the same arguments)."""
+    batches = request_batches_on_peer(source, peer, **kwargs)
+    try:
+        async for batch in batches:
+            for chunk in batch:
+                yield chunk
+    finally:
+        await batches.aclose()  # type: ignore[attr-defined]
+
+
+async def request_batches_on_peer(
     source: StreamSource,
     peer: str,
     *,
@@ -298,8 +328,8 @@ async def request_on_peer(
     stall_timeout: float | None = None,
     receipt: bool = False,
     first_chunk_timeout: float | None = None,
-) -> AsyncIterator[Any]:
-    """:func:`run_request` on a kept stream to ``peer`` if the pool has one, else on a new one.
+) -> AsyncIterator[list[Any]]:
+    """:func:`run_request_batches` on a kept stream to ``peer`` if the pool has one, else on a new one.
 
     A kept stream the server had already closed is detected (:class:`StaleStreamError`: a
     clean end of stream before any byte of the answer) and the request is sent once more on a
@@ -318,7 +348,7 @@ async def request_on_peer(
                 stream = await source.open_stream()
             if opening.cancelled_caught:
                 raise StalledError(f"could not open a stream to {peer} in time", chunks_delivered=0)
-        agen = run_request(
+        agen = run_request_batches(
             stream,
             capability=capability,
             input=input,
@@ -335,8 +365,8 @@ async def request_on_peer(
             first_chunk_by=first_by,
         )
         try:
-            async for chunk in agen:
-                yield chunk
+            async for batch in agen:
+                yield batch
             return
         except StaleStreamError:
             if not reused:

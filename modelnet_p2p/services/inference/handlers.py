@@ -184,19 +184,30 @@ async def _run_in_thread(fn: Callable[[], Any]) -> Any:
 
 
 async def run_handler(
-    handler: Handler, kind: str, request: InferenceRequest, emit: Callable[[Any], Any]
+    handler: Handler,
+    kind: str,
+    request: InferenceRequest,
+    emit: Callable[[Any], Any],
+    offer: Callable[[Any], bool] | None = None,
 ) -> None:
     """Run ``handler`` for ``request`` and pass each chunk to ``await emit(chunk)``.
 
     A coroutine or plain function gives exactly one chunk (its return value);
-    generators give one chunk per item. Exceptions propagate to the caller.
+    generators give one chunk per item. Exceptions propagate to the caller. With ``offer``,
+    an async generator's chunks go to ``offer(chunk)`` first, and to ``emit`` only when it
+    says ``False`` (a chunk it could not take without waiting): no coroutine per chunk.
     """
     try:
         if kind == "asyncgen":
             agen = handler(request)
             try:
-                async for item in agen:
-                    await emit(item)
+                if offer is None:
+                    async for item in agen:
+                        await emit(item)
+                else:
+                    async for item in agen:
+                        if not offer(item):
+                            await emit(item)
             finally:
                 await agen.aclose()
         elif kind == "async":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -88,8 +87,8 @@ log = logging.getLogger(__name__)
 READ_SIZE = 1 << 16
 #: Chunks a handler may run ahead of the writer before it is suspended.
 HANDLER_BUFFER = 64
-#: ... or, while every chunk queued is text or bytes whose frames add up to at most
-#: :data:`MAX_WRITE_BATCH` bytes (an upper bound from their lengths), this many: a fast
+#: ... or, while the chunks queued add up to at most :data:`MAX_WRITE_BATCH` bytes with the
+#: next one (text or bytes; an upper bound of its frame from its length), this many: a fast
 #: handler of short tokens then fills one write (256 chunks in 2 writes, not 6).
 SMALL_CHUNK_BUFFER = 1024
 #: Bytes of a chunk frame besides its data, at most (prefix, keys, ``seq``, ``load``, headers).
@@ -504,35 +503,37 @@ class InferenceServer:
         link.on_stop = request.cancel
         streaming = served.kind not in _ONE_CHUNK
 
-        #: Upper bounds of the frames of the chunks queued, oldest first, and their sum.
-        bounds: deque[int] = deque()
-        bounded = 0
+        def room(item: Any) -> bool:
+            # HANDLER_BUFFER chunks, or SMALL_CHUNK_BUFFER of text or bytes within MAX_WRITE_BATCH.
+            queued = s.queued_frames
+            return queued < HANDLER_BUFFER or (
+                queued < SMALL_CHUNK_BUFFER and s.queued_bytes + _frame_bound(item) <= MAX_WRITE_BATCH
+            )
+
+        def queue(item: Any) -> None:
+            if not s.send_chunk(item):
+                request.cancel_scope.cancel()  # the chunk could not be sent: the request failed
+            elif chain is not None:
+                chain.add(item)
+            link.notify()
+
+        def offer(item: Any) -> bool:
+            # The hot path, per chunk, with no coroutine: queue ``item`` if it may go without
+            # waiting (not the first chunk, room in the queue); else ``emit`` does it.
+            if s.running and s.chunks_written and room(item):
+                queue(item)
+                return True
+            return False
 
         async def emit(item: Any) -> None:
             # Queue without yielding to the scheduler when there is room, so a fast
             # handler's chunks pile up and go out in one write; a handler that awaits
             # between chunks still has each one written at once.
-            nonlocal bounded
-            size = _frame_bound(item)
-            while s.running:
-                while len(bounds) > s.queued_frames:  # the writer took the oldest
-                    bounded -= bounds.popleft()
-                queued = s.queued_frames
-                if queued < HANDLER_BUFFER or (
-                    queued < SMALL_CHUNK_BUFFER and bounded + size <= MAX_WRITE_BATCH
-                ):
-                    break
+            while s.running and not room(item):
                 await link.changed()
             if not s.running:
                 return  # the request ended; the handler's scope is cancelled
-            if not s.send_chunk(item):
-                request.cancel_scope.cancel()  # the chunk could not be sent: the request failed
-            else:
-                bounds.append(size)
-                bounded += size
-                if chain is not None:
-                    chain.add(item)
-            link.notify()
+            queue(item)
             if streaming and not s.chunks_written:
                 # The first chunk goes out at once, alone: a handler that never awaits would
                 # otherwise fill the queue before the writer's turn, and the first chunk would
@@ -545,7 +546,7 @@ class InferenceServer:
             error: BaseException | None = None
             try:
                 with request.cancel_scope:
-                    await run_handler(served.handler, served.kind, request, emit)
+                    await run_handler(served.handler, served.kind, request, emit, offer)
             except Exception as exc:
                 error = exc
                 if not isinstance(exc, ModelNetError):
