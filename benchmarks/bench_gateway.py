@@ -169,6 +169,11 @@ class _LocalStream:
     async def __anext__(self) -> Any:
         return await self._agen.__anext__()
 
+    async def batches(self) -> AsyncIterator[list[Any]]:
+        """As ``InferenceStream.batches``: a handler in this process gives one chunk at a time."""
+        async for chunk in self._agen:
+            yield [chunk]
+
     async def aclose(self) -> None:
         await self._agen.aclose()  # type: ignore[attr-defined]
 
@@ -252,15 +257,15 @@ async def _bare(provider: str) -> None:
             stream = peer.mesh_client.stream(model, body["messages"], params=params, target=provider)
             outcome = Outcome()
 
-            async def rest() -> AsyncIterator[Any]:
+            async def rest() -> AsyncIterator[list[Any]]:
                 async with stream:
-                    async for chunk in stream:
-                        outcome.chunks += 1
-                        yield chunk
+                    async for batch in stream.batches():
+                        outcome.chunks += len(batch)
+                        yield batch
                 outcome.finish_reason, outcome.usage = stream.info.finish_reason, stream.info.usage
 
             chunks = rest()
-            first = [await chunks.__anext__()]
+            first = await chunks.__anext__()
             frames = ChatFrames("chatcmpl-" + os.urandom(12).hex(), int(time.time()), model, False)
             return EventStream(chunks, outcome, first, frames, {"cache-control": "no-cache"})  # type: ignore[arg-type]
 
@@ -457,7 +462,7 @@ async def _stream_once(http: Any, url: str, model: str, n: int) -> Sample:
                     continue
                 data = line[6:]
                 if data == "[DONE]":
-                    break
+                    continue  # read on to the end, as the openai client does: httpx keeps the connection
                 event = json.loads(data)
                 if "error" in event:
                     raise RuntimeError(f"stream error: {event['error']}")

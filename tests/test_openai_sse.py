@@ -83,8 +83,8 @@ async def test_an_answer_becomes_events_with_the_first_token_written_first():
     async def chunks() -> AsyncGenerator[Any, None]:
         try:
             for i in range(1, 200):
-                yield f"t{i}"
-            yield {"not": "text"}
+                yield [f"t{i}"]  # batches of one: the writes below hold at most 64 events
+            yield [{"not": "text"}]
         finally:
             closed.append(True)
 
@@ -108,7 +108,7 @@ async def test_an_answer_becomes_events_with_the_first_token_written_first():
 
 async def test_a_mesh_error_mid_stream_is_the_last_event():
     async def chunks() -> AsyncGenerator[Any, None]:
-        yield "a"
+        yield ["a"]
         raise UnavailableError("provider went away")
 
     outcome = Outcome()

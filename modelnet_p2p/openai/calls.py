@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
 
@@ -174,8 +174,9 @@ class Caller:
         outcome: Outcome,
         *,
         buffered: bool,
-    ) -> AsyncGenerator[Any, None]:
-        """The chunks of one request; a buffered one yields :data:`_RESET` when it starts over."""
+    ) -> AsyncGenerator[list[Any] | _Reset, None]:
+        """The chunks of one request in batches (non-empty lists, as they come off the mesh
+        stream); a buffered one yields :data:`_RESET` when it starts over."""
         among = self._among(route)
         policy = self.policy if among is not None else None
         sent = _Sent()
@@ -202,22 +203,23 @@ class Caller:
                 received = 0
                 try:
                     async with stream:
-                        async for chunk in stream:
-                            # per chunk: as little as can be (the first chunk does the bookkeeping)
-                            received += 1
-                            if received == 1:
+                        async for batch in stream.batches():
+                            # per batch: as little as can be (the first one does the bookkeeping)
+                            if not received:
                                 outcome.peer = stream.info.peer
                                 if outcome.first_chunk_at is None:
                                     outcome.first_chunk_at = trio.current_time()
                                     self.metrics.first_chunk_after(endpoint, outcome.first_chunk_at - started)
+                            received += len(batch)
                             if resume is not None:
-                                chunk = resume.rest(chunk)
-                                if chunk is None:
+                                batch = [rest for c in batch if (rest := resume.rest(c)) is not None]
+                                if not batch:
                                     continue
                             if keep_sent:
-                                sent.add(chunk)
-                            outcome.chunks += 1
-                            yield chunk
+                                for chunk in batch:
+                                    sent.add(chunk)
+                            outcome.chunks += len(batch)
+                            yield batch
                         if resume is not None:
                             resume.check_complete()
                 except ModelNetError as exc:
@@ -265,34 +267,37 @@ class Caller:
         chunks: list[Any] = []
         gen = self._chunks(endpoint, route, input, params, deadline, outcome, buffered=True)
         try:
-            async for chunk in gen:
-                if chunk is _RESET:
+            async for batch in gen:
+                if isinstance(batch, _Reset):
                     chunks.clear()
                 else:
-                    chunks.append(chunk)
+                    chunks.extend(batch)
         finally:
             await gen.aclose()
         return chunks, outcome
 
     async def start(
         self, endpoint: str, route: ModelRoute, input: Any, params: dict[str, Any], deadline: float
-    ) -> tuple[AsyncGenerator[Any, None], Outcome, list[Any]]:
-        """Start a streamed request and wait for its first chunk (so that early errors keep their status).
+    ) -> tuple[AsyncGenerator[list[Any], None], Outcome, list[Any]]:
+        """Start a streamed request and wait for its first chunks (so that early errors keep their status).
 
-        Returns the rest of the chunks, the outcome, and the first chunk (none if the answer was empty).
+        Returns the rest of the chunks in batches, the outcome, and the first batch (empty if the
+        answer was).
         """
         outcome = Outcome()
         gen = self._chunks(endpoint, route, input, params, deadline, outcome, buffered=False)
         first: list[Any] = []
         try:
-            first.append(await gen.__anext__())
+            batch = await gen.__anext__()
+            assert not isinstance(batch, _Reset)  # only a buffered request starts over
+            first = batch
         except StopAsyncIteration:
             pass
         except BaseException:
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                 await gen.aclose()
             raise
-        return gen, outcome, first
+        return cast(AsyncGenerator[list[Any], None], gen), outcome, first  # never a _Reset: not buffered
 
     async def collect_all(
         self,

@@ -420,6 +420,10 @@ class ChatFrames:
         """``sse_event(self.delta(text, None))``, from a template made once per answer."""
         return self._text.render(text)
 
+    def text_events(self, texts: Sequence[str]) -> bytes:
+        """The text events of ``texts``, one after another (:meth:`text_event` of each, joined)."""
+        return self._text.render_many(texts)
+
     def usage_frame(self, counts: dict[str, int]) -> dict[str, Any] | None:
         """The usage event after the finish, if the client asked for it."""
         if not self.include_usage:
@@ -461,6 +465,10 @@ class CompletionFrames:
         """``sse_event(self.delta(text, None))``, from a template made once per answer."""
         return self._text.render(text)
 
+    def text_events(self, texts: Sequence[str]) -> bytes:
+        """The text events of ``texts``, one after another (:meth:`text_event` of each, joined)."""
+        return self._text.render_many(texts)
+
     def usage_frame(self, counts: dict[str, int]) -> dict[str, Any] | None:
         """The usage event after the finish, if the client asked for it."""
         if not self.include_usage:
@@ -495,6 +503,18 @@ class EventTemplate:
         default ``ensure_ascii``), so the bytes are the same.
         """
         return self.head + encode_basestring_ascii(text).encode() + self.tail
+
+    @cached_property
+    def _between(self) -> str:
+        # what comes between two texts' JSON in a run of events: the tail, then the next head
+        return (self.tail + self.head).decode("ascii")  # JSON with ensure_ascii: ASCII only
+
+    def render_many(self, texts: Sequence[str]) -> bytes:
+        """The events of ``texts``, joined: ``b"".join(map(self.render, texts))``, in one join."""
+        if not texts:
+            return b""
+        body = self._between.join(map(encode_basestring_ascii, texts))
+        return self.head + body.encode("ascii") + self.tail
 
 
 def event_template(delta: Any) -> EventTemplate:
