@@ -36,6 +36,7 @@ import argparse
 import glob
 import importlib
 import json
+import logging
 import math
 import os
 import re
@@ -67,6 +68,14 @@ SETTLE = 2.0
 #: caller (``ResourceLimits.request_rate``): a caller that goes over it is refused with
 #: ``overloaded``, so a baseline would measure the caller's own limit, not the victim.
 PACE = 0.9
+#: Run the victim and the caller each in a session of its own (``--own-sessions``). Linux
+#: shares the CPU fairly between sessions (autogroups) before threads: in one session, the
+#: victim, the caller and the attackers (this process) split one share, and the attackers' CPU
+#: comes straight out of the victim's, as on no real network. Off by default: at load 1.5-5.7
+#: no difference showed (relay-reservations, 3 s windows, 0.29-0.51x own, 0.49-0.66x same).
+OWN_SESSIONS = False
+#: Where the victim and the callers write their ``modelnet_p2p`` logs (DEBUG), if set (``--log-dir``).
+LOG_DIR: str | None = None
 #: Distinct failure kinds (error type and message) a window keeps, with their counts.
 MAX_ERROR_KINDS = 8
 
@@ -251,6 +260,7 @@ async def _caller(addr: str, seconds: float) -> None:
                 "discover_p50": percentile(found, 0.5),
                 "cpu": (time.process_time() - cpu0) / (time.monotonic() - wall0),
                 "errors": errors,
+                "peer_id": peer.peer_id,
                 "first_failure_s": first_failure[0] if first_failure else None,
             }
         ),
@@ -274,6 +284,8 @@ class Window:
     cpu: float = math.nan
     errors: dict[str, int] = field(default_factory=dict)
     first_failure_s: float | None = None
+    #: The caller's peer id (a new one in each window), to find it in the logs.
+    peer_id: str = ""
     #: The victim's side of the window (:func:`_victim_window`): refusals and pauses.
     victim: dict[str, Any] = field(default_factory=dict)
 
@@ -346,9 +358,12 @@ async def _read_line(stream: trio.abc.ReceiveStream, limit: float) -> str:
 async def _measure(addr: str, seconds: float) -> Window:
     """Run the legitimate caller process for ``seconds``; its figures."""
     cmd = [sys.executable, os.path.abspath(__file__), "--caller", addr, "--seconds", str(seconds)]
+    if LOG_DIR:
+        cmd += ["--log-file", os.path.join(LOG_DIR, f"caller-{time.strftime('%H%M%S')}.log")]
     proc = await trio.run_process(
-        cmd, capture_stdout=True, check=False, stderr=trio.lowlevel.FdStream(os.dup(2))
-    )
+        cmd, capture_stdout=True, check=False, stderr=trio.lowlevel.FdStream(os.dup(2)),
+        start_new_session=OWN_SESSIONS,
+    )  # fmt: skip
     lines = [line for line in proc.stdout.decode().splitlines() if line.startswith("{")]
     if not lines:
         return Window(seconds=seconds)
@@ -380,11 +395,13 @@ async def _victim_window(proc: trio.Process, addr: str, seconds: float) -> Windo
 @asynccontextmanager
 async def _victim_process() -> AsyncIterator[tuple[trio.Process, Target]]:
     cmd = [sys.executable, os.path.abspath(__file__), "--victim"]
+    if LOG_DIR:
+        cmd += ["--log-file", os.path.join(LOG_DIR, "victim.log")]
     async with trio.open_nursery() as nursery:
         proc: trio.Process = await nursery.start(
             lambda task_status=trio.TASK_STATUS_IGNORED: trio.run_process(
                 cmd, stdin=__import__("subprocess").PIPE, stdout=__import__("subprocess").PIPE,
-                check=False, task_status=task_status,
+                check=False, task_status=task_status, start_new_session=OWN_SESSIONS,
             )
         )  # fmt: skip
         assert proc.stdout is not None and proc.stdin is not None
@@ -498,7 +515,7 @@ def print_table(base: Window, rows: list[Row], meta: dict[str, Any]) -> None:
     for label, w in windows:
         if w.errors:
             at = "" if w.first_failure_s is None else f", first at {w.first_failure_s:.2f} s"
-            print(f"failures of {label} ({w.failed}{at}):")
+            print(f"failures of {label} ({w.failed}{at}; caller {w.peer_id}):")
             for kind, n in sorted(w.errors.items(), key=lambda kv: -kv[1]):
                 print(f"  {n:>7}  {kind}")
     print("victim pauses (full collections: count, max/p50 ms; event-loop stalls over 50 ms: count, max ms):")
@@ -528,19 +545,38 @@ def main() -> None:
         action="store_true",
         help="compare every attack with the first baseline (default: a baseline right before each attack)",
     )
+    parser.add_argument(
+        "--own-sessions",
+        action="store_true",
+        help="run the victim and the caller each in a session of its own (its own CPU share)",
+    )
+    parser.add_argument(
+        "--log-dir",
+        metavar="DIR",
+        help="the victim and each caller write their modelnet_p2p log (DEBUG) to a file in DIR",
+    )
     parser.add_argument("--victim", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--log-file", help=argparse.SUPPRESS)
     parser.add_argument("--caller", metavar="ADDR", help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=10.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     from modelnet_p2p.log import quiet_libp2p
 
     quiet_libp2p()
+    if args.log_file:
+        handler = logging.FileHandler(args.log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logging.getLogger("modelnet_p2p").addHandler(handler)
+        logging.getLogger("modelnet_p2p").setLevel(logging.DEBUG)
     if args.victim:
         trio.run(_victim)
         return
     if args.caller:
         trio.run(_caller, args.caller, args.seconds)
         return
+    global OWN_SESSIONS, LOG_DIR
+    OWN_SESSIONS = args.own_sessions
+    LOG_DIR = os.path.abspath(args.log_dir) if args.log_dir else None
     window = 3.0 if args.quick else 10.0
     started = time.time()
     base, rows, meta = trio.run(run, window, args.only, not args.one_baseline)
