@@ -14,7 +14,7 @@ import trio
 
 from modelnet_p2p import Capability, ProtocolError, UnavailableError
 from modelnet_p2p.mesh.routing import Candidate
-from modelnet_p2p.proto.framing import pack_frame
+from modelnet_p2p.proto.framing import FrameDecoder, pack_frame
 from modelnet_p2p.proto.infer import Chunk, ChunkBatch, End, ErrorFrame, Request
 from modelnet_p2p.proto.session import (
     NEED_DATA,
@@ -214,3 +214,30 @@ async def test_a_failover_replay_skips_the_delivered_prefix_across_batches():
             assert [a["peer"] for a in attempts] == [bad.peer_id, good.peer_id]
             assert attempts[0]["chunks"] == 150 and attempts[1]["chunks"] == N
             assert stream.info.chunks == N
+
+
+def test_offer_chunk_queues_only_what_may_go_at_once():
+    s = ServerSession(0.0, Limits())
+    s.receive_data(pack_frame(Request(request_id=b"r", capability="x", batch=True).to_wire()))
+    s.next_event()
+    s.accept(0.0)
+    assert not s.offer_chunk("first", 64, 1024, 1 << 18)  # the first chunk goes alone: send_chunk
+    assert s.send_chunk("first") and s.data_to_send(0.0)
+    assert not s.offer_chunk({"not": "text"}, 64, 1024, 1 << 18)  # anything else: send_chunk
+    assert s.offer_chunk("a", 64, 1024, 1 << 18) and s.offer_chunk(b"b", 64, 1024, 1 << 18)
+    assert s.queued_frames == 2 and s.queued_bytes == 5  # msgpack: a1 61, c4 01 62
+    assert not s.offer_chunk("c", 2, 2, 1 << 18)  # the queue is full
+    assert s.offer_chunk("c", 2, 3, 1 << 18)  # ... unless small chunks may pile up
+    assert not s.offer_chunk("d" * 100, 2, 1024, 100)  # within the byte budget only
+    s.send_end()
+    frames = FrameDecoder().feed(s.data_to_send(0.0))
+    assert [f["t"] for f in frames] == ["chunks", "end"] and frames[0]["d"] == ["a", b"b", "c"]
+
+
+def test_offer_chunk_does_nothing_for_a_client_that_did_not_ask_for_batches():
+    s = ServerSession(0.0, Limits())
+    s.receive_data(pack_frame(Request(request_id=b"r", capability="x").to_wire()))
+    s.next_event()
+    s.accept(0.0)
+    assert s.send_chunk("first") and s.data_to_send(0.0)
+    assert not s.offer_chunk("a", 64, 1024, 1 << 18) and s.queued_frames == 0

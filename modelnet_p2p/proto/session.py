@@ -287,6 +287,7 @@ class ServerSession:
         self._out_bytes = 0  # of the chunks in _out
         # One encoder for the session's chunks (a Packer made per call costs 0.3 us a chunk).
         self._pack = packer()
+        self._max_frame = self.limits.max_frame_size
         self._window = 0
         self._sent = self._controls = 0
         self._acked = 0
@@ -482,6 +483,33 @@ class ServerSession:
     def _need_running(self, what: str) -> None:
         if self.state is not ServerState.RUNNING:
             raise SessionStateError(f"{what} in state {self.state.name}")
+
+    def offer_chunk(self, data: Any, max_queued: int, max_small: int, max_bytes: int) -> bool:
+        """Queue ``data`` if it may go at once (``False``: nothing done; use :meth:`send_chunk`).
+
+        It may when the request runs and accepts batches, its first chunk is out, ``data`` is
+        text or bytes, and fewer than ``max_queued`` frames wait, or fewer than ``max_small``
+        whose bytes with these stay within ``max_bytes``: the caller's backpressure rule, in
+        one call (the hot path of a fast handler, per chunk)."""
+        if self.state is not ServerState.RUNNING or not self._written_chunks or not self._batch:
+            return False
+        kind = type(data)
+        if kind is str:
+            bound = 4 * len(data) + 5  # UTF-8, and the largest msgpack header
+        elif kind is bytes:
+            bound = len(data) + 5
+        else:
+            return False
+        queued = len(self._out)
+        if queued >= max_queued and (queued >= max_small or self._out_bytes + bound > max_bytes):
+            return False
+        enc = self._pack(data)
+        if len(enc) + BATCH_OVERHEAD > self._max_frame:
+            return False  # send_chunk says why
+        self._out.append((enc, _RAW, False, False))
+        self._out_bytes += len(enc)
+        self._queued_chunks += 1
+        return True
 
     def send_chunk(self, data: Any) -> bool:
         """Queue one chunk. Returns ``False`` if it could not be encoded: then the request

@@ -519,9 +519,11 @@ class InferenceServer:
 
         def offer(item: Any) -> bool:
             # The hot path, per chunk, with no coroutine: queue ``item`` if it may go without
-            # waiting (not the first chunk, room in the queue); else ``emit`` does it.
-            if s.running and s.chunks_written and room(item):
-                queue(item)
+            # waiting (not the first chunk, text or bytes, room in the queue); else ``emit``.
+            if s.offer_chunk(item, HANDLER_BUFFER, SMALL_CHUNK_BUFFER, MAX_WRITE_BATCH):
+                if chain is not None:
+                    chain.add(item)
+                link.notify()
                 return True
             return False
 
@@ -574,10 +576,16 @@ class InferenceServer:
                 await produce()
                 await link.write_out()
             else:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(produce)
+                # The handler runs in this task and the writer in a new one: the handler starts
+                # at once, and the writer's first turn comes when the first chunk is queued
+                # (one scheduler pass less before it goes out).
+                async def write_out() -> None:
                     await link.write_out()
-                    nursery.cancel_scope.cancel()
+                    request.cancel_scope.cancel()  # the answer is over or lost: stop the handler
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(write_out)
+                    await produce()
         finally:
             link.on_stop = None
             request.mark_cancelled()
