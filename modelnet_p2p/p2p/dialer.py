@@ -59,6 +59,13 @@ CircuitDial = Callable[[str, float], Awaitable[None]]
 
 #: Text targets whose peer id :meth:`Dialer.peer_of` remembers (then it starts over).
 PEER_OF_CACHE = 1024
+#: Seconds a peer whose dial failed is not dialed again, doubled with each failure in a row up
+#: to ``MAX_DIAL_BACKOFF``. This replaces py-libp2p's swarm rule (no dial for 60 s after one
+#: failure): a caller whose connection to a busy peer was closed, and whose one redial failed,
+#: had every call fail at once for the next 60 s (2,194 of 2,466 calls in the hostile
+#: benchmark's relay-reservations window).
+DIAL_BACKOFF = 0.25
+MAX_DIAL_BACKOFF = 30.0
 
 
 def parse_peer_id(text: str) -> ID | None:
@@ -97,6 +104,8 @@ class Dialer:
         self.host = host
         self.connect_timeout = connect_timeout
         self._peer_of: dict[str, str] = {}
+        #: peer -> (dials failed in a row, trio time before which it is not dialed again)
+        self._backoff: dict[ID, tuple[int, float]] = {}
         self._dial_circuit: CircuitDial = dial_circuit or (
             lambda addr, timeout: dial_via_relay(host, addr, timeout=timeout)
         )
@@ -142,8 +151,9 @@ class Dialer:
         return known
 
     def is_connected(self, peer: str | ID) -> bool:
+        """Whether an open connection to ``peer`` exists (a closed one may linger in the swarm)."""
         pid = peer if isinstance(peer, ID) else parse_peer_id(peer)
-        return pid is not None and bool(self.host.get_network().get_connections(pid))
+        return pid is not None and any(not c.is_closed for c in self.host.get_network().get_connections(pid))
 
     def known_addrs(self, pid: ID) -> list[multiaddr.Multiaddr]:
         try:
@@ -174,7 +184,7 @@ class Dialer:
         if not isinstance(target, ID) and is_circuit_addr(target):
             await self._circuit(str(target), info.peer_id, deadline)
             return info
-        if not self.host.get_network().get_connections(info.peer_id):
+        if not self.is_connected(info.peer_id):
             if not info.addrs and not self.known_addrs(info.peer_id):
                 raise UnavailableError(f"no known address for peer {info.peer_id}")
             await self._dial(info, deadline)
@@ -201,15 +211,30 @@ class Dialer:
     async def _dial(self, info: PeerInfo, deadline: float) -> None:
         if info.peer_id == self.host.get_id():
             raise BadRequestError("cannot dial this peer itself")
+        failures, until = self._backoff.get(info.peer_id, (0, -math.inf))
+        if trio.current_time() < until:
+            raise UnavailableError(f"cannot reach peer {info.peer_id}: {failures} dials in a row failed")
+        unblock = getattr(self.host.get_network(), "unblock_peer", None)  # see DIAL_BACKOFF
+        if unblock is not None:
+            unblock(info.peer_id)
         with trio.move_on_at(min(deadline, trio.current_time() + self.connect_timeout)) as scope:
             try:
                 await self.host.connect(info)
             except (BaseLibp2pError, OSError, trio.BrokenResourceError) as exc:
+                self._failed_dial(info.peer_id, failures)
                 raise UnavailableError(f"cannot reach peer {info.peer_id}: {_why(exc)}") from None
+            self._backoff.pop(info.peer_id, None)
         if scope.cancelled_caught:
+            self._failed_dial(info.peer_id, failures)
             if deadline <= trio.current_time():
                 raise DeadlineExceededError(f"deadline exceeded while dialing {info.peer_id}")
             raise UnavailableError(f"timed out dialing peer {info.peer_id}")
+
+    def _failed_dial(self, peer: ID, failures: int) -> None:
+        if len(self._backoff) >= PEER_OF_CACHE:
+            self._backoff.clear()
+        backoff = min(MAX_DIAL_BACKOFF, DIAL_BACKOFF * 2**failures)
+        self._backoff[peer] = (failures + 1, trio.current_time() + backoff)
 
     # -- bootstrap and liveness ------------------------------------------------------
 
