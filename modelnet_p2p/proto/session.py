@@ -653,9 +653,10 @@ class ServerSession:
             if (len(frame) > budget and not alone) or not self._room(len(frame)):
                 return b"", 0
             items.append(self._out[0][0])
-        for enc in items:
-            self._out.popleft()
-            self._out_bytes -= len(enc)
+        popleft = self._out.popleft
+        for _ in items:
+            popleft()
+        self._out_bytes -= sum(map(len, items))
         return chunk_frame(self._written_chunks, items), len(items)
 
     def _final_out(self, now: float) -> None:

@@ -517,13 +517,15 @@ class InferenceServer:
                 chain.add(item)
             link.notify()
 
+        offer_chunk, notify = s.offer_chunk, link.notify
+
         def offer(item: Any) -> bool:
             # The hot path, per chunk, with no coroutine: queue ``item`` if it may go without
             # waiting (not the first chunk, text or bytes, room in the queue); else ``emit``.
-            if s.offer_chunk(item, HANDLER_BUFFER, SMALL_CHUNK_BUFFER, MAX_WRITE_BATCH):
+            if offer_chunk(item, HANDLER_BUFFER, SMALL_CHUNK_BUFFER, MAX_WRITE_BATCH):
                 if chain is not None:
                     chain.add(item)
-                link.notify()
+                notify()
                 return True
             return False
 
