@@ -39,6 +39,7 @@ from .mesh.shared_reputation import SharedReputation, share_reputation
 from .p2p.addresses import parse_multiaddr
 from .p2p.connmgr import ConnManager
 from .p2p.dialer import Dialer, Target
+from .p2p.gctune import freeze_startup
 from .p2p.host import Host, build_host, running_host
 from .p2p.identity import Identity
 from .p2p.network import get_network, protocol_id, topic
@@ -283,6 +284,7 @@ class Peer:
             await stack.__aexit__(None, None, None)
             raise
         self._stack = stack
+        freeze_startup()  # shorter full collections from now on (once per process: p2p/gctune.py)
         log.info("peer %s listening on %s", self.peer_id, ", ".join(self.addrs))
         return self
 
