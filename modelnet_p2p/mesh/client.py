@@ -23,6 +23,7 @@ Interface (stable; everything else here is private)::
     )                          # -> InferenceStream
     async with stream:
         async for chunk in stream: ...
+        # or: async for batch in stream.batches(): ...   (lists of chunks, one per read)
     stream.info                # ResponseInfo: peer, finish_reason, usage, first_chunk_at,
                                # attempts = [{"peer", "status", "chunks", "ms", "error"}, ...]
 
