@@ -11,11 +11,15 @@ from typing import Any
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from modelnet_p2p import Capability, ProtocolError, UnavailableError
 from modelnet_p2p.mesh.routing import Candidate
 from modelnet_p2p.proto.framing import FrameDecoder, pack_frame
 from modelnet_p2p.proto.infer import Chunk, ChunkBatch, End, ErrorFrame, Request
+from modelnet_p2p.proto.limits import MAX_DEPTH
+from modelnet_p2p.proto.packing import packb, unpackb
 from modelnet_p2p.proto.session import (
     NEED_DATA,
     ChunksReceived,
@@ -241,3 +245,33 @@ def test_offer_chunk_does_nothing_for_a_client_that_did_not_ask_for_batches():
     s.accept(0.0)
     assert s.send_chunk("first") and s.data_to_send(0.0)
     assert not s.offer_chunk("a", 64, 1024, 1 << 18) and s.queued_frames == 0
+
+
+def _depth(obj: Any) -> int:
+    if isinstance(obj, dict):
+        return 1 + max((_depth(v) for v in obj.values()), default=0)
+    if isinstance(obj, list):
+        return 1 + max((_depth(v) for v in obj), default=0)
+    return 0
+
+
+_VALUES = st.recursive(
+    st.text(max_size=4) | st.binary(max_size=4) | st.integers(-300, 300),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=2), inner, max_size=3),
+    max_leaves=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=_VALUES, extra=st.integers(0, 40))
+def test_small_bodies_are_refused_exactly_when_too_deep(value: Any, extra: int):
+    """The decoder skips its walk over a small body with few map or array header bytes: the
+    depth limit holds all the same (each level needs one such byte)."""
+    for _ in range(extra):
+        value = [value]
+    data = packb(value)
+    if _depth(value) > MAX_DEPTH:
+        with pytest.raises(ProtocolError, match="deeper"):
+            unpackb(data)
+    else:
+        assert unpackb(data) == value

@@ -60,6 +60,11 @@ __all__ = [
 _SMALL_BODY = 4096
 
 
+#: Every byte value but those that may start a map or an array (fixmap 0x80-0x8f, fixarray
+#: 0x90-0x9f, array 16/32 0xdc/0xdd, map 16/32 0xde/0xdf), for ``bytes.translate`` to drop.
+_NOT_CONTAINER_HEAD = bytes(b for b in range(256) if not (0x80 <= b <= 0x9F or 0xDC <= b <= 0xDF))
+
+
 class _TooMany(Exception):
     pass
 
@@ -132,7 +137,10 @@ def unpackb(
                 raise ProtocolError(f"{what} holds a msgpack extension type ({exc.args[0]})") from None
             except Exception as exc:  # ExtraData, ValueError, UnicodeDecodeError, ...
                 raise ProtocolError(f"{what} is not valid msgpack ({type(exc).__name__})") from None
-            if len(small) > max_depth:  # n bytes nest at most n deep
+            # Each level of nesting takes a map or array header byte, so a body with at most
+            # max_depth bytes that could be one nests no deeper (a batch of text chunks has 2):
+            # the walk over the result is only for the rest.
+            if len(small) > max_depth and len(small.translate(None, _NOT_CONTAINER_HEAD)) > max_depth:
                 check_depth(obj, max_depth)
             return obj
     count = 0
