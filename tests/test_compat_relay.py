@@ -20,12 +20,13 @@ from libp2p.relay.circuit_v2.pb.circuit_pb2 import PeerId as CircuitPeerId
 from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.resources import RelayLimits
+from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 from libp2p.tools.anyio_service import background_trio_service
 from test_relay import LOOPBACK, concurrent_connects, echo_through, hop, hosts, relay_addr, start_target
 
 from modelnet_p2p.errors import UnavailableError
 from modelnet_p2p.p2p.relay import reserve_slot
-from modelnet_p2p.services.relay import RelayService, dial_via_relay, reserve
+from modelnet_p2p.services.relay import HOP_PROTOCOL_ID, RelayService, dial_via_relay, reserve
 
 
 def limits(**kw: int) -> RelayLimits:
@@ -141,4 +142,38 @@ async def test_a_quick_refresh_gets_the_last_answer_again() -> None:
         assert await reserve_slot(other, relay, 10) > first  # another peer: its own
         await dial_via_relay(other, f"{relay_addr(r)}/p2p-circuit/p2p/{t.get_id()}", timeout=10)
         await echo_through(other, t, 4096)  # the reservation still holds
+        nursery.cancel_scope.cancel()
+
+
+async def _after_reserve(client: IHost, relay: IHost, wait: float) -> str:
+    """RESERVE on a hop stream, then what the relay does with the stream within ``wait`` s."""
+    await client.connect(PeerInfo(relay.get_id(), [relay.get_addrs()[0]]))
+    stream = await client.new_stream(relay.get_id(), [HOP_PROTOCOL_ID])
+    await write_delimited_msg(stream, HopMessage(type=HopMessage.RESERVE))
+    assert (await read_delimited_msg(stream, HopMessage)).status == StatusCode.OK
+    with trio.move_on_after(wait):
+        try:
+            await stream.read(1)
+            return "more"
+        except Exception:  # end of stream, or reset
+            return "closed"
+    await stream.reset()
+    return "open"
+
+
+async def test_stock_reads_a_hop_stream_again_after_answering() -> None:
+    """The stock relay keeps a RESERVE's stream open for another message (up to 30 s)."""
+    async with hosts(LOOPBACK, []) as (r, t):
+        async with stock_relay(r, limits()):
+            assert await _after_reserve(t, r, 2.0) == "open"
+
+
+async def test_a_hop_stream_is_closed_after_its_request() -> None:
+    async with hosts(LOOPBACK, [], []) as (r, t, c), trio.open_nursery() as nursery:
+        await RelayService(r, hop=True).start(nursery)
+        await start_target(t, nursery)
+        assert await _after_reserve(t, r, 10.0) == "closed"
+        # The reservation made on the closed stream holds: a circuit to t works.
+        await dial_via_relay(c, f"{relay_addr(r)}/p2p-circuit/p2p/{t.get_id()}", timeout=10)
+        await echo_through(c, t, 4096)
         nursery.cancel_scope.cancel()

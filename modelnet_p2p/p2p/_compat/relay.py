@@ -30,6 +30,12 @@ fail once upstream changes it:
   second (262 Sybils) made that most of a relay's work. Here a refresh within
   :data:`MIN_REFRESH` seconds of the peer's last answered RESERVE gets that answer again (the
   same reservation and voucher, which stay valid: the expiry is at most that much older).
+- **A hop stream is read again after its request is answered.** The stock handler loops on
+  the stream: after the answer it waits up to 30 s for another message, and when the client
+  closes its end it writes a MALFORMED_MESSAGE status to it and sleeps 0.5 s. Every RESERVE
+  thus cost a second write and a stream held for 0.5-30 s (262 Sybils reserving every second
+  made the relay's streams a fifth of its work). Here a hop stream carries one request, as
+  the protocol has it (a CONNECT's stream becomes the circuit), and is closed after it.
 - **A data limit of 0 means "nothing may pass"**, not "no limit" (the stock code falls back to
   a per-reservation budget of 0 bytes). :func:`relay_limits` passes a practically infinite one.
 - **Stopping the service removes its stream handlers**, which races with multistream-select
@@ -51,9 +57,11 @@ from libp2p.abc import IHost, INetStream
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage
 from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
-from libp2p.relay.circuit_v2.protocol import STOP_PROTOCOL_ID, CircuitV2Protocol
+from libp2p.relay.circuit_v2.protocol import STOP_PROTOCOL_ID, STREAM_READ_TIMEOUT, CircuitV2Protocol
+from libp2p.relay.circuit_v2.protocol import _is_relayed_stream as is_relayed_stream
 from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.resources import RelayLimits
+from libp2p.relay.circuit_v2.utils import maybe_consume_signed_record, read_delimited_msg
 
 from ..resources import conn_ip
 from .host import guard_handler, retire_stream_handler
@@ -70,6 +78,9 @@ PRUNE_INTERVAL = 1.0
 #: Seconds after an answered RESERVE during which a refresh by the same peer gets the same
 #: answer (a client refreshes at half its reservation's lifetime: every 30 min by default).
 MIN_REFRESH = 30.0
+
+#: Seconds a hop stream may take to send its request (the stock handler's allowance).
+HOP_READ_TIMEOUT = STREAM_READ_TIMEOUT * 2
 
 #: What "no data limit" has to be written as (py-libp2p reads 0 as "nothing may pass").
 NO_DATA_LIMIT = 2**62
@@ -139,6 +150,14 @@ def _connected(host: IHost, peer: ID) -> bool:
     return any(not conn.is_closed for conn in host.get_network().get_connections(peer))
 
 
+def _live_muxer(host: IHost, peer: ID) -> Any | None:
+    """The muxed connection of one of ``peer``'s open connections, or ``None``."""
+    for conn in host.get_network().get_connections(peer):
+        if not conn.is_closed:
+            return conn.muxed_conn
+    return None
+
+
 class CircuitRelay(CircuitV2Protocol):
     """py-libp2p's circuit relay v2 protocol with the corrections listed in the module docstring.
 
@@ -167,6 +186,9 @@ class CircuitRelay(CircuitV2Protocol):
         self._next_prune = -math.inf
         #: The last answer to each holder's RESERVE, and when it was sent (trio time).
         self._answers: dict[ID, tuple[float, bytes]] = {}
+        #: A muxed connection of each holder (the one it reserved over, while it is open): a
+        #: full table checks these, one attribute each, for holders that left.
+        self._conn_of: dict[ID, Any] = {}
 
     # -- what the adapter reads --------------------------------------------------------
 
@@ -213,24 +235,58 @@ class CircuitRelay(CircuitV2Protocol):
                     except Exception:
                         pass
 
+    async def _handle_hop_stream(self, stream: INetStream) -> None:
+        # One request per stream, then the stream is closed (the stock handler reads again).
+        if is_relayed_stream(stream):
+            await super()._handle_hop_stream(stream)  # the stock refusal (PERMISSION_DENIED)
+            return
+        try:
+            try:
+                with trio.fail_after(HOP_READ_TIMEOUT):
+                    msg = await read_delimited_msg(stream, HopMessage)
+            except Exception:  # silent, gone or malformed: nobody to answer
+                await stream.reset()
+                return
+            if msg.HasField("senderRecord") and not maybe_consume_signed_record(
+                msg, self.host, stream.muxed_conn.peer_id
+            ):
+                await stream.reset()
+                return
+            if msg.type == HopMessage.RESERVE:
+                await self._handle_reserve(stream, msg)
+            elif msg.type == HopMessage.CONNECT:
+                await self._handle_connect(stream, msg)  # returns when the circuit has ended
+            else:
+                await self._send_status(
+                    stream, StatusCode.MALFORMED_MESSAGE, f"invalid message type {msg.type}"
+                )
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                try:
+                    await stream.close()
+                except Exception:
+                    pass
+
     async def _handle_reserve(self, stream: INetStream, msg: HopMessage) -> None:
         peer = stream.muxed_conn.peer_id
         msg.peer.id = peer.to_bytes()
         reservations = self.resource_manager._reservations
         now = trio.current_time()
-        if len(reservations) >= self.resource_manager.limits.max_reservations or now >= self._next_prune:
-            # O(reservations) with a swarm lookup each: only when the table is full (the policy
-            # needs the live holders) or once a second (262 Sybils refreshing every second
-            # made it most of a relay's work).
+        if now >= self._next_prune:
+            # Expired reservations and gone holders, with a swarm lookup each: once a second
+            # (262 Sybils refreshing every second made it most of a relay's work).
             self._next_prune = now + PRUNE_INTERVAL
             host = self.host
             gone_peers = [p for p, r in reservations.items() if r.is_expired() or not _connected(host, p)]
             for gone in gone_peers:
                 del reservations[gone]
-            for gone in [p for p in self._holders if p not in reservations]:
-                del self._holders[gone]
-            for gone in [p for p in self._answers if p not in reservations]:
-                del self._answers[gone]
+            for table in (self._holders, self._answers, self._conn_of):
+                for gone in [p for p in table if p not in reservations]:
+                    del table[gone]
+        elif len(reservations) >= self.resource_manager.limits.max_reservations:
+            # Full: the policy needs the live holders. A holder whose connection closed is
+            # looked up in the swarm (it may have another); the others cost one attribute.
+            self._drop_departed(reservations)
         cached = self._answers.get(peer)
         if cached is not None and peer in reservations and now - cached[0] < MIN_REFRESH:
             await stream.write(cached[1])
@@ -249,14 +305,35 @@ class CircuitRelay(CircuitV2Protocol):
             self._holders[peer] = (ip, trio.current_time())
         recorder = _Recording(stream)
         await super()._handle_reserve(cast(INetStream, recorder), msg)
-        if peer in reservations and recorder.written and not recorder.overflowed:
-            self._answers[peer] = (now, bytes(recorder.written))
+        if peer in reservations:
+            self._conn_of[peer] = stream.muxed_conn
+            if recorder.written and not recorder.overflowed:
+                self._answers[peer] = (now, bytes(recorder.written))
+
+    def _drop_departed(self, reservations: dict[ID, Any]) -> None:
+        """Drop the reservations of holders no longer connected (expiry: once a second)."""
+        host, departed = self.host, []
+        for peer, muxer in self._conn_of.items():
+            if muxer.is_closed:
+                live = _live_muxer(host, peer)
+                if live is None:
+                    departed.append(peer)
+                else:
+                    self._conn_of[peer] = live  # the same key: the dict does not change size
+        if len(reservations) != len(self._conn_of):  # a reservation not tracked (none normally)
+            departed += [p for p in reservations if p not in self._conn_of and not _connected(host, p)]
+        for peer in departed:
+            reservations.pop(peer, None)
+            self._holders.pop(peer, None)
+            self._answers.pop(peer, None)
+            self._conn_of.pop(peer, None)
 
     async def _evict(self, peer: ID) -> None:
         """Drop ``peer``'s reservation and close its connections (it reserves again if it can)."""
         self.resource_manager._reservations.pop(peer, None)
         self._holders.pop(peer, None)
         self._answers.pop(peer, None)
+        self._conn_of.pop(peer, None)
         log.info("relay reservation of %s evicted for a newcomer", peer)
         for conn in list(self.host.get_network().get_connections(peer)):
             with trio.CancelScope(shield=True), trio.move_on_after(1):
