@@ -198,6 +198,7 @@ class Peer:
         self.interest = Interest(
             lambda: self.availability, lambda p: self.dialer.is_connected(p), self.connect,
             lambda: self.nursery, self.peer_id, lambda name: self._providers.candidates(name),
+            before_meet=self.discovery.announced,
         )  # fmt: skip
         self._providers = Providers(
             lambda capability, timeout: self.discover(model=capability, timeout=timeout),

@@ -138,3 +138,33 @@ async def test_a_new_subscriber_is_greeted_with_the_last_record_alone():
         assert svc.gossip.stats.greetings >= 1
         assert svc.stats.published == published  # no record went out to everyone
         assert first.stats.validated == validated  # the early follower saw nothing new
+
+
+async def test_a_new_provider_meets_the_others_only_after_its_announce():
+    """``serve()`` starts the announce that makes the provider discoverable, and the lookup
+    of the capability's other providers (to link their gossip) waits for its end: the two
+    used to run at once and compete for a busy peer's CPU."""
+    async with open_peers(3) as (boot, other, provider):
+        other.serve(Capability(name="echo", task="chat"), echo)
+        await other.announce()
+        events: list[str] = []
+        announce, discover = provider.discovery.announce, provider.discover
+
+        async def announcing(**kw):
+            events.append("announce")
+            try:
+                return await announce(**kw)
+            finally:
+                events.append("announced")
+
+        async def discovering(*args, **kw):
+            events.append("discover")
+            return await discover(*args, **kw)
+
+        provider.discovery.announce = announcing  # type: ignore[method-assign]
+        provider.discover = discovering  # type: ignore[method-assign]
+        provider.serve(Capability(name="echo", task="chat"), echo)
+        await wait_until(lambda: "discover" in events, timeout=30)
+        assert events.index("announced") < events.index("discover"), events
+        # and the meeting still links the two providers' gossip
+        await wait_until(lambda: provider.dialer.is_connected(other.peer_id), timeout=30)

@@ -21,7 +21,7 @@ from libp2p.custom_types import TProtocol
 from modelnet_p2p import Capability, Peer
 from modelnet_p2p.p2p.host import build_host, running_host
 from modelnet_p2p.p2p.identity import Identity
-from modelnet_p2p.proto.card import task_key
+from modelnet_p2p.proto.card import task_key, value_key
 from modelnet_p2p.services.discovery import DHT_PROTOCOL_ID
 from modelnet_p2p.services.discovery.index import announced_keys
 from modelnet_p2p.services.discovery.lookup import RPC_TIMEOUT, RttEstimator
@@ -231,3 +231,44 @@ async def test_a_change_places_only_the_new_records_and_the_card() -> None:
             # An explicit announce is a full one: every record again.
             again = await provider.discovery.announce()
             assert again is not None and {"model:first-model", "index", "task:chat"} <= set(again.acks)
+
+
+@pytest.mark.timeout(180)
+async def test_an_announce_places_the_task_and_model_records_first() -> None:
+    """The records a discoverer looks up (task and model keys) are looked up and delivered
+    before the other records and the card, which wait for their first placement to end."""
+    with trio.fail_after(100):
+        async with mesh(8, {}) as peers:
+            await settled(peers)
+            provider = peers[5]
+            cap = Capability(name="ordered", version="2.0", tasks=("chat",), tags=("en",))
+            provider.serve(cap, answer)
+            labels = {key: label for label, key in announced_keys([cap])}
+            labels[value_key(provider.peer_id).encode()] = "card"
+            started: list[str] = []  # each key's label, the first time it is looked up or sent
+            lookups = provider.discovery.lookups
+            closest, timed, plain = lookups.closest, lookups.timed_request, lookups.request
+
+            def seen(key: bytes) -> None:
+                label = labels.get(key)
+                if label is not None and label not in started:
+                    started.append(label)
+
+            async def closest_(key: bytes, *args: Any, **kw: Any) -> Any:
+                seen(key)
+                return await closest(key, *args, **kw)
+
+            async def timed_(pid: str, req: Any, *args: Any) -> Any:
+                seen(req.key)
+                return await timed(pid, req, *args)
+
+            async def request_(pid: str, req: Any, *args: Any) -> Any:
+                seen(req.key)
+                return await plain(pid, req, *args)
+
+            lookups.closest, lookups.timed_request, lookups.request = closest_, timed_, request_  # type: ignore[method-assign]
+            result = await provider.discovery.announce()
+            assert result is not None and result.confirmed, result and (result.acks, result.needed)
+            first = {"task:chat", "model:ordered"}
+            assert set(started) == set(labels.values()), started
+            assert set(started[: len(first)]) == first, started

@@ -12,8 +12,8 @@ capability's providers up:
   its first call.
 
 :meth:`Interest.meet` does the same for a capability this peer starts serving: one lookup of
-the other providers, so that a capability's providers are linked and its topic's mesh holds
-together however many serve it.
+the other providers (once the announce that makes this peer discoverable has ended), so that
+a capability's providers are linked and its topic's mesh holds together however many serve it.
 
 Bounded: at most ``max_dials`` dials per call, and never two at once to one peer.
 """
@@ -55,6 +55,9 @@ class Interest:
         local_peer: this peer's id, never dialled.
         lookup: ``lookup(capability)``: a provider lookup that ends in :meth:`note` (routing's).
         max_dials: most dials started per call.
+        before_meet: awaited (at most ``lookup_timeout`` s) before :meth:`meet`'s lookup, e.g.
+            the end of the announce of the capability just served, so that the two do not
+            compete for the peer's CPU (the announce is what makes it discoverable).
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class Interest:
         *,
         max_dials: int = MAX_DIALS,
         lookup_timeout: float = 10.0,
+        before_meet: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self._gossip = gossip
         self._connected = is_connected
@@ -78,6 +82,7 @@ class Interest:
         self.max_dials = max_dials
         self.lookup_timeout = lookup_timeout
         self._dialling: set[str] = set()
+        self._before_meet = before_meet
 
     def meet(self, capability: str) -> None:
         """This peer starts serving ``capability``: look its other providers up, in the background."""
@@ -90,6 +95,9 @@ class Interest:
         nursery.start_soon(self._meet, capability)
 
     async def _meet(self, capability: str) -> None:
+        if self._before_meet is not None:
+            with trio.move_on_after(self.lookup_timeout):
+                await self._before_meet()
         with trio.move_on_after(self.lookup_timeout):
             try:
                 await self._lookup(capability)

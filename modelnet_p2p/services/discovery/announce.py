@@ -54,6 +54,8 @@ DELIVERY_CONCURRENCY = 32
 #: Servers a record goes to as they answer its lookup, at most, besides the k closest
 #: known before it and the k closest it finds.
 EARLY_DELIVERIES = K
+#: Labels of the records placed first, before the other records and the card.
+FIRST_LABELS = ("task:", "model:")
 
 
 @dataclass
@@ -193,7 +195,13 @@ async def publish(
 
     delay = FIRST_RETRY
     with trio.move_on_after(budget):  # a busy machine: report what was acknowledged by then
-        await round_of(targets)
+        # First the records a discoverer looks up (task and model keys), then the rest: the
+        # work of a first placement is mostly dials and lookups, and a busy peer that does
+        # it all at once delays every record.
+        first = [t for t in targets if t.label.startswith(FIRST_LABELS)]
+        await round_of(first)
+        result.rounds -= 1  # one round in two steps
+        await round_of([t for t in targets if t not in first])
         closes = trio.current_time() + retry_window  # from the end of the first round
         while still_current():
             found = peers_found()

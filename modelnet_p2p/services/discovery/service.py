@@ -188,6 +188,8 @@ class Discovery:
         self._changed = trio.Event()
         self._generation = 0  # bumped by changed()
         self._announced_generation = -1  # the generation the last card covered
+        self._placed_generation = -1  # the generation whose announce has ended
+        self._announce_ended = trio.Event()
         self._announce_lock = trio.Lock()
         self._seq = 0
         self._extra_addrs: list[str] = []
@@ -363,6 +365,17 @@ class Discovery:
         self._generation += 1
         self._changed.set()
 
+    async def announced(self) -> None:
+        """Return once the announce of the current capabilities has ended (placed, or given
+        up for now), for work that should not compete with it for the peer's CPU."""
+        while self._placed_generation < self._generation:
+            await self._announce_ended.wait()
+
+    def _ended(self, generation: int) -> None:
+        self._placed_generation = max(self._placed_generation, generation)
+        self._announce_ended.set()
+        self._announce_ended = trio.Event()
+
     async def _announcer(self) -> None:
         """Announce soon after each change, and every ``announce_interval``.
 
@@ -465,38 +478,44 @@ class Discovery:
         others could dial.
         """
         async with self._announce_lock:
-            if not self.own_addrs():
-                log.info("not announcing capabilities: this peer has no address others can dial")
-                return None
             generation = self._generation
-            card = self.make_card()
-            self.card = card
-            self._announced_generation = generation
-            self.announces += 1
-            kad = self.kad
-            vkey = value_key(card.peer_id).encode()
-            kad.store_value(vkey, card.envelope, card.expires_at / 1000)
-            me = KadPeer(self.peer_id, card.addrs)
-            keys = announced_keys(card.capabilities)
-            for _label, key in keys:
-                kad.add_local_provider(key, me)
-            current = {key for _label, key in keys}
-            if card.addrs != self._placed_addrs:
-                full = True  # the records placed carry the old addresses: place them all again
-            self._placed = {k for k in self._placed if k in current and not full}
-            result = await publish(
-                card,
-                self.lookups,
-                replication=self.replication,
-                retry_window=min(self.announce_retry_window, self.announce_interval / 2),
-                budget=min(ANNOUNCE_BUDGET, self.announce_interval / 2),
-                still_current=lambda: self._generation == generation,
-                keys=[(label, key) for label, key in keys if key not in self._placed],
-            )
-            self._placed |= {key for label, key in keys if result.acks.get(label, 0) > 0}
-            self._placed_addrs = card.addrs
-            self.last_announce = result
-            return result
+            try:
+                return await self._announce(generation, full)
+            finally:
+                self._ended(generation)
+
+    async def _announce(self, generation: int, full: bool) -> AnnounceResult | None:
+        if not self.own_addrs():
+            log.info("not announcing capabilities: this peer has no address others can dial")
+            return None
+        card = self.make_card()
+        self.card = card
+        self._announced_generation = generation
+        self.announces += 1
+        kad = self.kad
+        vkey = value_key(card.peer_id).encode()
+        kad.store_value(vkey, card.envelope, card.expires_at / 1000)
+        me = KadPeer(self.peer_id, card.addrs)
+        keys = announced_keys(card.capabilities)
+        for _label, key in keys:
+            kad.add_local_provider(key, me)
+        current = {key for _label, key in keys}
+        if card.addrs != self._placed_addrs:
+            full = True  # the records placed carry the old addresses: place them all again
+        self._placed = {k for k in self._placed if k in current and not full}
+        result = await publish(
+            card,
+            self.lookups,
+            replication=self.replication,
+            retry_window=min(self.announce_retry_window, self.announce_interval / 2),
+            budget=min(ANNOUNCE_BUDGET, self.announce_interval / 2),
+            still_current=lambda: self._generation == generation,
+            keys=[(label, key) for label, key in keys if key not in self._placed],
+        )
+        self._placed |= {key for label, key in keys if result.acks.get(label, 0) > 0}
+        self._placed_addrs = card.addrs
+        self.last_announce = result
+        return result
 
     async def _housekeeping(self) -> None:
         """Drop expired provider records and cards from this server's stores."""
