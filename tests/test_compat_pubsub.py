@@ -261,6 +261,75 @@ async def test_gossip_attaches_connections_made_before_it_started() -> None:
             nursery.cancel_scope.cancel()
 
 
+async def test_stock_pubsub_opens_a_stream_to_every_peer_while_subscribed_to_nothing() -> None:
+    """Shim: GuardedPubsub(lazy=True)."""
+    a, b = build_host(Identity.generate()), build_host(Identity.generate())
+    async with running_host(a, LOOPBACK), running_host(b, LOOPBACK):
+        stock = [Pubsub(h, stock_router(heartbeat_interval=1)) for h in (a, b)]
+        async with background_trio_service(stock[0]), background_trio_service(stock[1]):
+            await stock[0].wait_until_ready()
+            await stock[1].wait_until_ready()
+            await a.connect(_info(b))
+            with trio.fail_after(10):  # both ways, though neither has anything to say
+                while not (stock[0].peers and stock[1].peers):
+                    await trio.sleep(0.02)
+        for s in stock:
+            s.seen_messages.stop()
+
+
+async def test_lazy_gossip_opens_its_stream_once_it_subscribes() -> None:
+    a, b = build_host(Identity.generate()), build_host(Identity.generate())
+    async with running_host(a, LOOPBACK), running_host(b, LOOPBACK):
+        ga, gb = Gossip(a), Gossip(b)
+        assert ga.settings.lazy_streams
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ga.run)
+            await nursery.start(gb.run)
+            await a.connect(_info(b))
+            with trio.fail_after(10):  # each side saw the new connection and opened nothing
+                while not (ga.deferred_streams() and gb.deferred_streams()):
+                    await trio.sleep(0.02)
+            assert ga.peers() == gb.peers() == frozenset()
+            gb.join(TOPIC, lambda m: True)  # b's first topic: b opens its stream to a, and says so
+            with trio.fail_after(10):
+                while not ga.neighbours(TOPIC):
+                    await trio.sleep(0.02)
+            assert gb.peers() == {str(a.get_id())} and ga.peers() == frozenset()
+            ga.join(TOPIC, lambda m: True)  # and a opens its own: a mesh forms, messages flow
+            with trio.fail_after(10):
+                while not (gb.neighbours(TOPIC) and ga.mesh_size(TOPIC) and gb.mesh_size(TOPIC)):
+                    await trio.sleep(0.02)
+            nursery.cancel_scope.cancel()
+
+
+async def test_lazy_gossip_publishes_where_it_does_not_subscribe() -> None:
+    """A peer subscribed to nothing opens streams to a topic's subscribers before it publishes."""
+    a, b = build_host(Identity.generate()), build_host(Identity.generate())
+    async with running_host(a, LOOPBACK), running_host(b, LOOPBACK):
+        ga, gb = Gossip(a), Gossip(b)
+        seen: list[bytes] = []
+
+        def validator(message: Any) -> bool:
+            seen.append(bytes(message.data))
+            return True
+
+        gb.join(TOPIC, validator)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ga.run)
+            await nursery.start(gb.run)
+            await a.connect(_info(b))
+            with trio.fail_after(10):
+                while not ga.neighbours(TOPIC):
+                    await trio.sleep(0.02)
+            assert ga.peers() == frozenset()
+            with trio.fail_after(10):
+                await ga.publish(TOPIC, b"from a")
+                while b"from a" not in seen:
+                    await trio.sleep(0.02)
+            assert ga.peers() == {str(b.get_id())}
+            nursery.cancel_scope.cancel()
+
+
 # -- what a stopped pubsub leaves behind ------------------------------------------------------
 
 

@@ -144,7 +144,7 @@ async def test_a_new_provider_meets_the_others_only_after_its_announce():
     """``serve()`` starts the announce that makes the provider discoverable, and the lookup
     of the capability's other providers (to link their gossip) waits for its end: the two
     used to run at once and compete for a busy peer's CPU."""
-    async with open_peers(3) as (boot, other, provider):
+    async with open_peers(3) as (_boot, other, provider):
         other.serve(Capability(name="echo", task="chat"), echo)
         await other.announce()
         events: list[str] = []

@@ -104,6 +104,8 @@ class GossipSettings:
             ``False`` publishes unsigned messages and ignores signatures; then ``message_id``
             must be set.
         message_id: the message id of a message's data; ``None``: py-libp2p's (origin, seqno).
+        lazy_streams: open no pubsub stream while subscribed to nothing (and one to every
+            connected peer at the first subscription), instead of one per connection.
     """
 
     heartbeat_interval: int = 1
@@ -114,6 +116,7 @@ class GossipSettings:
     stream_setup_timeout: float = 15.0
     signed: bool = True
     message_id: Callable[[bytes], bytes] | None = None
+    lazy_streams: bool = True
 
     def __post_init__(self) -> None:
         if not self.signed and self.message_id is None:
@@ -242,6 +245,11 @@ class Gossip:
         """Base58 ids of the neighbours this peer has an open pubsub stream to."""
         ps = self._pubsub
         return frozenset(str(p) for p in ps.peers) if ps is not None else frozenset()
+
+    def deferred_streams(self) -> int:
+        """Pubsub streams not opened to new connections so far, for lack of a subscription."""
+        ps = self._pubsub
+        return ps.deferred if ps is not None else 0
 
     def neighbours(self, topic: str) -> int:
         """How many neighbours have announced a subscription to ``topic``."""
@@ -374,6 +382,7 @@ class Gossip:
             wall_clock=self._wall_clock,
             strict_signing=s.signed,
             message_id=s.message_id,
+            lazy=s.lazy_streams,
         )
         try:
             async with background_trio_service(pubsub), background_trio_service(router):
