@@ -117,15 +117,19 @@ def new_request_id() -> bytes:
     return os.urandom(16)
 
 
-async def run_request(stream: Stream, **kwargs: Any) -> AsyncIterator[Any]:
-    """:func:`run_request_batches`, one chunk at a time (the same arguments)."""
-    batches = run_request_batches(stream, **kwargs)
+async def one_by_one(batches: AsyncIterator[list[Any]]) -> AsyncIterator[Any]:
+    """The chunks of ``batches``, one at a time (closing ``batches`` when done or abandoned)."""
     try:
         async for batch in batches:
             for chunk in batch:
                 yield chunk
     finally:
         await batches.aclose()  # type: ignore[attr-defined]
+
+
+def run_request(stream: Stream, **kwargs: Any) -> AsyncIterator[Any]:
+    """:func:`run_request_batches`, one chunk at a time (the same arguments)."""
+    return one_by_one(run_request_batches(stream, **kwargs))
 
 
 async def run_request_batches(
@@ -302,15 +306,9 @@ class StreamSource:
         self.open_stream = open_stream
 
 
-async def request_on_peer(source: StreamSource, peer: str, **kwargs: Any) -> AsyncIterator[Any]:
+def request_on_peer(source: StreamSource, peer: str, **kwargs: Any) -> AsyncIterator[Any]:
     """:func:`request_batches_on_peer`, one chunk at a time (the same arguments)."""
-    batches = request_batches_on_peer(source, peer, **kwargs)
-    try:
-        async for batch in batches:
-            for chunk in batch:
-                yield chunk
-    finally:
-        await batches.aclose()  # type: ignore[attr-defined]
+    return one_by_one(request_batches_on_peer(source, peer, **kwargs))
 
 
 async def request_batches_on_peer(
