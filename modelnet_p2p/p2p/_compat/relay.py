@@ -79,6 +79,8 @@ PRUNE_INTERVAL = 1.0
 #: answer (a client refreshes at half its reservation's lifetime: every 30 min by default).
 MIN_REFRESH = 30.0
 
+#: Refused peers remembered (to refuse them again cheaply while the table is unchanged).
+MAX_REFUSALS = 4096
 #: Seconds a hop stream may take to send its request (the stock handler's allowance).
 HOP_READ_TIMEOUT = STREAM_READ_TIMEOUT * 2
 
@@ -189,6 +191,11 @@ class CircuitRelay(CircuitV2Protocol):
         #: A muxed connection of each holder (the one it reserved over, while it is open): a
         #: full table checks these, one attribute each, for holders that left.
         self._conn_of: dict[ID, Any] = {}
+        #: Reservations made here so far; with the table's size, it tells whether the table
+        #: changed since a peer was refused (then the policy is asked again).
+        self._added = 0
+        #: Peers refused while the table was full: (table size, ``_added``, their IP key) then.
+        self._refusals: dict[ID, tuple[int, int, str | None]] = {}
 
     # -- what the adapter reads --------------------------------------------------------
 
@@ -291,24 +298,38 @@ class CircuitRelay(CircuitV2Protocol):
         if cached is not None and peer in reservations and now - cached[0] < MIN_REFRESH:
             await stream.write(cached[1])
             return
-        if self.policy is not None and peer not in reservations:
+        held = peer in reservations
+        if self.policy is not None and not held:
             ip = conn_ip(stream.muxed_conn, limit_loopback=self.limit_loopback)
-            holders = {str(p): self._holders.get(p, (None, 0.0)) for p in reservations}
-            verdict = self.policy(str(peer), ip, holders)
+            state = (len(reservations), self._added, ip)
+            # The same peer refused before, and the table has not changed since: the same
+            # verdict, without asking the policy (O(reservations)) again.
+            verdict = None if self._refusals.get(peer) == state else self._decide(peer, ip, reservations)
             if verdict is None:
+                if len(self._refusals) >= MAX_REFUSALS:
+                    self._refusals.clear()
+                self._refusals[peer] = state
                 await self._send_status(
                     stream, StatusCode.RESOURCE_LIMIT_EXCEEDED, "no reservation left for your address"
                 )
                 return
+            self._refusals.pop(peer, None)
             if verdict:
                 await self._evict(ID.from_base58(verdict))
             self._holders[peer] = (ip, trio.current_time())
         recorder = _Recording(stream)
         await super()._handle_reserve(cast(INetStream, recorder), msg)
         if peer in reservations:
+            if not held:
+                self._added += 1
             self._conn_of[peer] = stream.muxed_conn
             if recorder.written and not recorder.overflowed:
                 self._answers[peer] = (now, bytes(recorder.written))
+
+    def _decide(self, peer: ID, ip: str | None, reservations: dict[ID, Any]) -> str | None:
+        assert self.policy is not None
+        holders = {str(p): self._holders.get(p, (None, 0.0)) for p in reservations}
+        return self.policy(str(peer), ip, holders)
 
     def _drop_departed(self, reservations: dict[ID, Any]) -> None:
         """Drop the reservations of holders no longer connected (expiry: once a second)."""
