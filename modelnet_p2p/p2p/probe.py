@@ -24,6 +24,7 @@ from libp2p.peer.id import ID
 from ..errors import ConfigError
 from ._compat.host import check_port_free
 from .host import Host
+from .stream import close_quietly
 
 __all__ = [
     "IDENTIFY_PROTOCOL_ID",
@@ -78,11 +79,7 @@ async def identify(host: Host, peer_id: str, *, timeout: float = 5.0) -> PeerIde
                     break
                 data += chunk
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                try:
-                    await stream.close()
-                except Exception:
-                    pass
+            await close_quietly(stream, 1.0)
     if not data:
         return None
     try:

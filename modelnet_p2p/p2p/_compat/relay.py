@@ -64,6 +64,7 @@ from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.utils import maybe_consume_signed_record, read_delimited_msg
 
 from ..resources import conn_ip
+from ..stream import close_quietly
 from .host import guard_handler, retire_stream_handler
 
 __all__ = ["NO_DATA_LIMIT", "CircuitLimiter", "CircuitRelay", "ReservationDecider", "relay_limits"]
@@ -268,11 +269,7 @@ class CircuitRelay(CircuitV2Protocol):
                     stream, StatusCode.MALFORMED_MESSAGE, f"invalid message type {msg.type}"
                 )
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                try:
-                    await stream.close()
-                except Exception:
-                    pass
+            await close_quietly(stream, 1.0)
 
     async def _handle_reserve(self, stream: INetStream, msg: HopMessage) -> None:
         peer = stream.muxed_conn.peer_id
