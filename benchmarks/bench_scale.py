@@ -47,7 +47,8 @@ reported as not measured (the benchmark never hangs). Then, for each mesh:
 
 Ratios are modelnet / stock (lower is better). The goals are those of issue 11. p95 of k samples
 is the nearest rank (with fewer than 20 samples that is the slowest one). Nothing here asserts:
-it prints figures and exits 0.
+it prints figures and exits 0. Each size's table also goes to stderr as soon as that size is
+measured, so that a run cut short keeps the sizes it finished.
 """
 
 from __future__ import annotations
@@ -502,26 +503,29 @@ def rows_for(n: int) -> list[Row]:
     ]  # fmt: skip
 
 
+def size_table(m: SideResult, s: SideResult) -> list[str]:
+    """The lines of one size's table: modelnet beside stock, with the goals."""
+    lines = [
+        f"N = {m.n} peers in {m.workers} worker processes each side; startup modelnet"
+        f" {fmt(m.startup_s, '.0f')} s, stock {fmt(s.startup_s, '.0f')} s;"
+        f" measured in {m.elapsed_s:.0f} s + {s.elapsed_s:.0f} s",
+        f"  {'':31} {'modelnet':>10} {'stock':>10} {'ratio':>6}  {'goal (modelnet)':<16} {''}",
+    ]
+    for row in rows_for(m.n):
+        lines.append(
+            f"  {row.label:31} {row.text(m):>10} {row.text(s):>10} {ratio(row.value(m), row.value(s)):>6}"
+            f"  {row.goal:<16} {verdict(row.ok(m))}"
+        )
+    lines += [f"  note ({r.side}): {note}" for r in (m, s) for note in r.notes]
+    return lines
+
+
 def report(pairs: list[tuple[SideResult, SideResult]], settings: Settings, header: list[str]) -> None:
     print()
     print("\n".join(header))
     for m, s in pairs:
         print()
-        print(
-            f"N = {m.n} peers in {m.workers} worker processes each side; startup modelnet"
-            f" {fmt(m.startup_s, '.0f')} s, stock {fmt(s.startup_s, '.0f')} s;"
-            f" measured in {m.elapsed_s:.0f} s + {s.elapsed_s:.0f} s"
-        )
-        head = f"  {'':31} {'modelnet':>10} {'stock':>10} {'ratio':>6}  {'goal (modelnet)':<16} {''}"
-        print(head)
-        for row in rows_for(m.n):
-            print(
-                f"  {row.label:31} {row.text(m):>10} {row.text(s):>10} {ratio(row.value(m), row.value(s)):>6}"
-                f"  {row.goal:<16} {verdict(row.ok(m))}"
-            )
-        for r in (m, s):
-            for note in r.notes:
-                print(f"  note ({r.side}): {note}")
+        print("\n".join(size_table(m, s)))
     print()
     print("Idle CPU per peer across sizes (goal: at most 1.5x from 20 to 200 peers):")
     for side in (0, 1):
@@ -557,6 +561,8 @@ async def main(args: argparse.Namespace) -> None:
             print(f"... {side.name} N={n} (limit {limit:.0f} s)", file=sys.stderr, flush=True)
             results.append(await run_side(side, n, settings, limit, rss0[side.name], rng))
         pairs.append((results[0], results[1]))
+        # Each size as soon as it is measured (stderr), so that a run cut short keeps its figures.
+        print("\n".join(["", *size_table(*pairs[-1]), ""]), file=sys.stderr, flush=True)
     load1 = os.getloadavg()
     header = [
         f"modelnet_p2p scale benchmark{' (--quick)' if args.quick else ''}: {os.cpu_count()} CPUs,"
