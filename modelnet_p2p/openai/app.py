@@ -71,8 +71,9 @@ The HTTP server is hypercorn's trio worker running the starlette app in the
 peer's own trio loop: no second event loop, and every task stops with the peer.
 (uvicorn runs only on asyncio: a second loop in a thread would put a cross-thread
 hop on every write.) A streamed answer's events are rendered from a template and
-written in batches (:mod:`.sse`); the peer's stream pool keeps ``warm_streams``
-idle streams per provider, so bursts of requests do not open new ones.
+written in batches (:mod:`.sse`), and hypercorn's writes are joined (the headers with the
+first events, the last events with the end: :mod:`._hypercorn`); the peer's stream pool
+keeps ``warm_streams`` idle streams per provider, so bursts of requests do not open new ones.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ from ..dashboard.app import Dashboard
 from ..errors import ConfigError, ModelNetError
 from ..mesh.routing import POLICIES
 from ..services.access import using_token
+from . import _hypercorn
 from .calls import Caller
 from .catalog import Catalog, ModelRoute, agent_card, model_json, routes_from_cards
 from .conventions import CHAT, EMBEDDING, OPENAI_TASKS, TEXT_GENERATION
@@ -366,6 +368,7 @@ class Gateway:
         config.graceful_timeout = 2.0
         config.keep_alive_timeout = 75.0
         config.include_server_header = False
+        _hypercorn.install()  # headers with the first events, the last events with the end
         async with trio.open_nursery() as nursery:
             serve = partial(
                 hypercorn_serve,

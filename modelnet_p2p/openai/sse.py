@@ -25,6 +25,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from ..errors import ModelNetError
+from ._hypercorn import JOIN_BODY
 from .calls import Outcome
 from .errors import from_mesh_error
 from .translate import DONE, finish_reason, sse_event, text_of, usage
@@ -196,9 +197,9 @@ class EventStream(StreamingResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         out = Outbox()
         try:
-            await send(
-                {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-            )
+            # The headers wait for the first events and go out in one write with them (._hypercorn).
+            start = {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            await send({**start, JOIN_BODY: True})
             async with trio.open_nursery() as nursery:
 
                 async def watch() -> None:
