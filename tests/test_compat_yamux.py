@@ -494,3 +494,74 @@ async def test_an_overrunning_frame_is_not_read_and_cuts_the_connection() -> Non
                 nursery.cancel_scope.cancel()
         assert victim.window_violations >= 1
         assert most < 1 << 20, most
+
+
+# -- writes of several streams at once (LeanYamux._write_frame) ----------------------------------
+
+
+async def _frames_at_once(muxer_class: type, fail: bool = False) -> tuple[list[bytes], list[bytes], int]:
+    """Eight DATA frames (of eight streams) handed to ``muxer_class``'s connection at once, over
+    an in-memory pipe whose writes are recorded (``fail``: every write raises). Returns the
+    frames, the writes and how many writers saw an error."""
+    import struct
+
+    from libp2p.stream_muxer.yamux.yamux import TYPE_DATA, YAMUX_HEADER_FORMAT
+
+    left, _ = _pipe()
+    conn = muxer_class(left, _an_id(), is_initiator=True)
+    writes: list[bytes] = []
+    errors = 0
+    stock_write = left.write
+
+    async def recorded(data: bytes) -> None:
+        writes.append(bytes(data))
+        if fail:
+            await trio.sleep(0)  # as a socket's send: a schedule point, then the error
+            raise RuntimeError("the connection broke")
+        await stock_write(data)
+
+    left.write = recorded
+    frames = [struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_DATA, 0, 2 * i + 1, 4) + b"%04d" % i for i in range(8)]
+
+    async def write(frame: bytes) -> None:
+        nonlocal errors
+        try:
+            await conn._write_frame(frame)
+        except RuntimeError:
+            errors += 1
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for frame in frames:
+                nursery.start_soon(write, frame)
+    return frames, writes, errors
+
+
+def _split(writes: list[bytes]) -> list[bytes]:
+    data = b"".join(writes)
+    return [data[i : i + 16] for i in range(0, len(data), 16)]
+
+
+async def test_upstream_writes_each_frame_of_streams_writing_at_once_by_itself() -> None:
+    """Canary: upstream's connection makes one write per frame, however many are waiting."""
+    from libp2p.stream_muxer.yamux.yamux import Yamux
+
+    frames, writes, _ = await _frames_at_once(Yamux)
+    assert sorted(writes) == sorted(frames)  # eight writes of one frame each
+
+
+async def test_frames_that_come_during_a_write_go_out_together_in_the_next() -> None:
+    from modelnet_p2p.p2p._compat.yamux import LeanYamux
+
+    frames, writes, _ = await _frames_at_once(LeanYamux)
+    assert sorted(_split(writes)) == sorted(frames)  # the same frames, each whole, none lost
+    assert len(writes) == 2, writes  # the first alone, the seven that came meanwhile together
+    assert len(writes[1]) == 7 * 16
+
+
+async def test_a_failed_joined_write_fails_every_writer_in_it() -> None:
+    from modelnet_p2p.p2p._compat.yamux import LeanYamux
+
+    _, writes, errors = await _frames_at_once(LeanYamux, fail=True)
+    assert errors == 8  # nobody is told a frame went out when it did not
+    assert len(writes) == 2

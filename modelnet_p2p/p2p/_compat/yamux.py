@@ -57,7 +57,10 @@ upstream changes them):
     :class:`FastLock` does not; ``read_stream`` and ``_write_frame`` lose their per-frame
     debug formatting and one of their two copies;
   - the Noise session's reads and writes (see :mod:`.noise`): :class:`LeanYamux` installs
-    its fast path, and reads DATA bodies straight from its buffer.
+    its fast path, and reads DATA bodies straight from its buffer;
+  - each frame is a write (a Noise message, a system call) however many streams write at
+    once, and a checkpoint follows the socket's send (itself one): frames that come during a
+    write go out together in the next (``_write_frame``); a send is followed by a cancel point.
 
   A DATA frame that overruns its window waits (at most :data:`OVERRUN_GRACE`), unread, for
   its stream's reader to open the window before it counts as a violation: the reader of a
@@ -74,6 +77,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -99,6 +103,7 @@ from libp2p.stream_muxer.yamux.yamux import (
 )
 
 from .noise import FastLock, NoiseFastPath
+from .noise import _Socket as SocketWriter
 from .noise import install as install_noise_fast_path
 
 __all__ = [
@@ -362,6 +367,25 @@ class _Buffers(dict[int, bytearray]):
         super().__setitem__(stream_id, buf)
 
 
+class _Batch:
+    """Frames that wait for the connection's write under way, to go out in the next one."""
+
+    __slots__ = ("done", "error", "parts", "size", "turn")
+
+    def __init__(self, first: bytes) -> None:
+        self.parts = [first]
+        self.size = len(first)
+        #: The write under way is done: the first writer of this batch writes it.
+        self.turn = trio.Event()
+        #: This batch is written (or failed with ``error``).
+        self.done = trio.Event()
+        self.error: Exception | None = None
+
+    def add(self, frame: bytes) -> None:
+        self.parts.append(frame)
+        self.size += len(frame)
+
+
 class LeanYamux(Yamux):
     """Yamux without its per-connection timer loops (:func:`run_keepalive` does their work),
     with the receive window enforced and unread data of ended streams dropped.
@@ -383,6 +407,11 @@ class LeanYamux(Yamux):
         self._write_lock = FastLock()  # type: ignore[assignment]
         #: The Noise session's fast read/write path (None: not a Noise session).
         self.noise: NoiseFastPath | None = install_noise_fast_path(secured_conn)
+        #: A write is under way; the frames of the next one, gathered meanwhile (_write_frame).
+        self._writing = False
+        self._queued: deque[_Batch] = deque()
+        #: The Noise session writes to a trio socket, whose send is a schedule point.
+        self._send_yields = self.noise is not None and isinstance(self.noise.raw, SocketWriter)
         #: The last frame header read (the last 12 bytes read outside frame bodies).
         self._last_header = b""
         #: DATA frames that overran their stream's receive window (the first closes the connection).
@@ -421,10 +450,54 @@ class LeanYamux(Yamux):
         return None
 
     async def _write_frame(self, data: bytes) -> None:
-        # Upstream's, without decoding every frame's header for a debug line first.
-        async with self._write_lock:
-            await self.secured_conn.write(data)
-        await trio.lowlevel.checkpoint()
+        """Upstream's (no debug line per frame), but frames that come during a write go out
+        together, in order, in the next (up to :data:`MAX_WRITE_BATCH` bytes): a queued frame
+        goes out even if its writer is cancelled (as upstream's begun Noise write)."""
+        if not self._writing:
+            self._writing = True
+            await self._write_joined(data, None)
+            return
+        queued = self._queued
+        batch = queued[-1] if queued else None
+        if batch is not None and batch.size < MAX_WRITE_BATCH:  # join the batch being gathered
+            batch.add(data)
+            with trio.CancelScope(shield=True):
+                await batch.done.wait()
+            if batch.error is not None:
+                raise batch.error
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return
+        # Lead a batch: wait for the writes before it, then write every frame it gathered.
+        batch = _Batch(data)
+        queued.append(batch)
+        with trio.CancelScope(shield=True):
+            await batch.turn.wait()
+        await self._write_joined(b"".join(batch.parts), batch)
+
+    async def _write_joined(self, data: bytes, batch: _Batch | None) -> None:
+        """Write ``data`` (``batch``'s frames), tell its writers, hand over to the next batch."""
+        error: Exception | None = None
+        try:
+            with trio.CancelScope(shield=True):
+                try:
+                    async with self._write_lock:
+                        await self.secured_conn.write(data)
+                except Exception as exc:
+                    error = exc
+        finally:
+            if batch is not None:
+                batch.error = error
+                batch.done.set()
+            if self._queued:  # the next batch's leader writes it (it takes no more frames)
+                self._queued.popleft().turn.set()
+            else:
+                self._writing = False
+        if error is not None:
+            raise error
+        if self._send_yields:  # the socket's send was a schedule point: only a cancel point left
+            await trio.lowlevel.checkpoint_if_cancelled()
+        else:
+            await trio.lowlevel.checkpoint()
 
     async def _read_data_body(self, length: int) -> bytes:
         # Upstream's bound; the body comes straight from the Noise buffer (one copy).
