@@ -23,12 +23,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast
 
-import multiaddr
 import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
-from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.validator import Validator
 from libp2p.tools.anyio_service import background_trio_service
@@ -47,6 +45,7 @@ from ._compat.kad import (
     refuse_streams,
     store_value,
 )
+from .ids import addr_bytes, addr_text, id_bytes, id_text, parse_addr, parse_id
 from .stream import close_quietly, reset_quietly
 
 if TYPE_CHECKING:
@@ -160,14 +159,14 @@ ProviderVerifier = Callable[[bytes, KadPeer], Awaitable[bool | None]]
 def peer_id_bytes(peer_id: str) -> bytes:
     """The binary form of a base58 peer id (``ValueError`` if it is not one)."""
     try:
-        return ID.from_base58(peer_id).to_bytes()
+        return id_bytes(peer_id)
     except Exception as exc:
         raise ValueError(f"not a peer id: {peer_id[:80]!r}") from exc
 
 
 def _peer(peer: Message.Peer) -> KadPeer | None:
     try:
-        return KadPeer(str(ID(peer.id)), tuple(str(multiaddr.Multiaddr(a)) for a in peer.addrs))
+        return KadPeer(id_text(peer.id), tuple(addr_text(a) for a in peer.addrs))
     except Exception:
         return None
 
@@ -185,7 +184,7 @@ def encode_request(req: KadRequest) -> bytes:
     if req.provider is not None:
         peer = msg.providerPeers.add()
         peer.id = peer_id_bytes(req.provider.peer_id)
-        peer.addrs.extend(multiaddr.Multiaddr(a).to_bytes() for a in req.provider.addrs)
+        peer.addrs.extend(addr_bytes(a) for a in req.provider.addrs)
     return append_cards(bytes(msg.SerializeToString()), req.cards)
 
 
@@ -352,21 +351,21 @@ class KadNode:
         return self._running.get_routing_table_size()
 
     def in_routing_table(self, peer_id: str) -> bool:
-        return self._running.routing_table.peer_in_table(ID.from_base58(peer_id))
+        return self._running.routing_table.peer_in_table(parse_id(peer_id))
 
     async def add_to_routing_table(self, peer_id: str) -> bool:
         """Add a peer that serves the DHT (identify is checked, as py-libp2p does)."""
-        return await self._running.add_peer(ID.from_base58(peer_id))
+        return await self._running.add_peer(parse_id(peer_id))
 
     def forget(self, peer_id: str) -> None:
         """Drop an unreachable peer from the routing table."""
-        self._running.routing_table.remove_peer(ID.from_base58(peer_id))
+        self._running.routing_table.remove_peer(parse_id(peer_id))
 
     def remember_addrs(self, peer: KadPeer, ttl: int) -> None:
         """Put ``peer``'s addresses into the peerstore for ``ttl`` seconds."""
         if peer.addrs:
-            addrs = [multiaddr.Multiaddr(a) for a in peer.addrs]
-            self._view.get_peerstore().add_addrs(ID.from_base58(peer.peer_id), addrs, ttl)
+            addrs = [parse_addr(a) for a in peer.addrs]
+            self._view.get_peerstore().add_addrs(parse_id(peer.peer_id), addrs, ttl)
 
     # -- the local stores ---------------------------------------------------------
 
@@ -396,7 +395,7 @@ class KadNode:
 
     def add_local_provider(self, key: bytes, peer: KadPeer) -> None:
         """Store a provider record this peer vouches for (its own): no verification."""
-        info = PeerInfo(ID.from_base58(peer.peer_id), [multiaddr.Multiaddr(a) for a in peer.addrs])
+        info = PeerInfo(parse_id(peer.peer_id), [parse_addr(a) for a in peer.addrs])
         self._running.providers.add_verified(key, info)
 
     def verify_providers(self, verifier: ProviderVerifier, concurrency: int) -> None:
@@ -553,7 +552,7 @@ class KadNode:
 
     async def _open(self, peer_id: str) -> INetStream:
         # Through the view, so the stream is counted; our id is named explicitly.
-        return await self._view.new_stream(ID.from_base58(peer_id), [TProtocol(self.protocol)])
+        return await self._view.new_stream(parse_id(peer_id), [TProtocol(self.protocol)])
 
 
 async def _end(stream: INetStream, ok: bool) -> None:
