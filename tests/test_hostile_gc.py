@@ -37,3 +37,17 @@ def test_nothing_is_frozen_while_the_application_disabled_collection() -> None:
         assert gctune.frozen_at_startup() is None
     finally:
         gc.enable()
+
+
+def test_a_peer_raises_the_default_thresholds_and_keeps_the_applications_own() -> None:
+    assert gctune.raised_thresholds(gctune.DEFAULT_THRESHOLDS) == gctune.THRESHOLDS
+    assert gctune.raised_thresholds((1000, 5, 5)) is None  # the application's own choice
+    assert gctune.raised_thresholds(gctune.THRESHOLDS) is None
+    assert gctune.THRESHOLDS[0] > gctune.DEFAULT_THRESHOLDS[0]
+
+
+async def test_after_a_peer_started_the_process_runs_with_raised_thresholds() -> None:
+    with trio.fail_after(60):
+        async with Peer(listen=["/ip4/127.0.0.1/tcp/0"], gossip=False):
+            if gctune.frozen_at_startup():  # this process froze (collection was enabled)
+                assert gc.get_threshold() != gctune.DEFAULT_THRESHOLDS
