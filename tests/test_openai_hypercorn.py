@@ -7,12 +7,13 @@ an answer took and what each held, not how long they took.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from hypercorn.config import Config
 from hypercorn.trio import serve
 from starlette.applications import Starlette
@@ -45,7 +46,7 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
 
 
 @pytest.fixture
-def stock_hypercorn() -> AsyncIterator[None]:
+def stock_hypercorn() -> Iterator[None]:
     was = _hypercorn.installed()
     _hypercorn.uninstall()
     yield None
@@ -54,7 +55,7 @@ def stock_hypercorn() -> AsyncIterator[None]:
 
 
 @pytest.fixture
-def joined_hypercorn() -> AsyncIterator[None]:
+def joined_hypercorn() -> Iterator[None]:
     was = _hypercorn.installed()
     assert _hypercorn.install()
     yield None
@@ -173,7 +174,7 @@ async def test_headers_without_the_mark_are_not_held(writes: list[bytes], joined
                     got += await stream.receive_some(65536)
                 assert got.startswith(b"HTTP/1.1 200") and b"late" not in got
                 seen_headers.set()
-                while not chunked_end(got):
+                while not chunked_end(bytes(got)):
                     data = await stream.receive_some(65536)
                     assert data
                     got += data
@@ -206,3 +207,62 @@ async def test_an_event_streams_headers_leave_with_its_first_events(
     assert b"data: [DONE]" in answer
     assert writes[0].startswith(b"HTTP/1.1 200") and b'"content":" a"' in writes[0]
     assert writes[-1].endswith(b"0\r\n\r\n") and writes[-1] != b"0\r\n\r\n"
+
+
+def _a_tcp_server() -> Any:
+    from hypercorn.trio.tcp_server import TCPServer
+
+    return TCPServer(None, Config(), None, None, None)  # type: ignore[arg-type]  # only built
+
+
+class _Steps(trio.abc.Instrument):
+    """Counts the scheduler's steps of one task."""
+
+    def __init__(self, task: Any) -> None:
+        self.task, self.steps = task, 0
+
+    def before_task_step(self, task: Any) -> None:
+        self.steps += task is self.task
+
+
+async def _yields_when_free(lock: Any) -> bool:
+    """Whether taking ``lock`` while nobody holds it goes through the scheduler."""
+    steps = _Steps(trio.lowlevel.current_task())
+    trio.lowlevel.add_instrument(steps)
+    try:
+        async with lock:
+            pass
+    finally:
+        trio.lowlevel.remove_instrument(steps)
+    return steps.steps > 0
+
+
+async def test_canary_stock_hypercorn_takes_its_send_lock_via_the_scheduler(stock_hypercorn: None) -> None:
+    # Once this fails, hypercorn's send lock no longer yields when free: QuickLock can go.
+    server = _a_tcp_server()
+    assert type(server.send_lock) is trio.Lock
+    assert await _yields_when_free(server.send_lock)
+
+
+async def test_the_send_lock_is_taken_at_once_when_free_and_still_excludes(joined_hypercorn: None) -> None:
+    lock = _a_tcp_server().send_lock
+    assert isinstance(lock, _hypercorn.QuickLock)
+    assert not await _yields_when_free(lock)
+    order: list[str] = []
+
+    async def second() -> None:
+        async with lock:
+            order.append("second")
+
+    async with trio.open_nursery() as nursery:
+        async with lock:
+            nursery.start_soon(second)
+            await trio.testing.wait_all_tasks_blocked()
+            assert lock.locked() and order == []  # held: the other writer waits
+            order.append("first")
+    assert order == ["first", "second"]
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        async with lock:  # still a cancel point
+            order.append("not reached")
+    assert order == ["first", "second"]

@@ -26,6 +26,11 @@ left alone):
   :class:`~modelnet_p2p.openai.sse.EventStream` does): the client sees no headers before it.
   Any other answer's headers go out at once, as hypercorn writes them.
 
+- a connection's send lock (a ``trio.Lock``, which yields to the scheduler even when free)
+  is taken without that trip when it is free: the write's send is its schedule point. The
+  first events then leave in the step that made them, not after the mesh stream's reader has
+  had its turn.
+
 The bytes on the wire are the same as hypercorn's, in the same order; only the number of
 writes changes. Hypercorn writes other things itself (a ``100 Continue``, an error answer
 to a malformed request, a connection's close) with no app ``send`` under way: those are
@@ -39,7 +44,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-__all__ = ["JOIN_BODY", "install", "installed", "uninstall"]
+import trio
+
+__all__ = ["JOIN_BODY", "QuickLock", "install", "installed", "uninstall"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +86,10 @@ def install() -> bool:
         log.info("hypercorn's writes are not joined: H11Protocol or HTTPStream changed")
         return False
     joined = (Response, InformationalResponse, Body, EndBody)
+    from hypercorn.trio import tcp_server
+
+    server_class: Any = getattr(tcp_server, "TCPServer", None)
+    stock_init = getattr(server_class, "__init__", None)
 
     async def flush(proto: Any) -> None:
         held = proto.__dict__.pop(_HELD, None)
@@ -130,10 +141,42 @@ def install() -> bool:
             if not hold:
                 await flush(proto)
 
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        assert stock_init is not None
+        stock_init(self, *args, **kwargs)
+        if isinstance(getattr(self, "send_lock", None), trio.Lock):
+            self.send_lock = QuickLock()
+
     _stock.update(stream_send=stock_stream_send, app_send=stock_app_send, classes=(H11Protocol, HTTPStream))
     H11Protocol.stream_send = stream_send  # type: ignore[method-assign]
     HTTPStream.app_send = app_send  # type: ignore[method-assign]
+    if stock_init is not None:
+        _stock.update(init=stock_init, server=server_class)
+        server_class.__init__ = init
     return True
+
+
+class QuickLock:
+    """A ``trio.Lock`` stand-in taken without a schedule point when free (still a cancel
+    point); held, it waits as a ``trio.Lock`` does."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    async def __aenter__(self) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._lock.release()
 
 
 def _has_length(message: Any) -> bool:
@@ -148,4 +191,6 @@ def uninstall() -> None:
     h11_protocol, http_stream = _stock["classes"]
     h11_protocol.stream_send = _stock["stream_send"]
     http_stream.app_send = _stock["app_send"]
+    if "server" in _stock:
+        _stock["server"].__init__ = _stock["init"]
     _stock.clear()
