@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import trio
 from libp2p.abc import IHost, INetStream
-from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.validator import Validator
@@ -45,6 +44,7 @@ from ._compat.kad import (
     refuse_streams,
     store_value,
 )
+from ._compat.multistream import OptimisticStream, ProtocolRefused
 from .ids import addr_bytes, addr_text, id_bytes, id_text, parse_addr, parse_id
 from .stream import close_quietly, reset_quietly
 
@@ -525,13 +525,14 @@ class KadNode:
         """Write ``req`` on a new stream (and read one answer if ``answered``) within ``timeout``.
 
         Returns ``(answer, ok, opened, timed_out)``: ``ok`` once everything asked for is done,
-        ``opened`` whether a stream was opened at all, ``timed_out`` whether ``timeout``
-        ran out. The stream is closed if ``ok``, else reset.
+        ``opened`` whether a stream was opened at all and the server took the protocol (it
+        is proposed with the request: a refusal comes with the answer), ``timed_out``
+        whether ``timeout`` ran out. The stream is closed if ``ok``, else reset.
         """
         data = encode_request(req)
         stream: INetStream | None = None
         resp: KadResponse | None = None
-        ok = False
+        ok = refused = False
         scope = trio.move_on_after(timeout)
         try:
             with scope:
@@ -542,17 +543,23 @@ class KadNode:
                     resp = decode_response(
                         raw, max_closer=self._max_closer, max_providers=self._max_providers
                     )
+                elif isinstance(stream, OptimisticStream):
+                    await stream.confirm()  # written is not enough: the server took the protocol
                 ok = True
+        except ProtocolRefused as exc:  # it does not speak our DHT: as if no stream opened
+            log.debug("DHT %s to %s refused: %s", "request" if answered else "message", peer_id, exc)
+            refused = True
         except Exception as exc:
             log.debug("DHT %s to %s failed: %r", "request" if answered else "message", peer_id, exc)
         finally:
             if stream is not None:
                 await _end(stream, ok)
-        return resp, ok, stream is not None, scope.cancelled_caught
+        return resp, ok, stream is not None and not refused, scope.cancelled_caught
 
     async def _open(self, peer_id: str) -> INetStream:
-        # Through the view, so the stream is counted; our id is named explicitly.
-        return await self._view.new_stream(parse_id(peer_id), [TProtocol(self.protocol)])
+        # Through the view, so the stream is counted. The protocol is proposed with the
+        # request (one round trip, not three: see ._compat.multistream).
+        return await self._view.new_request_stream(parse_id(peer_id))
 
 
 async def _end(stream: INetStream, ok: bool) -> None:

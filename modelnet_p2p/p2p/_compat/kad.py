@@ -58,6 +58,7 @@ from .kad_inbound import (
     InboundLimits,
     TokenBuckets,
 )
+from .multistream import open_optimistic
 
 __all__ = [
     "CLOSING_WAIT",
@@ -131,6 +132,13 @@ class KadHostView:
             self.requests += 1
         await wait_out_closing(self._host, peer_id)
         return await self._host.new_stream(peer_id, mapped)
+
+    async def new_request_stream(self, peer_id: ID) -> INetStream:
+        """A stream for one request of ours, its protocol proposed without waiting
+        (:mod:`.multistream`: the first read checks the answer)."""
+        self.requests += 1
+        await wait_out_closing(self._host, peer_id)
+        return await open_optimistic(self._host, peer_id, self.protocol)
 
     def set_stream_handler(
         self, protocol_id: TProtocol, handler: Callable[[INetStream], Awaitable[None]]
