@@ -26,7 +26,9 @@ busy attacker slows the victim down too); and which goals the attack meets: thro
 counts the requests the victim refused (or ended) with ``overloaded`` in the baseline and
 under attack. Below the table: the caller's failures by error type and message, and the
 victim's pauses in each window (its full garbage collections, and the event-loop stalls over
-50 ms a watchdog task saw).
+50 ms a watchdog task saw), with what it held at the window's end (tasks, connections, known
+peers, objects tracked by the collector: state that earlier rows leave behind shows there).
+Each attack window's start and end go to stderr as they happen (to profile the victim then).
 Nothing here asserts on timings; the run exits 0 unless the victim could not be started.
 """
 
@@ -131,6 +133,20 @@ class _Pauses:
         return doc
 
 
+def _state(peer: Any) -> dict[str, int]:
+    """What the victim holds now, to see whether earlier rows leave state behind: its live
+    tasks, open connections, peers in its peerstore and objects tracked by the collector."""
+    import gc
+
+    connections = peer.host.get_network().connections
+    return {
+        "tasks": trio.lowlevel.current_statistics().tasks_living,
+        "connections": sum(len(c) for c in connections.values()) if isinstance(connections, dict) else -1,
+        "peers_known": len(peer.host.get_peerstore().peer_ids()),
+        "gc_objects": len(gc.get_objects()),
+    }
+
+
 async def _serve_stdin(peer: Any, pauses: _Pauses) -> None:
     """Answer each ``stats`` line on stdin with one JSON line (admission counters, pauses); return at EOF."""
     import gc
@@ -144,7 +160,7 @@ async def _serve_stdin(peer: Any, pauses: _Pauses) -> None:
                 line, buf = buf.split(b"\n", 1)
                 if line.strip() == b"stats":
                     adm = peer.inference.admission.stats()
-                    doc = asdict(adm) | pauses.take() | {"gc_frozen": gc.get_freeze_count()}
+                    doc = asdict(adm) | pauses.take() | {"gc_frozen": gc.get_freeze_count()} | _state(peer)
                     print(json.dumps(doc), flush=True)
 
 
@@ -417,6 +433,11 @@ async def _victim_process() -> AsyncIterator[tuple[trio.Process, Target]]:
                 proc.kill()
 
 
+def _progress(what: str) -> None:
+    """One line on stderr, so that a profiler can be started on the victim during a given row."""
+    print(f"{time.strftime('%H:%M:%S')} {what}", file=sys.stderr, flush=True)
+
+
 async def _sample(pid: int, peak: list[int], fds: list[int]) -> None:
     while True:
         peak[0] = max(peak[0], rss_bytes(pid))
@@ -450,7 +471,9 @@ async def run(
                 try:
                     async with attack(target):
                         t0, v0, a0 = time.monotonic(), cpu_seconds(target.pid), cpu_seconds(os.getpid())
+                        _progress(f"attack window of {name} starts (victim pid {target.pid})")
                         under = await _victim_window(proc, target.addr, window)
+                        _progress(f"attack window of {name} ends")
                         dt = time.monotonic() - t0
                         cpu = [(cpu_seconds(target.pid) - v0) / dt, (cpu_seconds(os.getpid()) - a0) / dt]
                 except Exception as exc:
@@ -527,7 +550,9 @@ def print_table(base: Window, rows: list[Row], meta: dict[str, Any]) -> None:
                 f"{_ms(v.get('gc_full_p50', math.nan))} ms "
                 f"(young max {_ms(v.get('gc_young_max', math.nan))}); "
                 f"stalls {v.get('stalls', 0):>3}, max {_ms(v.get('stall_max', math.nan))} ms, "
-                f"sum {_ms(v.get('stall_sum', math.nan))} ms; frozen {v.get('gc_frozen', 0)}"
+                f"sum {_ms(v.get('stall_sum', math.nan))} ms; frozen {v.get('gc_frozen', 0)}; "
+                f"at the end {v.get('tasks', '-')} tasks, {v.get('connections', '-')} connections, "
+                f"{v.get('peers_known', '-')} peers known, {v.get('gc_objects', '-')} gc objects"
             )
 
 
