@@ -593,6 +593,10 @@ def main() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
         logging.getLogger("modelnet_p2p").addHandler(handler)
         logging.getLogger("modelnet_p2p").setLevel(logging.DEBUG)
+        # Only to the file: a handler on the root logger (one is installed by the time the
+        # peer runs) would also write every DEBUG record to the shared stderr, at a cost to
+        # the victim and the caller that a run without --log-dir does not pay.
+        logging.getLogger("modelnet_p2p").propagate = False
     if args.victim:
         trio.run(_victim)
         return
