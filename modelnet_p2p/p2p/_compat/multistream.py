@@ -24,12 +24,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import trio
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
 from libp2p.utils.varint import encode_delim
+
+from ..stream import reset_quietly
 
 __all__ = ["MULTISTREAM", "OptimisticStream", "ProtocolRefused", "open_optimistic"]
 
@@ -91,10 +92,6 @@ async def open_optimistic(host: IHost, peer_id: ID, protocol: TProtocol) -> INet
         await stream.write(encode_delim(MULTISTREAM.encode()) + encode_delim(str(protocol).encode()))
         stream.set_protocol(protocol)
     except BaseException:
-        with trio.CancelScope(shield=True), trio.move_on_after(RESET_WAIT):
-            try:
-                await stream.reset()
-            except Exception:  # the stream is gone either way
-                pass
+        await reset_quietly(stream, RESET_WAIT)
         raise
     return OptimisticStream(stream, protocol)  # type: ignore[return-value]
