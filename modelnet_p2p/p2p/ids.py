@@ -93,7 +93,5 @@ def addr_bytes(text: str) -> bytes:
 def cache_info() -> dict[str, tuple[int, int, int]]:
     """Per cache: ``(entries, hits, misses)``."""
     caches = {"parse_id": _parse_id, "id_text": _id_text, "parse_addr": _parse_addr, "addr_text": _addr_text}
-    return {
-        name: (c.cache_info().currsize, c.cache_info().hits, c.cache_info().misses)
-        for name, c in caches.items()
-    }
+    infos = {name: c.cache_info() for name, c in caches.items()}
+    return {name: (i.currsize, i.hits, i.misses) for name, i in infos.items()}
