@@ -46,6 +46,8 @@ from typing import Any
 
 import trio
 
+from ..p2p.locks import QuickLock
+
 __all__ = ["JOIN_BODY", "QuickLock", "install", "installed", "uninstall"]
 
 log = logging.getLogger(__name__)
@@ -154,29 +156,6 @@ def install() -> bool:
         _stock.update(init=stock_init, server=server_class)
         server_class.__init__ = init
     return True
-
-
-class QuickLock:
-    """A ``trio.Lock`` stand-in taken without a schedule point when free (still a cancel
-    point); held, it waits as a ``trio.Lock`` does."""
-
-    __slots__ = ("_lock",)
-
-    def __init__(self) -> None:
-        self._lock = trio.Lock()
-
-    def locked(self) -> bool:
-        return self._lock.locked()
-
-    async def __aenter__(self) -> None:
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            self._lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._lock.acquire()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._lock.release()
 
 
 def _has_length(message: Any) -> bool:

@@ -41,6 +41,10 @@ that fail once upstream changes that behaviour; then the shim can go.
     - ``LeanYamux`` and ``FastLock`` for bulk: writes joined per window, go-yamux's window
       updates with a 2 MiB window, locks that do not yield when free, the Noise fast path.
 
+:mod:`.netstream` (the swarm's streams; canaries in ``tests/test_compat_netstream.py``)
+    ``LeanNetStream``, ``install``: ``NetStream`` takes a ``trio.Lock`` (a trip through the
+    scheduler even when free) at every read and write.
+
 :mod:`.noise` (the Noise transport's reads and writes; canaries in ``tests/test_compat_noise.py``)
     ``NoiseFastPath``, ``install``: a 64 KiB yamux frame goes out as two Noise messages with a
     raw write each, and every read costs several system calls and copies.
