@@ -76,6 +76,12 @@ log = logging.getLogger(__name__)
 #: :meth:`KadNode.exchange`); past this many, a caller's cancellation cancels its request.
 MAX_DETACHED_REQUESTS = 256
 
+#: Requests in a row that a peer fails (no stream opened, or out of time) before it leaves
+#: the routing table: one time-out may be a busy machine, two in a row rarely are.
+MAX_FAILURES = 2
+#: Peers whose failures in a row are counted, at most (the oldest count is dropped).
+MAX_FAILING_PEERS = 1024
+
 #: The host type :class:`KadNode` runs on (services pass it through without looking inside).
 Host = IHost
 
@@ -263,6 +269,8 @@ class KadNode:
         self._background: trio.Nursery | None = None
         #: Requests running in the background now (at most MAX_DETACHED_REQUESTS).
         self.detached = 0
+        #: Failed requests in a row, by peer (see :meth:`_count_failure`).
+        self._failures: dict[str, int] = {}
         self.peer_id = str(host.get_id())
 
     # -- lifecycle -----------------------------------------------------------
@@ -357,9 +365,29 @@ class KadNode:
         """Add a peer that serves the DHT (identify is checked, as py-libp2p does)."""
         return await self._running.add_peer(parse_id(peer_id))
 
+    def table_peers(self) -> list[str]:
+        """Every peer in the routing table."""
+        return [str(p) for p in self._running.routing_table.get_peer_ids()]
+
     def forget(self, peer_id: str) -> None:
         """Drop an unreachable peer from the routing table."""
+        self._failures.pop(peer_id, None)
         self._running.routing_table.remove_peer(parse_id(peer_id))
+
+    def _count_failure(self, peer_id: str, failed: bool) -> None:
+        """After MAX_FAILURES failed requests in a row, drop ``peer_id`` from the routing table."""
+        previous = self._failures.pop(peer_id, 0)
+        count = previous + 1 if failed else 0
+        if count >= MAX_FAILURES and self._dht is not None:
+            log.debug("DHT peer %s failed %d requests in a row: out of the routing table", peer_id, count)
+            try:
+                self.forget(peer_id)
+            except Exception:  # not a peer id: in no table
+                pass
+        elif count:
+            if len(self._failures) >= MAX_FAILING_PEERS:
+                del self._failures[next(iter(self._failures))]
+            self._failures[peer_id] = count
 
     def remember_addrs(self, peer: KadPeer, ttl: int) -> None:
         """Put ``peer``'s addresses into the peerstore for ``ttl`` seconds."""
@@ -484,7 +512,8 @@ class KadNode:
 
         A request that ran out of time (``timed_out``) met a slow peer or a busy machine;
         one that failed before a stream was open, and not for lack of time, met a peer
-        that cannot be reached.
+        that cannot be reached. A peer that fails ``MAX_FAILURES`` requests in a row either
+        way leaves the routing table.
 
         The request runs in the DHT's nursery, so a caller that stops waiting (a lookup
         that ended, a deadline) does not cancel it: it goes on until answered or until
@@ -554,7 +583,10 @@ class KadNode:
         finally:
             if stream is not None:
                 await _end(stream, ok)
-        return resp, ok, stream is not None and not refused, scope.cancelled_caught
+        opened = stream is not None and not refused
+        # gone or unable to keep up: counts; a stream broken by a live server does not
+        self._count_failure(peer_id, not ok and (not opened or scope.cancelled_caught))
+        return resp, ok, opened, scope.cancelled_caught
 
     async def _open(self, peer_id: str) -> INetStream:
         # Through the view, so the stream is counted. The protocol is proposed with the
