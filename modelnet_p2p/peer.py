@@ -37,7 +37,7 @@ from .mesh.reputation import PeerLists, Reputation, reputation_path
 from .mesh.routing import Candidate, Router
 from .mesh.shared_reputation import SharedReputation, share_reputation
 from .p2p.addresses import parse_multiaddr
-from .p2p.connmgr import ConnManager
+from .p2p.connmgr import ConnManager, PeerstoreSweeper
 from .p2p.dialer import Dialer, Target
 from .p2p.gctune import freeze_startup
 from .p2p.host import Host, build_host, running_host
@@ -162,6 +162,7 @@ class Peer:
         #: Trims idle connections (specs/network.md, "Connection management"); counts: ``stats()``.
         self.connmgr = ConnManager(**cfg.connmgr_settings())
         self.connmgr.protect_addrs(cfg.bootstrap, "bootstrap")
+        self.peerstore = PeerstoreSweeper()  #: forgets idle peers (p2p/_compat/peerstore.py)
         #: Picks providers for requests without a target (see :mod:`modelnet_p2p.mesh.routing`).
         #: This peer's scores of the providers it uses, and the operator's lists (mesh/reputation.py).
         self.reputation = Reputation(
@@ -242,6 +243,8 @@ class Peer:
             # tells each contact then whether this peer serves the DHT.
             await self.discovery.start(host, nursery)
             stack.callback(self.discovery.stop)  # before the nursery and the host close
+            kept = [self.connmgr.protected_peers, self.discovery.kad.table_peers]  # never forgotten
+            self.peerstore.start(host, nursery, kept)
             self.relay = RelayService(host, hop=cfg.relay_hop, limits=cfg.resource_limits)
             await self.relay.start(nursery)
             self.connmgr.keep(self.relay.reserving_peers)  # a relay keeps its reserving peers

@@ -74,9 +74,10 @@ import trio
 from libp2p.abc import INetConn, INetStream, INotifee
 
 from ._compat.host import gate_inbound
+from ._compat.peerstore import PeerstoreStats, PeerstoreSweeper
 from .resources import Penalties, ResourceLimits, StreamGate, conn_ip
 
-__all__ = ["ConnManager", "ConnStats", "peer_id_of_addr"]
+__all__ = ["ConnManager", "ConnStats", "PeerstoreStats", "PeerstoreSweeper", "peer_id_of_addr"]
 
 log = logging.getLogger(__name__)
 
@@ -274,6 +275,10 @@ class ConnManager:
     def is_protected(self, peer_id: str) -> bool:
         """Whether ``peer_id`` holds a tag or a source names it now."""
         return str(peer_id) in self._tags or str(peer_id) in self._named_by_sources()
+
+    def protected_peers(self) -> set[str]:
+        """Every peer id protected now: by a tag or named by a source."""
+        return self._protected_now()
 
     def keep(self, source: Callable[[], Iterable[str]]) -> None:
         """Also protect, at each trim, the peer ids ``source()`` returns (it must be cheap).
