@@ -243,7 +243,7 @@ class Peer:
             # tells each contact then whether this peer serves the DHT.
             await self.discovery.start(host, nursery)
             stack.callback(self.discovery.stop)  # before the nursery and the host close
-            kept = [self.connmgr.protected_peers, self.discovery.kad.table_peers]  # never forgotten
+            kept = [self.connmgr.protected_peers, self.discovery.kad.table_peers, self.availability_table]
             self.peerstore.start(host, nursery, kept)
             self.relay = RelayService(host, hop=cfg.relay_hop, limits=cfg.resource_limits)
             await self.relay.start(nursery)

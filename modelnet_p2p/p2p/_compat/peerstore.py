@@ -16,9 +16,11 @@ once upstream changes them):
   sorts the whole store and evicts without looking at connections either.
 
 :class:`PeerstoreSweeper` forgets instead, every :data:`SWEEP_INTERVAL` seconds, the peers
-that no one needs: those with no open connection, not in the DHT's routing table and not
-protected (the connection manager's protected peers: bootstrap peers, relay reservations,
-the gossip mesh; whatever the sources given to :meth:`PeerstoreSweeper.start` name). Such
+that no one needs: those with no open connection and named by none of the sources given to
+:meth:`PeerstoreSweeper.start`. A :class:`~modelnet_p2p.Peer` gives the connection
+manager's protected peers (bootstrap peers, relay reservations, the gossip mesh), the DHT's
+routing table, and its availability table (gossiping providers, which a call may name by
+peer id alone, so their addresses must stay). Such
 an *idle* peer is forgotten once it has been idle for :data:`IDLE_GRACE` seconds, and
 earlier while the store holds more than :data:`MAX_PEERS` entries: the longest idle first,
 until it is back at the bound (peers in use count towards it but are never forgotten).
