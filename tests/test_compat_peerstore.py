@@ -89,10 +89,10 @@ async def visit(target: IHost, count: int) -> list[ID]:
     return ids
 
 
-def sweeper(host: IHost, clock: Clock, *, max_peers: int = 256, grace: float = 60.0,
+def sweeper(host: IHost, clock: Clock, *, max_peers: int = 256, grace: float = 60.0, min_idle: float = 0,
             keep: Iterable[str] = ()) -> PeerstoreSweeper:
     kept = list(keep)
-    s = PeerstoreSweeper(max_peers=max_peers, idle_grace=grace, clock=clock)
+    s = PeerstoreSweeper(max_peers=max_peers, min_idle=min_idle, idle_grace=grace, clock=clock)
     s.attach(host, [lambda: kept])
     return s
 
@@ -158,18 +158,20 @@ async def test_strangers_that_left_shrink_back_to_the_bound_then_go() -> None:
         store = v.get_peerstore()
         assert len(store.peer_ids()) == 13
         gc.collect()
-        s = sweeper(v, clock, max_peers=5, grace=60)
-        assert s.sweep() == 8  # over the bound: the longest idle go at once, the rest wait
+        s = sweeper(v, clock, max_peers=5, min_idle=30, grace=60)
+        assert s.sweep() == 0  # idle from now: none has been idle for min_idle yet
+        clock.now += 30
+        assert s.sweep() == 8  # over the bound: the longest idle go, the rest wait
         assert len(store.peer_ids()) == 5
         assert store.has_peer(v.get_id())
-        clock.now += 59
+        clock.now += 29
         assert s.sweep() == 0
         clock.now += 2  # past the grace period: every idle stranger goes
         assert s.sweep() == 4
         assert store.peer_ids() == [v.get_id()]
         assert not any(store.has_peer(p) for p in gone)
         stats = s.stats()
-        assert (stats.peers, stats.forgotten, stats.sweeps, stats.idle) == (1, 12, 3, 0)
+        assert (stats.peers, stats.forgotten, stats.sweeps, stats.idle) == (1, 12, 4, 0)
         assert store.peer_record_map == {}
 
 

@@ -22,8 +22,10 @@ manager's protected peers (bootstrap peers, relay reservations, the gossip mesh)
 routing table, and its availability table (gossiping providers, which a call may name by
 peer id alone, so their addresses must stay). Such
 an *idle* peer is forgotten once it has been idle for :data:`IDLE_GRACE` seconds, and
-earlier while the store holds more than :data:`MAX_PEERS` entries: the longest idle first,
-until it is back at the bound (peers in use count towards it but are never forgotten).
+earlier, once idle for :data:`MIN_IDLE` seconds, while the store holds more than
+:data:`MAX_PEERS` entries: the longest idle first, until it is back at the bound (peers in
+use count towards it but are never forgotten; a peer just named by a DHT answer is dialed
+within the minimum, not forgotten under the lookup).
 Idleness is measured from the first sweep that found the peer idle; an entry whose
 addresses were updated since (``add_addrs``: a dial, a DHT answer naming it) counts as
 idle from then. Forgetting is ``clear_peerdata``: the next dial needs addresses again,
@@ -51,6 +53,7 @@ __all__ = [
     "IDLE_GRACE",
     "MAX_FORGET_PER_SWEEP",
     "MAX_PEERS",
+    "MIN_IDLE",
     "SWEEP_INTERVAL",
     "PeerstoreStats",
     "PeerstoreSweeper",
@@ -59,11 +62,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Entries the sweeper keeps the peerstore at, at most, by forgetting idle peers (upstream's
-#: own cap is 1,000). Peers in use count too but are never forgotten: a peer at its
-#: connection limit (192 by default) with a routing table of some tens of peers keeps room for
-#: a few tens of idle ones. At about 170 tracked objects per entry, 256 entries are some 44k
+#: own cap is 1,000). Peers in use count too but are never forgotten: a peer with more
+#: connections than this (its limit is 192 by default) keeps only the idle peers of the last
+#: :data:`MIN_IDLE` seconds. At about 170 tracked objects per entry, 128 entries are some 22k
 #: objects (1,000 were 170k).
-MAX_PEERS = 256
+MAX_PEERS = 128
+#: Seconds a peer is idle, at least, before it is forgotten for the bound: a peer named by a
+#: DHT answer is dialed within a lookup's few seconds, and three sweeps pass first.
+MIN_IDLE = 30.0
 #: Seconds an idle peer is remembered (go-libp2p keeps an address of unknown standing for 2
 #: minutes, its ``TempAddrTTL``): long enough to redial a peer just met without a lookup,
 #: short enough that Sybils passing through are gone within minutes.
@@ -95,6 +101,7 @@ class PeerstoreSweeper:
 
     Args:
         max_peers: forget idle peers, the longest idle first, while the store holds more.
+        min_idle: seconds a peer is idle before it may be forgotten for ``max_peers``.
         idle_grace: seconds after which an idle peer is forgotten in any case.
         interval: seconds between two sweeps of :meth:`run`.
         clock: the time in seconds (monotonic; :func:`trio.current_time` by default).
@@ -104,13 +111,15 @@ class PeerstoreSweeper:
         self,
         *,
         max_peers: int = MAX_PEERS,
+        min_idle: float = MIN_IDLE,
         idle_grace: float = IDLE_GRACE,
         interval: float = SWEEP_INTERVAL,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
-        if max_peers < 1 or idle_grace < 0 or interval <= 0:
-            raise ValueError("max_peers must be >= 1, idle_grace >= 0 and interval > 0")
+        if max_peers < 1 or min_idle < 0 or idle_grace < 0 or interval <= 0:
+            raise ValueError("max_peers must be >= 1, min_idle and idle_grace >= 0, interval > 0")
         self.max_peers = max_peers
+        self.min_idle = min_idle
         self.idle_grace = idle_grace
         self.interval = interval
         self.clock = clock
@@ -190,9 +199,12 @@ class PeerstoreSweeper:
             seen[pid] = (since, touched)
             idle.append((since, pid))
         self._idle = seen
-        idle.sort(key=lambda item: item[0])
+        idle.sort(key=lambda item: item[0])  # the longest idle first
         excess = len(peers) - self.max_peers
-        due = [pid for n, (since, pid) in enumerate(idle) if n < excess or now - since >= self.idle_grace]
+        due = [
+            pid for n, (since, pid) in enumerate(idle)
+            if now - since >= self.idle_grace or (n < excess and now - since >= self.min_idle)
+        ]
         due = due[:MAX_FORGET_PER_SWEEP]
         for pid in due:
             self._forget(store, pid)
