@@ -98,6 +98,42 @@ async def test_first_chunk_leaves_before_the_handler_goes_on():
             await proc.wait()
 
 
+async def test_the_handlers_task_writes_its_first_chunk_and_the_writer_the_rest(monkeypatch):
+    """The first chunk of a streamed answer is written by the task that runs the handler, at
+    once (the writer task's first turn would be a scheduler pass later); the rest go out from
+    the writer, joined, in order, and the answer is whole."""
+    from modelnet_p2p.services.inference import server
+
+    writes: list[tuple[trio.lowlevel.Task, bytes]] = []
+    real = server.write_whole
+
+    async def spy(stream, data):
+        writes.append((trio.lowlevel.current_task(), bytes(data)))
+        await real(stream, data)
+
+    monkeypatch.setattr(server, "write_whole", spy)
+    handler_tasks: list[trio.lowlevel.Task] = []
+
+    async def tokens(request):
+        handler_tasks.append(trio.lowlevel.current_task())
+        for i in range(50):
+            yield f"t{i} "
+
+    async with open_peers(2, gossip=False) as (a, b):
+        b.serve(Capability("tokens"), tokens)
+        for _ in range(3):  # a new stream, then kept ones
+            writes.clear()
+            handler_tasks.clear()
+            with trio.fail_after(30):
+                async with a.infer(b.addrs[0], "tokens", None) as stream:
+                    got = [chunk async for chunk in stream]
+            assert got == [f"t{i} " for i in range(50)]
+            assert len(handler_tasks) == 1 and len(writes) >= 2
+            assert writes[0][0] is handler_tasks[0]  # the first chunk, from the handler's task
+            assert b"t0 " in writes[0][1] and b"t1 " not in writes[0][1]
+            assert all(task is not handler_tasks[0] for task, _ in writes[1:])  # the writer's
+
+
 def test_peer_of_remembers_text_targets_within_a_bound():
     """The mesh client asks for the peer id of its target once per request; a multiaddr parse
     cost about 0.12 ms of a 0.7 ms request. Text targets are remembered, at most PEER_OF_CACHE."""

@@ -153,6 +153,9 @@ class _Link:
         #: The remote's address key for admission, looked up once per stream (a multiaddr parse).
         self.ip: str | None = None
         self.ip_known = False
+        #: A write of this stream is under way (by the writer task, or a first chunk's by the
+        #: handler's task): the other waits, so that frames leave in the session's order.
+        self.writing = False
 
     def notify(self) -> None:
         if self._changed:
@@ -197,23 +200,33 @@ class _Link:
                 log.info("protocol error from %s: %s", remote_peer(self.stream), event.error.message)
             self.notify()
 
+    async def write(self, data: bytes) -> bool:
+        """Write ``data`` (what ``data_to_send`` gave: all of it must go); ``False`` if the
+        stream broke (the request is stopped)."""
+        self.writing = True
+        try:
+            await write_whole(self.stream, data)
+        except _WRITE_ERRORS:
+            self.session.connection_lost()
+            self.stop_request()
+            return False
+        finally:
+            self.writing = False
+            self.notify()  # room in the handler's queue again, or the writer's turn
+        return True
+
     async def write_out(self) -> None:
         """Write what the session lets out until its final frame is out or the stream is done."""
         s = self.session
         while True:
-            data = s.data_to_send(trio.current_time())
-            if data:
-                try:
-                    await write_whole(self.stream, data)
-                except _WRITE_ERRORS:
-                    s.connection_lost()
-                    self.stop_request()
-                    self.notify()
+            if not self.writing:
+                data = s.data_to_send(trio.current_time())
+                if data:
+                    if not await self.write(data):
+                        return
+                    continue
+                if s.state not in (ServerState.RUNNING, ServerState.FINISHING):
                     return
-                self.notify()  # room in the handler's queue again
-                continue
-            if s.state not in (ServerState.RUNNING, ServerState.FINISHING):
-                return
             with trio.move_on_at(s.timeout_at()):
                 await self.changed()
                 continue
@@ -542,7 +555,14 @@ class InferenceServer:
                 # The first chunk goes out at once, alone: a handler that never awaits would
                 # otherwise fill the queue before the writer's turn, and the first chunk would
                 # wait for the whole batch. Later chunks pile up while a write is under way and
-                # go out joined in the next one.
+                # go out joined in the next one. This task writes it itself unless the writer
+                # already is (the writer's first turn is a scheduler pass later). Shielded: the
+                # session counts it as sent once taken, so it must not be cut off before it is
+                # written (the stream's writes are bounded: yamux's window wait, the session's
+                # window), and a deadline meanwhile is seen right after.
+                if not link.writing and (data := s.data_to_send(trio.current_time())):
+                    with trio.CancelScope(shield=True):
+                        await link.write(data)
                 while s.running and not s.chunks_written:
                     await link.changed()
 
