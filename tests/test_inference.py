@@ -641,6 +641,40 @@ async def test_pool_idle_timeout_and_per_peer_cap(mock_clock):
     assert pool.stats().reused == 1 and pool.stats().closed == 2
 
 
+async def test_a_stream_taken_and_parked_per_request_does_not_wake_the_sweeper_each_time(mock_clock):
+    """A busy caller parks its stream at the end of each request and takes it again at the
+    next: the sweeper wakes once, not once a request (before: it woke at every park, found
+    the stream taken and went back to waiting: a scheduler pass a request)."""
+    from modelnet_p2p.p2p.pool import StreamPool
+
+    mock_clock.autojump_threshold = 0
+    pool = StreamPool(max_idle=20.0)
+    stream = _FakeStream()
+
+    class Steps(trio.abc.Instrument):
+        steps = 0
+
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            if task.name.endswith("sweep_forever"):
+                Steps.steps += 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pool.sweep_forever)
+        await trio.sleep(1)
+        counter = Steps()
+        trio.lowlevel.add_instrument(counter)
+        try:
+            for _ in range(50):
+                pool.release("p", stream)
+                assert pool.acquire("p") is stream
+                await trio.sleep(0.01)
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        nursery.cancel_scope.cancel()
+    assert Steps.steps <= 3, Steps.steps
+    assert not stream.closed
+
+
 async def test_pool_sweeps_on_its_own(mock_clock):
     from modelnet_p2p.p2p.pool import StreamPool
 

@@ -123,7 +123,10 @@ class StreamPool:
             if due is None:
                 self._parked_event = trio.Event()
                 await self._parked_event.wait()
-                continue
+                # The stream just parked falls due max_idle from now, any parked later after it:
+                # sleep until then, whether or not it is taken meanwhile (a busy caller takes and
+                # parks a stream per request; waking to look each time cost a scheduler pass each).
+                due = trio.current_time() + self.max_idle
             await trio.sleep_until(due + slack)
             await self.sweep()
 

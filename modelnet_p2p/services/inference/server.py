@@ -556,13 +556,10 @@ class InferenceServer:
                 # otherwise fill the queue before the writer's turn, and the first chunk would
                 # wait for the whole batch. Later chunks pile up while a write is under way and
                 # go out joined in the next one. This task writes it itself unless the writer
-                # already is (the writer's first turn is a scheduler pass later). Shielded: the
-                # session counts it as sent once taken, so it must not be cut off before it is
-                # written (the stream's writes are bounded: yamux's window wait, the session's
-                # window), and a deadline meanwhile is seen right after.
+                # already is (the writer's first turn is a scheduler pass later); the write is
+                # shielded and bounded (write_whole), as the writer's.
                 if not link.writing and (data := s.data_to_send(trio.current_time())):
-                    with trio.CancelScope(shield=True):
-                        await link.write(data)
+                    await link.write(data)
                 while s.running and not s.chunks_written:
                     await link.changed()
 
