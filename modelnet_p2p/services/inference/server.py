@@ -2,9 +2,12 @@
 
 The protocol itself (frames, admission order up to the capability lookup, credit,
 stream reuse, timeouts) is :class:`~modelnet_p2p.proto.session.ServerSession`; this
-module only drives it with trio: one reader task per stream feeds it bytes, the
-request's handler queues chunks into it, and a writer sends whatever the session's
-window lets out, joining every ready frame into one stream write.
+module only drives it with trio: two tasks per stream take turns, one feeding it the
+stream's bytes while the other runs the request the first one read (the reader of a
+request runs it, so its handler starts without a wake-up of another task), the handler
+queues chunks into it, and a writer sends whatever the session's window lets out,
+joining every ready frame into one stream write (a streamed answer's first chunk is
+written at once by the handler's own task).
 
 Flow control: a yamux stream in py-libp2p 0.8.1 lets about 4 MiB pile up unread,
 then resets the stream. So the server never has more than the client's window
@@ -110,6 +113,8 @@ MAX_VIOLATORS = 4096
 
 _WRITE_ERRORS: tuple[type[BaseException], ...] = (UnavailableError, *STREAM_ERRORS)
 _IN_REQUEST = (ServerState.ADMITTING, ServerState.RUNNING, ServerState.FINISHING)
+#: States in which a stream has work for a task that runs no request (``_Link.needs_turn``).
+_TURN_STATES = (ServerState.ADMITTING, ServerState.FINISHING, ServerState.CLOSED, ServerState.RESET)
 #: Handler kinds that give exactly one chunk, their return value (``handlers.run_handler``).
 _ONE_CHUNK = frozenset({"async", "sync"})
 
@@ -156,6 +161,9 @@ class _Link:
         #: A write of this stream is under way (by the writer task, or a first chunk's by the
         #: handler's task): the other waits, so that frames leave in the session's order.
         self.writing = False
+        #: A task runs a request (or writes a refusal) / a task reads (``_take_turns``).
+        self.running = False
+        self.reading = False
 
     def notify(self) -> None:
         if self._changed:
@@ -168,11 +176,18 @@ class _Link:
         if self.on_stop is not None:
             self.on_stop()
 
-    async def read_forever(self) -> None:
-        """Feed the session the stream's bytes, reading only when it needs more.
+    def needs_turn(self) -> bool:
+        """Whether the stream has work no task does: a request waits for admission, a refusal
+        or protocol error waits to be written, or the stream is over (see ``_take_turns``)."""
+        return not self.running and self.session.state in _TURN_STATES
 
-        Runs for the stream's whole life: cancelling a read in py-libp2p's yamux can lose
-        bytes already taken from its buffer, so reads are never cancelled mid-stream.
+    async def read_until_turn(self) -> None:
+        """Feed the session the stream's bytes, reading only when it needs more, until it has
+        work for this task (:meth:`needs_turn`) or the stream breaks.
+
+        Cancelling a read in py-libp2p's yamux can lose bytes already taken from its buffer,
+        so a read is never cancelled mid-stream: the stream's two tasks take turns, one
+        reading while the other runs a request, and only the end of the stream cancels one.
         """
         s = self.session
         while True:
@@ -191,6 +206,8 @@ class _Link:
                 s.receive_data(data)
                 continue
             if event is PAUSED:
+                if self.needs_turn():
+                    return
                 await self.changed()
                 continue
             if isinstance(event, CancelReceived | ClientGone | ProtocolViolation):
@@ -405,31 +422,48 @@ class InferenceServer:
         """Serve one stream: one request, or several in turn if the client keeps it open."""
         remote = remote_peer(link.stream)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(link.read_forever)
-            while await self._next_request(link, remote):
-                await self._admit_and_run(link, remote)
-            nursery.cancel_scope.cancel()
+            nursery.start_soon(self._take_turns, link, remote, nursery.cancel_scope)
+            await self._take_turns(link, remote, nursery.cancel_scope)
         if link.violated:
             self._violation(remote)
         await link.end()
 
-    async def _next_request(self, link: _Link, remote: str) -> bool:
-        """Wait for the next admissible request; ``False`` once the stream is done."""
+    async def _take_turns(self, link: _Link, remote: str, done: trio.CancelScope) -> None:
+        """One of a stream's two tasks. Each reads while no other task does, and runs the
+        request it read itself (the other task reads meanwhile): the request's handler then
+        starts in the step that decoded it, not a scheduler pass later in another task. The
+        task that finds the stream over (no request running) cancels both (``done``)."""
         s = link.session
         while True:
-            if s.state is ServerState.ADMITTING:
-                return True
-            if s.state is ServerState.FINISHING:  # a refused request or a protocol error
-                await link.write_out()
+            if link.needs_turn():
+                if s.state in (ServerState.CLOSED, ServerState.RESET):
+                    done.cancel()
+                    return
+                link.running = True
+                link.notify()  # the other task reads meanwhile
+                try:
+                    if s.state is ServerState.ADMITTING:
+                        await self._admit_and_run(link, remote)
+                    else:  # FINISHING: a refused request or a protocol error
+                        await link.write_out()
+                finally:
+                    link.running = False
+                    link.notify()
                 continue
-            if s.state in (ServerState.CLOSED, ServerState.RESET):
-                return False
+            if not link.reading:
+                link.reading = True
+                try:
+                    await link.read_until_turn()
+                finally:
+                    link.reading = False
+                continue
             with trio.move_on_at(s.timeout_at()):
                 await link.changed()
                 continue
             timed_out = s.on_timeout(trio.current_time())
             if timed_out is not None:
                 log.debug("inference stream from %s: %s", remote, timed_out.reason)
+                link.notify()
 
     def _admission_error(self, req: Request, remote: str) -> ModelNetError | None:
         served = self._served.get(capability_key(req.capability))
