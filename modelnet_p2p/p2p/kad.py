@@ -20,7 +20,7 @@ import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol, cast
 
 import trio
@@ -76,11 +76,18 @@ log = logging.getLogger(__name__)
 #: :meth:`KadNode.exchange`); past this many, a caller's cancellation cancels its request.
 MAX_DETACHED_REQUESTS = 256
 
-#: Requests in a row that a peer fails (no stream opened, or out of time) before it leaves
-#: the routing table: one time-out may be a busy machine, two in a row rarely are.
+#: Requests in a row that a peer fails before a stream to it opened (unreachable, or its dial
+#: out of time) before it leaves the routing table: one may be a busy machine, two in a row
+#: rarely are. A request out of time with its stream open met a slow peer: it does not count.
 MAX_FAILURES = 2
-#: Peers whose failures in a row are counted, at most (the oldest count is dropped).
+#: Peers whose failures in a row are counted, at most (the oldest count is dropped); also
+#: the most peers remembered as unreachable.
 MAX_FAILING_PEERS = 1024
+#: Seconds a peer dropped from the routing table (unreachable, or MAX_FAILURES in a row) is
+#: left out of the closer peers of answers: other servers' tables keep handing out peers
+#: that have left, and every lookup would try each again (py-libp2p's swarm refuses to dial
+#: a peer for 60 s after a dial failed anyway: its negative cache).
+UNREACHABLE_TIME = 60.0
 
 #: The host type :class:`KadNode` runs on (services pass it through without looking inside).
 Host = IHost
@@ -271,6 +278,8 @@ class KadNode:
         self.detached = 0
         #: Failed requests in a row, by peer (see :meth:`_count_failure`).
         self._failures: dict[str, int] = {}
+        #: Peers dropped from the routing table, and when (see UNREACHABLE_TIME).
+        self._unreachable: dict[str, float] = {}
         self.peer_id = str(host.get_id())
 
     # -- lifecycle -----------------------------------------------------------
@@ -370,14 +379,28 @@ class KadNode:
         return [str(p) for p in self._running.routing_table.get_peer_ids()]
 
     def forget(self, peer_id: str) -> None:
-        """Drop an unreachable peer from the routing table."""
+        """Drop an unreachable peer from the routing table (and from answers, for a while)."""
         self._failures.pop(peer_id, None)
+        self._unreachable.pop(peer_id, None)
+        if len(self._unreachable) >= MAX_FAILING_PEERS:
+            del self._unreachable[next(iter(self._unreachable))]
+        self._unreachable[peer_id] = trio.current_time()
         self._running.routing_table.remove_peer(parse_id(peer_id))
+
+    def _reachable_closer(self, resp: KadResponse) -> KadResponse:
+        """``resp`` without the closer peers dropped here within UNREACHABLE_TIME."""
+        if not self._unreachable or not resp.closer:
+            return resp
+        cutoff = trio.current_time() - UNREACHABLE_TIME
+        closer = tuple(p for p in resp.closer if self._unreachable.get(p.peer_id, cutoff) <= cutoff)
+        return resp if len(closer) == len(resp.closer) else replace(resp, closer=closer)
 
     def _count_failure(self, peer_id: str, failed: bool) -> None:
         """After MAX_FAILURES failed requests in a row, drop ``peer_id`` from the routing table."""
         previous = self._failures.pop(peer_id, 0)
         count = previous + 1 if failed else 0
+        if not failed:
+            self._unreachable.pop(peer_id, None)  # it answers again
         if count >= MAX_FAILURES and self._dht is not None:
             log.debug("DHT peer %s failed %d requests in a row: out of the routing table", peer_id, count)
             try:
@@ -512,8 +535,8 @@ class KadNode:
 
         A request that ran out of time (``timed_out``) met a slow peer or a busy machine;
         one that failed before a stream was open, and not for lack of time, met a peer
-        that cannot be reached. A peer that fails ``MAX_FAILURES`` requests in a row either
-        way leaves the routing table.
+        that cannot be reached. A peer that fails ``MAX_FAILURES`` requests in a row before a
+        stream to it opened leaves the routing table.
 
         The request runs in the DHT's nursery, so a caller that stops waiting (a lookup
         that ended, a deadline) does not cancel it: it goes on until answered or until
@@ -569,9 +592,9 @@ class KadNode:
                 await stream.write(encode_varint(len(data)) + data)
                 if answered:
                     raw = await read_varint_prefixed_bytes_limited(stream, self._max_response_size)
-                    resp = decode_response(
+                    resp = self._reachable_closer(decode_response(
                         raw, max_closer=self._max_closer, max_providers=self._max_providers
-                    )
+                    ))
                 elif isinstance(stream, OptimisticStream):
                     await stream.confirm()  # written is not enough: the server took the protocol
                 ok = True
@@ -584,8 +607,8 @@ class KadNode:
             if stream is not None:
                 await _end(stream, ok)
         opened = stream is not None and not refused
-        # gone or unable to keep up: counts; a stream broken by a live server does not
-        self._count_failure(peer_id, not ok and (not opened or scope.cancelled_caught))
+        # gone: counts; slow with its stream open, or a stream broken by a live server: does not
+        self._count_failure(peer_id, not ok and not opened)
         return resp, ok, opened, scope.cancelled_caught
 
     async def _open(self, peer_id: str) -> INetStream:
