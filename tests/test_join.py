@@ -124,6 +124,36 @@ async def test_announce_reports_how_many_servers_acknowledged_each_record() -> N
             assert len(holders) >= result.acks["task:chat"]
 
 
+@pytest.mark.timeout(150)
+async def test_an_announce_places_each_record_at_its_reach_not_at_every_server() -> None:
+    """A record goes to ``2 * replication`` peers known at once and as many that its lookup
+    finds, not to every server near it (up to r8 of the spec: the 20 closest known, up to 20
+    answerers and the 20 closest found, so every one of 13 others here). It is still found."""
+    with trio.fail_after(120):
+        async with mesh(14, {}) as peers:
+            await settled(peers)
+            provider = peers[4]
+            provider.discovery.replication = 2  # reach 4
+            provider.serve(chat("reach"), answer)
+            result = await provider.discovery.announce()
+            assert result is not None and result.confirmed, (result.acks, result.needed)
+            assert all(need == 2 for need in result.needed.values()), result.needed
+            # At most the 4 known at once plus the 4 closest found; no server twice.
+            assert all(2 <= acks <= 8 for acks in result.acks.values()), result.acks
+            key = task_key("chat")
+            holders = [
+                p
+                for p in peers
+                if p is not provider
+                and any(r.peer_id == provider.peer_id for r in p.discovery.kad.local_providers(key))
+            ]
+            assert 2 <= len(holders) <= 8, len(holders)
+            seeker = peers[11]
+            with trio.fail_after(30):
+                while not await seeker.discover(model="reach", timeout=10):
+                    await trio.sleep(0.05)
+
+
 async def test_a_lone_peers_announce_needs_and_gets_no_acknowledgement() -> None:
     async with Peer(**PEER_OPTS) as alone:
         alone.serve("solo", answer)

@@ -188,11 +188,13 @@ class Lookups:
         key: bytes,
         kind: KadKind,
         on_response: Callable[[str, KadResponse], None] | None = None,
+        k: int = K,
     ) -> list[str]:
-        """Iterative lookup of ``key`` with requests of ``kind``; returns the k closest peers that answered.
+        """Iterative lookup of ``key`` with requests of ``kind``; returns the ``k`` closest that answered.
 
-        Kademlia's rule ends it: the lookup is over once each of the k peers closest to
-        ``key`` among those known and not failed has answered. Up to ALPHA requests are
+        Kademlia's rule ends it: the lookup is over once each of the ``k`` peers closest to
+        ``key`` among those known and not failed has answered (``k`` is Kademlia's k unless
+        the caller needs fewer: an announce asks for its records' reach). Up to ALPHA requests are
         in flight, not counting slow ones (unanswered after :meth:`RttEstimator.patience`):
         a slow request gives its slot to the next candidate but runs on until the request
         timeout, and the lookup waits for it while its peer is among the k closest. A peer
@@ -269,7 +271,7 @@ class Lookups:
 
         async with trio.open_nursery() as nursery:
             while True:
-                closest = sorted((p for p in distance if p not in failed), key=distance.__getitem__)[:K]
+                closest = sorted((p for p in distance if p not in failed), key=distance.__getitem__)[:k]
                 if all(p in answered for p in closest):
                     break  # the k closest have all answered (or there is nobody left to ask)
                 todo = [p for p in closest if p not in asked]
@@ -279,7 +281,7 @@ class Lookups:
                     nursery.start_soon(ask, pid)
                 await recv_done.receive()
             nursery.cancel_scope.cancel()  # stop waiting for peers no longer among the k closest
-        return sorted(answered, key=distance.__getitem__)[:K]
+        return sorted(answered, key=distance.__getitem__)[:k]
 
     def _learn_peer(self, peer: KadPeer, learn: Callable[[str], None]) -> None:
         if peer.addrs:

@@ -470,10 +470,10 @@ class Discovery:
         addresses than the records placed before is full: those records carry the old ones.
 
         Each record goes at once to the closest peers of the routing table, then to the
-        k closest a lookup finds, and is retried until ``min(replication, peers found)``
-        servers have acknowledged it (:mod:`.announce`), for at most
-        ``announce_retry_window`` seconds and only while no newer change is pending. The
-        result counts the acknowledgements (also kept as :attr:`last_announce`).
+        closest a lookup finds (its reach: ``2 * replication``, at most k), and is retried
+        until ``min(replication, peers found)`` servers have acknowledged it
+        (:mod:`.announce`), for at most ``announce_retry_window`` seconds and only while no
+        newer change is pending. The result counts the acknowledgements (also kept as :attr:`last_announce`).
         Returns ``None`` (and announces nothing) if the peer has no address
         others could dial.
         """
