@@ -559,7 +559,14 @@ async def main(args: argparse.Namespace) -> None:
         results = []
         for side in sides:
             print(f"... {side.name} N={n} (limit {limit:.0f} s)", file=sys.stderr, flush=True)
-            results.append(await run_side(side, n, settings, limit, rss0[side.name], rng))
+            try:
+                results.append(await run_side(side, n, settings, limit, rss0[side.name], rng))
+            except Exception as exc:
+                # The size limit cancelled the mesh and workers that did not stop in time were
+                # killed: their errors leave with the cancellation, past run_side's handler.
+                failed = SideResult(side.name, n, workers_for(n))
+                failed.notes.append(f"size limit of {limit:.0f} s reached; stopping: {describe(exc)}")
+                results.append(failed)
         pairs.append((results[0], results[1]))
         # Each size as soon as it is measured (stderr), so that a run cut short keeps its figures.
         print("\n".join(["", *size_table(*pairs[-1]), ""]), file=sys.stderr, flush=True)
