@@ -98,6 +98,17 @@ async def test_first_chunk_leaves_before_the_handler_goes_on():
             await proc.wait()
 
 
+def _tokens_noting_their_task(count, tasks):
+    """A handler of ``count`` tokens "t0 ", "t1 ", ... that appends the task running it to ``tasks``."""
+
+    async def tokens(request):
+        tasks.append(trio.lowlevel.current_task())
+        for i in range(count):
+            yield f"t{i} "
+
+    return tokens
+
+
 async def test_the_handlers_task_writes_its_first_chunk_and_the_writer_the_rest(monkeypatch):
     """The first chunk of a streamed answer is written by the task that runs the handler, at
     once (the writer task's first turn would be a scheduler pass later); the rest go out from
@@ -113,11 +124,7 @@ async def test_the_handlers_task_writes_its_first_chunk_and_the_writer_the_rest(
 
     monkeypatch.setattr(server, "write_whole", spy)
     handler_tasks: list[trio.lowlevel.Task] = []
-
-    async def tokens(request):
-        handler_tasks.append(trio.lowlevel.current_task())
-        for i in range(50):
-            yield f"t{i} "
+    tokens = _tokens_noting_their_task(50, handler_tasks)
 
     async with open_peers(2, gossip=False) as (a, b):
         b.serve(Capability("tokens"), tokens)
@@ -149,11 +156,7 @@ async def test_the_task_that_reads_a_request_runs_it(monkeypatch):
 
     monkeypatch.setattr(server._Link, "read_until_turn", spy)
     ran_in: list[trio.lowlevel.Task] = []
-
-    async def tokens(request):
-        ran_in.append(trio.lowlevel.current_task())
-        for i in range(20):
-            yield f"t{i} "
+    tokens = _tokens_noting_their_task(20, ran_in)
 
     async with open_peers(2, gossip=False) as (a, b):
         b.serve(Capability("tokens"), tokens)

@@ -37,6 +37,8 @@ from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.security.noise.io import MAX_NOISE_MESSAGE_LEN, MAX_PLAINTEXT_LENGTH, NoiseTransportReadWriter
 from libp2p.security.secure_session import SecureSession
 
+from ..locks import FastLock
+
 __all__ = ["MAX_PLAINTEXT", "READ_SIZE", "FastLock", "NoiseFastPath", "install"]
 
 log = logging.getLogger(__name__)
@@ -50,41 +52,6 @@ READ_SIZE = 4 * (MAX_NOISE_MESSAGE_LEN + 2)
 #: Seconds one send of encrypted messages may take before the connection is given up.
 SEND_TIMEOUT = 30.0
 _LEN = 2
-
-
-class FastLock:
-    """A ``trio.Lock`` stand-in that takes the lock without a checkpoint when it is free.
-
-    Upstream takes a lock (a trip through trio's scheduler even when nobody holds it) several
-    times per frame, read and write; the critical sections stay mutually exclusive, only the
-    free case skips the schedule point. ``trio.Lock`` cannot be subclassed.
-    """
-
-    __slots__ = ("_lock",)
-
-    def __init__(self) -> None:
-        self._lock = trio.Lock()
-
-    async def acquire(self) -> None:
-        try:
-            self._lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._lock.acquire()
-
-    def acquire_nowait(self) -> None:
-        self._lock.acquire_nowait()
-
-    def release(self) -> None:
-        self._lock.release()
-
-    def locked(self) -> bool:
-        return self._lock.locked()
-
-    async def __aenter__(self) -> None:
-        await self.acquire()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._lock.release()
 
 
 class _Socket:
