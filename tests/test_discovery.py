@@ -544,3 +544,26 @@ def test_names_are_matched_case_insensitively() -> None:
     d.check_capabilities([Capability("echo"), Capability("other")])
     with pytest.raises(ConfigError, match="same name"):
         d.check_capabilities([Capability("Echo"), Capability("echo")])
+
+
+async def test_a_first_announce_of_every_record_restarts_the_full_announce_interval(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A peer that begins serving 10 s after it started places every record then: its next
+    full announce is an interval (12 s) after that one, not 12 s after the peer started
+    (where it used to repeat all that work 2 s later)."""
+    mock_clock.autojump_threshold = 0.1  # the DHT traffic between the two hosts runs first
+    async with open_peers(2, card_ttl=30.0, announce_interval=12.0, gossip=False) as (server, provider):
+        t0 = trio.current_time()
+        await trio.sleep(10.0)
+        provider.serve(Capability("late", task="chat"), answer)
+        with trio.fail_after(20):
+            while provider.discovery.announces < 1:
+                await trio.sleep(0.1)
+        first = provider.discovery.last_announce
+        assert first is not None and first.confirmed
+        await trio.sleep_until(t0 + 20.0)  # past the old full announce at t0 + 12
+        assert provider.discovery.announces == 1
+        await trio.sleep_until(t0 + 23.0)  # an interval after the first announce
+        assert provider.discovery.announces == 2
+        assert provider.peer_id in {p.peer_id for p in server.discovery.kad.local_providers(task_key("chat"))}

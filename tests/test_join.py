@@ -7,6 +7,7 @@ behaviour (complete results, acknowledgements, requests not wasted), the benchma
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -21,6 +22,8 @@ from libp2p.custom_types import TProtocol
 from modelnet_p2p import Capability, Peer
 from modelnet_p2p.p2p.host import build_host, running_host
 from modelnet_p2p.p2p.identity import Identity
+from modelnet_p2p.p2p.ids import parse_id
+from modelnet_p2p.p2p.kad import peer_id_bytes
 from modelnet_p2p.proto.card import task_key, value_key
 from modelnet_p2p.services.discovery import DHT_PROTOCOL_ID
 from modelnet_p2p.services.discovery.index import announced_keys
@@ -152,6 +155,43 @@ async def test_an_announce_places_each_record_at_its_reach_not_at_every_server()
             with trio.fail_after(30):
                 while not await seeker.discover(model="reach", timeout=10):
                     await trio.sleep(0.05)
+
+
+@pytest.mark.timeout(180)
+async def test_a_record_goes_to_the_closest_its_lookup_finds_not_to_the_closest_known() -> None:
+    """A provider whose routing table knows only peers far from a key (as a peer of a big
+    mesh knows only some of the peers near any key) places the key's record at the reach
+    closest that its lookup finds, as they answer, and not at the far peers it knew (up to
+    r9 of the spec those got it at once, and the closest only once the lookup had ended)."""
+    with trio.fail_after(150):
+        async with mesh(16, {}) as peers:
+            await settled(peers)
+            provider = peers[4]
+            provider.discovery.replication = 2  # reach 4
+            cap = chat("far-table")
+            ((label, key),) = [(lb, k) for lb, k in announced_keys([cap]) if lb.startswith("model:")]
+            others = [p for p in peers if p is not provider]
+            target = int.from_bytes(hashlib.sha256(key).digest())
+
+            def rank_key(p: Peer) -> int:
+                return int.from_bytes(hashlib.sha256(peer_id_bytes(p.peer_id)).digest()) ^ target
+
+            ranked = sorted(others, key=rank_key)
+            near, far = ranked[:4], ranked[8:]
+            table = provider.discovery.kad
+            for p in ranked[:8]:  # the table keeps only the far ones (test-only surgery)
+                table._running.routing_table.remove_peer(parse_id(p.peer_id))
+            assert set(table.closest_known(key, 4)) <= {p.peer_id for p in far}
+            provider.serve(cap, answer)
+            result = await provider.discovery.announce()
+            assert result is not None and result.acks[label] >= 2, (result.acks, result.needed)
+            holders = {
+                p.peer_id
+                for p in others
+                if any(r.peer_id == provider.peer_id for r in p.discovery.kad.local_providers(key))
+            }
+            assert {p.peer_id for p in near} <= holders, "the 4 closest all hold the record"
+            assert not holders & {p.peer_id for p in far}, "no far peer of the table got it"
 
 
 async def test_a_lone_peers_announce_needs_and_gets_no_acknowledgement() -> None:

@@ -2,21 +2,25 @@
 
 An announce has one *target* per record: the card itself under its value key (``PUT_VALUE``)
 and one provider record per provider key (``ADD_PROVIDER``). Each target goes to its
-*reach*, ``min(k, FINAL_PER_ACK * replication)`` peers (10 by default): at once to that
-many closest peers of the routing table, then to the reach closest peers that an iterative
-lookup of its key finds (the lookup ends once that many of the closest have answered). A
-young routing table that knows fewer than ``replication`` peers near the key also sends it
-to the servers that answer the lookup as they answer, until ``replication`` have it. (It
-used to go to the k closest known, up to k answerers and the k closest found: 20 to 40
-servers acknowledged each record where 5 were needed, and one serve() cost a 100-peer mesh
-about 3.5 s of CPU.) A server *acknowledges* a record:
+*reach*, ``min(k, FINAL_PER_ACK * replication)`` peers (10 by default): an iterative lookup
+of its key (which ends once the reach closest have answered) places it at each server
+that answers while among the reach closest peers known, as it answers, and at the end at
+the reach closest found that do not have it yet. (It used to go to the k closest known, up
+to k answerers and the k closest found: 20 to 40 servers acknowledged each record where 5
+were needed, and one serve() cost a 100-peer mesh about 3.5 s of CPU. Then, up to r9, to
+the reach closest of the routing table at once: in a 200-peer mesh those were seldom the
+closest, and the record reached the closest only once the lookup had ended.) A server
+*acknowledges* a record:
 
 - ``PUT_VALUE``: by its answer (a server answers only once it has validated and stored the
   value);
 - ``ADD_PROVIDER``: by its echo of the message (py-libp2p 0.8.1 servers echo it once the
-  record is stored); a server that sends no echo within the request's patience (the libp2p
+  record is stored), waited for as long as any answer; a server that sends none (the libp2p
   spec gives ``ADD_PROVIDER`` no answer) acknowledges if a ``GET_PROVIDERS`` of the key
-  sent to that same server lists this peer.
+  sent to that same server lists this peer. A server seen to do that is remembered, and
+  its echo is then waited for only for the lookups' patience. (The patience was the wait
+  for every server: on a busy machine echoes came later, and each such record cost a
+  second request.)
 
 Each ``ADD_PROVIDER`` carries the card itself ("Cards beside provider records"), so that a
 server can check the record without asking this peer for its card.
@@ -39,7 +43,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ...p2p.kad import KadKind, KadPeer, KadRequest, KadResponse
+from ...p2p.kad import KadKind, KadPeer, KadRequest
 from ...proto.card import CapabilityCard, value_key
 from .index import announced_keys
 from .lookup import K, Lookups
@@ -56,8 +60,8 @@ FIRST_RETRY = 0.25
 MAX_RETRY = 4.0
 #: Record deliveries one announce has in flight at once.
 DELIVERY_CONCURRENCY = 32
-#: Peers a record goes to (of those known at once, and of those its lookup finds), per
-#: acknowledgement needed; at most k.
+#: Peers a record goes to (the closest its lookup finds: its reach), per acknowledgement
+#: needed; at most k.
 FINAL_PER_ACK = 2
 #: Labels of the records placed first, before the other records and the card.
 FIRST_LABELS = ("task:", "model:")
@@ -127,7 +131,6 @@ async def publish(
     and the browse index). Gives up after ``budget`` seconds in all (first placement and
     retries). The local stores are the caller's business. Returns the acknowledgements counted.
     """
-    kad = lookups.kad
     me = KadPeer(card.peer_id, card.addrs)
     vkey = value_key(card.peer_id).encode()
     put = KadRequest(KadKind.PUT_VALUE, vkey, value=card.envelope)
@@ -149,7 +152,10 @@ async def publish(
     async def acknowledged(t: _Target, pid: str) -> bool:
         if t.request.kind is KadKind.PUT_VALUE:
             return await lookups.request(pid, t.request) is not None
-        echo, opened = await lookups.timed_request(pid, t.request, lookups.rtt.patience())
+        # Modelnet servers echo once the record is stored, later on a busy machine: wait
+        # as for any answer. Servers known to store records without an echo: the patience.
+        patience = lookups.rtt.patience() if pid in lookups.silent else None
+        echo, opened = await lookups.timed_request(pid, t.request, patience)
         if opened:
             result.provider_sends += 1
         if echo is not None:
@@ -157,7 +163,10 @@ async def publish(
         if not opened:
             return False
         check = await lookups.request(pid, KadRequest(KadKind.GET_PROVIDERS, t.key))
-        return check is not None and any(p.peer_id == me.peer_id for p in check.providers)
+        stored = check is not None and any(p.peer_id == me.peer_id for p in check.providers)
+        if stored:
+            lookups.note_silent(pid)
+        return stored
 
     async def deliver(t: _Target, pid: str) -> None:
         try:
@@ -174,20 +183,13 @@ async def publish(
                 nursery.start_soon(deliver, t, pid)
 
     async def place(t: _Target, nursery: trio.Nursery) -> None:
-        known = kad.closest_known(t.key, reach)
-        start(nursery, t, known)  # at once, before any lookup
-        early: set[str] = set()
-
-        def answered(pid: str, _resp: KadResponse) -> None:
-            # A young routing table knew too few peers: place the record at the servers
-            # that answer the lookup as they answer, not once it ends (it waits for the
-            # slowest of the k closest).
-            if len(known) + len(early) < replication:
-                early.add(pid)
-                start(nursery, t, [pid])
+        def near(pid: str) -> None:
+            # It answered while among the reach closest known: place the record now, not
+            # once the lookup ends (it waits for the slowest of the closest).
+            start(nursery, t, [pid])
 
         async with lookup_limiter:
-            found = await lookups.closest(t.key, t.lookup_kind, answered, reach)
+            found = await lookups.closest(t.key, t.lookup_kind, k=reach, on_near=near)
         t.found.update(found)
         found_any.update(found)
         start(nursery, t, found)

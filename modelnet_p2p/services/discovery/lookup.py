@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import trio
@@ -42,6 +43,7 @@ __all__ = [
     "MAX_PROVIDERS_PER_KEY",
     "MAX_PROVIDERS_PER_LOOKUP",
     "MAX_RESPONSE_SIZE",
+    "MAX_SILENT_SERVERS",
     "RPC_TIMEOUT",
     "Lookups",
     "RttEstimator",
@@ -80,6 +82,8 @@ MAX_PROVIDERS_PER_LOOKUP = 1024
 ADDR_TTL = 600
 #: Seconds before a peer whose stream broke after opening is asked once more.
 RETRY_DELAY = 0.05
+#: Servers remembered as storing provider records without an echo.
+MAX_SILENT_SERVERS = 1024
 #: Patience (seconds) before any answer has been timed, and its lower bound.
 INITIAL_PATIENCE = 1.0
 MIN_PATIENCE = 0.3
@@ -151,6 +155,16 @@ class Lookups:
         self.cards_carried = 0
         self.card_fetches = 0
         self.cards_refused = 0
+        #: Servers seen to store a provider record without echoing it (other libp2p
+        #: servers): an announce waits for their echo only for the patience.
+        self.silent: OrderedDict[str, None] = OrderedDict()
+
+    def note_silent(self, peer_id: str) -> None:
+        """Remember that ``peer_id`` stores ``ADD_PROVIDER`` records without an echo."""
+        self.silent[peer_id] = None
+        self.silent.move_to_end(peer_id)
+        while len(self.silent) > MAX_SILENT_SERVERS:
+            self.silent.popitem(last=False)
 
     def _now_ms(self) -> int:
         return int(self._wall_clock() * 1000)
@@ -189,6 +203,7 @@ class Lookups:
         kind: KadKind,
         on_response: Callable[[str, KadResponse], None] | None = None,
         k: int = K,
+        on_near: Callable[[str], None] | None = None,
     ) -> list[str]:
         """Iterative lookup of ``key`` with requests of ``kind``; returns the ``k`` closest that answered.
 
@@ -202,8 +217,10 @@ class Lookups:
         it is also dropped from the routing table), or by breaking a stream twice (a
         broken stream is asked once more: busy py-libp2p servers reset excess streams).
         Each answer's closer peers join the candidates, and the answer goes to
-        ``on_response`` at once. Requests still out when the lookup ends are not cancelled
-        (:meth:`KadNode.exchange`); their answers are not waited for.
+        ``on_response`` at once; a peer that is then among the ``k`` closest candidates not
+        failed also goes to ``on_near`` (an announce places its record there without
+        waiting for the lookup's end). Requests still out when the lookup ends are not
+        cancelled (:meth:`KadNode.exchange`); their answers are not waited for.
         """
         kad = self.kad
         me = kad.peer_id
@@ -263,6 +280,10 @@ class Lookups:
                         on_response(pid, resp)
                     except Exception as exc:
                         log.debug("bad DHT answer from %s: %r", pid, exc)
+                if on_near is not None:
+                    mine = distance[pid]
+                    if sum(1 for p, d in distance.items() if d < mine and p not in failed) < k:
+                        on_near(pid)
                 with trio.move_on_after(1):
                     await kad.add_to_routing_table(pid)  # it answered: it serves the DHT
             pending.discard(pid)

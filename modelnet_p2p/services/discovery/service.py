@@ -197,6 +197,7 @@ class Discovery:
         self.announces = 0
         #: Provider keys acknowledged by some server since the last full announce.
         self._placed: set[bytes] = set()
+        self._whole = False  # the last announce placed every record of its card
         #: The addresses the placed provider records carry.
         self._placed_addrs: tuple[str, ...] = ()
         #: Capability lookups made (:meth:`find`) and their seconds in all, for metrics.
@@ -398,9 +399,11 @@ class Discovery:
                 continue  # an explicit announce() already published this change
             full = now >= next_full  # else a change: only records not yet placed
             interval = self.announce_interval
+            whole = full
             if self._capabilities() or (self.card is not None and self.card.capabilities):
                 try:
                     result = await self.announce(full=full)
+                    whole = full or self._whole
                 except Exception as exc:
                     log.warning("announcing the capability card failed: %r", exc)
                     result = None
@@ -409,7 +412,7 @@ class Discovery:
                     backoff = min(backoff * 2, interval)
                     continue
                 backoff = 1.0
-            if full:
+            if whole:  # every record was just placed: the next full announce is an interval away
                 next_full = trio.current_time() + interval
             next_due = next_full
 
@@ -469,8 +472,8 @@ class Discovery:
         (every ``announce_interval``) refreshes them all. An announce whose card lists other
         addresses than the records placed before is full: those records carry the old ones.
 
-        Each record goes at once to the closest peers of the routing table, then to the
-        closest a lookup finds (its reach: ``2 * replication``, at most k), and is retried
+        Each record goes to the closest peers its lookup finds (its reach: ``2 *
+        replication``, at most k), each as it answers while among them, and is retried
         until ``min(replication, peers found)`` servers have acknowledged it
         (:mod:`.announce`), for at most ``announce_retry_window`` seconds and only while no
         newer change is pending. The result counts the acknowledgements (also kept as :attr:`last_announce`).
@@ -503,6 +506,9 @@ class Discovery:
         if card.addrs != self._placed_addrs:
             full = True  # the records placed carry the old addresses: place them all again
         self._placed = {k for k in self._placed if k in current and not full}
+        # An announce that places every record (full, or the first of these keys: a peer
+        # that just began serving) refreshes them all, like a full one.
+        self._whole = not self._placed
         result = await publish(
             card,
             self.lookups,
