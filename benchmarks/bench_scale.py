@@ -96,6 +96,11 @@ IDLE_QUIET_LIMIT = 60.0
 #: peer, plus QUIET_BASE (the idle mesh costs well under 0.2 % of a core per peer).
 QUIET_PER_PEER = 0.004
 QUIET_BASE = 0.1
+#: Before each serve() trial the workers must be quieter (the idle mesh's own cost is about
+#: 0.001 per peer): the previous trial's announce, whose records beyond the first go on for
+#: seconds after it was found, would otherwise be measured as the next trial's load.
+SERVE_QUIET_PER_PEER = 0.002
+SERVE_QUIET_LIMIT = 10.0
 #: Seconds one worker may take to start its peers.
 STARTUP_LIMIT = 150.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -146,6 +151,7 @@ class SideResult:
     propagation: list[float] = field(default_factory=list)  # per follower; inf: never
     follow_settle_s: float | None = None  # the follow wave: from its end until the workers were quiet
     idle_settle_s: float | None = None  # after the settle time, until the workers were quiet
+    serve_settle_s: list[float] = field(default_factory=list)  # before each serve() trial
     busy: list[Lookup] = field(default_factory=list)
     elapsed_s: float = 0.0
 
@@ -309,6 +315,9 @@ async def run_side(
                         fw = (pw + 1) % len(workers)
                         fi = 0
                     name = f"late-{k}"
+                    result.serve_settle_s.append(
+                        await quiet(workers, n, 0.0, SERVE_QUIET_LIMIT, SERVE_QUIET_PER_PEER)
+                    )
                     served = await request(workers[pw], side.serve(pi, name, "late"))
                     found = await request(
                         workers[fw],
@@ -347,7 +356,11 @@ async def idle(result: SideResult, workers: list[Worker], window: float, rss0_ki
 
 
 async def quiet(
-    workers: list[Worker], n: int, least: float = FOLLOW_SETTLE, most: float = FOLLOW_QUIET_LIMIT
+    workers: list[Worker],
+    n: int,
+    least: float = FOLLOW_SETTLE,
+    most: float = FOLLOW_QUIET_LIMIT,
+    per_peer: float = QUIET_PER_PEER,
 ) -> float:
     """Wait (at least ``least``, at most ``most`` s) until the workers are quiet; seconds."""
     pids = [w.proc.pid for w in workers]
@@ -356,7 +369,7 @@ async def quiet(
     while time.monotonic() - t0 < most:
         c0 = sum(map(proc_cpu_s, pids))
         await trio.sleep(1.0)
-        if sum(map(proc_cpu_s, pids)) - c0 < QUIET_BASE + n * QUIET_PER_PEER:
+        if sum(map(proc_cpu_s, pids)) - c0 < QUIET_BASE + n * per_peer:
             break
     return time.monotonic() - t0
 
@@ -487,6 +500,8 @@ def rows_for(n: int) -> list[Row]:
         Row("fresh lookups complete", lambda r: None, lambda r: complete(r.lookups), "all complete", lk_ok),
         Row("idle window quiet after s", lambda r: r.idle_settle_s,
             lambda r: fmt(r.idle_settle_s, ".1f"), "", lambda r: None),
+        Row("serve() trials quiet after s (max)", lambda r: max(r.serve_settle_s, default=None),
+            lambda r: fmt(max(r.serve_settle_s, default=None), ".1f"), "", lambda r: None),
         Row("follow wave settled after s", lambda r: r.follow_settle_s,
             lambda r: fmt(r.follow_settle_s, ".1f"), "", lambda r: None),
         Row("propagation p50 s", lambda r: rank(r.propagation, 0.5),
