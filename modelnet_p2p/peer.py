@@ -242,6 +242,7 @@ class Peer:
             # The DHT handler must be registered before the first connection: identify
             # tells each contact then whether this peer serves the DHT.
             await self.discovery.start(host, nursery)
+            self.discovery.kad.closed_here = self.connmgr.closed_here  # those peers did not leave
             stack.callback(self.discovery.stop)  # before the nursery and the host close
             kept = [self.connmgr.protected_peers, self.discovery.kad.table_peers, self.availability_table]
             self.peerstore.start(host, nursery, kept)

@@ -206,7 +206,8 @@ async def test_a_lone_peers_announce_needs_and_gets_no_acknowledgement() -> None
 @pytest.mark.timeout(120)
 async def test_joining_costs_one_lookup_and_nothing_for_the_others() -> None:
     """A join is one lookup of the peer's own id (not one per bucket), and the peers
-    already in the mesh send no DHT request because someone joined."""
+    already in the mesh send no DHT request because someone joined. (When it leaves, those
+    connected to it check it: ``tests/test_kad_failures.py``.)"""
     with trio.fail_after(100):
         async with mesh(12, {}) as peers:
             await settled(peers)
@@ -218,7 +219,7 @@ async def test_joining_costs_one_lookup_and_nothing_for_the_others() -> None:
                 # One lookup asks each of the 12 peers at most twice (a retry after a reset).
                 assert joiner.discovery.requests_sent <= 2 * len(peers)
                 await trio.sleep(1.0)
-            assert [p.discovery.requests_sent for p in peers] == before
+                assert [p.discovery.requests_sent for p in peers] == before
 
 
 @pytest.mark.timeout(120)

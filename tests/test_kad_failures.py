@@ -3,8 +3,10 @@
 Live peers on 127.0.0.1. A peer that has stopped is dropped after ``MAX_FAILURES`` requests
 in a row to which no stream opened; a peer that takes a request and never answers is not
 dropped, and an answer in between starts the count again; a dropped peer is left out of other
-servers' answers for a while. Nothing is timed: a request that opens no stream in its time is
-one given no time at all.
+servers' answers for a while. A server checks the table peers whose last connection closed
+(``p2p/kadcheck.py``): callers that stopped leave its table and its answers, a peer that
+only disconnected stays. Nothing is timed: a request that opens no stream in its time is
+one given no time at all, and the checks are waited for as events.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import multiaddr
 import trio
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
 
 from modelnet_p2p import Peer
 from modelnet_p2p.p2p.host import build_host, running_host
 from modelnet_p2p.p2p.identity import Identity
 from modelnet_p2p.p2p.kad import MAX_FAILURES, KadKind, KadNode, KadRequest, peer_id_bytes
+from modelnet_p2p.p2p.kadcheck import TableChecker
+from modelnet_p2p.p2p.notify import on_disconnect
 from modelnet_p2p.services.discovery import DHT_PROTOCOL_ID
 
 FIND = KadRequest(KadKind.FIND_NODE, b"some key")
@@ -31,10 +36,18 @@ async def in_table(kad: KadNode, peer: Peer) -> None:
             await trio.sleep(0.05)
 
 
+def requests_only(*kads: KadNode) -> None:
+    """Count only the test's own requests: no checks of peers whose connection closed."""
+    for kad in kads:
+        assert kad.table_checks is not None
+        kad.table_checks.enabled = False
+
+
 async def test_a_peer_that_stopped_leaves_the_table_after_the_failures() -> None:
     assert MAX_FAILURES == 2
     async with Peer(gossip=False, dht_mode="server") as a:
         kad = a.discovery.kad
+        requests_only(kad)
         async with Peer(gossip=False, dht_mode="server") as b:
             await b.connect(a.addrs[0])
             await in_table(kad, b)
@@ -93,6 +106,7 @@ async def test_a_dropped_peer_is_left_out_of_other_answers() -> None:
         await a.connect(c.addrs[0])
         await in_table(a.discovery.kad, c)
         kad = a.discovery.kad
+        requests_only(kad, c.discovery.kad)
         async with Peer(gossip=False, dht_mode="server") as b:
             await b.connect(c.addrs[0])
             await in_table(c.discovery.kad, b)
@@ -106,3 +120,83 @@ async def test_a_dropped_peer_is_left_out_of_other_answers() -> None:
         answer = (await kad.exchange(c.peer_id, near_b, 10)).answer
         assert answer is not None  # c answered (listing b), and a left b out
         assert b.peer_id not in {p.peer_id for p in answer.closer}
+
+
+async def called_by(server: Peer, caller: Peer) -> None:
+    """``caller`` sends ``server`` a DHT request, and ``server`` adds it to its table (as it
+    adds every DHT server that calls it, once identify shows that it serves the DHT)."""
+    await caller.connect(server.addrs[0])
+    assert await caller.discovery.request(server.peer_id, FIND) is not None
+    with trio.fail_after(15):
+        while not server.discovery.kad.in_routing_table(caller.peer_id):
+            await trio.sleep(0.05)
+
+
+def checks_of(kad: KadNode) -> TableChecker:
+    checks = kad.table_checks
+    assert checks is not None  # a server checks its table
+    checks.gap = 0  # the failure rule's second request right after the first
+    return checks
+
+
+async def test_callers_that_stopped_leave_the_servers_table_and_its_answers() -> None:
+    """A server that never sends its callers a request itself still drops those that left."""
+    async with Peer(gossip=False, dht_mode="server") as a, Peer(gossip=False, dht_mode="server") as asker:
+        kad = a.discovery.kad
+        checks = checks_of(kad)
+        await called_by(a, asker)
+        async with Peer(gossip=False, dht_mode="server") as b1, Peer(gossip=False, dht_mode="server") as b2:
+            gone = [b1.peer_id, b2.peer_id]
+            for b in (b1, b2):
+                await called_by(a, b)
+            # Not b1's own id as the key: a FIND_NODE for a peer id names that peer while the
+            # peerstore holds its addresses (libp2p's FIND_PEER rule), in the table or not.
+            answer = await asker.discovery.request(a.peer_id, FIND)
+            assert answer is not None and set(gone) <= {p.peer_id for p in answer.closer}
+            requests = kad.requests
+        # b1 and b2 have stopped; a has sent them nothing since they called
+        with trio.fail_after(30):
+            while checks.busy or any(kad.in_routing_table(pid) for pid in gone):
+                await checks.wait_check()
+        assert kad.requests > requests and checks.dropped >= 2
+        assert kad.in_routing_table(asker.peer_id)  # connected all along: never checked
+        answer = await asker.discovery.request(a.peer_id, FIND)
+        assert answer is not None and not set(gone) & {p.peer_id for p in answer.closer}
+
+
+async def test_a_peer_whose_connection_closed_but_which_is_alive_stays() -> None:
+    """A closed connection (a trim, say) is not a failure: the peer answers the check and stays,
+    and is not checked again on the next close for a while."""
+    async with Peer(gossip=False, dht_mode="server") as a, Peer(gossip=False, dht_mode="server") as c:
+        kad = a.discovery.kad
+        checks = checks_of(kad)
+        await called_by(a, c)
+        for conn in list(a.host.get_network().get_connections(ID.from_base58(c.peer_id))):
+            await conn.close()  # as the connection manager closes an idle connection
+        with trio.fail_after(30):
+            while checks.checks == 0:
+                await checks.wait_check()
+        assert checks.dropped == 0 and kad.in_routing_table(c.peer_id)
+        for conn in list(a.host.get_network().get_connections(ID.from_base58(c.peer_id))):
+            await conn.close()
+        checks.closed(c.peer_id)  # whether or not the swarm has said so yet
+        assert checks.busy == 0  # found alive just now: not checked again
+        assert kad.in_routing_table(c.peer_id)
+
+
+async def test_a_connection_the_connection_manager_closed_is_not_checked() -> None:
+    """A trimmed peer did not leave: no dial goes out to it again."""
+    async with Peer(gossip=False, dht_mode="server") as a, Peer(gossip=False, dht_mode="server") as c:
+        kad = a.discovery.kad
+        checks = checks_of(kad)
+        await called_by(a, c)
+        closed = trio.Event()
+        stop = on_disconnect(a.host, lambda peer, _conn: closed.set() if peer == c.peer_id else None)
+        requests = kad.requests
+        a.connmgr.grace_period = a.connmgr.low = 0
+        a.connmgr.high = 0  # wakes the manager, which trims every idle connection
+        with trio.fail_after(30):
+            await closed.wait()  # kad heard it in the same round of notifications
+        stop()
+        assert checks.busy == 0 and checks.checks == 0 and kad.requests == requests
+        assert kad.in_routing_table(c.peer_id)

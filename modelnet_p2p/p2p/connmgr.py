@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -235,6 +236,8 @@ class ConnManager:
         )
         self._conns_refused = 0
         self._nursery: trio.Nursery | None = None
+        #: Muxed connections this manager closed (gone with the connection objects).
+        self._closed_here: weakref.WeakSet[Any] = weakref.WeakSet()
 
     @property
     def high(self) -> int:
@@ -271,6 +274,14 @@ class ConnManager:
             peer_id = peer_id_of_addr(str(addr))
             if peer_id is not None:
                 self.protect(peer_id, tag)
+
+    def closed_here(self, muxed_conn: object) -> bool:
+        """Whether this manager closed that connection (idle, over a limit, or its peer refused):
+        its peer did not leave, and was alive until then."""
+        try:
+            return muxed_conn in self._closed_here
+        except TypeError:  # not weakly referenceable: never one of ours
+            return False
 
     def is_protected(self, peer_id: str) -> bool:
         """Whether ``peer_id`` holds a tag or a source names it now."""
@@ -485,6 +496,7 @@ class ConnManager:
         if self._in_use(conn):  # a stream opened since the choice: keep it
             self._trimmed -= 1
             return
+        self._closed_here.add(conn.muxed_conn)
         try:
             await conn.close()
         except Exception as exc:
@@ -569,6 +581,7 @@ class ConnManager:
         return len(victims)
 
     async def _close_now(self, conn: INetConn) -> None:
+        self._closed_here.add(conn.muxed_conn)
         try:
             await conn.close()
         except Exception as exc:

@@ -46,6 +46,8 @@ from ._compat.kad import (
 )
 from ._compat.multistream import OptimisticStream, ProtocolRefused
 from .ids import addr_bytes, addr_text, id_bytes, id_text, parse_addr, parse_id
+from .kadcheck import TableChecker
+from .notify import on_disconnect
 from .stream import close_quietly, reset_quietly
 
 if TYPE_CHECKING:
@@ -79,6 +81,8 @@ MAX_DETACHED_REQUESTS = 256
 #: Requests in a row that a peer fails before a stream to it opened (unreachable, or its dial
 #: out of time) before it leaves the routing table: one may be a busy machine, two in a row
 #: rarely are. A request out of time with its stream open met a slow peer: it does not count.
+#: A server also sends these requests to a table peer whose last connection closed
+#: (:mod:`.kadcheck`): its callers would otherwise stay in its table after they left.
 MAX_FAILURES = 2
 #: Peers whose failures in a row are counted, at most (the oldest count is dropped); also
 #: the most peers remembered as unreachable.
@@ -280,6 +284,13 @@ class KadNode:
         self._failures: dict[str, int] = {}
         #: Peers dropped from the routing table, and when (see UNREACHABLE_TIME).
         self._unreachable: dict[str, float] = {}
+        #: A server's checks of table peers whose last connection closed (:mod:`.kadcheck`).
+        self.table_checks: TableChecker | None = None
+        #: Whether this peer closed a (muxed) connection itself, e.g. the connection manager
+        #: trimming an idle one: its peer did not leave, and a close of that kind is not checked
+        #: (a check would dial again what was just closed to save it).
+        self.closed_here: Callable[[object], bool] = lambda _conn: False
+        self._stop_watching: Callable[[], None] | None = None
         self.peer_id = str(host.get_id())
 
     # -- lifecycle -----------------------------------------------------------
@@ -321,6 +332,17 @@ class KadNode:
         self._background = nursery
         self.check_protocols()
         self._manager = await nursery.start(self._run, dht)
+        if self.server:  # a client answers nobody: the peers of its table are checked when asked
+            checks = self.table_checks = TableChecker(
+                nursery, in_table=self.in_routing_table, connected=self.is_connected,
+                probe=self._probe, attempts=MAX_FAILURES,
+            )
+
+            def closed(peer: str, conn: object) -> None:
+                if not self.closed_here(conn):
+                    checks.closed(peer)
+
+            self._stop_watching = on_disconnect(self._host, closed)
 
     async def _run(self, dht: MeshKadDHT, task_status: TaskStatus[ManagerAPI]) -> None:
         try:
@@ -346,6 +368,9 @@ class KadNode:
 
     def stop(self) -> None:
         """Stop answering DHT requests and stop py-libp2p's service; never raises."""
+        if self._stop_watching is not None:
+            self._stop_watching()
+            self._stop_watching = None
         if self._dht is not None and self.server:
             refuse_streams(self._view)
         if self._manager is not None and self._manager.is_running:
@@ -363,6 +388,11 @@ class KadNode:
 
     def connected_peers(self) -> list[str]:
         return [str(p) for p in self._host.get_connected_peers()]
+
+    def is_connected(self, peer_id: str) -> bool:
+        """Whether the host holds an open connection to ``peer_id``."""
+        conns = self._host.get_network().get_connections(parse_id(peer_id))
+        return any(not c.is_closed for c in conns)
 
     def routing_table_size(self) -> int:
         return self._running.get_routing_table_size()
@@ -610,6 +640,11 @@ class KadNode:
         # gone: counts; slow with its stream open, or a stream broken by a live server: does not
         self._count_failure(peer_id, not ok and not opened)
         return resp, ok, opened, scope.cancelled_caught
+
+    async def _probe(self, peer_id: str, timeout: float) -> bool:
+        """One request of a table check (:mod:`.kadcheck`): whether a stream opened to ``peer_id``."""
+        req = KadRequest(KadKind.FIND_NODE, peer_id_bytes(self.peer_id))
+        return (await self.exchange(peer_id, req, timeout)).opened
 
     async def _open(self, peer_id: str) -> INetStream:
         # Through the view, so the stream is counted. The protocol is proposed with the
