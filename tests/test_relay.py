@@ -231,6 +231,31 @@ async def test_relay_slots_are_not_squatted() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_a_holder_that_disconnects_leaves_no_connection_behind() -> None:
+    """The relay lets go of a holder's connection (its Noise and yamux objects) once it closes,
+    not at the next RESERVE (after a Sybil reservation attack: about 128 closed connections
+    kept), and the freed slot still serves a newcomer's circuits."""
+    async with hosts(LOOPBACK, [], [], LOOPBACK) as (r, t1, t2, c), trio.open_nursery() as nursery:
+        relay = RelayService(r, hop=True, max_reservations=1)
+        await relay.start(nursery)
+        await start_target(t1, nursery)
+        await start_target(t2, nursery)
+        await reserve(t1, relay_addr(r))
+        with trio.fail_after(10):  # the relay files the connection once its answer is out
+            while not relay.holder_connections:
+                await trio.sleep(0.02)
+        assert relay.reservations == 1
+        await t1.disconnect(r.get_id())
+        with trio.fail_after(10):  # the swarm reports a close after its own clean-up
+            while relay.holder_connections:
+                await trio.sleep(0.02)
+        circuit = await reserve(t2, relay_addr(r))  # the only slot is free again
+        assert relay.reserving_peers() == [str(t2.get_id())]
+        await dial_via_relay(c, circuit, timeout=10)
+        await echo_through(c, t2, 4096)
+        nursery.cancel_scope.cancel()
+
+
 async def test_circuit_limit_holds_against_concurrent_connects() -> None:
     """The slot is taken before the relay waits for the target (stock: 80 accepted against 64)."""
     async with hosts(LOOPBACK, [], LOOPBACK) as (r, t, c), trio.open_nursery() as nursery:

@@ -131,6 +131,12 @@ class RelayNode:
         """Ids of the connected peers holding a reservation here (relays only)."""
         return self.protocol.reserving_peers()
 
+    @property
+    def holder_connections(self) -> int:
+        """Holders' connections the relay keeps a reference to, one per holder at most (for
+        tests and status: a holder's goes when its last connection closes)."""
+        return self.protocol.tracked_connections()
+
 
 # -- the client side --------------------------------------------------------------
 

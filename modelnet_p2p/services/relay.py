@@ -273,6 +273,12 @@ class RelayService:
         """Ids of the connected peers holding a reservation here (relays only)."""
         return self._node.reserving_peers()
 
+    @property
+    def holder_connections(self) -> int:
+        """Holders' connections the relay keeps a reference to, one per holder at most (for
+        tests and status: a holder's goes when its last connection closes)."""
+        return self._node.holder_connections
+
 
 def _or(value: int | None, default: int) -> int:
     return default if value is None else value

@@ -24,7 +24,9 @@ fail once upstream changes it:
   it notices and reserves again).
 - **Reservations of disconnected peers keep their slots until they expire.** They are void
   (a reservation holds only while its peer is connected), but still count against
-  ``max_reservations``. Here they are dropped before a new one is counted.
+  ``max_reservations``. Here they are dropped when the holder's last connection closes (a
+  network notifee: the closed connection, with its Noise and yamux objects, is not kept
+  either), and, for a close the swarm never reported, before a new one is counted.
 - **Every RESERVE is answered from scratch**: the relay's addresses parsed again, a voucher
   signed, then a 0.1 s wait, however recently the peer reserved. Holders refreshing every
   second (262 Sybils) made that most of a relay's work. Here a refresh within
@@ -63,6 +65,7 @@ from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.utils import maybe_consume_signed_record, read_delimited_msg
 
+from ..notify import on_disconnect
 from ..resources import conn_ip
 from ..stream import close_quietly
 from .host import guard_handler, retire_stream_handler
@@ -190,7 +193,8 @@ class CircuitRelay(CircuitV2Protocol):
         #: The last answer to each holder's RESERVE, and when it was sent (trio time).
         self._answers: dict[ID, tuple[float, bytes]] = {}
         #: A muxed connection of each holder (the one it reserved over, while it is open): a
-        #: full table checks these, one attribute each, for holders that left.
+        #: full table checks these, one attribute each, for holders that left. A holder whose
+        #: last connection closes leaves at once (:meth:`_closed`).
         self._conn_of: dict[ID, Any] = {}
         #: Reservations made here so far; with the table's size, it tells whether the table
         #: changed since a peer was refused (then the policy is asked again).
@@ -216,6 +220,10 @@ class CircuitRelay(CircuitV2Protocol):
             if not r.is_expired() and _connected(self.host, peer)
         ]
 
+    def tracked_connections(self) -> int:
+        """Holders' connections this relay keeps a reference to (one per holder at most)."""
+        return len(self._conn_of)
+
     def open_circuits(self) -> int:
         """Circuits being forwarded now (each has two directions)."""
         return sum(1 for key in list(self._active_relays) if isinstance(key, _Circuit)) // 2
@@ -226,11 +234,13 @@ class CircuitRelay(CircuitV2Protocol):
         if self.allow_hop:
             self.host.set_stream_handler(HOP_PROTOCOL_ID, guard_handler(self._handle_hop_stream, "hop"))
         self.host.set_stream_handler(STOP_PROTOCOL_ID, guard_handler(self._handle_stop_stream, "stop"))
+        stop_watching = on_disconnect(self.host, self._closed)
         self.event_started.set()
         task_status.started()
         try:
             await self.manager.wait_finished()
         finally:
+            stop_watching()
             if self.allow_hop:
                 retire_stream_handler(self.host, HOP_PROTOCOL_ID)
             retire_stream_handler(self.host, STOP_PROTOCOL_ID)
@@ -341,17 +351,29 @@ class CircuitRelay(CircuitV2Protocol):
         if len(reservations) != len(self._conn_of):  # a reservation not tracked (none normally)
             departed += [p for p in reservations if p not in self._conn_of and not _connected(host, p)]
         for peer in departed:
-            reservations.pop(peer, None)
-            self._holders.pop(peer, None)
-            self._answers.pop(peer, None)
-            self._conn_of.pop(peer, None)
+            self._forget(peer)
 
-    async def _evict(self, peer: ID) -> None:
-        """Drop ``peer``'s reservation and close its connections (it reserves again if it can)."""
+    def _closed(self, _peer: str, muxer: Any) -> None:
+        """A connection closed: if a holder reserved over it, rebind the holder to another open
+        connection of its own, or drop its reservation (void without a connection)."""
+        peer = muxer.peer_id
+        if self._conn_of.get(peer) is not muxer:
+            return
+        live = _live_muxer(self.host, peer)
+        if live is not None:
+            self._conn_of[peer] = live
+        else:
+            self._forget(peer)
+
+    def _forget(self, peer: ID) -> None:
         self.resource_manager._reservations.pop(peer, None)
         self._holders.pop(peer, None)
         self._answers.pop(peer, None)
         self._conn_of.pop(peer, None)
+
+    async def _evict(self, peer: ID) -> None:
+        """Drop ``peer``'s reservation and close its connections (it reserves again if it can)."""
+        self._forget(peer)
         log.info("relay reservation of %s evicted for a newcomer", peer)
         for conn in list(self.host.get_network().get_connections(peer)):
             with trio.CancelScope(shield=True), trio.move_on_after(1):
