@@ -243,6 +243,7 @@ class Peer:
             # tells each contact then whether this peer serves the DHT.
             await self.discovery.start(host, nursery)
             self.discovery.kad.closed_here = self.connmgr.closed_here  # those peers did not leave
+            self._dialer.locate = self.discovery.card_addrs  # a peer id the peerstore forgot
             stack.callback(self.discovery.stop)  # before the nursery and the host close
             kept = [self.connmgr.protected_peers, self.discovery.kad.table_peers, self.availability_table]
             self.peerstore.start(host, nursery, kept)

@@ -22,7 +22,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.peer.peerstore import PeerStoreError
 
-from modelnet_p2p import Peer
+from modelnet_p2p import Capability, Peer
 from modelnet_p2p.p2p._compat.peerstore import PeerstoreSweeper
 from modelnet_p2p.p2p.host import build_host, running_host
 from modelnet_p2p.p2p.identity import Identity
@@ -290,3 +290,32 @@ async def test_a_peer_forgets_strangers_and_keeps_its_routing_table() -> None:
                 await trio.sleep(0.05)
         assert store.has_peer(b_id)  # in the routing table: kept (if it comes back, it is dialable)
         assert a.peerstore.stats().forgotten >= 3
+
+
+async def pong(request: object) -> str:
+    return "pong"
+
+
+async def test_a_provider_the_peerstore_forgot_is_called_by_its_id() -> None:
+    """A provider outside the connected peers, the routing table and the availability table
+    is forgotten by the sweeper; a call by its bare id then finds its addresses in its card in
+    the DHT (before: "no known address")."""
+    with trio.fail_after(60):
+        async with Peer(gossip=False, dht_mode="server") as boot:
+            opts = {"gossip": False, "dht_mode": "server", "bootstrap": [boot.addrs[0]]}
+            async with Peer(**opts) as provider, Peer(**opts) as caller:  # type: ignore[arg-type]
+                provider.serve(Capability("ping", task="chat"), pong)
+                assert await provider.discovery.announce() is not None
+                await caller.discovery.bootstrapped.wait()
+                pid = provider.host.get_id()
+                kad = caller.discovery.kad
+                if kad.in_routing_table(provider.peer_id):
+                    kad.forget(provider.peer_id)  # out of the table (as if it had failed twice)
+                if caller.dialer.is_connected(provider.peer_id):
+                    await caller.host.disconnect(pid)
+                    await disconnected(caller.host, pid)
+                caller.peerstore.idle_grace = 0
+                assert caller.peerstore.sweep() >= 1  # idle from now: due at once
+                assert not caller.host.get_peerstore().has_peer(pid)
+                answer = await caller.call(provider.peer_id, "ping", "ping", timeout=20)
+                assert answer.value == "pong" and answer.peer == provider.peer_id

@@ -2,7 +2,10 @@
 
 A target is a multiaddr ending in ``/p2p/<peer id>`` (possibly relayed:
 ``<relay addr>/p2p/<relay id>/p2p-circuit/p2p/<peer id>``), a base58 peer id
-this host already knows addresses for, or a libp2p peer id object.
+this host already knows addresses for, or a libp2p peer id object. For a peer id
+the peerstore holds no address for (it forgets idle strangers), :attr:`Dialer.locate`
+is asked, within the dial's time (the peer sets it to look the peer's card up in
+the DHT).
 
 Every dial is bounded twice: by the request's own deadline (trio time) and by
 ``connect_timeout``. Failures are typed: :class:`UnavailableError` (the peer
@@ -41,6 +44,7 @@ from .relay import dial_via_relay
 __all__ = [
     "CircuitDial",
     "Dialer",
+    "Locate",
     "PeerID",
     "ProtocolConnector",
     "Target",
@@ -55,6 +59,9 @@ PeerID = ID
 Target: TypeAlias = str | multiaddr.Multiaddr | ID
 #: ``dial(circuit_addr, timeout)``: connect through a relay (raises a :class:`ModelNetError`).
 CircuitDial = Callable[[str, float], Awaitable[None]]
+#: ``locate(peer id)``: addresses (with ``/p2p/<id>``, possibly relayed) found elsewhere for a
+#: peer this host knows none for, e.g. in its card in the DHT; empty if none.
+Locate = Callable[[str], Awaitable[Sequence[str]]]
 
 
 #: Text targets whose peer id :meth:`Dialer.peer_of` remembers (then it starts over).
@@ -109,6 +116,9 @@ class Dialer:
         self._dial_circuit: CircuitDial = dial_circuit or (
             lambda addr, timeout: dial_via_relay(host, addr, timeout=timeout)
         )
+        #: Where to look for the addresses of a peer named by its id alone when the peerstore
+        #: holds none (it forgets idle strangers): ``None``, nowhere.
+        self.locate: Locate | None = None
 
     @property
     def local_peer(self) -> str:
@@ -186,9 +196,42 @@ class Dialer:
             return info
         if not self.is_connected(info.peer_id):
             if not info.addrs and not self.known_addrs(info.peer_id):
-                raise UnavailableError(f"no known address for peer {info.peer_id}")
+                found = await self._located(info.peer_id, deadline)
+                if found is None:
+                    raise UnavailableError(f"no known address for peer {info.peer_id}")
+                if isinstance(found, str):
+                    await self._circuit(found, info.peer_id, deadline)
+                    return info
+                info = found
             await self._dial(info, deadline)
         return info
+
+    async def _located(self, pid: ID, deadline: float) -> PeerInfo | str | None:
+        """What :attr:`locate` finds for ``pid`` within one dial's time: its direct addresses,
+        else its first relayed address, else ``None``."""
+        if self.locate is None:
+            return None
+        with trio.move_on_at(min(deadline, trio.current_time() + self.connect_timeout)):
+            try:
+                found = [parse_multiaddr(a) for a in await self.locate(str(pid))]
+            except Exception as exc:  # nothing found is the answer; the dial error says so
+                log.debug("looking up the addresses of %s failed: %r", pid, exc)
+                return None
+            direct: list[multiaddr.Multiaddr] = []
+            relayed: list[str] = []
+            for maddr in found:
+                try:
+                    if is_circuit_addr(maddr):
+                        if parse_circuit_addr(maddr)[1] == str(pid):
+                            relayed.append(str(maddr))
+                    elif (located := info_from_p2p_addr(maddr)).peer_id == pid:
+                        direct.extend(located.addrs)
+                except Exception:  # not an address of that peer
+                    continue
+            if direct:
+                return PeerInfo(pid, direct)
+            return relayed[0] if relayed else None
+        return None
 
     async def open_stream(self, target: Target, protocol: str, deadline: float = math.inf) -> INetStream:
         """A new stream to ``target`` speaking ``protocol``, dialing first if needed."""

@@ -359,6 +359,12 @@ class Discovery:
         """The newest valid card of ``peer_id``: from the peer itself, else from the DHT."""
         return await self.lookups.fetch_card(str(peer_id), [str(a) for a in addrs])
 
+    async def card_addrs(self, peer_id: str) -> list[str]:
+        """The addresses of ``peer_id``'s newest valid card in the DHT, with ``/p2p/<id>``
+        (to dial a peer named by its id alone that this peer no longer knows); [] if none."""
+        card = await self.lookups.fetch_from_dht(str(peer_id))
+        return [] if card is None else card.dial_addrs
+
     # -- announcing ------------------------------------------------------------
 
     def changed(self) -> None:
