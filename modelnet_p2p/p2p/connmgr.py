@@ -76,6 +76,7 @@ from libp2p.abc import INetConn, INetStream, INotifee
 
 from ._compat.host import gate_inbound
 from ._compat.peerstore import PeerstoreStats, PeerstoreSweeper
+from ._compat.yamux import mark_pruned
 from .resources import Penalties, ResourceLimits, StreamGate, conn_ip
 
 __all__ = ["ConnManager", "ConnStats", "PeerstoreStats", "PeerstoreSweeper", "peer_id_of_addr"]
@@ -497,6 +498,7 @@ class ConnManager:
             self._trimmed -= 1
             return
         self._closed_here.add(conn.muxed_conn)
+        mark_pruned(conn.muxed_conn)  # its peer learns we let it go, not that we left
         try:
             await conn.close()
         except Exception as exc:
@@ -582,6 +584,7 @@ class ConnManager:
 
     async def _close_now(self, conn: INetConn) -> None:
         self._closed_here.add(conn.muxed_conn)
+        mark_pruned(conn.muxed_conn)
         try:
             await conn.close()
         except Exception as exc:

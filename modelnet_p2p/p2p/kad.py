@@ -45,6 +45,7 @@ from ._compat.kad import (
     store_value,
 )
 from ._compat.multistream import OptimisticStream, ProtocolRefused
+from ._compat.yamux import pruned_by_peer
 from .ids import addr_bytes, addr_text, id_bytes, id_text, parse_addr, parse_id
 from .kadcheck import TableChecker
 from .notify import on_disconnect
@@ -339,7 +340,9 @@ class KadNode:
             )
 
             def closed(peer: str, conn: object) -> None:
-                if not self.closed_here(conn):
+                # Not one this peer let go, nor one its peer let go (GO_AWAY "pruned"):
+                # in both cases the peer was alive, and a check would only dial it again.
+                if not self.closed_here(conn) and not pruned_by_peer(conn):
                     checks.closed(peer)
 
             self._stop_watching = on_disconnect(self._host, closed)

@@ -13,7 +13,9 @@ like any other: a peer that takes the stream stays (even if it answers late: slo
 gone), one that cannot be reached is dropped. A peer is never dropped for closing, and a
 connection this peer closed itself (the connection manager trimming an idle one, or closing
 one over a limit) is not checked at all: its peer was alive, and a check would dial again
-what was just closed to save it. Such a peer, if it leaves later, is dropped when next asked.
+what was just closed to save it. Nor is one that its peer's connection manager closed (a
+yamux GO_AWAY with code 0x1005, ``specs/network.md``), for the same reason. Such a peer,
+if it leaves later, is dropped when next asked.
 
 What it costs:
 

@@ -91,6 +91,7 @@ from libp2p.stream_muxer.muxer_multistream import MuxerMultistream
 from libp2p.stream_muxer.yamux.yamux import (
     DEFAULT_WINDOW_SIZE,
     FLAG_SYN,
+    GO_AWAY_CONN_GARBAGE_COLLECTED,
     GO_AWAY_PROTOCOL_ERROR,
     HEADER_SIZE,
     TYPE_DATA,
@@ -107,6 +108,7 @@ from .noise import _Socket as SocketWriter
 from .noise import install as install_noise_fast_path
 
 __all__ = [
+    "GO_AWAY_PRUNED",
     "KEEPALIVE_INTERVAL",
     "KEEPALIVE_SLACK",
     "KEEPALIVE_TIMEOUT",
@@ -116,7 +118,9 @@ __all__ = [
     "LeanYamux",
     "buffered_bytes",
     "discard_incoming",
+    "mark_pruned",
     "ping",
+    "pruned_by_peer",
     "remote_ended",
     "reset_by_remote",
     "run_keepalive",
@@ -181,6 +185,9 @@ OVERRUN_GRACE = 1.0
 #: Longest the GO_AWAY after a window overrun may take to write before the connection is
 #: closed without it.
 GO_AWAY_TIMEOUT = 2.0
+#: The GO_AWAY code of a connection that its peer's connection manager let go (go-libp2p's
+#: ConnGarbageCollected, 0x1005): the peer is alive, it only closed an idle connection.
+GO_AWAY_PRUNED = GO_AWAY_CONN_GARBAGE_COLLECTED
 
 
 def reset_by_remote(stream: Any) -> bool:
@@ -436,6 +443,12 @@ class LeanYamux(Yamux):
             vars(secured_conn)["read"] = heard
         except TypeError:
             log.debug("cannot watch reads of %r; it will be pinged every interval", secured_conn)
+
+    #: The GO_AWAY code this side's close sends (upstream always sends 0, normal).
+    close_code = 0
+
+    async def close(self, error_code: int | None = None) -> None:
+        await super().close(self.close_code if error_code is None else error_code)
 
     async def _measure_rtt_loop(self) -> None:
         # Upstream's first sample only: the receive window's auto-tuning uses the RTT.
@@ -797,3 +810,20 @@ def use_muxer_classes(swarm: Any, muxer_opt: TMuxerOptions) -> bool:
         return False
     upgrader.muxer_multistream = ClassHonouringMuxer(muxer_opt, current.negotiate_timeout)
     return True
+
+
+def mark_pruned(muxed_conn: object) -> None:
+    """Make the close of this connection tell its peer it was let go, not shut down
+    (GO_AWAY :data:`GO_AWAY_PRUNED`; ``specs/network.md``, "Connection management")."""
+    if isinstance(muxed_conn, LeanYamux):
+        muxed_conn.close_code = GO_AWAY_PRUNED
+
+
+def pruned_by_peer(muxed_conn: object) -> bool:
+    """Whether the last frame the peer sent on this (closed) connection was a GO_AWAY saying
+    that its connection manager let the connection go: the peer is alive."""
+    header = getattr(muxed_conn, "_last_header", b"") if isinstance(muxed_conn, LeanYamux) else b""
+    if len(header) != HEADER_SIZE:
+        return False
+    _, typ, _, _, code = struct.unpack(YAMUX_HEADER_FORMAT, header)
+    return bool(typ == TYPE_GO_AWAY and code == GO_AWAY_PRUNED)
