@@ -18,7 +18,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from modelnet_p2p import Peer
-from modelnet_p2p.p2p._compat.yamux import pruned_by_peer
+from modelnet_p2p.p2p._compat.goaway import pruned_by_peer
 from modelnet_p2p.p2p.host import build_host, running_host
 from modelnet_p2p.p2p.identity import Identity
 from modelnet_p2p.p2p.kad import MAX_FAILURES, KadKind, KadNode, KadRequest, peer_id_bytes

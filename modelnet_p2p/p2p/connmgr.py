@@ -74,9 +74,9 @@ from typing import Any, cast
 import trio
 from libp2p.abc import INetConn, INetStream, INotifee
 
+from ._compat.goaway import mark_pruned
 from ._compat.host import gate_inbound
 from ._compat.peerstore import PeerstoreStats, PeerstoreSweeper
-from ._compat.yamux import mark_pruned
 from .resources import Penalties, ResourceLimits, StreamGate, conn_ip
 
 __all__ = ["ConnManager", "ConnStats", "PeerstoreStats", "PeerstoreSweeper", "peer_id_of_addr"]

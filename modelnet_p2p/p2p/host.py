@@ -38,9 +38,10 @@ from ._compat.host import (
     disable_auto_connector,
     end_inbound_handlers,
 )
+from ._compat.muxer import use_muxer_classes
 from ._compat.rcmgr import resource_manager as new_resource_manager
 from ._compat.rcmgr import swarm_cap
-from ._compat.yamux import LeanYamux, start_keepalive, use_muxer_classes
+from ._compat.yamux import LeanYamux, start_keepalive
 from .addresses import parse_multiaddr
 from .identity import Identity
 from .resources import ResourceLimits

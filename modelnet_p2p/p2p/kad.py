@@ -35,6 +35,7 @@ from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 from ..errors import ProtocolError
 from ..proto.framing import encode_varint
 from ..proto.kadcards import append_cards, cards_in
+from ._compat.goaway import pruned_by_peer
 from ._compat.kad import (
     IPFS_KAD_PROTOCOL_ID,
     InboundLimitError,
@@ -45,7 +46,6 @@ from ._compat.kad import (
     store_value,
 )
 from ._compat.multistream import OptimisticStream, ProtocolRefused
-from ._compat.yamux import pruned_by_peer
 from .ids import addr_bytes, addr_text, id_bytes, id_text, parse_addr, parse_id
 from .kadcheck import TableChecker
 from .notify import on_disconnect

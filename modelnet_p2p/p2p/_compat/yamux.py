@@ -67,10 +67,7 @@ upstream changes them):
   sender that ignores the window but is read as fast as it sends is slowed by TCP, not cut
   off. The wire stays the yamux spec's: stock peers read it (``tests/test_compat_noise.py``
   runs bulk both ways against a stock py-libp2p host).
-- **The configured yamux class is ignored.** ``MuxerMultistream.new_conn`` builds a plain
-  ``Yamux`` whenever ``/yamux/1.0.0`` is negotiated, whatever class ``muxer_opt`` names for
-  it. :func:`use_muxer_classes` gives a swarm's upgrader a :class:`ClassHonouringMuxer`,
-  which builds the configured class.
+- **The configured yamux class is ignored** (:mod:`.muxer`).
 """
 
 from __future__ import annotations
@@ -83,15 +80,12 @@ from typing import Any
 
 import trio
 from libp2p.abc import INetConn, INetwork, ISecureConn
-from libp2p.custom_types import TMuxerOptions
 from libp2p.network.connection.exceptions import RawConnError
 from libp2p.peer.id import ID
 from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamError, MuxedStreamReset
-from libp2p.stream_muxer.muxer_multistream import MuxerMultistream
 from libp2p.stream_muxer.yamux.yamux import (
     DEFAULT_WINDOW_SIZE,
     FLAG_SYN,
-    GO_AWAY_CONN_GARBAGE_COLLECTED,
     GO_AWAY_PROTOCOL_ERROR,
     HEADER_SIZE,
     TYPE_DATA,
@@ -108,24 +102,19 @@ from .noise import _Socket as SocketWriter
 from .noise import install as install_noise_fast_path
 
 __all__ = [
-    "GO_AWAY_PRUNED",
     "KEEPALIVE_INTERVAL",
     "KEEPALIVE_SLACK",
     "KEEPALIVE_TIMEOUT",
     "MAX_STREAM_WINDOW",
     "STALE_SWEEP_INTERVAL",
-    "ClassHonouringMuxer",
     "LeanYamux",
     "buffered_bytes",
     "discard_incoming",
-    "mark_pruned",
     "ping",
-    "pruned_by_peer",
     "remote_ended",
     "reset_by_remote",
     "run_keepalive",
     "start_keepalive",
-    "use_muxer_classes",
 ]
 
 log = logging.getLogger(__name__)
@@ -185,9 +174,6 @@ OVERRUN_GRACE = 1.0
 #: Longest the GO_AWAY after a window overrun may take to write before the connection is
 #: closed without it.
 GO_AWAY_TIMEOUT = 2.0
-#: The GO_AWAY code of a connection that its peer's connection manager let go (go-libp2p's
-#: ConnGarbageCollected, 0x1005): the peer is alive, it only closed an idle connection.
-GO_AWAY_PRUNED = GO_AWAY_CONN_GARBAGE_COLLECTED
 
 
 def reset_by_remote(stream: Any) -> bool:
@@ -444,7 +430,8 @@ class LeanYamux(Yamux):
         except TypeError:
             log.debug("cannot watch reads of %r; it will be pinged every interval", secured_conn)
 
-    #: The GO_AWAY code this side's close sends (upstream always sends 0, normal).
+    #: The GO_AWAY code this side's close sends (upstream always sends 0, normal; see
+    #: :mod:`.goaway`).
     close_code = 0
 
     async def close(self, error_code: int | None = None) -> None:
@@ -787,43 +774,3 @@ def start_keepalive(network: INetwork, **settings: float) -> bool:
     nursery.start_soon(keepalive)
     return True
 
-
-class ClassHonouringMuxer(MuxerMultistream):
-    """A ``MuxerMultistream`` that builds the muxer class configured for the negotiated protocol."""
-
-    async def new_conn(self, conn: ISecureConn, peer_id: ID) -> Any:
-        selector = self._selector
-        protocol, transport_class = await selector.select(conn, conn.is_initiator, self.negotiate_timeout)
-        muxed: Any
-        if isinstance(transport_class, type) and issubclass(transport_class, Yamux):
-            muxed = transport_class(conn, peer_id, is_initiator=conn.is_initiator)
-        else:
-            muxed = transport_class(conn, peer_id)
-        return self._annotate_connection(muxed, conn, protocol)
-
-
-def use_muxer_classes(swarm: Any, muxer_opt: TMuxerOptions) -> bool:
-    """Make ``swarm``'s upgrader build the classes of ``muxer_opt``; ``False`` if it has none."""
-    upgrader = getattr(swarm, "upgrader", None)
-    current = getattr(upgrader, "muxer_multistream", None)
-    if upgrader is None or current is None:
-        return False
-    upgrader.muxer_multistream = ClassHonouringMuxer(muxer_opt, current.negotiate_timeout)
-    return True
-
-
-def mark_pruned(muxed_conn: object) -> None:
-    """Make the close of this connection tell its peer it was let go, not shut down
-    (GO_AWAY :data:`GO_AWAY_PRUNED`; ``specs/network.md``, "Connection management")."""
-    if isinstance(muxed_conn, LeanYamux):
-        muxed_conn.close_code = GO_AWAY_PRUNED
-
-
-def pruned_by_peer(muxed_conn: object) -> bool:
-    """Whether the last frame the peer sent on this (closed) connection was a GO_AWAY saying
-    that its connection manager let the connection go: the peer is alive."""
-    header = getattr(muxed_conn, "_last_header", b"") if isinstance(muxed_conn, LeanYamux) else b""
-    if len(header) != HEADER_SIZE:
-        return False
-    _, typ, _, _, code = struct.unpack(YAMUX_HEADER_FORMAT, header)
-    return bool(typ == TYPE_GO_AWAY and code == GO_AWAY_PRUNED)
