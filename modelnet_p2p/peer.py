@@ -206,6 +206,7 @@ class Peer:
             lambda: self.availability.table() if self.availability is not None else {},
             self.peer_id,
             interest=self.interest.note,
+            gossip_entry=lambda pid: self.availability.get(pid) if self.availability is not None else None,
         )
 
     # -- lifecycle -------------------------------------------------------------

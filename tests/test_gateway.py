@@ -595,6 +595,44 @@ async def test_concurrent_streams_leave_warm_streams_for_the_next_burst():
         assert text.count("data: ") == len(reply_tokens(MESSAGES)) + 3 and text.endswith("data: [DONE]\n\n")
 
 
+async def test_routed_requests_take_the_pooled_stream_and_look_their_provider_up_once(monkeypatch: Any):
+    """Serial streamed requests to a listed provider: each after the first runs on the stream the
+    one before parked, the route's candidates are made once, and routing looks the provider up
+    in gossip by its id, once a request, instead of reading the whole availability table (which
+    grows with the mesh) for every request."""
+    n = 5
+    async with open_peers(2) as (gw_peer, provider):
+        provider.serve(CHAT, chat_handler())
+        async with gateway_on(gw_peer, models=static(provider, CHAT)) as (gw, url):
+            service = gw_peer.availability
+            assert service is not None
+            reads: dict[str, list[Any]] = {"table": [], "get": []}
+
+            def counted(name: str) -> Callable[..., Any]:
+                stock = getattr(service, name)
+
+                def read(*args: Any) -> Any:
+                    reads[name].append(args)
+                    return stock(*args)
+
+                return read
+
+            monkeypatch.setattr(service, "table", counted("table"))
+            monkeypatch.setattr(service, "get", counted("get"))
+            body = {"model": CHAT.name, "messages": MESSAGES, "stream": True}
+            async with httpx.AsyncClient(timeout=30) as http:
+                for _ in range(n):
+                    async with http.stream("POST", url + "/chat/completions", json=body) as resp:
+                        assert resp.status_code == 200
+                        assert (await resp.aread()).endswith(b"data: [DONE]\n\n")
+            stats = gw_peer.stream_pool.stats()
+            assert (stats.parked, stats.reused, stats.idle) == (n, n - 1, 1)
+            assert reads == {"table": [], "get": [(provider.peer_id,)] * n}
+            route = await gw.catalog.resolve(CHAT.name)
+            assert route is not None
+            assert gw.calls._among(route) is gw.calls._among(route)  # made once per route
+
+
 async def test_end_to_end_from_an_ollama_server():
     async with trio.open_nursery() as nursery:
         fake = FakeServer("ollama")

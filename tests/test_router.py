@@ -200,6 +200,46 @@ async def test_providers_join_cards_with_gossip_and_cache_cards(mock_clock):
     assert given[0].in_flight == 0  # the caller's candidates are not changed
 
 
+def test_a_candidate_copy_is_the_candidate_with_its_own_address_list():
+    from dataclasses import replace
+
+    c = Candidate("a", addrs=["/ip4/1.2.3.4/tcp/1/p2p/a"], state="ready", in_flight=2, queue=1,
+                  max_concurrency=4, idempotent=True, card=object(), name="Echo", load_at=5.0)  # fmt: skip
+    copy = c.copy()
+    assert copy == replace(c, addrs=list(c.addrs)) and copy is not c
+    copy.addrs.append("/ip4/5.6.7.8/tcp/1")
+    copy.in_flight = 9
+    assert c.addrs == ["/ip4/1.2.3.4/tcp/1/p2p/a"] and c.in_flight == 2
+
+
+async def test_a_static_list_looks_each_provider_up_in_gossip_without_reading_the_table():
+    gossip = {"a": entry(("echo",), in_flight=3, max_concurrency=4), "me": entry(("echo",))}
+    gossip["a"].last_seen = 7.0
+    looked_up: list[str] = []
+
+    def table() -> Any:
+        raise AssertionError("the whole table was read")
+
+    def one(peer_id: str) -> Any:
+        looked_up.append(peer_id)
+        return gossip.get(peer_id)
+
+    async def discover(capability: str, timeout: float) -> list[Any]:
+        return []
+
+    providers = Providers(discover, table, "me", gossip_entry=one)
+    given = [Candidate("a", addrs=["/ip4/1.2.3.4/tcp/1/p2p/a"]), Candidate("z"), Candidate("me")]
+    found = {c.peer_id: c for c in providers.among("echo", given)}
+    assert looked_up == ["a", "z"]  # once each, and never this peer's own entry
+    a = found["a"]
+    assert (a.state, a.in_flight, a.queue, a.max_concurrency, a.load_at) == ("ready", 3, 1, 4, 7.0)
+    assert found["z"].state is None and found["me"].state is None
+    assert given[0].in_flight == 0 and given[0].state is None  # the caller's candidates are not changed
+    # the same candidates as joining the table gives
+    joined = {c.peer_id: c for c in Providers(discover, lambda: gossip, "me").among("echo", given)}
+    assert joined == found
+
+
 # -- load hints from answers (specs/inference.md, "load") ----------------------------------------
 
 from modelnet_p2p.mesh.routing import LOAD_HINT_TTL  # noqa: E402

@@ -570,6 +570,18 @@ def test_client_request_carries_the_time_left():
         c.send_request(10.0)
 
 
+def test_the_request_frame_is_the_request_with_the_time_left_as_its_timeout():
+    from dataclasses import replace
+
+    from modelnet_p2p.proto.infer import TraceContext
+
+    request = req(input=[{"role": "user", "content": "hi"}], params={"max_tokens": 4}, keep=True,
+                  token="tok", batch=True, trace=TraceContext(b"t" * 16, b"s" * 8, 1, ("a",)))  # fmt: skip
+    session = ClientSession(request, deadline=12.3456)
+    assert session.send_request(10.0) == frame(replace(request, timeout_ms=2345))
+    assert session.request is request
+
+
 def test_client_refuses_to_send_late_or_too_large_requests():
     with pytest.raises(DeadlineExceededError):
         client(deadline=5.0).send_request(5.0)

@@ -102,7 +102,7 @@ from ..p2p.dialer import Target
 from ..p2p.stream import Stream
 from ..proto.infer import TraceContext
 from ..proto.receipt import ChunkChain, Receipt, ReceiptCheck
-from ..services.inference import ResponseInfo, StreamSource, new_request_id, request_batches_on_peer
+from ..services.inference import ResponseInfo, StreamSource, request_batches_on_peer
 from ..services.inference.client import StalledError
 from .providers import PROVIDERS_TIMEOUT, Providers
 from .routing import Candidate, Policy, Router
@@ -286,7 +286,8 @@ def deadline_of(timeout: float | None) -> float:
 
 
 def new_trace() -> TraceContext:
-    return TraceContext(trace_id=new_request_id(), span_id=os.urandom(8))
+    ids = os.urandom(24)  # one system call for both
+    return TraceContext(trace_id=ids[:16], span_id=ids[16:])
 
 
 class MeshClient:
@@ -543,8 +544,11 @@ class MeshClient:
             if chosen is not None:
                 return chosen
         lookup = max(0.05, min(MAX_LOOKUP_TIME, plan.deadline - trio.current_time()))
-        with trio.move_on_at(plan.deadline):
-            cands = await self._candidates(plan, lookup, refresh=False)
+        if plan.among is not None:  # a given list: nothing to wait for, so no cancel scope
+            cands = self.provider_source.among(plan.capability, plan.among)
+        else:
+            with trio.move_on_at(plan.deadline):
+                cands = await self._candidates(plan, lookup, refresh=False)
         if trio.current_time() >= plan.deadline:
             raise DeadlineExceededError(
                 f"deadline exceeded routing {plan.capability!r} after {len(info.attempts)} attempts",

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
 from typing import Any, Protocol
 
 import trio
@@ -186,6 +185,9 @@ class Providers:
         cache_ttl: seconds a lookup's cards are reused.
         interest: called with the capability and its cards on every lookup, cached or not
             (:meth:`~modelnet_p2p.mesh.interest.Interest.note`: follow its gossip).
+        gossip_entry: one provider's live entry of the table (``None``: not in it), so that
+            :meth:`among` looks up the providers it was given instead of walking the whole
+            table; without it, :meth:`among` reads ``gossip``.
     """
 
     def __init__(
@@ -196,10 +198,12 @@ class Providers:
         *,
         cache_ttl: float = PROVIDER_CACHE_TTL,
         interest: Callable[[str, list[CapabilityCard]], None] | None = None,
+        gossip_entry: Callable[[str], GossipEntry | None] | None = None,
     ) -> None:
         self._discover = discover
         self.interest = interest
         self._gossip = gossip
+        self._gossip_entry = gossip_entry
         self.local_peer = local_peer
         self.cache_ttl = cache_ttl
         self._cache: dict[str, tuple[float, list[CapabilityCard]]] = {}
@@ -268,15 +272,25 @@ class Providers:
                 if not (add_missing and serves):
                     continue
                 cand = found[pid] = Candidate(peer_id=pid)
-            cand.state = str(entry.state)
-            cand.in_flight = entry.record.in_flight
-            cand.queue = entry.record.queue
-            cand.load_at = getattr(entry, "last_seen", None)  # against answers' load hints (routing)
-            if entry.record.max_concurrency:
-                cand.max_concurrency = entry.record.max_concurrency
+            _fill(cand, entry)
 
     def among(self, capability: str, given: Sequence[Candidate]) -> list[Candidate]:
         """Copies of caller-given candidates (a static provider list) with gossip joined in."""
-        found = {c.peer_id: replace(c, addrs=list(c.addrs)) for c in given}
-        self.join(capability, found)
+        found = {c.peer_id: c.copy() for c in given}
+        if self._gossip_entry is None:
+            self.join(capability, found)
+            return list(found.values())
+        for pid, cand in found.items():  # what join does for these, one lookup each
+            if pid != self.local_peer and (entry := self._gossip_entry(pid)) is not None:
+                _fill(cand, entry)
         return list(found.values())
+
+
+def _fill(cand: Candidate, entry: GossipEntry) -> None:
+    """Take state and load from a provider's gossip."""
+    cand.state = str(entry.state)
+    cand.in_flight = entry.record.in_flight
+    cand.queue = entry.record.queue
+    cand.load_at = getattr(entry, "last_seen", None)  # against answers' load hints (routing)
+    if entry.record.max_concurrency:
+        cand.max_concurrency = entry.record.max_concurrency

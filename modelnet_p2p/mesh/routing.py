@@ -124,6 +124,14 @@ class Candidate:
     name: str | None = None
     load_at: float | None = None
 
+    def copy(self) -> Candidate:
+        """A copy with a list of addresses of its own (``dataclasses.replace(self, addrs=
+        list(self.addrs))``, without its per-field work: it runs once per routed request)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.addrs = list(self.addrs)
+        return new
+
 
 @dataclass
 class _Stats:
@@ -350,11 +358,13 @@ class Router:
         pool = self.eligible(cands, exclude)
         if not pool:
             return None
-        pinned = [c for c in pool if c.peer_id in self.reputation.lists.pin]
-        pool = pinned or pool
-        trust = {c.peer_id: self.reputation.trust(c.peer_id) for c in pool}
-        best = max(trust.values())
-        pool = [c for c in pool if trust[c.peer_id] >= best * TRUST_CUTOFF]
+        pins = self.reputation.lists.pin
+        if pins:
+            pool = [c for c in pool if c.peer_id in pins] or pool
+        if len(pool) > 1:  # (one candidate is always within the cut-off of itself)
+            trust = {c.peer_id: self.reputation.trust(c.peer_id) for c in pool}
+            best = max(trust.values())
+            pool = [c for c in pool if trust[c.peer_id] >= best * TRUST_CUTOFF]
         return (self.policy if policy is None else resolve_policy(policy))(pool, self)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:

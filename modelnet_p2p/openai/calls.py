@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 
 #: Seconds allowed for stopping a mesh request once its answer is abandoned.
 CLOSE_TIMEOUT = 2.0
+#: Routes whose candidates are kept once made (past it the cache starts over: a catalog of
+#: discovered routes remakes them as cards change).
+AMONG_CACHE = 1024
 
 
 @dataclass
@@ -149,20 +152,28 @@ class Caller:
         self.max_attempts = max_attempts
         self.routing = routing
         self.policy = policy
+        #: Each route's candidates, made once (routing copies them before joining gossip in).
+        self._among_of: dict[ModelRoute, list[Candidate] | None] = {}
 
     def _among(self, route: ModelRoute) -> list[Candidate] | None:
         """The providers to route among, or ``None``: the mesh looks them up."""
-        if not route.providers or (route.discovered and self.routing == "mesh"):
-            return None
-        return [
-            Candidate(
-                peer_id=peer_of(target),
-                addrs=[target],
-                idempotent=route.idempotent,
-                max_concurrency=route.max_concurrency or 0,
-            )
-            for target in route.providers
-        ]
+        if route in self._among_of:
+            return self._among_of[route]
+        among = None
+        if route.providers and not (route.discovered and self.routing == "mesh"):
+            among = [
+                Candidate(
+                    peer_id=peer_of(target),
+                    addrs=[target],
+                    idempotent=route.idempotent,
+                    max_concurrency=route.max_concurrency or 0,
+                )
+                for target in route.providers
+            ]
+        if len(self._among_of) >= AMONG_CACHE:
+            self._among_of.clear()
+        self._among_of[route] = among
+        return among
 
     async def _chunks(
         self,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import math
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import (
@@ -121,7 +121,8 @@ BatchEvent = ChunksReceived | Finished | ErrorReceived
 class ClientSession:
     """The client end of one request on a stream.
 
-    ``request.timeout_ms`` is ignored: :meth:`send_request` computes it from ``deadline``.
+    ``request.timeout_ms`` is ignored: :meth:`send_request` sends the time left before
+    ``deadline`` in its place (``request`` itself is kept as given).
     ``reused`` says the stream was kept from an earlier request, so that an end of stream
     before any byte of the answer can be told apart (:attr:`closed_before_answer`). An
     answer may be at most ``max_answer_size`` bytes."""
@@ -165,9 +166,10 @@ class ClientSession:
         if now >= self.deadline:
             raise DeadlineExceededError("deadline exceeded before the request was sent")
         ttl = 0 if math.isinf(self.deadline) else max(1, int((self.deadline - now) * 1000))
-        self.request = replace(self.request, timeout_ms=ttl)
         try:
-            frame = pack_frame(self.request.to_wire(), self.max_frame_size)
+            body = self.request.to_wire()
+            body["ttl"] = ttl  # in its place among the keys: the bytes of a request with timeout_ms=ttl
+            frame = pack_frame(body, self.max_frame_size)
         except ProtocolError as exc:
             raise BadRequestError(f"request too large: {exc.message}") from None
         except Exception as exc:
