@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from modelnet_p2p.openai.calls import Outcome
-from modelnet_p2p.openai.sse import Outbox, head_events, produce_events
+from modelnet_p2p.openai.sse import Outbox, close_source, head_events, produce_events
 from modelnet_p2p.openai.translate import ChatFrames, CompletionFrames
 
 _TEXTS = st.lists(
@@ -75,3 +75,27 @@ async def test_the_outbox_is_bounded_in_bytes_too():
     assert out.full
     assert await out.take() == b"x" * 600 + b"y" * 600
     assert not out.full and out.size == 0
+
+
+async def test_closing_the_source_stops_an_unfinished_answer_even_when_cancelled(mock_clock: Any):
+    mock_clock.autojump_threshold = 0
+    stopped: list[float] = []
+
+    async def batches() -> AsyncGenerator[list[Any], None]:
+        try:
+            yield ["a"]
+            yield ["b"]
+        finally:
+            await trio.sleep(1)  # stopping a mesh request takes a moment
+            stopped.append(trio.current_time())
+
+    unfinished = batches()
+    assert await unfinished.__anext__() == ["a"]
+    with trio.CancelScope() as scope:
+        scope.cancel()  # the answer's task is being cancelled (the client went away)
+        await close_source(unfinished)
+    assert stopped == [1.0]
+    finished = batches()
+    assert [b async for b in finished] == [["a"], ["b"]]
+    await close_source(finished)  # read to its end: nothing left to stop
+    assert stopped == [1.0, 2.0]

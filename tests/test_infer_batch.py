@@ -154,6 +154,8 @@ async def test_client_unpacks_a_batch_from_the_server():
         (_batch(0, ["a", {"x": 1}]), "only text or bytes"),
         (_batch(0, ["a", None]), "only text or bytes"),
         (_batch(0, ["a", 5]), "only text or bytes"),
+        (_batch(0, ["a", b"b", True]), "only text or bytes"),
+        (_batch(0, [1.5, "a"]), "only text or bytes"),
         (_batch(-1, ["a"]), "non-negative integer"),
         (pack_frame({"t": "chunks", "d": ["a"]}), "non-negative integer"),
         (_batch(1, ["a", "b"]), "sequence 1"),

@@ -36,6 +36,7 @@ __all__ = [
     "EventStream",
     "Frames",
     "Outbox",
+    "close_source",
     "head_events",
     "produce_events",
 ]
@@ -162,8 +163,16 @@ async def produce_events(
         put(sse_event(outcome.error.body()))
     finally:
         out.close()
-        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
-            await batches.aclose()
+        await close_source(batches)
+
+
+async def close_source(batches: AsyncGenerator[list[Any], None]) -> None:
+    """Close ``batches`` (which stops its mesh request), shielded, within :data:`CLOSE_TIMEOUT`;
+    an answer read to its end has nothing left to stop, and takes no cancel scope."""
+    if getattr(batches, "ag_frame", True) is None:  # a finished (or closed) async generator
+        return
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_TIMEOUT):
+        await batches.aclose()
 
 
 _NO_BODY: tuple[bytes, ...] = ()
@@ -223,7 +232,6 @@ class EventStream(StreamingResponse):
                     await send({"type": "http.response.body", "body": body or b"", "more_body": more})
                 nursery.cancel_scope.cancel()
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
-                await self.chunks.aclose()
+            await close_source(self.chunks)
             if self.on_done is not None:
                 self.on_done()

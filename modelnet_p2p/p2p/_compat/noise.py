@@ -221,17 +221,17 @@ class NoiseFastPath:
             await self._send(b"".join(parts))
 
     async def _send(self, payload: bytes) -> None:
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(SEND_TIMEOUT) as timer:
-                await self.raw.write(payload)
-            if timer.cancelled_caught:  # part of a message may be out: the stream is lost
-                self._broken = RawConnError(f"noise: a write did not complete within {SEND_TIMEOUT} s")
-                with trio.move_on_after(1.0):
-                    try:
-                        await self.raw.close()
-                    except Exception:
-                        pass
-                raise self._broken
+        # One scope, shielded and with the time limit (a shield around a move_on_after, at half the cost).
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + SEND_TIMEOUT) as timer:
+            await self.raw.write(payload)
+        if timer.cancelled_caught:  # part of a message may be out: the stream is lost
+            self._broken = RawConnError(f"noise: a write did not complete within {SEND_TIMEOUT} s")
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + 1.0):
+                try:
+                    await self.raw.close()
+                except Exception:
+                    pass
+            raise self._broken
 
 
 def install(secured_conn: Any) -> NoiseFastPath | None:
