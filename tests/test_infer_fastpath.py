@@ -247,3 +247,51 @@ def test_small_bodies_keep_every_limit():
     with pytest.raises(ProtocolError, match="more than 2 maps and arrays"):
         unpackb(packb([[], []]), max_containers=2)
     assert unpack_body(packb({"t": "chunk", "seq": 1, "d": "tok "})) == {"t": "chunk", "seq": 1, "d": "tok "}
+
+
+async def test_a_stream_link_wakes_its_waiters_and_counts_those_still_parked() -> None:
+    """The server's per-chunk wake-up checks a count instead of calling into trio; the count
+    stays that of the tasks parked, whether a waiter is woken or cancelled, in either order."""
+    from trio.testing import wait_all_tasks_blocked
+
+    from modelnet_p2p.services.inference.server import _Link
+
+    link = _Link(None, None)  # type: ignore[arg-type]  # (only its wake-ups are used)
+    woke: list[str] = []
+    scopes = {"x": trio.CancelScope(), "y": trio.CancelScope()}
+
+    async def wait(name: str) -> None:
+        with scopes.get(name, trio.CancelScope()):
+            await link.changed()
+            woke.append(name)
+
+    async with trio.open_nursery() as nursery:
+        for name in ("a", "b"):
+            nursery.start_soon(wait, name)
+        await wait_all_tasks_blocked()
+        assert link.waiting == 2
+        link.notify()
+        await wait_all_tasks_blocked()
+        assert sorted(woke) == ["a", "b"] and link.waiting == 0
+        for name in ("x", "c"):
+            nursery.start_soon(wait, name)
+        await wait_all_tasks_blocked()
+        scopes["x"].cancel()
+        await wait_all_tasks_blocked()
+        assert link.waiting == 1  # only c is still parked
+        link.notify()
+        await wait_all_tasks_blocked()
+        assert woke[-1] == "c" and link.waiting == 0
+        for name in ("y", "d"):
+            nursery.start_soon(wait, name)
+        await wait_all_tasks_blocked()
+        scopes["y"].cancel()
+        link.notify()  # before the cancelled waiter has run
+        await wait_all_tasks_blocked()
+        assert woke[-1] == "d" and "x" not in woke and "y" not in woke and link.waiting == 0
+        nursery.start_soon(wait, "e")
+        await wait_all_tasks_blocked()
+        assert link.waiting == 1
+        link.notify()
+        await wait_all_tasks_blocked()
+    assert sorted(woke[:2]) == ["a", "b"] and woke[2:] == ["c", "d", "e"]

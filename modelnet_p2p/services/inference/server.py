@@ -149,8 +149,10 @@ class _Link:
         self.stream = stream
         self.session = session
         # A parking lot, not an Event: notify runs once per chunk, and waking nobody (the
-        # common case while a fast handler fills the queue) then costs one empty check.
+        # common case while a fast handler fills the queue) then costs one check of an int.
         self._changed = trio.lowlevel.ParkingLot()
+        #: Tasks parked in :meth:`changed` (what ``len(self._changed)`` counts, without a call).
+        self.waiting = 0
         #: Stops the running request's handler (set while one runs).
         self.on_stop: Callable[[], None] | None = None
         #: The client broke the protocol on this stream.
@@ -166,11 +168,17 @@ class _Link:
         self.reading = False
 
     def notify(self) -> None:
-        if self._changed:
+        if self.waiting:
+            self.waiting = 0
             self._changed.unpark_all()
 
     async def changed(self) -> None:
-        await self._changed.park()
+        self.waiting += 1
+        try:
+            await self._changed.park()
+        except BaseException:
+            self.waiting = len(self._changed)  # cancelled while parked: those still parked
+            raise
 
     def stop_request(self) -> None:
         if self.on_stop is not None:
@@ -564,7 +572,7 @@ class InferenceServer:
                 chain.add(item)
             link.notify()
 
-        offer_chunk, notify = s.offer_chunk, link.notify
+        offer_chunk = s.offer_chunk
 
         def offer(item: Any) -> bool:
             # The hot path, per chunk, with no coroutine: queue ``item`` if it may go without
@@ -572,7 +580,8 @@ class InferenceServer:
             if offer_chunk(item, HANDLER_BUFFER, SMALL_CHUNK_BUFFER, MAX_WRITE_BATCH):
                 if chain is not None:
                     chain.add(item)
-                notify()
+                if link.waiting:  # (link.notify, without a call per chunk while nobody waits)
+                    link.notify()
                 return True
             return False
 
