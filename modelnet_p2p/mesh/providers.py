@@ -8,8 +8,9 @@ routing :class:`~modelnet_p2p.mesh.routing.Candidate` objects; a provider that
 gossips a capability but whose card the lookup missed is added too (without
 addresses: the dialer then uses what it already knows of the peer).
 
-It sees the services only through two callables, so it can be driven by
-anything (a peer, a test, a gateway with a static provider list).
+It sees the services only through callables (a lookup, the gossip table and, optionally, one
+provider's gossip entry), so it can be driven by anything (a peer, a test, a gateway with a
+static provider list).
 
 Also here: :func:`search_cards` (a discovery lookup as an iterator of cards) and
 :func:`mesh_rows` (the whole mesh as gossip joined with cards, for ``status``).
