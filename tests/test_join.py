@@ -11,6 +11,7 @@ import hashlib
 import random
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from typing import Any
 
 import multiaddr
@@ -23,7 +24,7 @@ from modelnet_p2p import Capability, Peer
 from modelnet_p2p.p2p.host import build_host, running_host
 from modelnet_p2p.p2p.identity import Identity
 from modelnet_p2p.p2p.ids import parse_id
-from modelnet_p2p.p2p.kad import peer_id_bytes
+from modelnet_p2p.p2p.kad import KadKind, KadPeer, KadRequest, peer_id_bytes
 from modelnet_p2p.proto.card import task_key, value_key
 from modelnet_p2p.services.discovery import DHT_PROTOCOL_ID
 from modelnet_p2p.services.discovery.index import announced_keys
@@ -273,6 +274,38 @@ def test_patience_follows_the_round_trip_times() -> None:
     for _ in range(5):
         rtt.sample(60.0)
     assert rtt.patience() == 5.0  # never past the request timeout
+
+
+async def test_requests_that_dial_first_are_timed_apart_and_tarpits_teach_nothing() -> None:
+    """A DHT request to a peer with no connection is timed by the dial estimate, not by the
+    one of open connections; a dial to a tarpit (it takes the TCP connection and never
+    answers the handshake) times out without feeding either estimate."""
+    async with Peer(**PEER_OPTS) as server, Peer(**PEER_OPTS) as asker:
+        lookups = asker.discovery.lookups
+        find = KadRequest(KadKind.FIND_NODE, peer_id_bytes(asker.peer_id))
+        held: list[trio.SocketStream] = []
+
+        async def hold(stream: trio.SocketStream) -> None:
+            held.append(stream)
+            await trio.sleep_forever()
+
+        async with trio.open_nursery() as nursery:
+            (listener,) = await nursery.start(partial(trio.serve_tcp, hold, 0, host="127.0.0.1"))
+            port = listener.socket.getsockname()[1]
+            tarpit = Identity.generate().peer_id.to_base58()
+            asker.discovery.kad.remember_addrs(KadPeer(tarpit, (f"/ip4/127.0.0.1/tcp/{port}",)), 60)
+            assert lookups.estimator(tarpit) is lookups.dial_rtt
+            outcome = await lookups.attempt(tarpit, find, timeout=0.5)
+            assert outcome.answer is None and held
+            assert lookups.dial_rtt.samples == 0 and lookups.rtt.samples == 0
+            nursery.cancel_scope.cancel()
+        asker.discovery.kad.remember_addrs(KadPeer(server.peer_id, tuple(server.addrs)), 60)
+        assert lookups.estimator(server.peer_id) is lookups.dial_rtt  # not connected yet
+        assert (await lookups.attempt(server.peer_id, find)).answer is not None
+        assert (lookups.dial_rtt.samples, lookups.rtt.samples) == (1, 0)
+        assert lookups.estimator(server.peer_id) is lookups.rtt  # connected now
+        assert (await lookups.attempt(server.peer_id, find)).answer is not None
+        assert (lookups.dial_rtt.samples, lookups.rtt.samples) == (1, 1)
 
 
 @pytest.mark.timeout(120)

@@ -10,7 +10,10 @@ have all answered: Kademlia's termination rule.
 
 Slow is not dead. A request that has not been answered within the *patience*
 (:class:`RttEstimator`: the smoothed round-trip time of recent answers plus four times its
-variation, so it grows when the machine is busy) stops holding one of the ALPHA slots, and
+variation, so it grows when the machine is busy; requests that must dial first have their
+own, since a security handshake takes far longer than a round trip, and on a busy machine
+a patience fit for open connections made a lookup ask a new peer, with a new handshake, for
+each slow dial) stops holding one of the ALPHA slots, and
 the lookup asks the next candidate; the slow request itself runs on until the request
 timeout (which grows with the measured round trips too), its answer still counts, and a
 slow peer among the k closest is waited for. Answers are used as they arrive: providers
@@ -146,8 +149,11 @@ class Lookups:
         self.kad = kad
         self.rpc_timeout = rpc_timeout
         self._wall_clock = wall_clock
-        #: Round-trip times of the answers so far: decides when a request is slow.
+        #: Round-trip times of the answers so far on open connections, and of those that
+        #: needed a dial first (a security handshake: on a busy machine, seconds): each
+        #: decides when its kind of request is slow.
         self.rtt = RttEstimator(initial=INITIAL_PATIENCE, floor=MIN_PATIENCE, ceiling=rpc_timeout)
+        self.dial_rtt = RttEstimator(initial=INITIAL_PATIENCE, floor=MIN_PATIENCE, ceiling=rpc_timeout)
         #: Requests that were still unanswered after the patience (a slot went to another peer).
         self.slow_requests = 0
         #: Providers found whose card came beside their record (no fetch), card fetches, and
@@ -180,17 +186,27 @@ class Lookups:
         outcome = await self.attempt(peer_id, req, timeout)
         return outcome.answer, outcome.opened
 
-    async def attempt(self, peer_id: str, req: KadRequest, timeout: float | None = None) -> KadOutcome:
+    def estimator(self, peer_id: str) -> RttEstimator:
+        """The round-trip estimator of a request to ``peer_id`` now: :attr:`rtt` over an open
+        connection, :attr:`dial_rtt` when the request must dial first."""
+        return self.rtt if self.kad.is_connected(peer_id) else self.dial_rtt
+
+    async def attempt(
+        self, peer_id: str, req: KadRequest, timeout: float | None = None, est: RttEstimator | None = None
+    ) -> KadOutcome:
         """One request within ``timeout`` (default: :meth:`RttEstimator.timeout`), timed.
 
-        Answers and time-outs feed the estimator (a time-out as the time it lasted, a
-        lower bound of the round trip), so the allowance grows on a busy machine.
+        Over an open connection, answers and time-outs feed :attr:`rtt` (a time-out as the
+        time it lasted, a lower bound of the round trip), so the allowance grows on a busy
+        machine. A request that dialed first feeds :attr:`dial_rtt` with its answers only: a
+        dial that never completes (a tarpit) says nothing of how long dials take.
         """
+        est = self.estimator(peer_id) if est is None else est
         t0 = trio.current_time()
-        allowed = self.rtt.timeout(self.rpc_timeout) if timeout is None else timeout
+        allowed = est.timeout(self.rpc_timeout) if timeout is None else timeout
         outcome = await self.kad.exchange(peer_id, req, allowed)
-        if outcome.answer is not None or outcome.timed_out:
-            self.rtt.sample(trio.current_time() - t0)
+        if outcome.answer is not None or (outcome.timed_out and est is self.rtt):
+            est.sample(trio.current_time() - t0)
         return outcome
 
     async def send(self, peer_id: str, req: KadRequest) -> bool:
@@ -256,9 +272,10 @@ class Lookups:
                 send_done.send_nowait(None)
 
         async def ask(pid: str) -> None:
+            est = self.estimator(pid)  # a dial first: patient for as long as dials take
             async with trio.open_nursery() as watchdog:
-                watchdog.start_soon(watch, pid, self.rtt.patience())
-                outcome = await self.attempt(pid, request)
+                watchdog.start_soon(watch, pid, est.patience())
+                outcome = await self.attempt(pid, request, est=est)
                 watchdog.cancel_scope.cancel()
             resp = outcome.answer
             if resp is None:
