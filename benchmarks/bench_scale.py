@@ -570,7 +570,8 @@ async def main(args: argparse.Namespace) -> None:
     rss0 = {s.name: await idle_rss(s) for s in sides}
     pairs = []
     for n in sizes:
-        limit = args.size_limit or (180.0 + 1.5 * n)
+        # (each serve() trial may first wait SERVE_QUIET_LIMIT for a quiet mesh: the stock one never is)
+        limit = args.size_limit or (180.0 + 1.5 * n + settings.serve_trials * SERVE_QUIET_LIMIT)
         results = []
         for side in sides:
             print(f"... {side.name} N={n} (limit {limit:.0f} s)", file=sys.stderr, flush=True)
