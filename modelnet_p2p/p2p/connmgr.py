@@ -497,13 +497,7 @@ class ConnManager:
         if self._in_use(conn):  # a stream opened since the choice: keep it
             self._trimmed -= 1
             return
-        self._closed_here.add(conn.muxed_conn)
-        mark_pruned(conn.muxed_conn)  # its peer learns we let it go, not that we left
-        try:
-            await conn.close()
-        except Exception as exc:
-            log.debug("closing a trimmed connection failed: %r", exc)
-        self.disconnected(conn)
+        await self._close_now(conn, "a trimmed connection")
 
     def over_limits(self) -> list[INetConn]:
         """The connections to close now to bring every hard limit back (see the module docs)."""
@@ -582,13 +576,13 @@ class ConnManager:
                     nursery.start_soon(self._close_now, conn)
         return len(victims)
 
-    async def _close_now(self, conn: INetConn) -> None:
+    async def _close_now(self, conn: INetConn, what: str = "a connection over the limits") -> None:
         self._closed_here.add(conn.muxed_conn)
-        mark_pruned(conn.muxed_conn)
+        mark_pruned(conn.muxed_conn)  # its peer learns we let it go, not that we left
         try:
             await conn.close()
         except Exception as exc:
-            log.debug("closing a connection over the limits failed: %r", exc)
+            log.debug("closing %s failed: %r", what, exc)
         self.disconnected(conn)
 
     def stats(self) -> ConnStats:

@@ -39,6 +39,7 @@ from ..errors import (
     UnavailableError,
 )
 from .addresses import is_circuit_addr, parse_circuit_addr, parse_multiaddr
+from .notify import connected
 from .relay import dial_via_relay
 
 __all__ = [
@@ -163,7 +164,7 @@ class Dialer:
     def is_connected(self, peer: str | ID) -> bool:
         """Whether an open connection to ``peer`` exists (a closed one may linger in the swarm)."""
         pid = peer if isinstance(peer, ID) else parse_peer_id(peer)
-        return pid is not None and any(not c.is_closed for c in self.host.get_network().get_connections(pid))
+        return pid is not None and connected(self.host, pid)
 
     def known_addrs(self, pid: ID) -> list[multiaddr.Multiaddr]:
         try:

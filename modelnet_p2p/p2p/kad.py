@@ -48,7 +48,7 @@ from ._compat.kad import (
 from ._compat.multistream import OptimisticStream, ProtocolRefused
 from .ids import addr_bytes, addr_text, id_bytes, id_text, parse_addr, parse_id
 from .kadcheck import TableChecker
-from .notify import on_disconnect
+from .notify import connected, on_disconnect
 from .stream import close_quietly, reset_quietly
 
 if TYPE_CHECKING:
@@ -394,8 +394,7 @@ class KadNode:
 
     def is_connected(self, peer_id: str) -> bool:
         """Whether the host holds an open connection to ``peer_id``."""
-        conns = self._host.get_network().get_connections(parse_id(peer_id))
-        return any(not c.is_closed for c in conns)
+        return connected(self._host, parse_id(peer_id))
 
     def routing_table_size(self) -> int:
         return self._running.get_routing_table_size()

@@ -1,4 +1,5 @@
-"""Closed connections as a callback: a swarm notifee that hears only ``disconnected``.
+"""Connections: whether one is open to a peer, and closed ones as a callback (a swarm
+notifee that hears only ``disconnected``).
 
 The swarm calls a notifee's methods by name, each in a task of its own, and only after a
 closed connection has left its table (``SwarmConn`` waits 0.1 s for its streams' resets
@@ -14,10 +15,16 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from libp2p.abc import IHost, INetConn, INotifee
+from libp2p.peer.id import ID
 
-__all__ = ["on_disconnect"]
+__all__ = ["connected", "on_disconnect"]
 
 log = logging.getLogger(__name__)
+
+def connected(host: IHost, peer: ID) -> bool:
+    """Whether ``host`` has an open connection to ``peer`` (a closed one may linger in the swarm)."""
+    return any(not conn.is_closed for conn in host.get_network().get_connections(peer))
+
 
 #: ``(peer id as text, the closed connection's muxed connection)``; must not block.
 Disconnected = Callable[[str, Any], None]

@@ -39,6 +39,7 @@ from ..errors import ConfigError, UnavailableError
 from ._compat.pnet import protect_outbound
 from ._compat.relay import CircuitLimiter, CircuitRelay, ReservationDecider, relay_limits
 from .addresses import circuit_addr, parse_circuit_addr, parse_multiaddr, parse_peer_addr
+from .notify import connected
 
 __all__ = [
     "HOP_PROTOCOL_ID",
@@ -59,11 +60,6 @@ STOP_PROTOCOL_ID = _STOP_ID
 
 #: Seconds to wait for the relay's handlers to be registered.
 START_TIMEOUT = 10.0
-
-
-def connected(host: IHost, peer: ID) -> bool:
-    """Whether ``host`` has an open connection to ``peer``."""
-    return any(not conn.is_closed for conn in host.get_network().get_connections(peer))
 
 
 # -- the relay (hop) and target (stop) side ---------------------------------------

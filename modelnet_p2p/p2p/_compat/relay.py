@@ -65,7 +65,7 @@ from libp2p.relay.circuit_v2.protocol_buffer import StatusCode
 from libp2p.relay.circuit_v2.resources import RelayLimits
 from libp2p.relay.circuit_v2.utils import maybe_consume_signed_record, read_delimited_msg
 
-from ..notify import on_disconnect
+from ..notify import connected, on_disconnect
 from ..resources import conn_ip
 from ..stream import close_quietly
 from .host import guard_handler, retire_stream_handler
@@ -152,10 +152,6 @@ class _Recording:
         return getattr(self._stream, name)
 
 
-def _connected(host: IHost, peer: ID) -> bool:
-    return any(not conn.is_closed for conn in host.get_network().get_connections(peer))
-
-
 def _live_muxer(host: IHost, peer: ID) -> Any | None:
     """The muxed connection of one of ``peer``'s open connections, or ``None``."""
     for conn in host.get_network().get_connections(peer):
@@ -209,7 +205,7 @@ class CircuitRelay(CircuitV2Protocol):
         return sum(
             1
             for peer, r in list(self.resource_manager._reservations.items())
-            if not r.is_expired() and _connected(self.host, peer)
+            if not r.is_expired() and connected(self.host, peer)
         )
 
     def reserving_peers(self) -> list[str]:
@@ -217,7 +213,7 @@ class CircuitRelay(CircuitV2Protocol):
         return [
             str(peer)
             for peer, r in list(self.resource_manager._reservations.items())
-            if not r.is_expired() and _connected(self.host, peer)
+            if not r.is_expired() and connected(self.host, peer)
         ]
 
     def tracked_connections(self) -> int:
@@ -291,7 +287,7 @@ class CircuitRelay(CircuitV2Protocol):
             # (262 Sybils refreshing every second made it most of a relay's work).
             self._next_prune = now + PRUNE_INTERVAL
             host = self.host
-            gone_peers = [p for p, r in reservations.items() if r.is_expired() or not _connected(host, p)]
+            gone_peers = [p for p, r in reservations.items() if r.is_expired() or not connected(host, p)]
             for gone in gone_peers:
                 del reservations[gone]
             for table in (self._holders, self._answers, self._conn_of):
@@ -349,7 +345,7 @@ class CircuitRelay(CircuitV2Protocol):
                 else:
                     self._conn_of[peer] = live  # the same key: the dict does not change size
         if len(reservations) != len(self._conn_of):  # a reservation not tracked (none normally)
-            departed += [p for p in reservations if p not in self._conn_of and not _connected(host, p)]
+            departed += [p for p in reservations if p not in self._conn_of and not connected(host, p)]
         for peer in departed:
             self._forget(peer)
 
