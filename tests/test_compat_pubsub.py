@@ -302,6 +302,34 @@ async def test_lazy_gossip_opens_its_stream_once_it_subscribes() -> None:
             nursery.cancel_scope.cancel()
 
 
+async def test_a_subscribed_dialer_waits_for_the_listener_to_speak_first() -> None:
+    """A subscribed peer opens no stream to a peer it dialed until that peer opens one."""
+    a, b, c = (build_host(Identity.generate()) for _ in range(3))
+    async with running_host(a, LOOPBACK), running_host(b, LOOPBACK), running_host(c, LOOPBACK):
+        ga, gb, gc = Gossip(a), Gossip(b), Gossip(c)
+        ga.join(TOPIC, lambda m: True)
+        gc.join(TOPIC, lambda m: True)
+        async with trio.open_nursery() as nursery:
+            for g in (ga, gb, gc):
+                await nursery.start(g.run)
+            await a.connect(_info(b))  # b subscribes to nothing: nobody speaks
+            with trio.fail_after(10):
+                while not (ga.awaited_streams() and gb.deferred_streams()):
+                    await trio.sleep(0.02)
+            assert ga.peers() == gb.peers() == frozenset()
+            await a.connect(_info(c))  # c subscribes: c speaks first, and a answers
+            with trio.fail_after(10):
+                while not (ga.mesh_size(TOPIC) and gc.mesh_size(TOPIC)):
+                    await trio.sleep(0.02)
+            assert ga.peers() == {str(c.get_id())} and gc.peers() == {str(a.get_id())}
+            gb.join(TOPIC, lambda m: True)  # b's first topic: b speaks to a, and a answers
+            with trio.fail_after(10):
+                while not (ga.neighbours(TOPIC) == 2 and gb.neighbours(TOPIC) == 1):
+                    await trio.sleep(0.02)
+            assert ga.peers() == {str(b.get_id()), str(c.get_id())}
+            nursery.cancel_scope.cancel()
+
+
 async def test_lazy_gossip_publishes_where_it_does_not_subscribe() -> None:
     """A peer subscribed to nothing opens streams to a topic's subscribers before it publishes."""
     a, b = build_host(Identity.generate()), build_host(Identity.generate())

@@ -251,6 +251,11 @@ class Gossip:
         ps = self._pubsub
         return ps.deferred if ps is not None else 0
 
+    def awaited_streams(self) -> int:
+        """Pubsub streams not opened (yet) on connections this peer dialed: the listener speaks first."""
+        ps = self._pubsub
+        return ps.awaited if ps is not None else 0
+
     def neighbours(self, topic: str) -> int:
         """How many neighbours have announced a subscription to ``topic``."""
         ps = self._pubsub
