@@ -31,7 +31,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 
 from ..errors import ConfigError
-from ._compat import netstream, pnet
+from ._compat import netstream, notifees, pnet
 from ._compat.host import (
     check_port_free,
     close_connections,
@@ -108,6 +108,7 @@ def build_host(
         enable_tcp=True,
         psk=psk.hex() if psk is not None else None,
     )
+    notifees.install(swarm)  # stream events without a task per notifee
     if not use_muxer_classes(swarm, muxers):  # upstream would build a plain Yamux
         log.warning("cannot choose the yamux class: connections keep upstream's timers")
     host = BasicHost(network=swarm, resource_manager=resource_manager)

@@ -58,4 +58,8 @@ that fail once upstream changes that behaviour; then the shim can go.
     ``BufferedReads``, ``GuardedPubsub``, ``LeanGossipSub``, ``build_router``,
     ``build_pubsub``, ``announce_subscription``, ``trim_delivery_log``,
     ``registered_pubsub_protocols`` and the helpers beside them.
+
+:mod:`.notifees` (the swarm's notifee fan-out; canaries in ``tests/test_compat_notifees.py``)
+    ``install``: every stream opened or closed costs a task per notifee (six here), though
+    every notifee's stream methods are trivial; they are called inline instead.
 """
