@@ -54,6 +54,7 @@ measured, so that a run cut short keeps the sizes it finished.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import random
@@ -531,6 +532,11 @@ def size_table(m: SideResult, s: SideResult) -> list[str]:
             f"  {row.label:31} {row.text(m):>10} {row.text(s):>10} {ratio(row.value(m), row.value(s)):>6}"
             f"  {row.goal:<16} {verdict(row.ok(m))}"
         )
+    lines += [
+        f"  serve() trials ({r.side}), s: " + ", ".join(fmt(t) for t in r.discoverable)
+        for r in (m, s)
+        if r.discoverable
+    ]
     lines += [f"  note ({r.side}): {note}" for r in (m, s) for note in r.notes]
     return lines
 
@@ -564,9 +570,12 @@ async def main(args: argparse.Namespace) -> None:
         else ([20, 50] if args.quick else [20, 50, 100, 200])
     )
     settings = Settings.make(args.quick)
+    if args.serve_trials:
+        settings = dataclasses.replace(settings, serve_trials=args.serve_trials)
     rng = random.Random(args.seed)
     started, load0 = time.perf_counter(), os.getloadavg()
-    sides: list[Side] = [Modelnet(), Stock()]
+    wanted = set(args.sides.split(","))
+    sides: list[Side] = [s for s in (Modelnet(), Stock()) if s.name in wanted]
     rss0 = {s.name: await idle_rss(s) for s in sides}
     pairs = []
     for n in sizes:
@@ -583,7 +592,12 @@ async def main(args: argparse.Namespace) -> None:
                 failed = SideResult(side.name, n, workers_for(n))
                 failed.notes.append(f"size limit of {limit:.0f} s reached; stopping: {describe(exc)}")
                 results.append(failed)
-        pairs.append((results[0], results[1]))
+        by_side = {r.side: r for r in results}
+        m, st = (
+            by_side.get(name) or SideResult(name, n, workers_for(n), notes=["not run (--sides)"])
+            for name in ("modelnet", "stock")
+        )
+        pairs.append((m, st))
         # Each size as soon as it is measured (stderr), so that a run cut short keeps its figures.
         print("\n".join(["", *size_table(*pairs[-1]), ""]), file=sys.stderr, flush=True)
     load1 = os.getloadavg()
@@ -598,8 +612,9 @@ async def main(args: argparse.Namespace) -> None:
         "  stock = py-libp2p KadDHT + GossipSub (one topic, every peer subscribed,"
         " servers publish every 2 s)",
         "  CPU from /proc/<pid>/stat; bytes = TCP bytes sent (kernel TCP_INFO of the workers' sockets),"
-        f" RSS net of an idle worker (modelnet {rss0['modelnet'] / 1024:.0f} MiB,"
-        f" stock {rss0['stock'] / 1024:.0f} MiB)",
+        " RSS net of an idle worker ("
+        + ", ".join(f"{name} {kib / 1024:.0f} MiB" for name, kib in rss0.items())
+        + ")",
         "  ratio = modelnet / stock; 'never' = not within the limit"
         f" ({LOOKUP_LIMIT:.0f} s, {2 * LOOKUP_LIMIT:.0f} s under load,"
         f" {PROPAGATION_LIMIT:.0f} s for propagation)",
@@ -615,6 +630,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--size-limit", type=float, default=0.0, help="seconds per mesh (default 180 + 1.5 N)"
     )
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument(
+        "--serve-trials", type=int, default=0, help="serve() trials per size (default 5; 2 with --quick)"
+    )
+    parser.add_argument(
+        "--sides", default="modelnet,stock", help="which meshes to run: modelnet, stock or both (a trial)"
+    )
     parser.add_argument(
         "--netns", action="store_true", help="namespaces behind a router, 50 ms RTT (scale_netns.py; N=40)"
     )
