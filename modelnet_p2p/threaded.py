@@ -21,7 +21,7 @@ import concurrent.futures
 import inspect
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -32,6 +32,7 @@ from .services.inference.handlers import Handler, InferenceRequest
 
 __all__ = ["AsyncioPeer", "ThreadedPeer"]
 
+_T = TypeVar("_T")
 _DONE = object()
 
 
@@ -113,17 +114,17 @@ class ThreadedPeer:
             raise RuntimeError("peer is not running; call start()")
         return self._peer
 
-    def _run(self, afn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    def _run(self, afn: Callable[..., Awaitable[_T]], *args: Any) -> _T:
         """Run ``afn(*args)`` in the peer's trio loop and wait for its result."""
         return trio.from_thread.run(afn, *args, trio_token=self._token)
 
-    def run_sync(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def run_sync(self, fn: Callable[..., _T], *args: Any) -> _T:
         """Run the sync function ``fn(*args)`` in the peer's trio loop and return its result."""
         return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
 
-    def submit(self, afn: Callable[..., Awaitable[Any]], *args: Any) -> concurrent.futures.Future[Any]:
+    def submit(self, afn: Callable[..., Awaitable[_T]], *args: Any) -> concurrent.futures.Future[_T]:
         """Start ``afn(*args)`` as a task in the peer's nursery; return a future for its result."""
-        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        fut: concurrent.futures.Future[_T] = concurrent.futures.Future()
 
         async def runner() -> None:
             if not fut.set_running_or_notify_cancel():
@@ -152,14 +153,14 @@ class ThreadedPeer:
 
     @property
     def addrs(self) -> list[str]:
-        return self.run_sync(lambda: self.peer.addrs)  # type: ignore[no-any-return]
+        return self.run_sync(lambda: self.peer.addrs)
 
     def serve(self, capability: Capability | str, handler: Handler) -> Capability:
         """Serve a capability; sync handlers run in worker threads of the peer."""
-        return self.run_sync(self.peer.serve, capability, handler)  # type: ignore[no-any-return]
+        return self.run_sync(self.peer.serve, capability, handler)
 
     def connect(self, addr: str) -> str:
-        return self._run(self.peer.connect, addr)  # type: ignore[no-any-return]
+        return self._run(self.peer.connect, addr)
 
     def call(
         self, target: Any = None, capability: str | None = None, input: Any = None, **kwargs: Any
@@ -169,7 +170,7 @@ class ThreadedPeer:
         async def go() -> Response:
             return await self.peer.call(target, capability, input, **kwargs)
 
-        return self._run(go)  # type: ignore[no-any-return]
+        return self._run(go)
 
     def infer(
         self, target: Any = None, capability: str | None = None, input: Any = None, **kwargs: Any
@@ -240,7 +241,7 @@ class AsyncioPeer:
         return self._threaded.serve(capability, _bridge_handler(handler, loop))
 
     async def connect(self, addr: str) -> str:
-        return await asyncio.wrap_future(self._threaded.submit(self._threaded.peer.connect, addr))  # type: ignore[no-any-return]
+        return await asyncio.wrap_future(self._threaded.submit(self._threaded.peer.connect, addr))
 
     async def call(
         self, target: Any = None, capability: str | None = None, input: Any = None, **kwargs: Any
@@ -250,7 +251,7 @@ class AsyncioPeer:
         async def go() -> Response:
             return await peer.call(target, capability, input, **kwargs)
 
-        return await asyncio.wrap_future(self._threaded.submit(go))  # type: ignore[no-any-return]
+        return await asyncio.wrap_future(self._threaded.submit(go))
 
     async def infer(
         self, target: Any = None, capability: str | None = None, input: Any = None, **kwargs: Any

@@ -220,7 +220,7 @@ class PeerCollector:
 def peer_registry(peer: Peer) -> CollectorRegistry:
     """A new registry holding a :class:`PeerCollector` of ``peer``."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(PeerCollector(peer))  # type: ignore[arg-type]
+    registry.register(PeerCollector(peer))
     return registry
 
 

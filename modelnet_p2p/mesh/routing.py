@@ -291,7 +291,7 @@ class Router:
         self.reputation.record(peer_id, event)
         stats = self._s(peer_id)
         stats.failures += 1
-        length = min(BAN_MAX, BAN_BASE * 2 ** (stats.failures - 1))
+        length = min(BAN_MAX, BAN_BASE * 2.0 ** (stats.failures - 1))
         stats.banned_until = self.clock() + length
         return length
 

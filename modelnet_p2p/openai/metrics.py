@@ -94,7 +94,7 @@ class Metrics:
         self.in_flight = 0
         self.registry = CollectorRegistry(auto_describe=False)
         self._counters = _Counters(self)
-        self.registry.register(self._counters)  # type: ignore[arg-type]
+        self.registry.register(self._counters)
         self.latency = Histogram(
             "modelnet_gateway_request_duration_seconds",
             "Seconds from request to last byte.",
@@ -110,7 +110,7 @@ class Metrics:
             registry=self.registry,
         )
         if peer is not None:
-            self.registry.register(PeerCollector(peer))  # type: ignore[arg-type]
+            self.registry.register(PeerCollector(peer))
 
     def done(self, endpoint: str, status: int, seconds: float, error_code: str | None) -> None:
         """Count one answered request (``error_code``: the OpenAI code of an error answer)."""

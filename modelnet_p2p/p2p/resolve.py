@@ -59,7 +59,7 @@ async def resolve_addr(
     out: list[multiaddr.Multiaddr] = []
     for info in infos:
         fam, sockaddr = info[0], info[4]
-        ip = str(sockaddr[0]) if isinstance(sockaddr, tuple) else ""  # type: ignore[index]
+        ip = str(sockaddr[0]) if isinstance(sockaddr, tuple) else ""
         proto = "ip6" if fam == socket.AF_INET6 else "ip4"
         text = f"/{proto}/{ip}/{rest}" if rest else f"/{proto}/{ip}"
         try:

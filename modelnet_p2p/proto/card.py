@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import multiaddr
 
@@ -335,7 +335,7 @@ def _text(
     _need(isinstance(value, str), f"capability field {key!r} must be text")
     _need(len(value.encode()) <= limit, f"capability field {key!r} is longer than {limit} bytes")
     _need(value != "" or allow_empty, f"capability field {key!r} must not be empty (omit it instead)")
-    return value
+    return str(value)
 
 
 def _tokens(obj: Mapping[str, Any], key: str, most: int, *, required: bool = False) -> tuple[str, ...]:
@@ -386,7 +386,7 @@ def _schema_field(obj: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
     except ValueError:  # NaN or Infinity
         raise ProtocolError(f"capability field {key!r} is not valid JSON") from None
     _need(text == canonical, f"capability field {key!r} is not canonical JSON (compact, sorted keys)")
-    return schema
+    return cast("Mapping[str, Any]", schema)
 
 
 _CAP_KEYS = frozenset(

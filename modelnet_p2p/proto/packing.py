@@ -35,7 +35,7 @@ Pure code: no I/O, no clock.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import msgpack as _msgpack
 from msgpack import Timestamp as _Timestamp
@@ -83,7 +83,7 @@ def _no_ext(code: int, data: bytes) -> Any:
 
 def packb(obj: Any) -> bytes:
     """Encode with ``bin`` for bytes and ``str`` for text (the form every spec here uses)."""
-    return _msgpack.packb(obj, use_bin_type=True)
+    return cast(bytes, _msgpack.packb(obj, use_bin_type=True))
 
 
 def packer() -> Callable[[Any], bytes]:
@@ -249,7 +249,7 @@ def canonical_packb(obj: Any, *, allow_float: bool = False) -> bytes:
 
     Floats are refused unless ``allow_float`` (then they are encoded as float64).
     """
-    return _msgpack.packb(_canonical(obj, allow_float), use_bin_type=True)
+    return cast(bytes, _msgpack.packb(_canonical(obj, allow_float), use_bin_type=True))
 
 
 def unpack_canonical(

@@ -62,11 +62,11 @@ def install() -> bool:
     if current is not NetStream:
         log.info("py-libp2p builds its streams elsewhere: their state lock stays a trio.Lock")
         return False
-    swarm_connection.NetStream = LeanNetStream  # type: ignore[misc]
+    swarm_connection.NetStream = LeanNetStream  # type: ignore[attr-defined]
     return True
 
 
 def uninstall() -> None:
     """Undo :func:`install` (streams made meanwhile keep their lock)."""
     if installed():
-        swarm_connection.NetStream = NetStream  # type: ignore[misc]
+        swarm_connection.NetStream = NetStream  # type: ignore[attr-defined]

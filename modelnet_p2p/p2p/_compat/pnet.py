@@ -165,4 +165,4 @@ def install() -> None:
     """Make every swarm with a ``psk`` use :func:`protect` (upstream's protector is not pnet)."""
     import libp2p.network.swarm as swarm_module
 
-    swarm_module.new_protected_conn = protect  # type: ignore[assignment]
+    swarm_module.new_protected_conn = protect  # type: ignore[attr-defined,assignment]

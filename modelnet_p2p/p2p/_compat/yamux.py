@@ -191,7 +191,7 @@ class _LeanStream(YamuxStream):
     #: The local side is done reading: data is dropped as it arrives (:func:`discard_incoming`).
     discarding = False
 
-    @property  # type: ignore[override]
+    @property
     def target_recv_window(self) -> int:
         return int(self.__dict__.get("target_recv_window", 0))
 
@@ -207,7 +207,7 @@ class _LeanStream(YamuxStream):
         current = self.__dict__.get("target_recv_window", DEFAULT_WINDOW_SIZE)
         self.__dict__["target_recv_window"] = max(min(value, MAX_STREAM_WINDOW, room), min(current, value))
 
-    @property  # type: ignore[override]
+    @property
     def send_window(self) -> int:
         return int(self.__dict__.get("send_window", 0))
 

@@ -46,8 +46,9 @@ from ...p2p.stream import (
     write_whole,
 )
 from ...proto.capability import Capability, capability_key
+from ...proto.envelope import Signer
 from ...proto.infer import Load, Request, via_entry
-from ...proto.receipt import ChunkChain, Signer, signed_receipt
+from ...proto.receipt import ChunkChain, signed_receipt
 from ...proto.session import (
     DEADLINE_GRACE,
     IDLE_STREAM_TIMEOUT,
