@@ -130,7 +130,9 @@ async def test_stock_answers_every_refresh_anew() -> None:
 
 async def test_a_quick_refresh_gets_the_last_answer_again() -> None:
     async with hosts(LOOPBACK, [], []) as (r, t, other), trio.open_nursery() as nursery:
-        await RelayService(r, hop=True).start(nursery)
+        service = RelayService(r, hop=True)
+        await service.start(nursery)
+        service._node.protocol.early_delay = 0.05  # repeated answers are late (next test)
         await start_target(t, nursery)
         await start_target(other, nursery)
         relay = PeerInfo(r.get_id(), [r.get_addrs()[0]])
@@ -142,6 +144,35 @@ async def test_a_quick_refresh_gets_the_last_answer_again() -> None:
         assert await reserve_slot(other, relay, 10) > first  # another peer: its own
         await dial_via_relay(other, f"{relay_addr(r)}/p2p-circuit/p2p/{t.get_id()}", timeout=10)
         await echo_through(other, t, 4096)  # the reservation still holds
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_repeated_answer_is_late_and_one_waits_per_peer() -> None:
+    """A refresh within MIN_REFRESH gets its answer EARLY_ANSWER_DELAY late; a second request
+    of that peer while one waits is reset (one waiting stream per peer)."""
+    async with hosts(LOOPBACK, []) as (r, t), trio.open_nursery() as nursery:
+        service = RelayService(r, hop=True)
+        await service.start(nursery)
+        protocol = service._node.protocol
+        protocol.early_delay = 3.0
+        await start_target(t, nursery)
+        relay = PeerInfo(r.get_id(), [r.get_addrs()[0]])
+        first = await reserve_slot(t, relay, 10)
+        assert protocol.late_answers == 0  # a first RESERVE is answered at once
+        got: list[float | str] = []
+
+        async def again() -> None:
+            try:
+                got.append(await reserve_slot(t, relay, 10))
+            except Exception:
+                got.append("refused")
+
+        async with trio.open_nursery() as both:
+            both.start_soon(again)
+            both.start_soon(again)
+        assert sorted(got, key=str) == sorted([first, "refused"], key=str)
+        assert (protocol.late_answers, protocol.late_resets) == (1, 1)
+        assert not protocol._late  # nothing left waiting
         nursery.cancel_scope.cancel()
 
 

@@ -32,6 +32,12 @@ fail once upstream changes it:
   second (262 Sybils) made that most of a relay's work. Here a refresh within
   :data:`MIN_REFRESH` seconds of the peer's last answered RESERVE gets that answer again (the
   same reservation and voucher, which stay valid: the expiry is at most that much older).
+  That answer, and a refusal repeated to a peer refused before while the table is unchanged,
+  is sent :data:`EARLY_ANSWER_DELAY` seconds late: a client that asks again at once (a Sybil
+  refreshing every second) then asks a third as often. One such late answer waits per peer
+  (a second request of that peer meanwhile is reset), :data:`MAX_LATE_ANSWERS` in all (past
+  that, they are sent at once). A client refreshing as the protocol has it, at half its
+  reservation's lifetime, is never delayed.
 - **A hop stream is read again after its request is answered.** The stock handler loops on
   the stream: after the answer it waits up to 30 s for another message, and when the client
   closes its end it writes a MALFORMED_MESSAGE status to it and sleeps 0.5 s. Every RESERVE
@@ -85,6 +91,12 @@ MIN_REFRESH = 30.0
 
 #: Refused peers remembered (to refuse them again cheaply while the table is unchanged).
 MAX_REFUSALS = 4096
+#: Seconds a repeated answer (a refresh within MIN_REFRESH, a repeated refusal) waits before
+#: it is sent. With 262 Sybils refreshing as soon as answered, 2 s cut their requests 3x.
+EARLY_ANSWER_DELAY = 2.0
+#: Repeated answers waiting at once (a parked task and an open stream each); past it, the
+#: answers are sent at once.
+MAX_LATE_ANSWERS = 1024
 #: Seconds a hop stream may take to send its request (the stock handler's allowance).
 HOP_READ_TIMEOUT = STREAM_READ_TIMEOUT * 2
 
@@ -136,8 +148,9 @@ class _Circuit:
 class _Recording:
     """A stream whose writes are also kept (the answer to a RESERVE, to send again)."""
 
-    def __init__(self, stream: INetStream) -> None:
+    def __init__(self, stream: INetStream, on_written: Callable[[_Recording], None]) -> None:
         self._stream = stream
+        self._on_written = on_written
         self.written = bytearray()
         self.overflowed = False
 
@@ -147,6 +160,7 @@ class _Recording:
         else:
             self.overflowed = True
         await self._stream.write(data)
+        self._on_written(self)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
@@ -197,6 +211,13 @@ class CircuitRelay(CircuitV2Protocol):
         self._added = 0
         #: Peers refused while the table was full: (table size, ``_added``, their IP key) then.
         self._refusals: dict[ID, tuple[int, int, str | None]] = {}
+        #: Seconds a repeated answer waits (:data:`EARLY_ANSWER_DELAY`; settable).
+        self.early_delay = EARLY_ANSWER_DELAY
+        #: Peers whose repeated answer is waiting now.
+        self._late: set[ID] = set()
+        #: Repeated answers sent late, and requests reset because their peer had one waiting.
+        self.late_answers = 0
+        self.late_resets = 0
 
     # -- what the adapter reads --------------------------------------------------------
 
@@ -298,17 +319,23 @@ class CircuitRelay(CircuitV2Protocol):
             # looked up in the swarm (it may have another); the others cost one attribute.
             self._drop_departed(reservations)
         cached = self._answers.get(peer)
-        if cached is not None and peer in reservations and now - cached[0] < MIN_REFRESH:
-            await stream.write(cached[1])
-            return
+        if cached is not None and peer in reservations and now - cached[0] < self._refresh_window():
+            if not await self._wait_late(peer, stream):
+                return
+            if peer in reservations:  # not evicted, nor gone, while the answer waited
+                await stream.write(cached[1])
+                return
         held = peer in reservations
         if self.policy is not None and not held:
             ip = conn_ip(stream.muxed_conn, limit_loopback=self.limit_loopback)
             state = (len(reservations), self._added, ip)
             # The same peer refused before, and the table has not changed since: the same
             # verdict, without asking the policy (O(reservations)) again.
-            verdict = None if self._refusals.get(peer) == state else self._decide(peer, ip, reservations)
+            repeated = self._refusals.get(peer) == state
+            verdict = None if repeated else self._decide(peer, ip, reservations)
             if verdict is None:
+                if repeated and not await self._wait_late(peer, stream):
+                    return
                 if len(self._refusals) >= MAX_REFUSALS:
                     self._refusals.clear()
                 self._refusals[peer] = state
@@ -320,14 +347,42 @@ class CircuitRelay(CircuitV2Protocol):
             if verdict:
                 await self._evict(ID.from_base58(verdict))
             self._holders[peer] = (ip, trio.current_time())
-        recorder = _Recording(stream)
-        await super()._handle_reserve(cast(INetStream, recorder), msg)
+        def answered(recorder: _Recording) -> None:
+            # As soon as the answer is out (the stock handler then waits 0.1 s): a refresh
+            # arriving meanwhile is a repeated one too.
+            if peer in reservations and not recorder.overflowed:
+                self._answers[peer] = (now, bytes(recorder.written))
+
+        await super()._handle_reserve(cast(INetStream, _Recording(stream, answered)), msg)
         if peer in reservations:
             if not held:
                 self._added += 1
             self._conn_of[peer] = stream.muxed_conn
-            if recorder.written and not recorder.overflowed:
-                self._answers[peer] = (now, bytes(recorder.written))
+
+    def _refresh_window(self) -> float:
+        """Seconds after an answered RESERVE within which a refresh is repeated the answer (late):
+        :data:`MIN_REFRESH`, or an eighth of the reservation lifetime if that is shorter (a
+        client refreshes at half of it)."""
+        return min(MIN_REFRESH, self.resource_manager.limits.reservation_ttl / 8)
+
+    async def _wait_late(self, peer: ID, stream: INetStream) -> bool:
+        """Wait :attr:`early_delay` before a repeated answer to ``peer``; ``False`` (the stream
+        was reset) if ``peer`` already has one waiting."""
+        if self.early_delay <= 0:
+            return True
+        if peer in self._late:
+            self.late_resets += 1
+            await stream.reset()
+            return False
+        if len(self._late) >= MAX_LATE_ANSWERS:
+            return True
+        self._late.add(peer)
+        try:
+            await trio.sleep(self.early_delay)
+        finally:
+            self._late.discard(peer)
+        self.late_answers += 1
+        return True
 
     def _decide(self, peer: ID, ip: str | None, reservations: dict[ID, Any]) -> str | None:
         assert self.policy is not None
