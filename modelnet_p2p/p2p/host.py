@@ -31,7 +31,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 
 from ..errors import ConfigError
-from ._compat import netstream, notifees, pnet
+from ._compat import netstream, notifees, pnet, taskparent
 from ._compat.host import (
     check_port_free,
     close_connections,
@@ -97,6 +97,7 @@ def build_host(
             raise ConfigError("a swarm key has 32 bytes")
         pnet.install()
     netstream.install()  # streams whose reads and writes do not yield when nothing waits
+    taskparent.install()  # a new task's parent found in an index, not by a walk over all tasks
     muxers: TMuxerOptions = {TProtocol(YAMUX_PROTOCOL_ID): LeanYamux}
     swarm = new_swarm(
         key_pair=identity.key_pair,

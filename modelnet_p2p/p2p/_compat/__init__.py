@@ -62,4 +62,7 @@ that fail once upstream changes that behaviour; then the shim can go.
 :mod:`.notifees` (the swarm's notifee fan-out; canaries in ``tests/test_compat_notifees.py``)
     ``install``: every stream opened or closed costs a task per notifee (six here), though
     every notifee's stream methods are trivial; they are called inline instead.
+:mod:`.taskparent` (the service manager; canaries in ``tests/test_compat_taskparent.py``)
+    ``install``: every task a manager starts (two per new connection, in the swarm) walks all
+    the manager's tasks to find its parent; an index per manager finds it instead.
 """
