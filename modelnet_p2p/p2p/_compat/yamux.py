@@ -36,7 +36,8 @@ upstream changes them):
   before its FIN, keeps its unread buffer until the stale-stream sweep reclaims it 30-90 s
   later (data no read can return: a reset stream's reads raise): streams rejected while the
   remote still sends kept +584 MB in 20 s. :class:`LeanYamux` drops that buffer when the
-  stream is finalized. :func:`discard_incoming` is for a stream the local side is done
+  stream is finalized (a stream negotiating its protocol keeps the first bytes of the
+  remote's answer: :mod:`.multistream`). :func:`discard_incoming` is for a stream the local side is done
   reading (after a close): its buffer is dropped at once and whatever arrives later is
   discarded, not buffered (the window is not returned, so a remote that keeps sending stalls).
 - **Bulk data moves slowly** (a stock stream: about 100-220 MB/s here, against 1.3-2 GB/s of
@@ -622,6 +623,9 @@ class LeanYamux(Yamux):
             if getattr(stream, "local_reset", False) or not stream.recv_closed:
                 buf = self.stream_buffers.get(stream.stream_id)
                 if buf:
+                    keep = stream.__dict__.pop("keep_on_reset", 0)  # see ._compat.multistream
+                    if keep and not getattr(stream, "local_reset", False):
+                        stream.__dict__["unread_at_reset"] = bytes(buf[:keep])
                     buf.clear()
         super()._finalize_stream_locked(stream, fully_closed=fully_closed)
 
