@@ -148,6 +148,8 @@ class SideResult:
     conns: list[int] = field(default_factory=list)
     bytes_s: float | None = None
     discoverable: list[float] = field(default_factory=list)  # inf: not within the limit
+    #: modelnet: per serve() trial, when its announce ended (inf: not within the limit) and its rounds.
+    placed: list[tuple[float, int]] = field(default_factory=list)
     lookups: list[Lookup] = field(default_factory=list)
     propagation: list[float] = field(default_factory=list)  # per follower; inf: never
     follow_settle_s: float | None = None  # the follow wave: from its end until the workers were quiet
@@ -326,6 +328,10 @@ async def run_side(
                         timeout=LOOKUP_LIMIT + 30,
                     )
                     result.discoverable.append(math.inf if found["t"] is None else found["t"] - served["t"])
+                    if side.name == "modelnet":
+                        placed = await request(workers[pw], {"cmd": "placed", "peer": pi, "timeout": 30})
+                        ended = math.inf if placed["t"] is None else placed["t"] - served["t"]
+                        result.placed.append((ended, int(placed["rounds"])))
                 phase = "propagation"
                 result.propagation, result.follow_settle_s = await propagation(side, workers, ids, picks[-1])
                 phase = "lookups under load"
@@ -536,6 +542,12 @@ def size_table(m: SideResult, s: SideResult) -> list[str]:
         f"  serve() trials ({r.side}), s: " + ", ".join(fmt(t) for t in r.discoverable)
         for r in (m, s)
         if r.discoverable
+    ]
+    lines += [
+        f"  their announces ended after ({r.side}), s (rounds): "
+        + ", ".join(f"{fmt(t)} ({n})" for t, n in r.placed)
+        for r in (m, s)
+        if r.placed
     ]
     lines += [f"  note ({r.side}): {note}" for r in (m, s) for note in r.notes]
     return lines

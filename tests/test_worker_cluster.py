@@ -27,6 +27,9 @@ async def test_serve_find_fresh_watch_and_stats() -> None:
                 {"cmd": "find", "peer": 1, "model": "late", "id": ids[2], "timeout": 30}, timeout=60
             )
             assert found["t"] is not None and found["t"] >= served["t"] and found["lookups"] >= 1
+            placed = await w.request({"cmd": "placed", "peer": 2, "timeout": 30}, timeout=60)
+            assert placed["t"] is not None and placed["t"] >= served["t"] and placed["rounds"] >= 1
+            assert placed["acks"].get("model:late", 0) >= 1, placed
 
             fresh = await w.request(
                 {

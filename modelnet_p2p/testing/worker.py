@@ -42,6 +42,9 @@ Commands, one JSON object per stdin line (``"peer": i`` picks a local peer, defa
   at most 20 s; the reply comes when they are done.
 - ``{"cmd": "serve", "peer": i, "capability": {...}}``: ``{"serving": name, "t": T}`` (``T``:
   ``time.monotonic()`` just before the peer started serving).
+- ``{"cmd": "placed", "peer": i, "timeout": S}``: once the announce that peer ``i``'s last
+  ``serve`` started has ended (at most ``S`` seconds), ``{"t": T or null, "rounds": n,
+  "acks": {label: n}}`` (``T``: when it ended; null: not within ``S``).
 - ``{"cmd": "find", "peer": i, "model": name, "id": ID, "timeout": S}``: peer ``i`` looks up
   ``model`` again and again (a new lookup every 0.25 s, at most 4 at once) until ``ID``'s card
   is among the results; ``{"t": T or null, "lookups": n}`` (``T``: when the card arrived;
@@ -169,6 +172,8 @@ class Node:
         self.peers: dict[int, Peer] = {}
         #: Per running peer: set it to stop the peer, then wait for the second event.
         self.stops: dict[int, tuple[trio.Event, trio.Event]] = {}
+        #: Per peer that served (``serve``): when its announce ended, and the event set then.
+        self.placed: dict[int, tuple[trio.Event, list[float]]] = {}
 
     def peer(self, cmd: dict[str, Any]) -> Peer:
         return self.peers[int(cmd.get("peer", 0))]
@@ -278,10 +283,32 @@ class Node:
             tasks.start_soon(watch, i, peer)
         return {"watching": pid, "following": following}
 
-    async def cmd_serve(self, cmd: dict[str, Any], _: trio.Nursery) -> dict[str, Any]:
+    async def cmd_serve(self, cmd: dict[str, Any], tasks: trio.Nursery) -> dict[str, Any]:
         t = time.monotonic()
-        cap = self.peer(cmd).serve(Capability(**cmd["capability"]), answer)
+        peer = self.peer(cmd)
+        cap = peer.serve(Capability(**cmd["capability"]), answer)
+        ended: tuple[trio.Event, list[float]] = (trio.Event(), [])
+        self.placed[int(cmd.get("peer", 0))] = ended
+
+        async def placed() -> None:
+            await peer.discovery.announced()
+            ended[1].append(time.monotonic())
+            ended[0].set()
+
+        tasks.start_soon(placed)
         return {"serving": cap.name, "t": t}
+
+    async def cmd_placed(self, cmd: dict[str, Any], _: trio.Nursery) -> dict[str, Any]:
+        peer = self.peer(cmd)
+        event, when = self.placed[int(cmd.get("peer", 0))]
+        with trio.move_on_after(float(cmd.get("timeout", 10.0))):
+            await event.wait()
+        last = peer.discovery.last_announce
+        return {
+            "t": when[0] if when else None,
+            "rounds": last.rounds if last else 0,
+            "acks": dict(last.acks) if last else {},
+        }
 
     async def cmd_find(self, cmd: dict[str, Any], _: trio.Nursery) -> dict[str, Any]:
         peer, pid, model = self.peer(cmd), str(cmd["id"]), str(cmd["model"])
