@@ -167,6 +167,9 @@ class _Link:
         #: A task runs a request (or writes a refusal) / a task reads (``_take_turns``).
         self.running = False
         self.reading = False
+        #: The reading task decoded a request while the other still ran the last one, and
+        #: waits to run it (``read_until_turn``): the other leaves it to the reader.
+        self.handoff = False
 
     def notify(self) -> None:
         if self.waiting:
@@ -217,7 +220,11 @@ class _Link:
             if event is PAUSED:
                 if self.needs_turn():
                     return
-                await self.changed()
+                self.handoff = True
+                try:
+                    await self.changed()
+                finally:
+                    self.handoff = False
                 continue
             if isinstance(event, CancelReceived | ClientGone | ProtocolViolation):
                 self.stop_request()
@@ -444,7 +451,9 @@ class InferenceServer:
         task that finds the stream over (no request running) cancels both (``done``)."""
         s = link.session
         while True:
-            if link.needs_turn():
+            # A request the reader decoded while this task ran the last one is the reader's
+            # to run (it was woken when this task's run ended, and takes its turn next).
+            if link.needs_turn() and not link.handoff:
                 if s.state in (ServerState.CLOSED, ServerState.RESET):
                     done.cancel()
                     return
