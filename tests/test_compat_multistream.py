@@ -14,6 +14,9 @@ DHT server that does not speak our protocol counts as one to which no stream ope
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import multiaddr
 import pytest
 import trio
@@ -70,6 +73,16 @@ async def _two_hosts() -> tuple[IHost, IHost]:
     return build_host(Identity.generate()), build_host(Identity.generate())
 
 
+@asynccontextmanager
+async def _connected() -> AsyncIterator[tuple[IHost, IHost]]:
+    """Two running hosts, the client connected to the server (30 s at most for the test)."""
+    server, client = await _two_hosts()
+    with trio.fail_after(30):
+        async with running_host(server, [LOOPBACK]), running_host(client, [LOOPBACK]):
+            await client.connect(info_from_p2p_addr(multiaddr.Multiaddr(_addr(server))))
+            yield server, client
+
+
 def _addr(host: IHost) -> str:
     addr = next(str(a) for a in host.get_addrs() if "/tcp/" in str(a))
     return addr if "/p2p/" in addr else f"{addr}/p2p/{host.get_id()}"
@@ -98,15 +111,12 @@ async def test_the_request_goes_out_with_the_proposal_and_the_answer_comes_back(
 
 
 async def test_a_protocol_the_server_does_not_speak_is_a_typed_error_at_the_first_read() -> None:
-    server, client = await _two_hosts()
-    with trio.fail_after(30):
-        async with running_host(server, [LOOPBACK]), running_host(client, [LOOPBACK]):
-            await client.connect(info_from_p2p_addr(multiaddr.Multiaddr(_addr(server))))
-            stream = await open_optimistic(client, server.get_id(), ECHO)
-            await stream.write(b"hello")
-            with pytest.raises(ProtocolRefused, match="refused"):
-                await stream.read(5)
-            await stream.reset()
+    async with _connected() as (server, client):
+        stream = await open_optimistic(client, server.get_id(), ECHO)
+        await stream.write(b"hello")
+        with pytest.raises(ProtocolRefused, match="refused"):
+            await stream.read(5)
+        await stream.reset()
 
 
 async def _until_reset(stream: INetStream) -> None:
@@ -116,31 +126,25 @@ async def _until_reset(stream: INetStream) -> None:
 
 
 async def test_stock_server_resets_after_its_na_and_the_reset_makes_the_na_unreadable() -> None:
-    server, client = await _two_hosts()
-    with trio.fail_after(30):
-        async with running_host(server, [LOOPBACK]), running_host(client, [LOOPBACK]):
-            await client.connect(info_from_p2p_addr(multiaddr.Multiaddr(_addr(server))))
-            stream = await client.get_network().new_stream(server.get_id())
-            await stream.write(encode_delim(MULTISTREAM.encode()) + encode_delim(str(ECHO).encode()))
-            await stream.write(REQUEST)  # read by the server as the next proposal
-            await _until_reset(stream)
-            with pytest.raises(StreamError):
-                await stream.read(64)  # the echo and the na came before the reset: lost
-            await stream.reset()
+    async with _connected() as (server, client):
+        stream = await client.get_network().new_stream(server.get_id())
+        await stream.write(encode_delim(MULTISTREAM.encode()) + encode_delim(str(ECHO).encode()))
+        await stream.write(REQUEST)  # read by the server as the next proposal
+        await _until_reset(stream)
+        with pytest.raises(StreamError):
+            await stream.read(64)  # the echo and the na came before the reset: lost
+        await stream.reset()
 
 
 async def test_a_refusal_whose_reset_came_before_the_first_read_is_still_a_refusal() -> None:
-    server, client = await _two_hosts()
-    with trio.fail_after(30):
-        async with running_host(server, [LOOPBACK]), running_host(client, [LOOPBACK]):
-            await client.connect(info_from_p2p_addr(multiaddr.Multiaddr(_addr(server))))
-            stream = await open_optimistic(client, server.get_id(), ECHO)
-            await stream.write(REQUEST)
-            await _until_reset(stream)
-            assert unread_at_reset(stream) == encode_delim(MULTISTREAM.encode()) + encode_delim(b"na")
-            with pytest.raises(ProtocolRefused, match="refused: 'na'"):
-                await stream.read(5)
-            await stream.reset()
+    async with _connected() as (server, client):
+        stream = await open_optimistic(client, server.get_id(), ECHO)
+        await stream.write(REQUEST)
+        await _until_reset(stream)
+        assert unread_at_reset(stream) == encode_delim(MULTISTREAM.encode()) + encode_delim(b"na")
+        with pytest.raises(ProtocolRefused, match="refused: 'na'"):
+            await stream.read(5)
+        await stream.reset()
 
 
 async def test_a_stream_the_server_took_and_reset_at_once_is_not_a_refusal() -> None:
