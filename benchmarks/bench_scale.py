@@ -148,8 +148,13 @@ class SideResult:
     conns: list[int] = field(default_factory=list)
     bytes_s: float | None = None
     discoverable: list[float] = field(default_factory=list)  # inf: not within the limit
+    #: per serve() trial, how long the lookup that found it had run (inf: none found it)
+    finding: list[float] = field(default_factory=list)
     #: modelnet: per serve() trial, when its announce ended (inf: not within the limit) and its rounds.
     placed: list[tuple[float, int]] = field(default_factory=list)
+    #: modelnet: per serve() trial, seconds from its announce's start to each
+    #: acknowledgement of its model key.
+    model_acked: list[list[float]] = field(default_factory=list)
     lookups: list[Lookup] = field(default_factory=list)
     propagation: list[float] = field(default_factory=list)  # per follower; inf: never
     follow_settle_s: float | None = None  # the follow wave: from its end until the workers were quiet
@@ -328,10 +333,14 @@ async def run_side(
                         timeout=LOOKUP_LIMIT + 30,
                     )
                     result.discoverable.append(math.inf if found["t"] is None else found["t"] - served["t"])
+                    if "lookup_s" in found:  # modelnet's worker says
+                        result.finding.append(math.inf if found["lookup_s"] is None else found["lookup_s"])
                     if side.name == "modelnet":
                         placed = await request(workers[pw], {"cmd": "placed", "peer": pi, "timeout": 30})
                         ended = math.inf if placed["t"] is None else placed["t"] - served["t"]
                         result.placed.append((ended, int(placed["rounds"])))
+                        acks = placed["ack_times"].get(f"model:{name}", [])
+                        result.model_acked.append([float(t) for t in acks])
                 phase = "propagation"
                 result.propagation, result.follow_settle_s = await propagation(side, workers, ids, picks[-1])
                 phase = "lookups under load"
@@ -544,10 +553,22 @@ def size_table(m: SideResult, s: SideResult) -> list[str]:
         if r.discoverable
     ]
     lines += [
+        f"  the lookups that found them ({r.side}) had run, s: " + ", ".join(fmt(t) for t in r.finding)
+        for r in (m, s)
+        if r.finding
+    ]
+    lines += [
         f"  their announces ended after ({r.side}), s (rounds): "
         + ", ".join(f"{fmt(t)} ({n})" for t, n in r.placed)
         for r in (m, s)
         if r.placed
+    ]
+    lines += [
+        f"  their model keys acknowledged ({r.side}), s after the announce began (first/fifth/last): "
+        + ", ".join("/".join(fmt(t[i]) if -len(t) <= i < len(t) else "-" for i in (0, 4, -1))
+                    for t in r.model_acked)
+        for r in (m, s)
+        if r.model_acked
     ]
     lines += [f"  note ({r.side}): {note}" for r in (m, s) for note in r.notes]
     return lines

@@ -116,6 +116,10 @@ async def test_announce_reports_how_many_servers_acknowledged_each_record() -> N
             assert result.confirmed
             assert result.value_stored == result.acks["card"] >= 5
             assert result.provider_acks == sum(v for k, v in result.acks.items() if k != "card")
+            # each acknowledgement's time since the announce began, in order
+            for label, count in result.acks.items():
+                times = result.ack_times.get(label, [])
+                assert len(times) == count and times == sorted(times) and all(t >= 0 for t in times)
             assert provider.discovery.last_announce is result
             # An acknowledgement means the server holds the record.
             key = task_key("chat")

@@ -27,9 +27,14 @@ async def test_serve_find_fresh_watch_and_stats() -> None:
                 {"cmd": "find", "peer": 1, "model": "late", "id": ids[2], "timeout": 30}, timeout=60
             )
             assert found["t"] is not None and found["t"] >= served["t"] and found["lookups"] >= 1
+            assert 0 <= found["lookup_s"] <= found["t"] - served["t"] + 1, found
             placed = await w.request({"cmd": "placed", "peer": 2, "timeout": 30}, timeout=60)
             assert placed["t"] is not None and placed["t"] >= served["t"] and placed["rounds"] >= 1
             assert placed["acks"].get("model:late", 0) >= 1, placed
+            # one time per acknowledgement, in order, each within the announce
+            times = placed["ack_times"]["model:late"]
+            assert len(times) == placed["acks"]["model:late"] and times == sorted(times), placed
+            assert 0 <= times[-1] <= placed["t"] - served["t"] + 1, placed
 
             fresh = await w.request(
                 {

@@ -308,6 +308,7 @@ class Node:
             "t": when[0] if when else None,
             "rounds": last.rounds if last else 0,
             "acks": dict(last.acks) if last else {},
+            "ack_times": dict(last.ack_times) if last else {},
         }
 
     async def cmd_find(self, cmd: dict[str, Any], _: trio.Nursery) -> dict[str, Any]:
@@ -316,12 +317,16 @@ class Node:
         found: list[float] = []
         limiter = trio.CapacityLimiter(FIND_IN_FLIGHT)
 
+        started: list[float] = []
+
         async def one(ready: trio.Event) -> None:
             async with limiter:
                 ready.set()
+                began = time.monotonic()
                 async for card in peer.discover_iter(model=model, timeout=FIND_LOOKUP_LIMIT):
                     if card.peer_id == pid:
                         found.append(time.monotonic())
+                        started.append(began)
                         looking.cancel_scope.cancel()
 
         with trio.move_on_after(float(cmd.get("timeout", 10.0))):
@@ -332,7 +337,8 @@ class Node:
                     looking.start_soon(one, ready)
                     await ready.wait()  # at most FIND_IN_FLIGHT lookups at once
                     await trio.sleep(FIND_PAUSE)
-        return {"t": found[0] if found else None, "lookups": lookups}
+        took = found[0] - started[0] if found else None
+        return {"t": found[0] if found else None, "lookups": lookups, "lookup_s": took}
 
     async def cmd_fresh(self, cmd: dict[str, Any], _: trio.Nursery) -> dict[str, Any]:
         expect, timeout = set(cmd.get("expect", ())), float(cmd.get("timeout", 10.0))

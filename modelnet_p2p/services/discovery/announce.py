@@ -76,6 +76,8 @@ class AnnounceResult:
     over all keys. ``acks`` and ``needed``: per record label (``card`` for the card,
     e.g. ``task:chat`` for a provider key), the acknowledgements got and needed.
     ``rounds``: placements tried (1 when every record was acknowledged at once).
+    ``ack_times``: per record label, the seconds from the start of the announce to each
+    acknowledgement of that record, in order (at most its reach per round).
     """
 
     card: CapabilityCard
@@ -87,6 +89,7 @@ class AnnounceResult:
     rounds: int = 0
     acks: dict[str, int] = field(default_factory=dict)
     needed: dict[str, int] = field(default_factory=dict)
+    ack_times: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def confirmed(self) -> bool:
@@ -144,6 +147,7 @@ async def publish(
     # up first (the deliveries of an announce share DELIVERY_CONCURRENCY slots, in order).
     targets.append(_Target("card", vkey, put, KadKind.GET_VALUE))
     result = AnnounceResult(card, provider_keys=len(keys), replication=replication)
+    began = trio.current_time()
     reach = min(K, FINAL_PER_ACK * replication)
     found_any: set[str] = set()  # answered a lookup of this announce
     lookup_limiter = trio.CapacityLimiter(ANNOUNCE_CONCURRENCY)
@@ -173,6 +177,7 @@ async def publish(
             async with delivery_limiter:
                 if await acknowledged(t, pid):
                     t.acked.add(pid)
+                    result.ack_times.setdefault(t.label, []).append(trio.current_time() - began)
         finally:
             t.busy.discard(pid)
 
