@@ -317,6 +317,7 @@ async def run_side(
                     side, fresh, everyone, expect, settings.lookups, LOOKUP_LIMIT, rng
                 )
                 phase = "serve to discoverable"
+                print(f"... {side.name} N={n}: {phase}", file=sys.stderr, flush=True)
                 for k in range(settings.serve_trials):
                     (pw, pi), (fw, fi) = picks[2 * k], picks[2 * k + 1]
                     if fw == pw:  # the finder lives in another process
@@ -342,6 +343,7 @@ async def run_side(
                         acks = placed["ack_times"].get(f"model:{name}", [])
                         result.model_acked.append([float(t) for t in acks])
                 phase = "propagation"
+                print(f"... {side.name} N={n}: {phase}", file=sys.stderr, flush=True)
                 result.propagation, result.follow_settle_s = await propagation(side, workers, ids, picks[-1])
                 phase = "lookups under load"
                 result.busy = await busy_lookups(side, fresh, everyone, expect, settings.busy_lookups, rng)
