@@ -148,7 +148,7 @@ class SideResult:
     conns: list[int] = field(default_factory=list)
     bytes_s: float | None = None
     discoverable: list[float] = field(default_factory=list)  # inf: not within the limit
-    #: per serve() trial, how long the lookup that found it had run (inf: none found it)
+    #: modelnet: per serve() trial, how long the lookup that found it had run (inf: none found it)
     finding: list[float] = field(default_factory=list)
     #: modelnet: per serve() trial, when its announce ended (inf: not within the limit) and its rounds.
     placed: list[tuple[float, int]] = field(default_factory=list)
@@ -334,9 +334,8 @@ async def run_side(
                         timeout=LOOKUP_LIMIT + 30,
                     )
                     result.discoverable.append(math.inf if found["t"] is None else found["t"] - served["t"])
-                    if "lookup_s" in found:  # modelnet's worker says
-                        result.finding.append(math.inf if found["lookup_s"] is None else found["lookup_s"])
                     if side.name == "modelnet":
+                        result.finding.append(math.inf if found["lookup_s"] is None else found["lookup_s"])
                         placed = await request(workers[pw], {"cmd": "placed", "peer": pi, "timeout": 30})
                         ended = math.inf if placed["t"] is None else placed["t"] - served["t"]
                         result.placed.append((ended, int(placed["rounds"])))

@@ -44,10 +44,12 @@ Commands, one JSON object per stdin line (``"peer": i`` picks a local peer, defa
   ``time.monotonic()`` just before the peer started serving).
 - ``{"cmd": "placed", "peer": i, "timeout": S}``: once the announce that peer ``i``'s last
   ``serve`` started has ended (at most ``S`` seconds), ``{"t": T or null, "rounds": n,
-  "acks": {label: n}}`` (``T``: when it ended; null: not within ``S``).
+  "acks": {label: n}, "ack_times": {label: [s, ...]}}`` (``T``: when it ended; null: not within
+  ``S``; ``ack_times``: seconds from the announce's start to each acknowledgement).
 - ``{"cmd": "find", "peer": i, "model": name, "id": ID, "timeout": S}``: peer ``i`` looks up
-  ``model`` again and again (a new lookup every 0.25 s, at most 4 at once) until ``ID``'s card
-  is among the results; ``{"t": T or null, "lookups": n}`` (``T``: when the card arrived;
+  ``model`` again and again (a new lookup every ``FIND_PAUSE`` s, at most ``FIND_IN_FLIGHT`` at
+  once) until ``ID``'s card is among the results; ``{"t": T or null, "lookups": n, "lookup_s": L
+  or null}`` (``T``: when the card arrived; ``L``: how long the lookup that found it had run;
   null: not within ``S``).
 - ``{"cmd": "fresh", "bootstrap": ADDR, "task": ..., "model": ..., "expect": [ID, ...],
   "timeout": S}``: a new peer (DHT client, no listen address) starts in this process with
@@ -316,10 +318,8 @@ class Node:
     async def cmd_find(self, cmd: dict[str, Any], _: trio.Nursery) -> dict[str, Any]:
         peer, pid, model = self.peer(cmd), str(cmd["id"]), str(cmd["model"])
         lookups = 0
-        found: list[float] = []
+        found: list[tuple[float, float]] = []  # (when the card arrived, when its lookup began)
         limiter = trio.CapacityLimiter(FIND_IN_FLIGHT)
-
-        started: list[float] = []
 
         async def one(ready: trio.Event) -> None:
             async with limiter:
@@ -327,8 +327,7 @@ class Node:
                 began = time.monotonic()
                 async for card in peer.discover_iter(model=model, timeout=FIND_LOOKUP_LIMIT):
                     if card.peer_id == pid:
-                        found.append(time.monotonic())
-                        started.append(began)
+                        found.append((time.monotonic(), began))
                         looking.cancel_scope.cancel()
 
         with trio.move_on_after(float(cmd.get("timeout", 10.0))):
@@ -339,8 +338,10 @@ class Node:
                     looking.start_soon(one, ready)
                     await ready.wait()  # at most FIND_IN_FLIGHT lookups at once
                     await trio.sleep(FIND_PAUSE)
-        took = found[0] - started[0] if found else None
-        return {"t": found[0] if found else None, "lookups": lookups, "lookup_s": took}
+        if not found:
+            return {"t": None, "lookups": lookups, "lookup_s": None}
+        arrived, began = found[0]
+        return {"t": arrived, "lookups": lookups, "lookup_s": arrived - began}
 
     async def cmd_fresh(self, cmd: dict[str, Any], _: trio.Nursery) -> dict[str, Any]:
         expect, timeout = set(cmd.get("expect", ())), float(cmd.get("timeout", 10.0))
