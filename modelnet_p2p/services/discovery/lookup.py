@@ -19,20 +19,27 @@ timeout (which grows with the measured round trips too), its answer still counts
 slow peer among the k closest is waited for. Answers are used as they arrive: providers
 are fetched and delivered while the lookup goes on. A peer whose stream cannot even be
 opened is dead: it is dropped from the candidates and from the routing table.
+
+A lookup starts from the routing table's closest peers and from the closest peers heard
+of in earlier answers (:mod:`.heard`: the table seldom holds the closest in a large mesh).
+At most DIAL_CONCURRENCY of a peer's requests that must dial first are in flight at once;
+a slow one gives its dial slot up with its ALPHA slot.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import trio
 
 from ...errors import ProtocolError
 from ...p2p.kad import KadKind, KadNode, KadOutcome, KadPeer, KadRequest, KadResponse, peer_id_bytes
 from ...proto.card import CapabilityCard, open_card, value_key
+from .heard import HeardPeers
 from .query import Query
 from .records import verified_card
 
@@ -42,6 +49,7 @@ __all__ = [
     "CARD_FETCH_CONCURRENCY",
     "CARD_FETCH_TIMEOUT",
     "CARD_LOOKUP_CONCURRENCY",
+    "DIAL_CONCURRENCY",
     "K",
     "MAX_PROVIDERS_PER_KEY",
     "MAX_PROVIDERS_PER_LOOKUP",
@@ -59,6 +67,11 @@ K = 20
 #: Requests in flight per lookup (the libp2p spec's alpha is 3; py-libp2p uses 10,
 #: and on a LAN or loopback mesh more parallelism is mostly free).
 ALPHA = 10
+#: Requests that must dial first in flight per peer, over all its lookups (a slow one gives
+#: its slot up at the dial patience). A new connection costs about 13 ms of CPU at each end
+#: (the Noise handshake, identify, multistream): the 20 dials an announce's first lookups
+#: started at once shared the peer's core and all ended late, the first one too.
+DIAL_CONCURRENCY = 4
 #: Seconds allowed for one DHT request, dial included.
 RPC_TIMEOUT = 5.0
 #: Largest DHT response read, in bytes: a GET_PROVIDERS answer lists at most
@@ -164,6 +177,10 @@ class Lookups:
         #: Servers seen to store a provider record without echoing it (other libp2p
         #: servers): an announce waits for their echo only for the patience.
         self.silent: OrderedDict[str, None] = OrderedDict()
+        #: Peers listed in answers (``heard.py``): lookups start from the closest of these
+        #: as well as from the routing table's.
+        self.heard = HeardPeers(ttl=ADDR_TTL)
+        self._dial_slots = trio.Semaphore(DIAL_CONCURRENCY)
 
     def note_silent(self, peer_id: str) -> None:
         """Remember that ``peer_id`` stores ``ADD_PROVIDER`` records without an echo."""
@@ -171,6 +188,25 @@ class Lookups:
         self.silent.move_to_end(peer_id)
         while len(self.silent) > MAX_SILENT_SERVERS:
             self.silent.popitem(last=False)
+
+    @contextlib.asynccontextmanager
+    async def _dial_slot(self, dialing: bool) -> AsyncIterator[Callable[[], None]]:
+        """Hold one of the DIAL_CONCURRENCY slots while ``dialing``; yields a function that
+        gives the slot up early (once; leaving gives it up otherwise)."""
+        held = dialing
+        if dialing:
+            await self._dial_slots.acquire()
+
+        def give_up() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self._dial_slots.release()
+
+        try:
+            yield give_up
+        finally:
+            give_up()
 
     def _now_ms(self) -> int:
         return int(self._wall_clock() * 1000)
@@ -252,6 +288,8 @@ class Lookups:
 
         for pid in kad.closest_known(key, K):
             learn(pid)
+        for pid in self.heard.seeds(target, K, trio.current_time()):
+            learn(pid)
         if len(distance) < K:  # a fresh peer: its bootstrap peers may not be in the table yet
             for pid in kad.connected_peers():
                 learn(pid)
@@ -264,19 +302,21 @@ class Lookups:
         request = KadRequest(kind, key)
         send_done, recv_done = trio.open_memory_channel[None](float("inf"))
 
-        async def watch(pid: str, patience: float) -> None:
+        async def watch(pid: str, patience: float, give_up_slot: Callable[[], None]) -> None:
             await trio.sleep(patience)
             if pid in pending:
                 slow.add(pid)  # its slot goes to the next candidate
                 self.slow_requests += 1
+                give_up_slot()
                 send_done.send_nowait(None)
 
         async def ask(pid: str) -> None:
             est = self.estimator(pid)  # a dial first: patient for as long as dials take
-            async with trio.open_nursery() as watchdog:
-                watchdog.start_soon(watch, pid, est.patience())
-                outcome = await self.attempt(pid, request, est=est)
-                watchdog.cancel_scope.cancel()
+            async with self._dial_slot(est is self.dial_rtt) as give_up_slot:
+                async with trio.open_nursery() as watchdog:
+                    watchdog.start_soon(watch, pid, est.patience(), give_up_slot)
+                    outcome = await self.attempt(pid, request, est=est)
+                    watchdog.cancel_scope.cancel()
             resp = outcome.answer
             if resp is None:
                 if outcome.opened and not outcome.timed_out and pid not in retried:
@@ -285,13 +325,14 @@ class Lookups:
                     asked.discard(pid)
                 else:
                     failed.add(pid)
+                    self.heard.drop(pid)
                     if not outcome.opened and not outcome.timed_out:
                         # unreachable (not merely slow): stop handing it out, as py-libp2p does
                         kad.forget(pid)
             else:
                 answered.add(pid)
                 for peer in resp.closer:
-                    self._learn_peer(peer, learn)
+                    self._learn_peer(peer, learn, pid)
                 if on_response is not None:
                     try:
                         on_response(pid, resp)
@@ -321,12 +362,15 @@ class Lookups:
             nursery.cancel_scope.cancel()  # stop waiting for peers no longer among the k closest
         return sorted(answered, key=distance.__getitem__)[:k]
 
-    def _learn_peer(self, peer: KadPeer, learn: Callable[[str], None]) -> None:
+    def _learn_peer(self, peer: KadPeer, learn: Callable[[str], None], reporter: str) -> None:
         if peer.addrs:
             try:
                 self.kad.remember_addrs(peer, ADDR_TTL)
+                key_hash = _hash(peer_id_bytes(peer.peer_id))
             except Exception:
                 return
+            if peer.peer_id != self.kad.peer_id:
+                self.heard.note(peer.peer_id, key_hash, reporter, trio.current_time())
             learn(peer.peer_id)
 
     async def find(
