@@ -31,10 +31,11 @@ reported as not measured (the benchmark never hangs). Then, for each mesh:
    bootstrap address (a different random peer each time), looks up the 3 providers once. Time
    from its start (bootstrap connected) until it has all 3, and how many it found.
 3. **serve() to discoverable**: an existing peer starts serving something new (modelnet:
-   ``serve()`` of a new capability; stock: ``provide()`` of a new key); another existing peer, in
-   another process, looks it up again and again (a new lookup every 0.25 s, up to 4 at once, so
-   that the figure is not rounded up to the end of a lookup that began before the record was
-   placed); the time from the call until a lookup returns it.
+   ``serve()`` of a new capability; stock: ``provide()`` of a new key), a different peer each
+   trial; another existing peer, in another process, picked at random each trial, looks it up
+   again and again (a new lookup every 0.1 s, up to 6 at once, so that the figure is not rounded
+   up to the end of a lookup that began before the record was placed); the time from the call
+   until a lookup returns it.
 4. **State-change propagation**: every peer follows the providers' capability (modelnet: as
    routing does, by looking its providers up, the worker's ``watch`` with ``capability`` and
    ``lookup``; stock: every peer is subscribed to the one topic from the start). Once the
@@ -302,8 +303,9 @@ async def run_side(
                 slots = [(w, p["peer"]) for w in range(len(workers)) for p in workers[w].peers]
                 ids = {(w, p["peer"]): p["id"] for w in range(len(workers)) for p in workers[w].peers}
                 everyone = [p["addr"] for wk in workers for p in wk.peers]
-                picks = rng.sample([s for s in slots if s[0] > 0], PROVIDERS + settings.serve_trials * 2 + 1)
-                providers, picks = picks[:PROVIDERS], picks[PROVIDERS:]
+                eligible = [s for s in slots if s[0] > 0]
+                picks = rng.sample(eligible, PROVIDERS + settings.serve_trials + 1)
+                providers, late = picks[:PROVIDERS], picks[PROVIDERS:-1]
                 phase = "serve"
                 for w, i in providers:
                     await request(workers[w], side.serve(i, CAPABILITY, TASK))
@@ -319,10 +321,9 @@ async def run_side(
                 phase = "serve to discoverable"
                 print(f"... {side.name} N={n}: {phase}", file=sys.stderr, flush=True)
                 for k in range(settings.serve_trials):
-                    (pw, pi), (fw, fi) = picks[2 * k], picks[2 * k + 1]
-                    if fw == pw:  # the finder lives in another process
-                        fw = (pw + 1) % len(workers)
-                        fi = 0
+                    pw, pi = late[k]
+                    # the finder lives in another process (it may serve something itself)
+                    fw, fi = rng.choice([s for s in eligible if s[0] != pw])
                     name = f"late-{k}"
                     result.serve_settle_s.append(
                         await quiet(workers, n, 0.0, SERVE_QUIET_LIMIT, SERVE_QUIET_PER_PEER)
