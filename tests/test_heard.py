@@ -8,6 +8,12 @@ from hypothesis import strategies as st
 from modelnet_p2p.services.discovery.heard import HeardPeers
 
 
+def vouched(heard: HeardPeers, peer_id: str, key_hash: int = 1, now: float = 0) -> None:
+    """Two different peers list ``peer_id``: it becomes a seed."""
+    heard.note(peer_id, key_hash, "r1", now)
+    heard.note(peer_id, key_hash, "r2", now)
+
+
 def test_a_peer_listed_by_one_peer_only_is_not_a_seed() -> None:
     heard = HeardPeers(ttl=10)
     heard.note("a", 1, "r1", now=0)
@@ -27,16 +33,14 @@ def test_a_peer_does_not_vouch_for_itself() -> None:
 def test_seeds_are_the_closest_by_xor() -> None:
     heard = HeardPeers(ttl=10)
     for pid, h in [("far", 0b1000), ("near", 0b0001), ("mid", 0b0100), ("exact", 0b0110)]:
-        heard.note(pid, h, "r1", now=0)
-        heard.note(pid, h, "r2", now=0)
+        vouched(heard, pid, h)
     assert heard.seeds(0b0110, 3, now=0) == ["exact", "mid", "near"]
     assert heard.seeds(0, 2, now=0) == ["near", "mid"]
 
 
 def test_seeds_expire_with_the_addresses_and_return_when_heard_again() -> None:
     heard = HeardPeers(ttl=10)
-    heard.note("a", 1, "r1", now=0)
-    heard.note("a", 1, "r2", now=0)
+    vouched(heard, "a")
     assert heard.seeds(0, 1, now=10) == ["a"]
     assert heard.seeds(0, 1, now=10.5) == []
     heard.note("a", 1, "r3", now=11)
@@ -45,8 +49,7 @@ def test_seeds_expire_with_the_addresses_and_return_when_heard_again() -> None:
 
 def test_a_dropped_peer_must_be_vouched_for_again() -> None:
     heard = HeardPeers(ttl=10)
-    heard.note("a", 1, "r1", now=0)
-    heard.note("a", 1, "r2", now=0)
+    vouched(heard, "a")
     heard.drop("a")
     heard.drop("never-heard")
     assert "a" not in heard
