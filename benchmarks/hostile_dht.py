@@ -18,11 +18,12 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 from typing import Any
 
 import trio
 from hostile_common import Attack, Target, attacker_host
+
+from modelnet_p2p.testing.tarpit import tarpit
 
 log = logging.getLogger("bench_hostile.dht")
 
@@ -92,23 +93,6 @@ async def idle_streams(target: Target) -> AsyncIterator[None]:
 
 
 @asynccontextmanager
-async def _tarpit() -> AsyncIterator[str]:
-    held: list[trio.SocketStream] = []
-
-    async def hold(stream: trio.SocketStream) -> None:
-        if len(held) >= 512:
-            await stream.aclose()
-            return
-        held.append(stream)
-        await trio.sleep_forever()
-
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, hold, 0, host="127.0.0.1"))
-        yield f"/ip4/127.0.0.1/tcp/{listeners[0].socket.getsockname()[1]}"
-        nursery.cancel_scope.cancel()
-
-
-@asynccontextmanager
 async def tarpit_providers(target: Target) -> AsyncIterator[None]:
     from modelnet_p2p.p2p.kad import KadKind, KadPeer, KadRequest, encode_request
     from modelnet_p2p.proto.card import model_key, task_key
@@ -143,7 +127,7 @@ async def tarpit_providers(target: Target) -> AsyncIterator[None]:
             for _ in range(TARPIT_IDENTITIES):
                 nursery.start_soon(limited)
 
-    async with _tarpit() as pit, trio.open_nursery() as nursery:
+    async with tarpit() as pit, trio.open_nursery() as nursery:
         nursery.start_soon(flood, pit)
         await trio.sleep(1.0)
         yield

@@ -28,3 +28,4 @@ async def keep_connected(
                 except Exception:
                     pass
         await trio.sleep(pause)
+

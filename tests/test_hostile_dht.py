@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 
 import multiaddr
 import pytest
@@ -31,6 +30,7 @@ from modelnet_p2p.proto.card import task_key
 from modelnet_p2p.proto.framing import encode_varint
 from modelnet_p2p.services.discovery import DHT_PROTOCOL_ID, service
 from modelnet_p2p.testing import open_peers
+from modelnet_p2p.testing.tarpit import tarpit
 
 MIB = 1 << 20
 KAD = TProtocol(DHT_PROTOCOL_ID)
@@ -137,25 +137,6 @@ async def test_idle_inbound_dht_streams_do_not_block_lookups() -> None:
 
 
 # -- finding: fake providers pointing at a tarpit ---------------------------------------------------
-
-
-@asynccontextmanager
-async def tarpit() -> AsyncIterator[str]:
-    """A TCP listener on 127.0.0.1 that accepts connections and never says a word."""
-    held: list[trio.SocketStream] = []
-
-    async def hold(stream: trio.SocketStream) -> None:
-        if len(held) >= 512:
-            await stream.aclose()
-            return
-        held.append(stream)
-        await trio.sleep_forever()
-
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, hold, 0, host="127.0.0.1"))
-        port = listeners[0].socket.getsockname()[1]
-        yield f"/ip4/127.0.0.1/tcp/{port}"
-        nursery.cancel_scope.cancel()
 
 
 async def add_fake_provider(victim: Peer, key: bytes, addr: str) -> None:

@@ -6,9 +6,6 @@ listener that never speaks). Nothing is timed.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 import trio
 import trio.testing
 
@@ -16,22 +13,9 @@ from modelnet_p2p import Peer
 from modelnet_p2p.p2p.identity import Identity
 from modelnet_p2p.p2p.kad import KadKind, KadPeer, peer_id_bytes
 from modelnet_p2p.services.discovery.lookup import ADDR_TTL, DIAL_CONCURRENCY, Lookups, _hash
+from modelnet_p2p.testing.tarpit import tarpit
 
 KEY = b"some key to look up"
-
-
-@asynccontextmanager
-async def tarpit() -> AsyncIterator[str]:
-    """A TCP listener on 127.0.0.1 that accepts connections and never says a word."""
-
-    async def hold(stream: trio.SocketStream) -> None:
-        await trio.sleep_forever()
-
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(trio.serve_tcp, hold, 0)
-        port = listeners[0].socket.getsockname()[1]
-        yield f"/ip4/127.0.0.1/tcp/{port}"
-        nursery.cancel_scope.cancel()
 
 
 def vouch(lookups: Lookups, peer_id: str, addr: str) -> None:

@@ -279,10 +279,10 @@ class Lookups:
         target = _hash(key)
         distance: dict[str, int] = {}
 
-        def learn(pid: str) -> None:
+        def learn(pid: str, key_hash: int | None = None) -> None:
             if pid != me and pid not in distance:
                 try:
-                    distance[pid] = _hash(peer_id_bytes(pid)) ^ target
+                    distance[pid] = (_hash(peer_id_bytes(pid)) if key_hash is None else key_hash) ^ target
                 except ValueError:
                     pass
 
@@ -362,7 +362,7 @@ class Lookups:
             nursery.cancel_scope.cancel()  # stop waiting for peers no longer among the k closest
         return sorted(answered, key=distance.__getitem__)[:k]
 
-    def _learn_peer(self, peer: KadPeer, learn: Callable[[str], None], reporter: str) -> None:
+    def _learn_peer(self, peer: KadPeer, learn: Callable[[str, int], None], reporter: str) -> None:
         if peer.addrs:
             try:
                 self.kad.remember_addrs(peer, ADDR_TTL)
@@ -371,7 +371,7 @@ class Lookups:
                 return
             if peer.peer_id != self.kad.peer_id:
                 self.heard.note(peer.peer_id, key_hash, reporter, trio.current_time())
-            learn(peer.peer_id)
+            learn(peer.peer_id, key_hash)
 
     async def find(
         self,
