@@ -28,4 +28,3 @@ async def keep_connected(
                 except Exception:
                     pass
         await trio.sleep(pause)
-
