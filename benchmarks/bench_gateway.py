@@ -27,7 +27,11 @@ parses every SSE event. Measurements, each taking the paths in turns request by 
    requests in a row, total tokens/s (best round: the goal's figure); and one burst of 16
    requests at once (each stream's start: new HTTP requests, new mesh requests), shown beside it;
 4. CPU ms per fast request in each process (``/proc``), and the gateway's memory: RSS growth
-   per concurrent stream, and what serial requests leave behind.
+   per concurrent stream, and what serial requests leave behind;
+5. the floor (``stock_rtt.py``): a small exchange between two stock py-libp2p processes that
+   never import modelnet, on one open stream and on a new stream each, and over raw TCP.
+   Any gateway hop on this stack costs at least one such round trip, so "direct + one stock
+   round trip" bounds what the mesh path can reach; the bound is printed as a ratio too.
 
 It ends with the issue's goals, each with the figure of this run and ``met`` or ``MISSED``.
 ``--json FILE`` writes every figure as JSON, so that runs can be compared. Everything
@@ -50,6 +54,10 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import IO, Any
 
 import trio
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import stock_rtt
 
 HOST = "127.0.0.1"
 #: Model name -> seconds between two tokens.
@@ -605,8 +613,13 @@ async def _measure(urls: dict[str, str], procs: dict[str, list[Child]], quick: b
     result["cpu_ms_per_request"] = cpu
     result["gateway_memory"] = memory
     f = result["fast"]
+    result["floor"] = floor = await trio.to_thread.run_sync(stock_rtt.measure, 200 if quick else 500)
+    direct_ms = f["direct"]["total_ms"]
+    result["floor_bound_total_ratio"] = {
+        gap: (direct_ms + row["p50_ms"]) / direct_ms for gap, row in floor["rows"]["open"].items()
+    }
     result["goals"] = {
-        "fast_total_ratio": f["mesh"]["total_ms"] / f["direct"]["total_ms"],
+        "fast_total_ratio": f["mesh"]["total_ms"] / direct_ms,
         "first_token_gap_ms": f["mesh"]["first_token_ms"] - f["direct"]["first_token_ms"],
         "concurrent_tps_ratio": conc["mesh"] / conc["direct"],
     }
@@ -679,6 +692,24 @@ def _report(r: dict[str, Any], quick: bool) -> None:
             f"{f['mesh']['first_token_ms'] - heavy['first_token_ms']:+.1f} ms, 16 streams "
             f"{conc['mesh'] / conc['heavy']:.2f}x)"
         )
+    _report_floor(r)
+
+
+def _report_floor(r: dict[str, Any]) -> None:
+    """The stock round trips, and the total time the mesh path could reach over them."""
+    floor, f = r["floor"], r["fast"]
+    print("\nfloor: the same exchange with no modelnet, two stock processes (stock_rtt.py)")
+    print("\n".join(stock_rtt.lines(floor)))
+    # The paths take turns request by request: a path idles while the others run theirs.
+    idle = sum(f[p]["total_ms"] for p in f if p != "mesh")
+    direct = f["direct"]["total_ms"]
+    for gap, ratio in r["floor_bound_total_ratio"].items():
+        rtt = floor["rows"]["open"][gap]["p50_ms"]
+        print(
+            f"  direct total {direct:.2f} ms + one stock round trip at gap {gap} ms ({rtt:.2f}) = "
+            f"{ratio:.2f}x direct: the least total ratio a hop on this stack allows"
+        )
+    print(f"  (here the mesh path idles about {idle:.0f} ms between its requests, while the others run)")
 
 
 async def _client(

@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -296,6 +296,16 @@ async def _wait_for_stdin_eof() -> None:
 
 async def _serve_commands(transfer: Any) -> None:
     """Client loop: print ``ready``; for each stdin line ``<total>``, one transfer's result."""
+
+    async def one(line: str) -> dict[str, Any]:
+        return {"s": await transfer(int(line))}
+
+    await serve_lines(one)
+
+
+async def serve_lines(run: Callable[[str], Awaitable[dict[str, Any]]]) -> None:
+    """Client loop: print ``ready``; for each stdin line, print what ``run(line)`` returns
+    (or ``{"error": ...}``), each within ``TRANSFER_LIMIT`` seconds."""
     _hello({"ready": True})
     pipe = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
     buf = b""
@@ -309,7 +319,7 @@ async def _serve_commands(transfer: Any) -> None:
                 line, buf = buf.split(b"\n", 1)
                 try:
                     with trio.fail_after(TRANSFER_LIMIT):
-                        out: dict[str, Any] = {"s": await transfer(int(line))}
+                        out = await run(line.decode())
                 except Exception as exc:
                     out = {"error": f"{type(exc).__name__}: {exc}"[:300]}
                 _hello(out)
@@ -372,10 +382,11 @@ class Result:
         return (server / chunks * 1e6 if server else None), client / chunks * 1e6
 
 
-def _spawn(role: str, addr: str = "") -> Child:
+def _spawn(role: str, addr: str = "", script: str = __file__) -> Child:
+    """Start ``script --role ROLE --addr ADDR`` (this file by default) as a child process."""
     err = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
     proc = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--role", role, "--addr", addr],
+        [sys.executable, os.path.abspath(script), "--role", role, "--addr", addr],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=err,
