@@ -26,8 +26,10 @@ parses every SSE event. Measurements, each taking the paths in turns request by 
 3. ``concurrent``: 16 streams at once of the fast handler, each making ``SUSTAINED_EACH``
    requests in a row, total tokens/s (best round: the goal's figure); and one burst of 16
    requests at once (each stream's start: new HTTP requests, new mesh requests), shown beside it;
-4. CPU ms per fast request in each process (``/proc``), and the gateway's memory: RSS growth
-   per concurrent stream, and what serial requests leave behind;
+4. CPU ms per fast request in each process (``/proc``), serial and in the best concurrent
+   round (with the cores busy in all, and the tokens/s ratio the CPU would allow were the
+   cores the limit), and the gateway's memory: RSS growth per concurrent stream, and what
+   serial requests leave behind; ``--pin`` gives the HTTP servers a core of their own;
 5. the floor (``stock_rtt.py``): a small exchange between two stock py-libp2p processes that
    never import modelnet, on one open stream and on a new stream each, and over raw TCP.
    Any gateway hop on this stack costs at least one such round trip, so "direct + one stock
@@ -48,7 +50,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import IO, Any
@@ -415,6 +417,15 @@ def _stop(children: list[Child]) -> None:
             child.proc.wait()
 
 
+#: The CPU of the last :func:`_concurrent_round` that was given its path's processes.
+ROUND_CPU: dict[str, float] = {}
+
+
+def _cpu_total(row: dict[str, float]) -> float:
+    """CPU ms per request in all of a path's processes and the client."""
+    return sum(v for k, v in row.items() if k != "cores_busy")
+
+
 def _cpu_seconds(pid: int) -> float:
     """utime + stime of process ``pid``."""
     with open(f"/proc/{pid}/stat") as f:
@@ -503,10 +514,17 @@ async def _alternate(
     return series
 
 
-async def _concurrent_round(http: Any, url: str, n: int, streams: int, each: int = 1) -> float:
+async def _concurrent_round(
+    http: Any, url: str, n: int, streams: int, each: int = 1, children: Sequence[Child] = ()
+) -> float:
     """Total tokens/s of ``streams`` streams at once, each making ``each`` requests in a row
-    (1: one burst of ``streams`` requests, which the start of each request dominates)."""
+    (1: one burst of ``streams`` requests, which the start of each request dominates).
+
+    With ``children``, :data:`ROUND_CPU` holds the round's CPU: ms per request in each of
+    them and in this client, and the cores busy in all (their CPU seconds per second)."""
     total = 0
+    before = [_cpu_seconds(c.proc.pid) for c in children]
+    mine = time.process_time()
 
     async def one() -> None:
         nonlocal total
@@ -518,18 +536,39 @@ async def _concurrent_round(http: Any, url: str, n: int, streams: int, each: int
     async with trio.open_nursery() as nursery:
         for _ in range(streams):
             nursery.start_soon(one)
-    return total / (time.perf_counter() - started)
+    wall = time.perf_counter() - started
+    if children:
+        requests = streams * each
+        after = [_cpu_seconds(c.proc.pid) for c in children]
+        row = {c.role: 1000 * (a - b) / requests for c, a, b in zip(children, after, before, strict=True)}
+        row["client"] = 1000 * (time.process_time() - mine) / requests
+        ROUND_CPU.clear()
+        ROUND_CPU.update(row, cores_busy=sum(row.values()) * requests / 1000 / wall)
+    return total / wall
 
 
 async def _concurrent(
-    http: Any, urls: dict[str, str], n: int, streams: int, rounds: int, each: int = 1
-) -> dict[str, float]:
-    """Best total tokens/s per path over ``rounds`` rounds, the paths taking turns."""
+    http: Any,
+    urls: dict[str, str],
+    n: int,
+    streams: int,
+    rounds: int,
+    each: int = 1,
+    procs: dict[str, list[Child]] | None = None,
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Best total tokens/s per path over ``rounds`` rounds, the paths taking turns, and (with
+    ``procs``) each path's CPU in its best round (:func:`_concurrent_round`)."""
     best = dict.fromkeys(urls, 0.0)
+    cpu: dict[str, dict[str, float]] = {}
     for i in range(rounds):
         for path in list(urls) if i % 2 == 0 else list(reversed(list(urls))):
-            best[path] = max(best[path], await _concurrent_round(http, urls[path], n, streams, each))
-    return best
+            children = procs[path] if procs else ()
+            tps = await _concurrent_round(http, urls[path], n, streams, each, children)
+            if tps > best[path]:
+                best[path] = tps
+                if children:
+                    cpu[path] = dict(ROUND_CPU)
+    return best, cpu
 
 
 async def _cpu_per_request(
@@ -600,8 +639,8 @@ async def _measure(urls: dict[str, str], procs: dict[str, list[Child]], quick: b
     async with httpx.AsyncClient(timeout=REQUEST_LIMIT, limits=limits) as http:
         fast = await _alternate(http, urls, "bench-fast", 256, 40 if quick else 200, 5 if quick else 20)
         paced = await _alternate(http, urls, "bench-paced", 128, 4 if quick else 20, 1 if quick else 3)
-        burst = await _concurrent(http, urls, 256, 16, 2 if quick else 5)
-        conc = await _concurrent(http, urls, 256, 16, 3 if quick else 5, SUSTAINED_EACH)
+        burst, _ = await _concurrent(http, urls, 256, 16, 2 if quick else 5)
+        conc, conc_cpu = await _concurrent(http, urls, 256, 16, 3 if quick else 5, SUSTAINED_EACH, procs)
         cpu = await _cpu_per_request(http, urls, procs, 50 if quick else 200)
         gateway_pid = procs["mesh"][-1].proc.pid
         memory = await _memory(http, urls["mesh"], gateway_pid, 256, MEMORY_STREAMS, 100 if quick else 500)
@@ -610,10 +649,13 @@ async def _measure(urls: dict[str, str], procs: dict[str, list[Child]], quick: b
     result["paced"] = {p: s.summary() for p, s in paced.items()}
     result["concurrent_tokens_per_s"] = conc
     result["burst_tokens_per_s"] = burst
+    result["concurrent_cpu"] = conc_cpu
+    # Were the cores the limit, the ratio of tokens/s would be the inverse ratio of CPU per request.
+    result["concurrent_cpu_bound_ratio"] = _cpu_total(conc_cpu["direct"]) / _cpu_total(conc_cpu["mesh"])
     result["cpu_ms_per_request"] = cpu
     result["gateway_memory"] = memory
     f = result["fast"]
-    result["floor"] = floor = await trio.to_thread.run_sync(stock_rtt.measure, 200 if quick else 500)
+    result["floor"] = floor = await trio.to_thread.run_sync(_floor, 200 if quick else 500)
     direct_ms = f["direct"]["total_ms"]
     result["floor_bound_total_ratio"] = {
         gap: (direct_ms + row["p50_ms"]) / direct_ms for gap, row in floor["rows"]["open"].items()
@@ -626,6 +668,24 @@ async def _measure(urls: dict[str, str], procs: dict[str, list[Child]], quick: b
     return result
 
 
+def _floor(requests: int) -> dict[str, Any]:
+    """:func:`stock_rtt.measure`, its processes free of any ``--pin`` (they inherit this thread's)."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    return stock_rtt.measure(requests)
+
+
+def _pin(children: list[Child]) -> str:
+    """``--pin``: this client and the provider on the first core, every HTTP server (the gateway,
+    the direct server, ...) on the second, so that each path's server has a core of its own."""
+    if not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2:
+        return "not pinned (needs 2 cores and sched_setaffinity)"
+    os.sched_setaffinity(0, {0})
+    for child in children:
+        os.sched_setaffinity(child.proc.pid, {0} if child.role == "provider" else {1})
+    return "pinned: the client and the provider on core 0, each HTTP server on core 1"
+
+
 def _report(r: dict[str, Any], quick: bool) -> None:
     paths = list(r["fast"])
     print(f"\nmodelnet_p2p gateway benchmark{' (--quick)' if quick else ''}")
@@ -634,6 +694,8 @@ def _report(r: dict[str, Any], quick: bool) -> None:
         f"uvicorn {_version('uvicorn')}, starlette {_version('starlette')}, httpx {_version('httpx')}, "
         f"libp2p {_version('libp2p')}; load average before {r['load_before']}, after {r['load_after']}"
     )
+    if r.get("pinned"):
+        print(f"  {r['pinned']}")
     for path in paths:
         print(f"  {path:<7} {PATHS[path]}")
     header = (
@@ -665,6 +727,14 @@ def _report(r: dict[str, Any], quick: bool) -> None:
             + "; mesh/"
             + ", mesh/".join(f"{p} {t['mesh'] / t[p]:.2f}x" for p in paths[1:])
         )
+    print("\nCPU ms per request in the best round of 16 concurrent streams, by process")
+    for path, row in r["concurrent_cpu"].items():
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k != "cores_busy")
+        print(f"  {path:<7} {parts}; in all {_cpu_total(row):.2f}, cores busy {row['cores_busy']:.2f}")
+    print(
+        f"  direct/mesh CPU per request {r['concurrent_cpu_bound_ratio']:.2f}x: the tokens/s ratio "
+        f"were the {os.cpu_count()} cores the limit"
+    )
     print("\nCPU ms per fast request (256 tokens), by process (serial requests)")
     for path, row in r["cpu_ms_per_request"].items():
         servers = sum(v for k, v in row.items() if k != "client")
@@ -713,9 +783,10 @@ def _report_floor(r: dict[str, Any]) -> None:
 
 
 async def _client(
-    urls: dict[str, str], procs: dict[str, list[Child]], quick: bool, as_json: str | None
+    urls: dict[str, str], procs: dict[str, list[Child]], quick: bool, as_json: str | None, pinned: str
 ) -> None:
     result = await _measure(urls, procs, quick)
+    result["pinned"] = pinned
     result["goals_met"] = {key: bool(ok(result["goals"][key])) for key, _, _, ok in GOALS}
     result["quick"] = quick
     result["versions"] = {
@@ -741,6 +812,11 @@ def main() -> int:
         "--extra",
         default="heavy,bare",
         help="paths measured beside mesh and direct, comma-separated (default: heavy,bare; '' for none)",
+    )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the client and the provider on core 0, the HTTP servers on core 1 (each server's own core)",
     )
     parser.add_argument(
         "--role", choices=["provider", "gateway", "direct", "bare", "heavy"], help=argparse.SUPPRESS
@@ -772,7 +848,8 @@ def main() -> int:
             children.append(child)
             urls[path] = child.ready["url"]
             procs[path] = [provider, child] if role in ("gateway", "bare") else [child]
-        trio.run(_client, urls, procs, args.quick, args.json)
+        pinned = _pin(children) if args.pin else ""
+        trio.run(_client, urls, procs, args.quick, args.json, pinned)
     finally:
         _stop(children)
     return 0
