@@ -423,7 +423,7 @@ ROUND_CPU: dict[str, float] = {}
 
 def _cpu_total(row: dict[str, float]) -> float:
     """CPU ms per request in all of a path's processes and the client."""
-    return sum(v for k, v in row.items() if k != "cores_busy")
+    return sum(v for k, v in row.items() if not k.endswith("_busy"))
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -543,7 +543,8 @@ async def _concurrent_round(
         row = {c.role: 1000 * (a - b) / requests for c, a, b in zip(children, after, before, strict=True)}
         row["client"] = 1000 * (time.process_time() - mine) / requests
         ROUND_CPU.clear()
-        ROUND_CPU.update(row, cores_busy=sum(row.values()) * requests / 1000 / wall)
+        busy = requests / 1000 / wall  # CPU ms per request -> cores busy
+        ROUND_CPU.update(row, cores_busy=sum(row.values()) * busy, client_busy=row["client"] * busy)
     return total / wall
 
 
@@ -729,11 +730,20 @@ def _report(r: dict[str, Any], quick: bool) -> None:
         )
     print("\nCPU ms per request in the best round of 16 concurrent streams, by process")
     for path, row in r["concurrent_cpu"].items():
-        parts = ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k != "cores_busy")
-        print(f"  {path:<7} {parts}; in all {_cpu_total(row):.2f}, cores busy {row['cores_busy']:.2f}")
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in row.items() if not k.endswith("_busy"))
+        print(
+            f"  {path:<7} {parts}; in all {_cpu_total(row):.2f}, cores busy {row['cores_busy']:.2f} "
+            f"(the client {row['client_busy']:.2f})"
+        )
     print(
         f"  direct/mesh CPU per request {r['concurrent_cpu_bound_ratio']:.2f}x: the tokens/s ratio "
         f"were the {os.cpu_count()} cores the limit"
+    )
+    cc = r["concurrent_cpu"]
+    print(
+        f"  direct/mesh client CPU per request {cc['direct']['client'] / cc['mesh']['client']:.2f}x: the "
+        "tokens/s ratio were this one-process client the limit (it keeps "
+        f"mesh {cc['mesh']['client_busy']:.2f}, direct {cc['direct']['client_busy']:.2f} of a core busy)"
     )
     print("\nCPU ms per fast request (256 tokens), by process (serial requests)")
     for path, row in r["cpu_ms_per_request"].items():
