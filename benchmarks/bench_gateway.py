@@ -417,13 +417,21 @@ def _stop(children: list[Child]) -> None:
             child.proc.wait()
 
 
+#: The processes whose CPU a path's row counts.
+ROLES = ("provider", "gateway", "direct", "heavy", "bare", "client")
 #: The CPU of the last :func:`_concurrent_round` that was given its path's processes.
 ROUND_CPU: dict[str, float] = {}
 
 
 def _cpu_total(row: dict[str, float]) -> float:
     """CPU ms per request in all of a path's processes and the client."""
-    return sum(v for k, v in row.items() if not k.endswith("_busy"))
+    return sum(v for k, v in row.items() if k in ROLES)
+
+
+def _preempted() -> int:
+    """How often the kernel has taken this process's core from it (nonvoluntary switches)."""
+    with open("/proc/self/status") as f:
+        return sum(int(line.split()[1]) for line in f if line.startswith("nonvoluntary_ctxt_switches"))
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -524,7 +532,7 @@ async def _concurrent_round(
     them and in this client, and the cores busy in all (their CPU seconds per second)."""
     total = 0
     before = [_cpu_seconds(c.proc.pid) for c in children]
-    mine = time.process_time()
+    mine, preempted = time.process_time(), _preempted()
 
     async def one() -> None:
         nonlocal total
@@ -545,6 +553,7 @@ async def _concurrent_round(
         ROUND_CPU.clear()
         busy = requests / 1000 / wall  # CPU ms per request -> cores busy
         ROUND_CPU.update(row, cores_busy=sum(row.values()) * busy, client_busy=row["client"] * busy)
+        ROUND_CPU["client_preempted_per_request"] = (_preempted() - preempted) / requests
     return total / wall
 
 
@@ -730,7 +739,7 @@ def _report(r: dict[str, Any], quick: bool) -> None:
         )
     print("\nCPU ms per request in the best round of 16 concurrent streams, by process")
     for path, row in r["concurrent_cpu"].items():
-        parts = ", ".join(f"{k} {v:.2f}" for k, v in row.items() if not k.endswith("_busy"))
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k in ROLES)
         print(
             f"  {path:<7} {parts}; in all {_cpu_total(row):.2f}, cores busy {row['cores_busy']:.2f} "
             f"(the client {row['client_busy']:.2f})"
@@ -744,6 +753,11 @@ def _report(r: dict[str, Any], quick: bool) -> None:
         f"  direct/mesh client CPU per request {cc['direct']['client'] / cc['mesh']['client']:.2f}x: the "
         "tokens/s ratio were this one-process client the limit (it keeps "
         f"mesh {cc['mesh']['client_busy']:.2f}, direct {cc['direct']['client_busy']:.2f} of a core busy)"
+    )
+    print(
+        "  the client loses its core to another process "
+        + ", ".join(f"{p} {row['client_preempted_per_request']:.1f}" for p, row in cc.items())
+        + " times per request"
     )
     print("\nCPU ms per fast request (256 tokens), by process (serial requests)")
     for path, row in r["cpu_ms_per_request"].items():
