@@ -428,6 +428,14 @@ def _cpu_total(row: dict[str, float]) -> float:
     return sum(v for k, v in row.items() if k in ROLES)
 
 
+def _cpu_row(children: Sequence[Child], before: list[float], mine: float, requests: int) -> dict[str, float]:
+    """CPU ms per request in each of ``children`` since ``before`` and in this client since ``mine``."""
+    after = [_cpu_seconds(c.proc.pid) for c in children]
+    row = {c.role: 1000 * (a - b) / requests for c, a, b in zip(children, after, before, strict=True)}
+    row["client"] = 1000 * (time.process_time() - mine) / requests
+    return row
+
+
 def _preempted() -> int:
     """How often the kernel has taken this process's core from it (nonvoluntary switches)."""
     with open("/proc/self/status") as f:
@@ -547,9 +555,7 @@ async def _concurrent_round(
     wall = time.perf_counter() - started
     if children:
         requests = streams * each
-        after = [_cpu_seconds(c.proc.pid) for c in children]
-        row = {c.role: 1000 * (a - b) / requests for c, a, b in zip(children, after, before, strict=True)}
-        row["client"] = 1000 * (time.process_time() - mine) / requests
+        row = _cpu_row(children, before, mine, requests)
         ROUND_CPU.clear()
         busy = requests / 1000 / wall  # CPU ms per request -> cores busy
         ROUND_CPU.update(row, cores_busy=sum(row.values()) * busy, client_busy=row["client"] * busy)
@@ -592,10 +598,7 @@ async def _cpu_per_request(
         mine = time.process_time()
         for _ in range(requests):
             await _stream_once(http, url, "bench-fast", 256)
-        after = [_cpu_seconds(c.proc.pid) for c in children]
-        row = {c.role: 1000 * (a - b) / requests for c, a, b in zip(children, after, before, strict=True)}
-        row["client"] = 1000 * (time.process_time() - mine) / requests
-        out[path] = row
+        out[path] = _cpu_row(children, before, mine, requests)
     return out
 
 
