@@ -417,17 +417,6 @@ def _stop(children: list[Child]) -> None:
             child.proc.wait()
 
 
-#: The processes whose CPU a path's row counts.
-ROLES = ("provider", "gateway", "direct", "heavy", "bare", "client")
-#: The CPU of the last :func:`_concurrent_round` that was given its path's processes.
-ROUND_CPU: dict[str, float] = {}
-
-
-def _cpu_total(row: dict[str, float]) -> float:
-    """CPU ms per request in all of a path's processes and the client."""
-    return sum(v for k, v in row.items() if k in ROLES)
-
-
 def _cpu_row(children: Sequence[Child], before: list[float], mine: float, requests: int) -> dict[str, float]:
     """CPU ms per request in each of ``children`` since ``before`` and in this client since ``mine``."""
     after = [_cpu_seconds(c.proc.pid) for c in children]
@@ -532,12 +521,11 @@ async def _alternate(
 
 async def _concurrent_round(
     http: Any, url: str, n: int, streams: int, each: int = 1, children: Sequence[Child] = ()
-) -> float:
+) -> tuple[float, dict[str, Any]]:
     """Total tokens/s of ``streams`` streams at once, each making ``each`` requests in a row
-    (1: one burst of ``streams`` requests, which the start of each request dominates).
-
-    With ``children``, :data:`ROUND_CPU` holds the round's CPU: ms per request in each of
-    them and in this client, and the cores busy in all (their CPU seconds per second)."""
+    (1: one burst of ``streams`` requests, which the start of each request dominates), and
+    (with ``children``) the round's CPU: ``ms``, ms per request in each of them and in this
+    client; the cores busy in all and in the client; the client's preemptions per request."""
     total = 0
     before = [_cpu_seconds(c.proc.pid) for c in children]
     mine, preempted = time.process_time(), _preempted()
@@ -553,14 +541,17 @@ async def _concurrent_round(
         for _ in range(streams):
             nursery.start_soon(one)
     wall = time.perf_counter() - started
-    if children:
-        requests = streams * each
-        row = _cpu_row(children, before, mine, requests)
-        ROUND_CPU.clear()
-        busy = requests / 1000 / wall  # CPU ms per request -> cores busy
-        ROUND_CPU.update(row, cores_busy=sum(row.values()) * busy, client_busy=row["client"] * busy)
-        ROUND_CPU["client_preempted_per_request"] = (_preempted() - preempted) / requests
-    return total / wall
+    if not children:
+        return total / wall, {}
+    requests = streams * each
+    ms = _cpu_row(children, before, mine, requests)
+    busy = requests / 1000 / wall  # CPU ms per request -> cores busy
+    return total / wall, {
+        "ms": ms,
+        "cores_busy": sum(ms.values()) * busy,
+        "client_busy": ms["client"] * busy,
+        "client_preempted_per_request": (_preempted() - preempted) / requests,
+    }
 
 
 async def _concurrent(
@@ -571,19 +562,19 @@ async def _concurrent(
     rounds: int,
     each: int = 1,
     procs: dict[str, list[Child]] | None = None,
-) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
     """Best total tokens/s per path over ``rounds`` rounds, the paths taking turns, and (with
     ``procs``) each path's CPU in its best round (:func:`_concurrent_round`)."""
     best = dict.fromkeys(urls, 0.0)
-    cpu: dict[str, dict[str, float]] = {}
+    cpu: dict[str, dict[str, Any]] = {}
     for i in range(rounds):
         for path in list(urls) if i % 2 == 0 else list(reversed(list(urls))):
             children = procs[path] if procs else ()
-            tps = await _concurrent_round(http, urls[path], n, streams, each, children)
+            tps, round_cpu = await _concurrent_round(http, urls[path], n, streams, each, children)
             if tps > best[path]:
                 best[path] = tps
-                if children:
-                    cpu[path] = dict(ROUND_CPU)
+                if round_cpu:
+                    cpu[path] = round_cpu
     return best, cpu
 
 
@@ -664,7 +655,9 @@ async def _measure(urls: dict[str, str], procs: dict[str, list[Child]], quick: b
     result["burst_tokens_per_s"] = burst
     result["concurrent_cpu"] = conc_cpu
     # Were the cores the limit, the ratio of tokens/s would be the inverse ratio of CPU per request.
-    result["concurrent_cpu_bound_ratio"] = _cpu_total(conc_cpu["direct"]) / _cpu_total(conc_cpu["mesh"])
+    result["concurrent_cpu_bound_ratio"] = sum(conc_cpu["direct"]["ms"].values()) / sum(
+        conc_cpu["mesh"]["ms"].values()
+    )
     result["cpu_ms_per_request"] = cpu
     result["gateway_memory"] = memory
     f = result["fast"]
@@ -741,20 +734,21 @@ def _report(r: dict[str, Any], quick: bool) -> None:
             + ", mesh/".join(f"{p} {t['mesh'] / t[p]:.2f}x" for p in paths[1:])
         )
     print("\nCPU ms per request in the best round of 16 concurrent streams, by process")
-    for path, row in r["concurrent_cpu"].items():
-        parts = ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k in ROLES)
+    cc = r["concurrent_cpu"]
+    for path, row in cc.items():
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in row["ms"].items())
         print(
-            f"  {path:<7} {parts}; in all {_cpu_total(row):.2f}, cores busy {row['cores_busy']:.2f} "
+            f"  {path:<7} {parts}; in all {sum(row['ms'].values()):.2f}, cores busy {row['cores_busy']:.2f} "
             f"(the client {row['client_busy']:.2f})"
         )
     print(
         f"  direct/mesh CPU per request {r['concurrent_cpu_bound_ratio']:.2f}x: the tokens/s ratio "
         f"were the {os.cpu_count()} cores the limit"
     )
-    cc = r["concurrent_cpu"]
+    client_ratio = cc["direct"]["ms"]["client"] / cc["mesh"]["ms"]["client"]
     print(
-        f"  direct/mesh client CPU per request {cc['direct']['client'] / cc['mesh']['client']:.2f}x: the "
-        "tokens/s ratio were this one-process client the limit (it keeps "
+        f"  direct/mesh client CPU per request {client_ratio:.2f}x: "
+        "the tokens/s ratio were this one-process client the limit (it keeps "
         f"mesh {cc['mesh']['client_busy']:.2f}, direct {cc['direct']['client_busy']:.2f} of a core busy)"
     )
     print(

@@ -18,8 +18,8 @@ kinds, each with the median and p99 of its exchange times:
 
 Neither process imports ``modelnet_p2p`` (each child checks and reports it). The figures
 are the floor under any request that crosses a process boundary on this stack: whatever
-modelnet adds is above them. ``bench_gateway.py`` and ``bench_stream.py`` print them beside
-their own figures (:func:`measure`). Nothing here asserts on timings.
+modelnet adds is above them. ``bench_gateway.py`` prints them beside its own figures
+(:func:`measure`). Nothing here asserts on timings.
 """
 
 from __future__ import annotations
